@@ -1,0 +1,65 @@
+"""The ingest flow: download → verify → parse → shard, for both MNIST splits."""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from storage.config import resolve_home, resolve_mirrors
+from storage.mnist import SPLITS, file_for
+from storage import DigitflowError
+from storage.shards import is_current, source_of, split_dir
+from tasks.ingest import download, download_is_intact, parse, verify, write_shards
+
+
+@flow(name="ingest-mnist", flow_run_name="ingest-mnist ({rows_per_shard} rows/shard)")
+def ingest(
+    home: str | None = None,
+    mirrors: list[str] | None = None,
+    rows_per_shard: int = 10_000,
+    timeout: float = 30.0,
+    retries: int = 3,
+    retry_delay: float = 2.0,
+) -> dict[str, dict]:
+    """Make ``<home>/data/mnist/{train,test}`` hold verified, normalized Parquet shards.
+
+    Returns ``{split: manifest reference}`` (path, SHA-256, row count).
+    """
+    if rows_per_shard < 1:
+        raise DigitflowError(f"--rows-per-shard must be a positive integer, got {rows_per_shard}")
+    home = resolve_home(home)
+    mirrors = resolve_mirrors(mirrors)
+    raw_dir = str(home / "raw" / "mnist")
+    names = [file_for(split, kind).name for split in SPLITS for kind in ("images", "labels")]
+
+    # 1. Download the four archives concurrently; a cached download whose file has gone
+    #    missing is refreshed. Transient failures retry with exponential backoff.
+    fetches = {
+        name: download.with_options(
+            retries=retries,
+            retry_delay_seconds=[retry_delay * 2**i for i in range(retries)],
+            refresh_cache=not download_is_intact(name, raw_dir),
+        ).submit(name, mirrors, raw_dir, timeout)
+        for name in names
+    }
+    refs = {name: future.result() for name, future in fetches.items()}  # any failure stops here
+
+    # 2. Verify each local file against its pinned SHA-256: nothing unverified is parsed.
+    checked = {name: verify.submit(ref) for name, ref in refs.items()}
+    checked = {name: future.result() for name, future in checked.items()}
+
+    def pair(split):
+        return checked[file_for(split, "images").name], checked[file_for(split, "labels").name]
+
+    # 3. Parse and validate both splits before anything is written.
+    for split in SPLITS:
+        parse(split, *pair(split))
+
+    # 4. Write each split's shards + manifest (swapped in whole, never half-written). A cached
+    #    result whose directory no longer holds what it describes is refreshed.
+    manifests = {}
+    for split in SPLITS:
+        out_dir = str(split_dir(home, split))
+        current = is_current(out_dir, rows_per_shard=rows_per_shard, source=source_of(*pair(split)))
+        manifests[split] = write_shards.with_options(refresh_cache=not current).submit(
+            split, *pair(split), out_dir=out_dir, rows_per_shard=rows_per_shard)
+    return {split: future.result() for split, future in manifests.items()}

@@ -1,0 +1,29 @@
+"""Pure I/O for digitflow: no Prefect in here.
+
+- ``atomic``   temp-file-then-``os.replace`` writes and SHA-256 helpers
+- ``mnist``    the four MNIST files, their pinned checksums and the default mirrors
+- ``download`` streamed, verified, bounded downloads with mirror failover
+- ``idx``      a validating IDX reader
+- ``shards``   normalized Parquet shards and their manifests
+- ``registry`` the versioned model registry (versions, aliases)
+"""
+
+from pathlib import Path
+import hashlib
+
+
+class DigitflowError(Exception):
+    """An expected failure: its message is one line that names the file or value."""
+
+
+def code_digest(*packages: str) -> str:
+    """SHA-256 over the .py sources of the named top-level packages (cache-key material)."""
+    import importlib
+
+    h = hashlib.sha256()
+    for name in packages:
+        root = Path(importlib.import_module(name).__file__).parent
+        for path in sorted(root.rglob("*.py")):
+            h.update(str(path.relative_to(root)).encode())
+            h.update(path.read_bytes())
+    return h.hexdigest()

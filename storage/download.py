@@ -1,0 +1,198 @@
+"""Streamed, verified downloads with mirror failover. Pure requests; no Prefect.
+
+``fetch_verified`` tries each mirror in order. For each, the archive is streamed through a
+bounded gzip decompressor into a temp file while both the archive and the decompressed
+bytes are hashed. Only content whose SHA-256 and size match the pin is moved into place.
+
+Failures are classified so the caller can decide about retries:
+  - permanent for a mirror: 404 and other 4xx, wrong bytes, not gzip, a gzip bomb;
+  - transient: connection errors and resets, timeouts, truncated bodies, 5xx, 429.
+When every mirror fails and at least one failure was transient, ``TransientDownloadError``
+is raised (retry later, with backoff); otherwise ``DownloadError``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import zlib
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+from urllib.parse import urlparse
+from urllib.request import url2pathname
+
+import requests
+import urllib3
+
+from storage import DigitflowError
+from storage.atomic import CHUNK, atomic_path, read_json, sha256_file, write_json
+from storage.mnist import MnistFile
+
+Progress = Callable[[str, int, int | None], None]  # (file name, bytes so far, total or None)
+
+
+class DownloadError(DigitflowError):
+    """No mirror served verified bytes, and retrying will not help."""
+
+
+class TransientDownloadError(DownloadError):
+    """No mirror served verified bytes, but at least one failure may pass: retry later."""
+
+
+class _MirrorFailure(Exception):
+    def __init__(self, reason: str, transient: bool):
+        super().__init__(reason)
+        self.transient = transient
+
+
+def mirror_url(mirror: str, name: str) -> str:
+    return mirror.rstrip("/") + "/" + name
+
+
+def is_verified(spec: MnistFile, path: Path) -> bool:
+    """True if ``path`` holds exactly the pinned decompressed content."""
+    try:
+        if path.stat().st_size != spec.idx_size:
+            return False
+    except FileNotFoundError:
+        return False
+    return sha256_file(path) == spec.idx_sha256
+
+
+def fetch_verified(
+    spec: MnistFile,
+    mirrors: Sequence[str],
+    dest_dir: str | os.PathLike,
+    *,
+    timeout: float = 30.0,
+    progress: Progress | None = None,
+    session: requests.Session | None = None,
+) -> dict:
+    """Make ``dest_dir/<idx name>`` hold the verified IDX file; return its provenance.
+
+    A file already present and verified is not fetched again.
+    """
+    dest = Path(dest_dir) / spec.idx_name
+    sidecar = dest.with_name(dest.name + ".json")
+    if is_verified(spec, dest):
+        info = read_json(sidecar) if sidecar.exists() else {}
+        return _record(spec, dest, info.get("mirror"), info.get("archive_sha256"), fetched=False)
+    if not mirrors:
+        raise DownloadError(f"{spec.name}: no mirror configured")
+
+    session = session or requests.Session()
+    failures: list[str] = []
+    transient = False
+    for mirror in mirrors:
+        url = mirror_url(mirror, spec.name)
+        try:
+            with atomic_path(dest) as tmp:
+                archive_sha = _stream_into(spec, url, tmp, timeout, progress, session)
+            record = _record(spec, dest, url, archive_sha, fetched=True)
+            write_json(sidecar, record)
+            return record
+        except _MirrorFailure as e:
+            failures.append(f"{url}: {e}")
+            transient |= e.transient
+    error = TransientDownloadError if transient else DownloadError
+    raise error(f"{spec.name}: no mirror served verified bytes ({'; '.join(failures)})")
+
+
+def _record(spec: MnistFile, dest: Path, url, archive_sha, *, fetched: bool) -> dict:
+    return {
+        "file": spec.name,
+        "path": str(dest),
+        "sha256": spec.idx_sha256,
+        "size": spec.idx_size,
+        "mirror": url,
+        "archive_sha256": archive_sha,
+        "archive_canonical": archive_sha == spec.archive_sha256,
+        "fetched": fetched,
+    }
+
+
+def _stream_into(spec, url, tmp: Path, timeout, progress, session) -> str:
+    """Download ``url`` into ``tmp`` (decompressed), verify, return the archive SHA-256."""
+    archive_hash, idx_hash = hashlib.sha256(), hashlib.sha256()
+    inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    archive_bytes = idx_bytes = 0
+    chunks, total = _open(url, timeout, session)
+    if total is not None and total > spec.max_archive_bytes:
+        raise _MirrorFailure(f"archive of {total} bytes exceeds the {spec.max_archive_bytes} bound", False)
+    try:
+        with open(tmp, "wb") as out:
+            for chunk in chunks:
+                archive_bytes += len(chunk)
+                if archive_bytes > spec.max_archive_bytes:
+                    raise _MirrorFailure(f"archive exceeds the {spec.max_archive_bytes}-byte bound", False)
+                archive_hash.update(chunk)
+                data = chunk
+                while data:
+                    # Never inflate more than one byte past the pinned size: a gzip bomb
+                    # is stopped after at most idx_size + 1 bytes, on disk and in memory.
+                    piece = inflate.decompress(data, spec.idx_size + 1 - idx_bytes)
+                    idx_bytes += len(piece)
+                    if idx_bytes > spec.idx_size:
+                        raise _MirrorFailure(
+                            f"decompresses past the expected {spec.idx_size} bytes (gzip bomb?)", False)
+                    idx_hash.update(piece)
+                    out.write(piece)
+                    if inflate.eof:  # end of a gzip member; another may follow
+                        data = inflate.unused_data
+                        if data:
+                            inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)
+                    else:
+                        data = inflate.unconsumed_tail
+                if progress:
+                    progress(spec.name, archive_bytes, total)
+    except zlib.error as e:
+        raise _MirrorFailure(f"not a valid gzip stream ({e})", False) from None
+    except (requests.exceptions.Timeout, urllib3.exceptions.TimeoutError, TimeoutError):
+        raise _MirrorFailure(f"timed out after {timeout:g}s while reading", True) from None
+    except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError, ConnectionError) as e:
+        raise _MirrorFailure(f"connection broken after {archive_bytes} bytes ({type(e).__name__})", True) from None
+    if total is not None and archive_bytes != total:
+        raise _MirrorFailure(f"truncated body: {archive_bytes} of {total} bytes", True)
+    if not inflate.eof:
+        raise _MirrorFailure(f"truncated gzip stream after {archive_bytes} bytes", True)
+    digest = idx_hash.hexdigest()
+    if idx_bytes != spec.idx_size or digest != spec.idx_sha256:
+        raise _MirrorFailure(
+            f"SHA-256 mismatch: got {digest[:16]}… ({idx_bytes} bytes), "
+            f"want {spec.idx_sha256[:16]}… ({spec.idx_size} bytes)", False)
+    return archive_hash.hexdigest()
+
+
+def _open(url: str, timeout: float, session: requests.Session) -> tuple[Iterator[bytes], int | None]:
+    parsed = urlparse(url)
+    if parsed.scheme == "file":
+        path = Path(url2pathname(parsed.path))
+        try:
+            f = open(path, "rb")
+        except FileNotFoundError:
+            raise _MirrorFailure("not found", False) from None
+        except OSError as e:
+            raise _MirrorFailure(f"cannot read ({e.strerror})", False) from None
+
+        def read() -> Iterator[bytes]:
+            with f:
+                while chunk := f.read(CHUNK):
+                    yield chunk
+
+        return read(), os.fstat(f.fileno()).st_size
+    if parsed.scheme not in ("http", "https"):
+        raise _MirrorFailure(f"unsupported URL scheme {parsed.scheme!r}", False)
+    try:
+        r = session.get(url, stream=True, timeout=timeout)
+    except requests.exceptions.Timeout:
+        raise _MirrorFailure(f"timed out after {timeout:g}s", True) from None
+    except requests.exceptions.ConnectionError as e:
+        raise _MirrorFailure(f"connection failed ({type(e).__name__})", True) from None
+    if r.status_code != 200:
+        r.close()
+        transient = r.status_code == 429 or r.status_code >= 500
+        raise _MirrorFailure(f"HTTP {r.status_code}", transient)
+    length = r.headers.get("Content-Length")
+    # Ask for the raw bytes: a server that adds Content-Encoding must not make requests
+    # inflate our archive behind the bound.
+    return r.raw.stream(CHUNK, decode_content=False), int(length) if length and length.isdigit() else None

@@ -1,0 +1,112 @@
+"""A validating reader for the IDX format (the MNIST file format).
+
+Layout: two zero bytes, a dtype code, the number of dimensions, then one big-endian uint32
+per dimension, then the data, big-endian, C order. Every check failure raises ``IDXError``
+whose message starts with the file name and says what is wrong.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from storage import DigitflowError
+
+DTYPES = {
+    0x08: np.dtype("u1"),
+    0x09: np.dtype("i1"),
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+    0x0E: np.dtype(">f8"),
+}
+
+
+class IDXError(DigitflowError):
+    pass
+
+
+@dataclass(frozen=True)
+class IDXHeader:
+    path: str
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    offset: int  # where the data starts
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+
+def read_header(path: str | os.PathLike) -> IDXHeader:
+    """Parse and validate the header, and check the file is exactly as long as it says."""
+    path = Path(path)
+    name = path.name
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(4)
+            if len(head) < 4:
+                raise IDXError(f"{name}: too short for an IDX header ({size} bytes)")
+            if head[0] != 0 or head[1] != 0:
+                raise IDXError(f"{name}: bad magic number 0x{head.hex()} (the first two bytes must be zero)")
+            code, ndim = head[2], head[3]
+            if code not in DTYPES:
+                raise IDXError(f"{name}: unknown dtype code 0x{code:02x}")
+            if ndim == 0:
+                raise IDXError(f"{name}: zero dimensions")
+            dims_raw = f.read(4 * ndim)
+    except FileNotFoundError:
+        raise IDXError(f"{name}: no such file ({path})") from None
+    if len(dims_raw) < 4 * ndim:
+        raise IDXError(f"{name}: header truncated: {ndim} dimensions announced, file is {size} bytes")
+    shape = tuple(int(d) for d in np.frombuffer(dims_raw, ">u4"))
+    header = IDXHeader(str(path), DTYPES[code], shape, 4 + 4 * ndim)
+    expected = header.offset + header.nbytes
+    if size != expected:
+        what = "truncated" if size < expected else "has trailing bytes"
+        raise IDXError(f"{name}: {what}: shape {shape} of {header.dtype} needs {expected} bytes, file has {size}")
+    return header
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """Read a whole IDX file into a native-endian array of the header's shape."""
+    h = read_header(path)
+    with open(path, "rb") as f:
+        f.seek(h.offset)
+        data = np.fromfile(f, dtype=h.dtype, count=int(np.prod(h.shape, dtype=np.int64)))
+    return data.reshape(h.shape).astype(h.dtype.newbyteorder("="), copy=False)
+
+
+def check_mnist_pair(images: IDXHeader, labels: IDXHeader) -> int:
+    """Validate an MNIST images/labels pair by their headers; return the row count."""
+    iname, lname = Path(images.path).name, Path(labels.path).name
+    if images.dtype != np.uint8 or len(images.shape) != 3 or images.shape[1:] != (28, 28):
+        raise IDXError(f"{iname}: expected uint8 images of shape (n, 28, 28), got {images.dtype} {images.shape}")
+    if labels.dtype != np.uint8 or len(labels.shape) != 1:
+        raise IDXError(f"{lname}: expected uint8 labels of shape (n,), got {labels.dtype} {labels.shape}")
+    if images.shape[0] != labels.shape[0]:
+        raise IDXError(f"{iname}: {images.shape[0]} images but {lname} has {labels.shape[0]} labels")
+    return images.shape[0]
+
+
+def read_mnist(images_path, labels_path) -> tuple[np.ndarray, np.ndarray]:
+    """Read and validate an MNIST pair: (n, 28, 28) uint8 images, (n,) uint8 labels in 0..9."""
+    check_mnist_pair(read_header(images_path), read_header(labels_path))
+    images, labels = read_idx(images_path), read_idx(labels_path)
+    if labels.size and labels.max() > 9:
+        bad = int(np.argmax(labels > 9))
+        raise IDXError(f"{Path(labels_path).name}: label {labels[bad]} at index {bad} is outside 0..9")
+    return images, labels
+
+
+def write_idx(path: str | os.PathLike, array: np.ndarray) -> None:
+    """Write ``array`` as an IDX file (used to synthesize test data and to export)."""
+    code = {v.newbyteorder("="): k for k, v in DTYPES.items()}[array.dtype.newbyteorder("=")]
+    header = bytes([0, 0, code, array.ndim]) + np.asarray(array.shape, ">u4").tobytes()
+    from storage.atomic import write_bytes
+
+    write_bytes(path, header + np.ascontiguousarray(array, DTYPES[code]).tobytes())

@@ -1,0 +1,69 @@
+"""The four MNIST files: names, pinned checksums, default mirrors.
+
+The identity of a file is the SHA-256 and size of its *decompressed* IDX content: it holds
+for every honest mirror, whatever gzip settings it used. The canonical archive hashes are
+pinned too, so we can record whether a mirror served the original archive bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DEFAULT_MIRRORS = (
+    "https://ossci-datasets.s3.amazonaws.com/mnist/",
+    "https://storage.googleapis.com/cvdf-datasets/mnist/",
+)
+
+
+@dataclass(frozen=True)
+class MnistFile:
+    name: str  # archive name on the mirrors, e.g. "train-images-idx3-ubyte.gz"
+    split: str  # "train" | "test"
+    kind: str  # "images" | "labels"
+    idx_sha256: str
+    idx_size: int
+    archive_sha256: str  # canonical archive on the public mirrors
+    archive_size: int
+
+    @property
+    def idx_name(self) -> str:
+        return self.name.removesuffix(".gz")
+
+    @property
+    def max_archive_bytes(self) -> int:
+        # gzip never grows data by more than a few bytes per 32 KiB block; anything larger
+        # than the decompressed size plus slack is not an honest archive.
+        return self.idx_size + (1 << 20)
+
+
+FILES: dict[str, MnistFile] = {
+    f.name: f
+    for f in (
+        MnistFile(
+            "train-images-idx3-ubyte.gz", "train", "images",
+            "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db", 47040016,
+            "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609", 9912422,
+        ),
+        MnistFile(
+            "train-labels-idx1-ubyte.gz", "train", "labels",
+            "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5", 60008,
+            "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c", 28881,
+        ),
+        MnistFile(
+            "t10k-images-idx3-ubyte.gz", "test", "images",
+            "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7", 7840016,
+            "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6", 1648877,
+        ),
+        MnistFile(
+            "t10k-labels-idx1-ubyte.gz", "test", "labels",
+            "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2", 10008,
+            "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6", 4542,
+        ),
+    )
+}
+
+SPLITS = ("train", "test")
+
+
+def file_for(split: str, kind: str) -> MnistFile:
+    return next(f for f in FILES.values() if f.split == split and f.kind == kind)

@@ -1,0 +1,166 @@
+"""Normalized Parquet shards of an MNIST split, with a manifest.
+
+    <home>/data/mnist/<split>/part-00000.parquet ...   columns: index, image, label
+    <home>/data/mnist/<split>/manifest.json            shards, row counts, SHA-256
+
+``image`` is a fixed-size list of 784 float32 values pixel/255 in [0, 1]. A split is
+written into a staging directory and swapped in whole, so readers see the old split or the
+new one, never a mix and never a half-written file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from storage import DigitflowError
+from storage.atomic import make_staging_dir, read_json, sha256_file, swap_dir, write_json
+from storage.idx import read_mnist
+
+FORMAT_VERSION = 1
+NORMALIZATION = "pixel / 255 as float32, in [0, 1]"
+PIXELS = 784
+MANIFEST = "manifest.json"
+
+SCHEMA = pa.schema([
+    pa.field("index", pa.int64(), nullable=False),
+    pa.field("image", pa.list_(pa.field("element", pa.float32(), nullable=False), PIXELS), nullable=False),
+    pa.field("label", pa.uint8(), nullable=False),
+])
+
+# pixel/255 for every uint8 value, computed once in float32: the gather below is exact.
+_LUT = (np.arange(256, dtype=np.float32) / np.float32(255)).astype(np.float32)
+
+
+class ShardError(DigitflowError):
+    pass
+
+
+def split_dir(home: str | os.PathLike, split: str) -> Path:
+    return Path(home) / "data" / "mnist" / split
+
+
+def write_split(images_path, labels_path, out_dir, *, split: str, rows_per_shard: int = 10_000,
+                source: dict | None = None) -> dict:
+    """Parse a validated IDX pair and write it as shards + manifest in ``out_dir``.
+
+    Returns the manifest (also written as ``out_dir/manifest.json``).
+    """
+    if rows_per_shard < 1:
+        raise ShardError(f"rows_per_shard must be a positive integer, got {rows_per_shard}")
+    images, labels = read_mnist(images_path, labels_path)
+    n = len(labels)
+    flat = images.reshape(n, PIXELS)
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = make_staging_dir(out_dir)
+    file_meta = {
+        "format_version": FORMAT_VERSION,
+        "split": split,
+        "normalization": NORMALIZATION,
+        "source": source or {},
+    }
+    try:
+        starts = range(0, n, rows_per_shard)
+
+        def write_one(i_start):
+            i, start = i_start
+            stop = min(start + rows_per_shard, n)
+            name = f"part-{i:05d}.parquet"
+            table = _table(flat[start:stop], labels[start:stop], start,
+                           {**file_meta, "shard": i, "first_index": start, "rows": stop - start})
+            pq.write_table(table, staging / name, compression="zstd", use_dictionary=["label"],
+                           write_statistics=["index", "label"])
+            return {"file": name, "rows": stop - start, "first_index": start,
+                    "sha256": sha256_file(staging / name), "bytes": (staging / name).stat().st_size}
+
+        # Parquet encoding and zstd release the GIL: two threads use both cores.
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            shards = list(pool.map(write_one, enumerate(starts)))
+        manifest = {**file_meta, "rows": n, "rows_per_shard": rows_per_shard, "shards": shards,
+                    "class_counts": np.bincount(labels, minlength=10).tolist()}
+        write_json(staging / MANIFEST, manifest)
+        swap_dir(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _table(pixels: np.ndarray, labels: np.ndarray, start: int, meta: dict) -> pa.Table:
+    values = pa.array(_LUT[pixels].ravel())  # (rows*784,) float32, zero-copy into Arrow
+    image = pa.FixedSizeListArray.from_arrays(values, type=SCHEMA.field("image").type)
+    index = pa.array(np.arange(start, start + len(labels), dtype=np.int64))
+    schema = SCHEMA.with_metadata({"digitflow": json.dumps(meta, sort_keys=True)})
+    return pa.Table.from_arrays([index, image, pa.array(labels, pa.uint8())], schema=schema)
+
+
+def load_manifest(directory) -> dict:
+    path = Path(directory) / MANIFEST
+    try:
+        manifest = read_json(path)
+    except FileNotFoundError:
+        raise ShardError(f"{path}: no manifest (run `digitflow ingest` first)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ShardError(f"{path}: not valid JSON ({e})") from None
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ShardError(f"{path}: format_version {manifest.get('format_version')!r}, expected {FORMAT_VERSION}")
+    return manifest
+
+
+def is_current(directory, *, rows_per_shard: int, source: dict) -> bool:
+    """Cheap check (no hashing) that ``directory`` holds the split these settings would write:
+    its manifest has this layout and source, and every shard has its recorded size."""
+    directory = Path(directory)
+    try:
+        manifest = load_manifest(directory)
+        return (manifest["rows_per_shard"] == rows_per_shard and manifest["source"] == source
+                and all((directory / s["file"]).stat().st_size == s["bytes"] for s in manifest["shards"]))
+    except (ShardError, OSError, KeyError):
+        return False
+
+
+def source_of(images: dict, labels: dict) -> dict:
+    """The ``source`` block of a manifest, from verified file references (path, sha256)."""
+    return {kind: {"file": Path(ref["path"]).name, "sha256": ref["sha256"]}
+            for kind, ref in (("images", images), ("labels", labels))}
+
+
+def read_split(directory) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Read a split into ``(images (n, 784) float32, labels (n,) int64, manifest)``.
+
+    Each shard's SHA-256 is checked against the manifest before it is parsed.
+    """
+    directory = Path(directory)
+    manifest = load_manifest(directory)
+    n = manifest["rows"]
+    images = np.empty((n, PIXELS), np.float32)
+    labels = np.empty(n, np.int64)
+
+    def read_one(shard):
+        path = directory / shard["file"]
+        try:
+            digest = sha256_file(path)
+        except FileNotFoundError:
+            raise ShardError(f"{path}: shard listed in the manifest is missing") from None
+        if digest != shard["sha256"]:
+            raise ShardError(f"{path}: SHA-256 {digest[:16]}… does not match the manifest's "
+                             f"{shard['sha256'][:16]}… (corrupt shard; rerun `digitflow ingest`)")
+        table = pq.read_table(path)
+        rows, start = shard["rows"], shard["first_index"]
+        if table.num_rows != rows:
+            raise ShardError(f"{path}: {table.num_rows} rows, manifest says {rows}")
+        column = table.column("image").combine_chunks()
+        images[start:start + rows] = column.values.to_numpy().reshape(rows, PIXELS)
+        labels[start:start + rows] = table.column("label").to_numpy()
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        list(pool.map(read_one, manifest["shards"]))
+    return images, labels, manifest

@@ -1,0 +1,111 @@
+"""Ingest tasks: download → verify → parse → shard. Each is a thin wrapper over storage/."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from prefect import get_run_logger, task
+
+from storage import shards
+from storage.atomic import read_json, sha256_file
+from storage.download import TransientDownloadError, fetch_verified
+from storage.idx import IDXError, check_mnist_pair, read_header, read_idx
+from storage.mnist import FILES
+from tasks import progress
+from tasks.common import CACHED, content_key
+
+
+def _retry_if_transient(task, task_run, state) -> bool:
+    """Retry only failures that may pass (timeouts, resets, 5xx, 429); not 404 or bad bytes."""
+    return isinstance(state.result(raise_on_failure=False), TransientDownloadError)
+
+
+@task(
+    task_run_name="download {name}",
+    retries=3,
+    retry_delay_seconds=[2, 4, 8],
+    retry_jitter_factor=0.2,
+    retry_condition_fn=_retry_if_transient,
+    # Mirrors are not in the key: any honest mirror yields the same pinned content.
+    cache_key_fn=content_key(lambda p: (p["name"], FILES[p["name"]].idx_sha256, p["raw_dir"])),
+    **CACHED,
+)
+def download(name: str, mirrors: list[str], raw_dir: str, timeout: float = 30.0) -> dict:
+    """Fetch one archive from the first mirror that serves verified bytes; return a reference."""
+    log = get_run_logger()
+    t0 = time.perf_counter()
+    ref = fetch_verified(FILES[name], mirrors, raw_dir, timeout=timeout, progress=progress.report)
+    if ref["fetched"]:
+        log.info("%s: fetched from %s in %.2f s (archive %s the canonical one)", name, ref["mirror"],
+                 time.perf_counter() - t0, "is" if ref["archive_canonical"] else "is not")
+    else:
+        log.info("%s: already present and verified, not fetched", name)
+    return ref
+
+
+def download_is_intact(name: str, raw_dir: str) -> bool:
+    """Cheap check that a cached download's file is still there (size only; verify hashes)."""
+    path = Path(raw_dir) / FILES[name].idx_name
+    return path.is_file() and path.stat().st_size == FILES[name].idx_size
+
+
+def _file_fingerprint(path: str):
+    st = Path(path).stat()
+    return (path, st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+@task(
+    task_run_name="verify {ref[file]}",
+    # Re-verify whenever the file on disk changes (size, mtime, inode).
+    cache_key_fn=content_key(lambda p: (p["ref"]["sha256"], _file_fingerprint(p["ref"]["path"]))),
+    **CACHED,
+)
+def verify(ref: dict) -> dict:
+    """Hash the local IDX file and compare with the pin; a corrupt copy is deleted."""
+    path = Path(ref["path"])
+    digest = sha256_file(path)
+    if digest != ref["sha256"]:
+        path.unlink(missing_ok=True)
+        raise IDXError(f"{path}: SHA-256 {digest[:16]}… is not the pinned {ref['sha256'][:16]}…; "
+                       "the corrupt local copy was removed, rerun to fetch it again")
+    get_run_logger().info("%s: SHA-256 %s… verified", path.name, digest[:16])
+    return {"path": str(path), "sha256": digest, "file": ref["file"]}
+
+
+@task(
+    task_run_name="parse {split}",
+    cache_key_fn=content_key(lambda p: (p["split"], p["images"]["sha256"], p["labels"]["sha256"])),
+    **CACHED,
+)
+def parse(split: str, images: dict, labels: dict) -> dict:
+    """Validate a verified images/labels pair: headers, shapes, counts, label range."""
+    rows = check_mnist_pair(read_header(images["path"]), read_header(labels["path"]))
+    y = read_idx(labels["path"])
+    if y.size and y.max() > 9:
+        raise IDXError(f"{Path(labels['path']).name}: label {int(y.max())} is outside 0..9")
+    get_run_logger().info("%s: %d images of 28×28 with labels, valid", split, rows)
+    return {"split": split, "rows": rows}
+
+
+@task(
+    task_run_name="shard {split}",
+    cache_key_fn=content_key(lambda p: (p["split"], p["images"]["sha256"], p["labels"]["sha256"],
+                                        p["rows_per_shard"], p["out_dir"])),
+    **CACHED,
+)
+def write_shards(split: str, images: dict, labels: dict, out_dir: str, rows_per_shard: int) -> dict:
+    """Write the split as normalized Parquet shards + manifest; return a reference to it."""
+    t0 = time.perf_counter()
+    manifest = shards.write_split(images["path"], labels["path"], out_dir, split=split,
+                                  rows_per_shard=rows_per_shard, source=shards.source_of(images, labels))
+    get_run_logger().info("%s: %d rows in %d shards written to %s in %.2f s", split, manifest["rows"],
+                          len(manifest["shards"]), out_dir, time.perf_counter() - t0)
+    return manifest_ref(out_dir)
+
+
+def manifest_ref(out_dir: str) -> dict:
+    path = Path(out_dir) / shards.MANIFEST
+    manifest = read_json(path)
+    return {"split": manifest["split"], "dir": str(out_dir), "manifest": str(path),
+            "sha256": sha256_file(path), "rows": manifest["rows"], "shards": len(manifest["shards"])}

@@ -1,0 +1,185 @@
+"""Shared fixtures: a local MNIST mirror, a scriptable faulty mirror, one Prefect harness."""
+
+from __future__ import annotations
+
+import gzip
+import http.server
+import os
+import socket
+import struct
+import tempfile
+import threading
+import time
+import zlib
+from pathlib import Path
+
+import pytest
+
+# Before Prefect is imported anywhere: no telemetry, results in a throwaway directory.
+_STATE = Path(tempfile.mkdtemp(prefix="digitflow-tests-"))
+os.environ.update({
+    "DO_NOT_TRACK": "1",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_HOME": str(_STATE / "prefect-home"),
+    "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(_STATE / "results"),
+    "PREFECT_LOGGING_TO_API_BATCH_INTERVAL": "0.3",
+})
+os.environ.pop("PREFECT_API_URL", None)
+os.environ.pop("DIGITFLOW_HOME", None)
+os.environ.pop("DIGITFLOW_MIRRORS", None)
+
+REPO = Path(__file__).resolve().parents[1]
+MNIST_DIR = Path(os.environ.get("DIGITFLOW_MNIST_DIR", REPO.parent / "shared" / "mnist"))
+
+
+@pytest.fixture(scope="session")
+def mnist_dir() -> Path:
+    if not (MNIST_DIR / "train-images-idx3-ubyte.gz").exists():
+        pytest.fail(f"the real MNIST is not at {MNIST_DIR} (set DIGITFLOW_MNIST_DIR)")
+    return MNIST_DIR
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=60):
+        yield
+
+
+@pytest.fixture(scope="session")
+def api_url(prefect_harness) -> str:
+    from prefect.settings import PREFECT_API_URL
+
+    return PREFECT_API_URL.value()
+
+
+class _Server:
+    """A ThreadingHTTPServer on 127.0.0.1, random port, stopped at teardown."""
+
+    def __init__(self, handler):
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture(scope="session")
+def mnist_server(mnist_dir):
+    """The real ../shared/mnist served over HTTP, as a mirror."""
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, directory=str(mnist_dir), **kw)
+
+        def log_message(self, *a):
+            pass
+
+    server = _Server(Handler)
+    yield server.url
+    server.close()
+
+
+def make_bomb(size: int) -> bytes:
+    """A valid gzip stream of ``size`` zero bytes (a tiny archive that inflates hugely)."""
+    c = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    block = bytes(1 << 20)
+    parts = [c.compress(block) for _ in range(size >> 20)]
+    return b"".join(parts) + c.flush()
+
+
+class FaultyMirror:
+    """A mirror whose answers are scripted per file: a queue of behaviours, then 'ok'.
+
+    ok        the real archive
+    404/500/429/503  that status
+    reset     TCP reset right after the headers
+    truncate  announce the full length, send half, close
+    wrong     a valid gzip of the real content with one byte changed
+    slow      answer nothing for 3 s
+    bomb      a gzip of 100 MB of zeros
+    """
+
+    def __init__(self, mnist_dir: Path):
+        self.dir = mnist_dir
+        self.script: dict[str, list[str]] = {}
+        self.requests: list[tuple[str, str]] = []
+        self.default = "ok"
+        self._bomb = None
+        mirror = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *a):
+                pass
+
+            def do_GET(self):
+                name = self.path.lstrip("/")
+                queue = mirror.script.get(name, [])
+                behaviour = queue.pop(0) if queue else mirror.default
+                mirror.requests.append((name, behaviour))
+                mirror.serve(self, name, behaviour)
+
+        self.server = _Server(Handler)
+        self.url = self.server.url
+
+    def archive(self, name: str) -> bytes:
+        return (self.dir / name).read_bytes()
+
+    def serve(self, h, name, behaviour):
+        if behaviour.isdigit():
+            h.send_response(int(behaviour))
+            h.send_header("Content-Length", "0")
+            h.end_headers()
+            return
+        if not (self.dir / name).exists():
+            h.send_response(404)
+            h.send_header("Content-Length", "0")
+            h.end_headers()
+            return
+        body = self.archive(name)
+        if behaviour == "wrong":
+            raw = bytearray(gzip.decompress(body))
+            raw[len(raw) // 2] ^= 0xFF
+            body = gzip.compress(bytes(raw), mtime=0)
+        elif behaviour == "bomb":
+            if self._bomb is None:
+                self._bomb = make_bomb(100 << 20)
+            body = self._bomb
+        elif behaviour == "slow":
+            time.sleep(3)
+        h.send_response(200)
+        h.send_header("Content-Type", "application/octet-stream")
+        h.send_header("Content-Length", str(len(body)))
+        h.end_headers()
+        if behaviour == "reset":
+            h.wfile.flush()
+            h.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            h.connection.close()
+            h.close_connection = True
+            return
+        if behaviour == "truncate":
+            h.wfile.write(body[: len(body) // 2])
+            h.wfile.flush()
+            h.close_connection = True
+            return
+        h.wfile.write(body)
+
+    def fail(self, name: str, *behaviours: str):
+        self.script[name] = list(behaviours)
+
+    def close(self):
+        self.server.close()
+
+
+@pytest.fixture
+def faulty(mnist_dir):
+    mirror = FaultyMirror(mnist_dir)
+    yield mirror
+    mirror.close()

@@ -1,0 +1,120 @@
+"""storage.download against a scripted faulty mirror and the real archives (no Prefect)."""
+
+import gzip
+from pathlib import Path
+
+import pytest
+
+from storage.download import DownloadError, TransientDownloadError, fetch_verified
+from storage.mnist import FILES
+
+LABELS = FILES["t10k-labels-idx1-ubyte.gz"]  # the smallest real file: fast
+IMAGES = FILES["t10k-images-idx3-ubyte.gz"]
+
+
+def only_file(dest: Path):
+    return sorted(p.name for p in dest.iterdir())
+
+
+def test_good_mirror_writes_verified_file(tmp_path, faulty):
+    ref = fetch_verified(LABELS, [faulty.url], tmp_path)
+    path = tmp_path / "t10k-labels-idx1-ubyte"
+    assert path.stat().st_size == 10008
+    assert ref["sha256"] == LABELS.idx_sha256 and ref["fetched"]
+    assert ref["archive_canonical"] is False  # the local mirror re-compressed the archive
+    assert only_file(tmp_path) == ["t10k-labels-idx1-ubyte", "t10k-labels-idx1-ubyte.json"]
+
+
+def test_present_and_verified_is_not_fetched_again(tmp_path, faulty):
+    fetch_verified(LABELS, [faulty.url], tmp_path)
+    faulty.requests.clear()
+    ref = fetch_verified(LABELS, [faulty.url], tmp_path)
+    assert faulty.requests == [] and ref["fetched"] is False
+
+
+def test_corrupt_local_copy_is_fetched_again(tmp_path, faulty):
+    fetch_verified(LABELS, [faulty.url], tmp_path)
+    path = tmp_path / "t10k-labels-idx1-ubyte"
+    data = bytearray(path.read_bytes())
+    data[100] ^= 1
+    path.write_bytes(bytes(data))
+    faulty.requests.clear()
+    assert fetch_verified(LABELS, [faulty.url], tmp_path)["fetched"]
+    assert len(faulty.requests) == 1
+
+
+def test_404_on_first_mirror_moves_to_next(tmp_path, faulty, mnist_server):
+    faulty.default = "404"
+    ref = fetch_verified(LABELS, [faulty.url, mnist_server], tmp_path)
+    assert ref["mirror"].startswith(mnist_server)
+
+
+def test_wrong_bytes_are_deleted_and_next_mirror_used(tmp_path, faulty, mnist_server):
+    faulty.default = "wrong"
+    ref = fetch_verified(IMAGES, [faulty.url, mnist_server], tmp_path)
+    assert ref["mirror"].startswith(mnist_server)
+    assert only_file(tmp_path) == ["t10k-images-idx3-ubyte", "t10k-images-idx3-ubyte.json"]
+
+
+@pytest.mark.parametrize("behaviour, error, text", [
+    ("wrong", DownloadError, "SHA-256 mismatch"),
+    ("404", DownloadError, "HTTP 404"),
+    ("bomb", DownloadError, "decompresses past the expected 10008 bytes"),
+    ("500", TransientDownloadError, "HTTP 500"),
+    ("429", TransientDownloadError, "HTTP 429"),
+    ("reset", TransientDownloadError, "connection broken"),
+    ("truncate", TransientDownloadError, "after"),
+    ("slow", TransientDownloadError, "timed out after 0.5s"),
+])
+def test_each_fault_leaves_nothing_and_says_why(tmp_path, faulty, behaviour, error, text):
+    faulty.default = behaviour
+    with pytest.raises(error) as e:
+        fetch_verified(LABELS, [faulty.url], tmp_path, timeout=0.5)
+    message = str(e.value)
+    assert message.startswith("t10k-labels-idx1-ubyte.gz: no mirror served verified bytes")
+    assert text in message and faulty.url in message and "\n" not in message
+    assert type(e.value) is error
+    assert list(tmp_path.iterdir()) == []  # no partial or unverified file left behind
+
+
+def test_permanent_and_transient_mix_is_transient(tmp_path, faulty):
+    faulty.fail(LABELS.name, "404")
+    second = type(faulty)(faulty.dir)
+    second.default = "503"
+    try:
+        with pytest.raises(TransientDownloadError, match="HTTP 404.*HTTP 503"):
+            fetch_verified(LABELS, [faulty.url, second.url], tmp_path)
+    finally:
+        second.close()
+
+
+def test_bomb_is_stopped_at_the_bound(tmp_path, faulty):
+    faulty.default = "bomb"
+    with pytest.raises(DownloadError, match="gzip bomb"):
+        fetch_verified(IMAGES, [faulty.url], tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_not_gzip_is_rejected(tmp_path, mnist_dir):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / LABELS.name).write_bytes(gzip.decompress((mnist_dir / LABELS.name).read_bytes()))
+    with pytest.raises(DownloadError, match="not a valid gzip stream"):
+        fetch_verified(LABELS, [(tmp_path / "m").as_uri()], tmp_path / "out")
+
+
+def test_file_mirror(tmp_path, mnist_dir):
+    missing = (tmp_path / "empty").as_uri()
+    ref = fetch_verified(IMAGES, [missing, mnist_dir.as_uri() + "/"], tmp_path)
+    assert ref["fetched"] and ref["mirror"].startswith("file://")
+
+
+def test_multi_member_gzip_is_accepted(tmp_path, mnist_dir):
+    raw = gzip.decompress((mnist_dir / LABELS.name).read_bytes())
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / LABELS.name).write_bytes(gzip.compress(raw[:5000]) + gzip.compress(raw[5000:]))
+    assert fetch_verified(LABELS, [(tmp_path / "m").as_uri()], tmp_path / "out")["sha256"] == LABELS.idx_sha256
+
+
+def test_unsupported_scheme(tmp_path):
+    with pytest.raises(DownloadError, match="unsupported URL scheme 'ftp'"):
+        fetch_verified(LABELS, ["ftp://example.invalid/"], tmp_path)
