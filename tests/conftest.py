@@ -61,7 +61,7 @@ class _Server:
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self.httpd.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
         self.thread.start()
 
     def close(self):
@@ -111,6 +111,7 @@ class FaultyMirror:
         self.requests: list[tuple[str, str]] = []
         self.default = "ok"
         self._bomb = None
+        self._wrong: dict[str, bytes] = {}
         mirror = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -145,9 +146,7 @@ class FaultyMirror:
             return
         body = self.archive(name)
         if behaviour == "wrong":
-            raw = bytearray(gzip.decompress(body))
-            raw[len(raw) // 2] ^= 0xFF
-            body = gzip.compress(bytes(raw), mtime=0)
+            body = self.wrong(name)
         elif behaviour == "bomb":
             if self._bomb is None:
                 self._bomb = make_bomb(100 << 20)
@@ -170,6 +169,14 @@ class FaultyMirror:
             h.close_connection = True
             return
         h.wfile.write(body)
+
+    def wrong(self, name: str) -> bytes:
+        """The real archive's content with one byte changed, gzipped (cached per file)."""
+        if name not in self._wrong:
+            raw = bytearray(gzip.decompress(self.archive(name)))
+            raw[len(raw) // 2] ^= 0xFF
+            self._wrong[name] = gzip.compress(bytes(raw), compresslevel=1, mtime=0)
+        return self._wrong[name]
 
     def fail(self, name: str, *behaviours: str):
         self.script[name] = list(behaviours)

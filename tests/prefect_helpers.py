@@ -1,0 +1,27 @@
+"""Read back what the Prefect server recorded, as an operator would see it."""
+
+from __future__ import annotations
+
+import time
+
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterParentTaskRunId
+
+
+def task_runs(flow_run_id, *, settle: float = 15.0) -> dict:
+    """``{task run name: task run}`` of one flow run, once every state is final."""
+    deadline = time.monotonic() + settle
+    with get_client(sync_client=True) as client:
+        while True:
+            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+            if runs and all(r.state and r.state.is_final() for r in runs) or time.monotonic() > deadline:
+                return {r.name: r for r in runs}
+            time.sleep(0.2)
+
+
+def state_names(flow_run_id, **kw) -> dict[str, str]:
+    return {name: run.state.name for name, run in task_runs(flow_run_id, **kw).items()}
+
+
+def flow_run_id(state):
+    return state.state_details.flow_run_id

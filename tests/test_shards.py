@@ -1,0 +1,120 @@
+"""Parquet shards and manifests on small synthetic splits."""
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from storage import shards
+from storage.idx import IDXError, write_idx
+from storage.shards import ShardError, is_current, load_manifest, read_split, write_split
+
+
+@pytest.fixture
+def pair(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, size=(25, 28, 28), dtype=np.uint8)
+    x[0] = 0
+    x[1] = 255
+    y = rng.integers(0, 10, size=25).astype(np.uint8)
+    write_idx(tmp_path / "imgs", x)
+    write_idx(tmp_path / "lbls", y)
+    return tmp_path / "imgs", tmp_path / "lbls", x, y
+
+
+def test_layout_schema_and_values(tmp_path, pair):
+    ip, lp, x, y = pair
+    out = tmp_path / "data" / "train"
+    manifest = write_split(ip, lp, out, split="train", rows_per_shard=10, source={"images": {"sha256": "ab"}})
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "part-00000.parquet",
+                                                     "part-00001.parquet", "part-00002.parquet"]
+    assert [s["rows"] for s in manifest["shards"]] == [10, 10, 5]
+    assert manifest["rows"] == 25 and manifest["class_counts"] == np.bincount(y, minlength=10).tolist()
+    assert json.loads((out / "manifest.json").read_text()) == manifest
+
+    pf = pq.ParquetFile(out / "part-00001.parquet")
+    assert pf.metadata.row_group(0).column(0).compression == "ZSTD"
+    meta = json.loads(pf.schema_arrow.metadata[b"digitflow"])
+    assert meta["format_version"] == 1 and meta["source"] == {"images": {"sha256": "ab"}}
+    assert "255" in meta["normalization"] and meta["first_index"] == 10
+    table = pf.read()
+    assert str(table.schema.field("image").type) == "fixed_size_list<element: float not null>[784]"
+    assert table.column("index").to_pylist() == list(range(10, 20))
+    images = np.stack(table.column("image").to_numpy(zero_copy_only=False))
+    np.testing.assert_array_equal(images, x[10:20].reshape(10, 784).astype(np.float32) / np.float32(255))
+
+
+def test_read_split_round_trip(tmp_path, pair):
+    ip, lp, x, y = pair
+    write_split(ip, lp, tmp_path / "s", split="test", rows_per_shard=7)
+    images, labels, manifest = read_split(tmp_path / "s")
+    assert images.dtype == np.float32 and images.shape == (25, 784)
+    assert images[0].max() == 0.0 and images[1].min() == 1.0
+    np.testing.assert_array_equal(labels, y)
+    np.testing.assert_array_equal(images, x.reshape(25, 784) / np.float32(255))
+
+
+def test_corrupt_shard_is_refused_by_name(tmp_path, pair):
+    ip, lp, *_ = pair
+    write_split(ip, lp, tmp_path / "s", split="test", rows_per_shard=10)
+    shard = tmp_path / "s" / "part-00001.parquet"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ShardError, match=r"part-00001.parquet: SHA-256 .* does not match the manifest"):
+        read_split(tmp_path / "s")
+
+
+def test_missing_shard_and_manifest(tmp_path, pair):
+    ip, lp, *_ = pair
+    write_split(ip, lp, tmp_path / "s", split="test", rows_per_shard=10)
+    (tmp_path / "s" / "part-00002.parquet").unlink()
+    with pytest.raises(ShardError, match="part-00002.parquet: shard listed in the manifest is missing"):
+        read_split(tmp_path / "s")
+    with pytest.raises(ShardError, match="no manifest"):
+        load_manifest(tmp_path / "elsewhere")
+
+
+def test_rewrite_with_new_layout_leaves_no_stale_shards(tmp_path, pair):
+    ip, lp, *_ = pair
+    write_split(ip, lp, tmp_path / "s", split="test", rows_per_shard=5)
+    write_split(ip, lp, tmp_path / "s", split="test", rows_per_shard=20)
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["manifest.json", "part-00000.parquet",
+                                                                   "part-00001.parquet"]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    assert is_current(tmp_path / "s", rows_per_shard=20, source={})
+    assert not is_current(tmp_path / "s", rows_per_shard=5, source={})
+
+
+def test_crash_mid_write_keeps_the_old_split(tmp_path, pair, monkeypatch):
+    ip, lp, *_ = pair
+    write_split(ip, lp, tmp_path / "s", split="test", rows_per_shard=10)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "s").iterdir()}
+    calls = []
+
+    def crash(table, where, **kw):
+        calls.append(where)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        return original(table, where, **kw)
+
+    original = pq.write_table
+    monkeypatch.setattr(shards.pq, "write_table", crash)
+    with pytest.raises(OSError, match="disk full"):
+        write_split(ip, lp, tmp_path / "s", split="test", rows_per_shard=5)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "s").iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["imgs", "lbls", "s"]  # no staging left
+
+
+def test_bad_labels_write_nothing(tmp_path):
+    write_idx(tmp_path / "imgs", np.zeros((2, 28, 28), np.uint8))
+    write_idx(tmp_path / "lbls", np.array([3, 10], np.uint8))
+    with pytest.raises(IDXError, match="label 10"):
+        write_split(tmp_path / "imgs", tmp_path / "lbls", tmp_path / "s", split="train")
+    assert not (tmp_path / "s").exists()
+
+
+def test_rows_per_shard_must_be_positive(tmp_path, pair):
+    with pytest.raises(ShardError, match="rows_per_shard must be a positive integer, got 0"):
+        write_split(pair[0], pair[1], tmp_path / "s", split="train", rows_per_shard=0)
