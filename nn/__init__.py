@@ -1,0 +1,30 @@
+"""A feedforward neural network written from scratch in NumPy — to read and to run.
+
+    import nn
+    model = nn.Sequential(nn.Dense(784, 256), nn.ReLU(), nn.Dense(256, 10), seed=0)
+    logits = model.forward(x, training=False)                  # x: (batch, 784) float32
+    loss, dlogits = nn.softmax_cross_entropy(logits, labels)   # mean loss, dL/dlogits
+    model.backward(dlogits)                                    # fills layer.grads
+    opt = nn.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    opt.step()
+
+Read in this order: layers.py (forward/backward of each layer), losses.py (softmax +
+cross-entropy), model.py (the chain rule over a list of layers), optim.py, train.py (fit),
+io.py (saving without pickle). No Prefect, no autograd: NumPy only.
+"""
+
+from nn.augment import random_shift
+from nn.io import ModelFormatError, describe, load, load_arrays, save
+from nn.layers import ACTIVATIONS, Dense, Dropout, Layer, ReLU, Sigmoid, Tanh
+from nn.losses import SoftmaxCrossEntropy, softmax, softmax_cross_entropy
+from nn.model import Sequential
+from nn.optim import (Adam, Constant, CosineLR, Optimizer, RMSprop, SGD, StepLR, clip_grad_norm,
+                      make as make_optimizer, max_norm_)
+from nn.train import History, NonFiniteLossError, evaluate, fit, split_validation
+
+__all__ = [
+    "ACTIVATIONS", "Adam", "Constant", "CosineLR", "Dense", "Dropout", "History", "Layer", "ModelFormatError",
+    "NonFiniteLossError", "Optimizer", "RMSprop", "ReLU", "SGD", "Sequential", "Sigmoid", "SoftmaxCrossEntropy",
+    "StepLR", "Tanh", "clip_grad_norm", "describe", "evaluate", "fit", "load", "load_arrays", "make_optimizer",
+    "max_norm_", "random_shift", "save", "softmax", "softmax_cross_entropy", "split_validation",
+]

@@ -1,0 +1,143 @@
+"""The training loop: seeded shuffles, mini-batches, validation, early stopping, history.
+
+Inputs are given as the model consumes them *before* its ``preprocessing`` (for MNIST:
+pixels/255), so augmentation works on images and preprocessing is applied once per epoch.
+The hot loop allocates nothing large: one shuffle-gather per epoch into a preallocated
+buffer, then views of it per batch, and every layer writes into its own reused buffers.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from nn.losses import SoftmaxCrossEntropy
+from nn.model import Sequential
+from nn.optim import Constant, Optimizer
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training diverged: the loss became NaN or infinite."""
+
+
+@dataclass
+class History:
+    epochs: list[dict] = field(default_factory=list)  # one record per epoch
+    best_epoch: int | None = None  # 1-based, by validation loss
+    stopped_early: bool = False
+
+    def column(self, key: str) -> list:
+        return [e[key] for e in self.epochs]
+
+
+def split_validation(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded (train_idx, val_idx) split of range(n)."""
+    if not 0 <= fraction < 1:
+        raise ValueError(f"validation fraction must be in [0, 1), got {fraction}")
+    perm = np.random.default_rng([seed, 1]).permutation(n)
+    k = int(round(n * fraction))
+    return np.sort(perm[k:]), np.sort(perm[:k])
+
+
+def evaluate(model: Sequential, x: np.ndarray, y: np.ndarray, batch_size: int = 8192) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of ``model`` on (x, y); x before preprocessing."""
+    loss_fn = SoftmaxCrossEntropy()
+    total_loss, correct = 0.0, 0
+    chunk = np.empty((min(batch_size, len(x)), x.shape[1]), model.dtype)
+    for i in range(0, len(x), batch_size):
+        xb, yb = x[i:i + batch_size], y[i:i + batch_size]
+        logits = model.forward(model.preprocess(xb, out=chunk[: len(xb)]), training=False)
+        correct += int(np.count_nonzero(logits.argmax(axis=1) == yb))
+        loss, _ = loss_fn(logits, yb)
+        total_loss += loss * len(xb)
+    return total_loss / len(x), correct / len(x)
+
+
+def fit(
+    model: Sequential,
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    optimizer: Optimizer,
+    epochs: int,
+    batch_size: int = 128,
+    validation: tuple[np.ndarray, np.ndarray] | None = None,
+    val_fraction: float = 0.0,
+    schedule: Callable[[int], float] | None = None,
+    patience: int | None = None,
+    augment: Callable[[np.ndarray, np.random.Generator], None] | None = None,
+    seed: int = 0,
+    on_epoch: Callable[[dict], None] | None = None,
+) -> History:
+    """Train ``model`` in place with mini-batch gradient descent; return the history.
+
+    ``validation`` (x, y), or ``val_fraction`` of (x, y) held out by a seeded split, is
+    evaluated after every epoch. With ``patience``, training stops once the validation loss
+    has not improved for that many epochs, and the best epoch's weights are restored.
+    Raises NonFiniteLossError as soon as a batch loss is NaN or infinite.
+    """
+    if epochs < 1 or batch_size < 1:
+        raise ValueError(f"epochs and batch_size must be positive, got {epochs} and {batch_size}")
+    y = np.asarray(y, np.intp)
+    if validation is None and val_fraction > 0:
+        train_idx, val_idx = split_validation(len(x), val_fraction, seed)
+        validation = (x[val_idx], y[val_idx])
+        x, y = x[train_idx], y[train_idx]
+    n = len(x)
+    schedule = schedule or Constant(optimizer.lr)
+    rng = np.random.default_rng([seed, 2])
+    loss_fn = SoftmaxCrossEntropy()
+    xs = np.empty((n, x.shape[1]), model.dtype)  # this epoch's shuffled (augmented) inputs
+    ys = np.empty(n, np.intp)
+    identity = model.preprocessing == {"mean": 0.0, "std": 1.0}
+    history = History()
+    best_loss, best_params, waited = math.inf, None, 0
+
+    for epoch in range(epochs):
+        t0 = time.perf_counter()
+        optimizer.lr = lr = schedule(epoch)
+        perm = rng.permutation(n)
+        np.take(x, perm, axis=0, out=xs, mode="clip")  # one gather per epoch, not per batch
+        np.take(y, perm, out=ys, mode="clip")
+        if augment is not None:
+            augment(xs, rng)
+        if not identity:
+            model.preprocess(xs, out=xs)
+        loss_sum, correct = 0.0, 0
+        for start in range(0, n, batch_size):
+            xb, yb = xs[start:start + batch_size], ys[start:start + batch_size]
+            logits = model.forward(xb, training=True)
+            correct += int(np.count_nonzero(logits.argmax(axis=1) == yb))
+            loss, dlogits = loss_fn(logits, yb)
+            if not math.isfinite(loss):
+                raise NonFiniteLossError(
+                    f"loss became {loss} at epoch {epoch + 1}, batch {start // batch_size + 1} "
+                    f"(learning rate {lr:g}): training diverged")
+            loss_sum += loss * len(yb)
+            model.backward(dlogits)
+            optimizer.step()
+        record = {"epoch": epoch + 1, "lr": lr, "train_loss": loss_sum / n, "train_accuracy": correct / n}
+        if validation is not None:
+            record["val_loss"], record["val_accuracy"] = evaluate(model, *validation)
+        record["seconds"] = time.perf_counter() - t0
+        history.epochs.append(record)
+        if on_epoch is not None:
+            on_epoch(record)
+        if validation is not None:
+            if record["val_loss"] < best_loss:
+                best_loss, history.best_epoch, waited = record["val_loss"], epoch + 1, 0
+                if patience is not None:
+                    best_params = [v.copy() for _, v, _ in model.parameters()]
+            else:
+                waited += 1
+                if patience is not None and waited >= patience:
+                    history.stopped_early = True
+                    break
+    if history.stopped_early and best_params is not None:
+        for (_, value, _), best in zip(model.parameters(), best_params):
+            value[...] = best
+    return history
