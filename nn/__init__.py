@@ -21,10 +21,11 @@ from nn.model import Sequential
 from nn.optim import (Adam, Constant, CosineLR, Optimizer, RMSprop, SGD, StepLR, clip_grad_norm,
                       make as make_optimizer, max_norm_)
 from nn.train import History, NonFiniteLossError, evaluate, fit, split_validation
+from nn import presets
 
 __all__ = [
     "ACTIVATIONS", "Adam", "Constant", "CosineLR", "Dense", "Dropout", "History", "Layer", "ModelFormatError",
     "NonFiniteLossError", "Optimizer", "RMSprop", "ReLU", "SGD", "Sequential", "Sigmoid", "SoftmaxCrossEntropy",
     "StepLR", "Tanh", "clip_grad_norm", "describe", "evaluate", "fit", "load", "load_arrays", "make_optimizer",
-    "max_norm_", "random_shift", "save", "softmax", "softmax_cross_entropy", "split_validation",
+    "max_norm_", "presets", "random_shift", "save", "softmax", "softmax_cross_entropy", "split_validation",
 ]
