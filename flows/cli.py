@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import json
 import sys
 from typing import List, Optional
 
@@ -13,15 +14,16 @@ import flows  # noqa: F401  (sets telemetry-off defaults before Prefect is impor
 from storage import DigitflowError
 from storage.config import resolve_home
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="digitflow: the MNIST retraining pipeline (Prefect 3 + a pure-NumPy network).")
 
-HOME = typer.Option(None, "--home", help="Root directory for all state [env DIGITFLOW_HOME; default ~/.digitflow].")
-MIRRORS = typer.Option(None, "--mirror", help="Mirror base URL (http://, https://, file://); repeat to try several in order [env DIGITFLOW_MIRRORS].")
+HOME = typer.Option(None, "--home", help="Root directory for all state (env DIGITFLOW_HOME; default ~/.digitflow).")
+MIRRORS = typer.Option(None, "--mirror", help="Mirror base URL (http://, https://, file://); repeat to try several in order (env DIGITFLOW_MIRRORS).")
 ROWS = typer.Option(10_000, "--rows-per-shard", min=1, help="Rows per Parquet shard.")
 TIMEOUT = typer.Option(30.0, "--timeout", min=0.1, help="Seconds before a silent mirror counts as failed.")
 RETRIES = typer.Option(3, "--retries", min=0, help="Retries of a download after transient failures (backoff 2 s, 4 s, 8 s, ...).")
-
+PRESET = typer.Option("default", "--preset", help="Hyperparameter preset: default, best or fast.")
+MODEL_NAME = typer.Option("mnist-mlp", "--model-name", help="Registry name of the model.")
 
 _final_words: list[str] = []
 
@@ -47,10 +49,10 @@ def one_line_errors():
 
 
 @contextlib.contextmanager
-def download_progress():
-    """Progress bars for the downloads, drawn on stderr when it is a terminal."""
+def progress_display():
+    """Progress bars for downloads (bytes) and training (epochs), on stderr when it is a terminal."""
     from rich.console import Console
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from tasks import progress as hook
 
@@ -59,11 +61,11 @@ def download_progress():
         yield
         return
     bars: dict[str, int] = {}
-    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=True) as view:
         def update(name, done, total):
             if name not in bars:
-                bars[name] = view.add_task(name, total=total)
+                bars[name] = view.add_task(name if name != "train" else "training (epochs)", total=total)
             view.update(bars[name], completed=done)
 
         hook.set_hook(update)
@@ -73,31 +75,173 @@ def download_progress():
             hook.set_hook(None)
 
 
-def _ingest(home, mirrors, rows_per_shard, timeout, retries) -> dict:
-    from flows.ingest import ingest as ingest_flow
+def hyperparameter_overrides(hidden, activation, optimizer, lr, momentum, batch_size, epochs, l2, dropout,
+                             max_norm, shift, seed, val_fraction, patience) -> dict:
+    overrides = dict(activation=activation, optimizer=optimizer, lr=lr, momentum=momentum, batch_size=batch_size,
+                     epochs=epochs, l2=l2, dropout=dropout, max_norm=max_norm, shift=shift, seed=seed,
+                     val_fraction=val_fraction, patience=patience)
+    if hidden is not None:
+        try:
+            overrides["hidden"] = [int(h) for h in hidden.split(",")]
+        except ValueError:
+            fail(f"--hidden must be comma-separated integers like 512,256, got {hidden!r}")
+    return {k: v for k, v in overrides.items() if v is not None}
 
-    with one_line_errors():
-        home = resolve_home(home)  # fail fast on an unwritable home, before Prefect starts
-        with download_progress():
-            return ingest_flow(home=str(home), mirrors=mirrors or None, rows_per_shard=rows_per_shard,
-                               timeout=timeout, retries=retries)
+
+def hp_options(f):
+    """Add the hyperparameter flags (each overrides the preset) to a command."""
+    import functools
+    import inspect
+
+    extra = [
+        ("hidden", Optional[str], "--hidden", "Hidden layer sizes, comma-separated, e.g. 512,256."),
+        ("activation", Optional[str], "--activation", "relu, tanh or sigmoid."),
+        ("optimizer", Optional[str], "--optimizer", "sgd, momentum, nesterov, rmsprop or adam."),
+        ("lr", Optional[float], "--lr", "Learning rate."),
+        ("momentum", Optional[float], "--momentum", "Momentum (momentum and nesterov)."),
+        ("batch_size", Optional[int], "--batch-size", "Mini-batch size."),
+        ("epochs", Optional[int], "--epochs", "Epochs."),
+        ("l2", Optional[float], "--l2", "L2 weight decay λ."),
+        ("dropout", Optional[float], "--dropout", "Dropout probability after each hidden layer."),
+        ("max_norm", Optional[float], "--max-norm", "Max-norm bound of each unit's incoming weights."),
+        ("shift", Optional[int], "--shift", "Random translations of up to ±N pixels."),
+        ("seed", Optional[int], "--seed", "Random seed (initialization, shuffles, validation split)."),
+        ("val_fraction", Optional[float], "--val-fraction", "Fraction of train held out for validation."),
+        ("patience", Optional[int], "--patience", "Early stopping patience in epochs."),
+    ]
+    sig = inspect.signature(f)
+    params = [p for p in sig.parameters.values() if p.name != "hp"]
+    params += [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=ann,
+                                 default=typer.Option(None, flag, help=help_))
+               for name, ann, flag, help_ in extra]
+
+    @functools.wraps(f)
+    def wrapper(**kwargs):
+        hp = hyperparameter_overrides(*(kwargs.pop(name) for name, *_ in extra))
+        return f(hp=hp, **kwargs)
+
+    wrapper.__signature__ = sig.replace(parameters=params)
+    return wrapper
+
+
+def _start(home):
+    """Resolve the home (fails fast, before Prefect starts)."""
+    return str(resolve_home(home))
 
 
 @app.command()
 def ingest(home: Optional[str] = HOME, mirror: Optional[List[str]] = MIRRORS,
            rows_per_shard: int = ROWS, timeout: float = TIMEOUT, retries: int = RETRIES) -> None:
     """Download, verify and shard MNIST into <home>/data/mnist/{train,test}."""
-    refs = _ingest(home, mirror, rows_per_shard, timeout, retries)
+    from flows.ingest import ingest as ingest_flow
+
+    with one_line_errors():
+        home = _start(home)
+        with progress_display():
+            refs = ingest_flow(home=home, mirrors=mirror or None, rows_per_shard=rows_per_shard, timeout=timeout,
+                               retries=retries)
     for split, ref in refs.items():
         typer.echo(f"{split}: {ref['rows']} rows in {ref['shards']} shards, manifest {ref['manifest']} "
                    f"(sha256 {ref['sha256'][:16]}…)")
 
 
 @app.command()
-def run(home: Optional[str] = HOME, mirror: Optional[List[str]] = MIRRORS,
-        rows_per_shard: int = ROWS, timeout: float = TIMEOUT, retries: int = RETRIES) -> None:
-    """Run the whole pipeline."""
-    ingest(home=home, mirror=mirror, rows_per_shard=rows_per_shard, timeout=timeout, retries=retries)
+@hp_options
+def run(home: Optional[str] = HOME, mirror: Optional[List[str]] = MIRRORS, preset: str = PRESET,
+        model_name: str = MODEL_NAME,
+        tolerance: float = typer.Option(0.0, "--tolerance", min=0.0, help="Promote if accuracy ≥ champion's minus this."),
+        floor: float = typer.Option(0.97, "--floor", min=0.0, max=1.0, help="Never promote below this test accuracy."),
+        require_promotion: bool = typer.Option(False, "--require-promotion", help="Exit 1 unless the new version is champion."),
+        json_out: bool = typer.Option(False, "--json", help="Print the run summary as JSON."),
+        rows_per_shard: int = ROWS, timeout: float = TIMEOUT, retries: int = RETRIES, hp: dict = None) -> None:
+    """Run the whole pipeline: ingest → train → evaluate → publish → promotion gate."""
+    from flows.pipeline import hyperparameters, retrain
+
+    with one_line_errors():
+        hyperparameters(preset, hp)  # invalid values fail before any work
+        home = _start(home)
+        from prefect import tags
+
+        with progress_display(), tags("digitflow", f"preset:{preset}", f"model:{model_name}"):
+            summary = retrain(home=home, mirrors=mirror or None, preset=preset, overrides=hp, model_name=model_name,
+                              tolerance=tolerance, floor=floor, rows_per_shard=rows_per_shard, timeout=timeout,
+                              retries=retries)
+    if json_out:
+        typer.echo(json.dumps(summary))
+    else:
+        what = "published" if summary["created"] else "unchanged, already"
+        typer.echo(f"{summary['name']} v{summary['version']} ({what}) test accuracy {summary['test_accuracy']:.4f}: "
+                   f"{summary['status']} — {summary['reason']}")
+        typer.echo(f"  {summary['path']}")
+    if require_promotion and summary["champion"] != summary["version"]:
+        fail(f"v{summary['version']} was not promoted: {summary['reason']}")
+
+
+@app.command()
+@hp_options
+def train(home: Optional[str] = HOME, preset: str = PRESET, hp: dict = None) -> None:
+    """Train on the ingested shards (run `digitflow ingest` first); print where the model is."""
+    from prefect import flow
+
+    from flows.pipeline import hyperparameters
+    from storage.shards import split_dir
+    from tasks.ingest import manifest_ref
+    from tasks.model import train as train_task
+    from tasks.model import training_is_intact
+
+    with one_line_errors():
+        params = hyperparameters(preset, hp).to_dict()
+        home = _start(home)
+        manifest = split_dir(home, "train") / "manifest.json"
+        if not manifest.is_file():
+            raise DigitflowError(f"{manifest}: no training data yet; run `digitflow ingest` first")
+
+        @flow(name="mnist-train", flow_run_name=f"train-{preset}")
+        def train_flow() -> dict:
+            ref = manifest_ref(str(split_dir(home, "train")))
+            return train_task.with_options(refresh_cache=not training_is_intact(home, ref, params))(ref, params, home)
+
+        with progress_display():
+            result = train_flow()
+    last = result["history"][-1]
+    typer.echo(f"trained {result['dir']} (weights {result['weights_sha256'][:16]}…): "
+               f"val accuracy {last.get('val_accuracy', float('nan')):.4f} after {len(result['history'])} epochs")
+
+
+@app.command()
+def evaluate(model: str = typer.Option("champion", "--model", help="VERSION or alias (latest, champion)."),
+             home: Optional[str] = HOME, model_name: str = MODEL_NAME,
+             json_out: bool = typer.Option(False, "--json", help="Print the metrics as JSON.")) -> None:
+    """Evaluate a published version on the test split."""
+    from prefect import flow
+
+    from storage.registry import Registry
+    from storage.shards import split_dir
+    from tasks.ingest import manifest_ref
+    from tasks.model import evaluate as evaluate_task
+
+    with one_line_errors():
+        home = _start(home)
+        registry = Registry(home, model_name)
+        version = registry.resolve(model)
+        manifest = split_dir(home, "test") / "manifest.json"
+        if not manifest.is_file():
+            raise DigitflowError(f"{manifest}: no test data yet; run `digitflow ingest` first")
+        digest = registry.metadata(version)["weights_sha256"]
+
+        @flow(name="mnist-evaluate", flow_run_name=f"evaluate-v{version}")
+        def evaluate_flow() -> dict:
+            ref = manifest_ref(str(split_dir(home, "test")))
+            return evaluate_task({"dir": str(registry.path(version)), "weights_sha256": digest}, ref)
+
+        metrics = evaluate_flow()
+    if json_out:
+        typer.echo(json.dumps({"version": version, **metrics}))
+        return
+    typer.echo(f"{model_name} v{version}: test accuracy {metrics['test_accuracy']:.4f}, loss {metrics['test_loss']:.4f}, "
+               f"macro F1 {metrics['macro_f1']:.4f}, {metrics['inference_images_per_second']:,.0f} images/s")
+    for c in metrics["per_class"]:
+        typer.echo(f"  {c['class']}: precision {c['precision']:.4f} recall {c['recall']:.4f} f1 {c['f1']:.4f}")
 
 
 def main() -> None:

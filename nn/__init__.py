@@ -14,7 +14,7 @@ io.py (saving without pickle). No Prefect, no autograd: NumPy only.
 """
 
 from nn.augment import random_shift
-from nn.io import ModelFormatError, describe, load, load_arrays, save
+from nn.io import ModelFormatError, describe, digest, load, load_arrays, save
 from nn.layers import ACTIVATIONS, Dense, Dropout, Layer, ReLU, Sigmoid, Tanh
 from nn.losses import SoftmaxCrossEntropy, softmax, softmax_cross_entropy
 from nn.model import Sequential
@@ -26,6 +26,6 @@ from nn import presets
 __all__ = [
     "ACTIVATIONS", "Adam", "Constant", "CosineLR", "Dense", "Dropout", "History", "Layer", "ModelFormatError",
     "NonFiniteLossError", "Optimizer", "RMSprop", "ReLU", "SGD", "Sequential", "Sigmoid", "SoftmaxCrossEntropy",
-    "StepLR", "Tanh", "clip_grad_norm", "describe", "evaluate", "fit", "load", "load_arrays", "make_optimizer",
+    "StepLR", "Tanh", "clip_grad_norm", "describe", "digest", "evaluate", "fit", "load", "load_arrays", "make_optimizer",
     "max_norm_", "presets", "random_shift", "save", "softmax", "softmax_cross_entropy", "split_validation",
 ]

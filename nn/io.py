@@ -47,6 +47,22 @@ def describe(model: Sequential) -> dict:
             "layers": layers, "preprocessing": dict(model.preprocessing), "dtype": str(model.dtype)}
 
 
+def digest(model: Sequential) -> str:
+    """SHA-256 of what a saved model is: its model.json content and every array's bytes.
+
+    Identical weights give identical digests, whatever the .npz container's timestamps.
+    """
+    import hashlib
+
+    h = hashlib.sha256(json.dumps(describe(model), sort_keys=True).encode())
+    for i, layer in enumerate(model.dense_layers):
+        for key in ("W", "b"):
+            a = np.ascontiguousarray(layer.params[key])
+            h.update(f"{key}{i}:{a.dtype.str}:{a.shape}".encode())
+            h.update(a.tobytes())
+    return h.hexdigest()
+
+
 def save(model: Sequential, directory: str | os.PathLike) -> dict:
     """Write model.npz and model.json into ``directory`` (each via temp file + os.replace)."""
     directory = Path(directory)

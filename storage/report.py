@@ -1,0 +1,94 @@
+"""The human-readable side of a model version: report.md and its PNG figures. No Prefect.
+
+Figures are drawn with matplotlib's Agg backend (no display needed).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def plot_learning_curves(history: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.6), dpi=100)
+    ax_loss.plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
+    if history and "val_loss" in history[0]:
+        ax_loss.plot(epochs, [h["val_loss"] for h in history], "o-", label="validation")
+    ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="Loss")
+    ax_loss.legend()
+    ax_acc.plot(epochs, [h["train_accuracy"] for h in history], "o-", label="train")
+    if history and "val_accuracy" in history[0]:
+        ax_acc.plot(epochs, [h["val_accuracy"] for h in history], "o-", label="validation")
+    ax_acc.set(xlabel="epoch", ylabel="accuracy", title="Accuracy")
+    ax_acc.legend()
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_confusion_matrix(cm: list[list[int]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    cm = np.asarray(cm)
+    fig, ax = plt.subplots(figsize=(6, 5.2), dpi=100)
+    shown = np.log1p(cm)
+    im = ax.imshow(shown, cmap="Blues")
+    for i in range(cm.shape[0]):
+        for j in range(cm.shape[1]):
+            ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=7,
+                    color="white" if shown[i, j] > shown.max() * 0.6 else "black")
+    ax.set(xticks=range(cm.shape[1]), yticks=range(cm.shape[0]), xlabel="predicted", ylabel="true",
+           title="Confusion matrix (test)")
+    fig.colorbar(im, ax=ax, label="log(1 + count)")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def render_markdown(*, name: str, version: int, metrics: dict, hyperparameters: dict, lineage: dict,
+                    champion: dict | None) -> str:
+    """report.md: what was trained on what, how it did, and how it compares with the champion."""
+    acc = metrics["test_accuracy"]
+    lines = [f"# {name} v{version}", "",
+             f"Test accuracy **{acc:.4f}**, test loss {metrics['test_loss']:.4f}, "
+             f"macro F1 {metrics['macro_f1']:.4f}, inference {metrics['inference_images_per_second']:,.0f} images/s.", ""]
+    lines += ["## Compared with the champion", ""]
+    if champion is None:
+        lines.append("There was no champion when this version was published.")
+    else:
+        delta = acc - champion["test_accuracy"]
+        lines += ["| | this version | champion v%d | change |" % champion["version"], "|---|---|---|---|",
+                  f"| test accuracy | {acc:.4f} | {champion['test_accuracy']:.4f} | {delta:+.4f} |",
+                  f"| test loss | {metrics['test_loss']:.4f} | {champion['test_loss']:.4f} | "
+                  f"{metrics['test_loss'] - champion['test_loss']:+.4f} |"]
+    lines += ["", "## Hyperparameters", "", "| name | value |", "|---|---|"]
+    lines += [f"| {k} | `{v}` |" for k, v in hyperparameters.items()]
+    lines += ["", "## Per class (test)", "", "| class | precision | recall | F1 | support |", "|---|---|---|---|---|"]
+    lines += [f"| {c['class']} | {c['precision']:.4f} | {c['recall']:.4f} | {c['f1']:.4f} | {c['support']} |"
+              for c in metrics["per_class"]]
+    lines += ["", "## Learning curves", "", "![learning curves](learning_curves.png)", "",
+              "| epoch | lr | train loss | train acc | val loss | val acc | seconds |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {h['epoch']} | {h['lr']:.4g} | {h['train_loss']:.4f} | {h['train_accuracy']:.4f} | "
+              f"{h.get('val_loss', float('nan')):.4f} | {h.get('val_accuracy', float('nan')):.4f} | {h['seconds']:.2f} |"
+              for h in metrics["history"]]
+    lines += ["", "## Confusion matrix", "", "![confusion matrix](confusion_matrix.png)", "",
+              "| true \\ predicted | " + " | ".join(map(str, range(10))) + " |", "|---" * 11 + "|"]
+    lines += [f"| **{i}** | " + " | ".join(map(str, row)) + " |" for i, row in enumerate(metrics["confusion_matrix"])]
+    lines += ["", "## Most confidently wrong (test)", "", "| test index | label | predicted | probability |",
+              "|---|---|---|---|"]
+    lines += [f"| {e['index']} | {e['label']} | {e['predicted']} | {e['probability']:.4f} |"
+              for e in metrics["most_confident_errors"][:10]]
+    lines += ["", "## Lineage", "", "| what | value |", "|---|---|"]
+    lines += [f"| {k} | `{v}` |" for k, v in lineage.items()]
+    return "\n".join(lines) + "\n"

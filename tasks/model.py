@@ -1,0 +1,239 @@
+"""Model tasks: train → evaluate → publish → gate. Thin wrappers over nn/ and storage/."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import re
+import shutil
+import subprocess
+import time
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+
+import numpy as np
+from prefect import get_run_logger, task
+from prefect.artifacts import (create_link_artifact, create_markdown_artifact, create_progress_artifact,
+                               create_table_artifact, update_progress_artifact)
+
+import nn
+from nn.metrics import classification_report
+from storage import DigitflowError
+from storage import report as report_files
+from storage.atomic import make_staging_dir, sha256_file, write_json
+from storage.registry import Registry, gate as gate_rule, now
+from storage.shards import read_split
+from tasks import progress
+from tasks.common import CACHED, code_version, content_key
+
+
+class TrainingDiverged(DigitflowError):
+    pass
+
+
+def artifact_key(model_name: str, what: str) -> str:
+    """Artifact keys allow lowercase letters, digits and dashes only."""
+    return re.sub(r"[^a-z0-9-]+", "-", f"{model_name}-{what}".lower()).strip("-")
+
+
+def load_split(ref: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Read a split's shards, after checking its manifest is the one the reference names."""
+    digest = sha256_file(ref["manifest"])
+    if digest != ref["sha256"]:
+        raise DigitflowError(f"{ref['manifest']}: SHA-256 {digest[:16]}… is not the {ref['sha256'][:16]}… "
+                             "this run ingested (rerun `digitflow ingest`)")
+    x, y, _ = read_split(ref["dir"])
+    return x, y
+
+
+def training_id(train_ref: dict, hyperparameters: dict) -> str:
+    """What identifies a training run: data, hyperparameters (with seed) and the nn/ source."""
+    material = json.dumps([train_ref["sha256"], hyperparameters, code_version("nn")], sort_keys=True)
+    return hashlib.sha256(material.encode()).hexdigest()[:20]
+
+
+def training_dir(home: str, train_ref: dict, hyperparameters: dict) -> Path:
+    return Path(home) / "trained" / training_id(train_ref, hyperparameters)
+
+
+@task(
+    task_run_name="train {hyperparameters[hidden]} × {hyperparameters[epochs]} epochs",
+    cache_key_fn=content_key(lambda p: (training_id(p["train"], p["hyperparameters"]), p["home"]), code=("nn",)),
+    **CACHED,
+)
+def train(train: dict, hyperparameters: dict, home: str, progress_key: str = "mnist-mlp-training") -> dict:
+    """Train on the train split's shards; save model.npz/model.json; return a reference."""
+    log = get_run_logger()
+    hp = nn.presets.Hyperparameters(**{**hyperparameters, "hidden": tuple(hyperparameters["hidden"])}).validate()
+    x, y = load_split(train)
+    log.info("training %s on %d images (%d held out for validation), seed %d", hp.hidden, len(y),
+             round(len(y) * hp.val_fraction), hp.seed)
+    artifact = create_progress_artifact(0.0, key=progress_key, description=f"Training {list(hp.hidden)}, "
+                                        f"{hp.epochs} epochs, preset data {train['sha256'][:12]}")
+
+    def on_epoch(r: dict) -> None:
+        log.info("epoch %d/%d: lr %.4g, train loss %.4f acc %.4f, val loss %.4f acc %.4f (%.1f s)",
+                 r["epoch"], hp.epochs, r["lr"], r["train_loss"], r["train_accuracy"],
+                 r.get("val_loss", float("nan")), r.get("val_accuracy", float("nan")), r["seconds"])
+        update_progress_artifact(artifact, 100.0 * r["epoch"] / hp.epochs)
+        progress.report("train", r["epoch"], hp.epochs)
+
+    t0 = time.perf_counter()
+    try:
+        with np.errstate(over="ignore", invalid="ignore"):
+            model, history = nn.presets.train(hp, x, y, on_epoch=on_epoch)
+    except nn.NonFiniteLossError as e:
+        raise TrainingDiverged(f"{e}; nothing was published") from None
+    seconds = time.perf_counter() - t0
+    update_progress_artifact(artifact, 100.0)
+    out = training_dir(home, train, hyperparameters)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = make_staging_dir(out)
+    try:
+        nn.save(model, staging)
+        write_json(staging / "training.json", {"history": history.epochs, "hyperparameters": hp.to_dict(),
+                                               "train_manifest_sha256": train["sha256"]})
+        shutil.rmtree(out, ignore_errors=True)  # an incomplete earlier attempt
+        staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    digest = nn.digest(model)
+    log.info("trained in %.1f s; weights %s…", seconds, digest[:16])
+    return {"dir": str(out), "weights_sha256": digest, "history": history.epochs, "best_epoch": history.best_epoch,
+            "stopped_early": history.stopped_early, "train_seconds": round(seconds, 2),
+            "hyperparameters": hp.to_dict(), "train_manifest_sha256": train["sha256"]}
+
+
+def training_is_intact(home: str, train_ref: dict, hyperparameters: dict) -> bool:
+    d = training_dir(home, train_ref, hyperparameters)
+    return (d / "model.npz").is_file() and (d / "model.json").is_file()
+
+
+def measure(model_dir: str, test: dict) -> dict:
+    """Evaluate a saved model on the test split (pure; used by the task and the CLI)."""
+    model = nn.load(model_dir)
+    x, y = load_split(test)
+    model.predict_proba(x[:1000])  # warm up buffers
+    t0 = time.perf_counter()
+    proba = model.predict_proba(x)
+    seconds = time.perf_counter() - t0
+    report = classification_report(y, proba)
+    return {"test_accuracy": report["accuracy"], "test_loss": report["loss"], "macro_f1": report["macro_f1"],
+            "per_class": report["per_class"], "confusion_matrix": report["confusion_matrix"],
+            "most_confident_errors": report["most_confident_errors"], "test_images": int(len(y)),
+            "inference_images_per_second": round(len(y) / seconds, 1),
+            "test_manifest_sha256": test["sha256"]}
+
+
+@task(
+    task_run_name="evaluate {model[weights_sha256]:.12}",
+    cache_key_fn=content_key(lambda p: (p["model"]["weights_sha256"], p["test"]["sha256"]), code=("nn",)),
+    **CACHED,
+)
+def evaluate(model: dict, test: dict) -> dict:
+    """Accuracy, loss, per-class metrics, confusion matrix, worst errors, throughput."""
+    metrics = measure(model["dir"], test)
+    get_run_logger().info("test accuracy %.4f, loss %.4f, %.0f images/s", metrics["test_accuracy"],
+                          metrics["test_loss"], metrics["inference_images_per_second"])
+    return metrics
+
+
+def lineage(train_ref: dict, test_ref: dict, hp: dict) -> dict:
+    from prefect.runtime import flow_run
+
+    return {
+        "train_manifest_sha256": train_ref["sha256"], "test_manifest_sha256": test_ref["sha256"],
+        "git_commit": git_commit(), "package_version": package_version(), "nn_source_sha256": code_version("nn"),
+        "python": platform.python_version(), "numpy": np.__version__, "seed": hp["seed"],
+        "prefect_flow_run_id": str(flow_run.id) if flow_run.id else None,
+    }
+
+
+def git_commit() -> str | None:
+    root = Path(__file__).resolve().parents[1]
+    try:
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def package_version() -> str | None:
+    try:
+        return importlib_metadata.version("digitflow")
+    except importlib_metadata.PackageNotFoundError:
+        return None
+
+
+@task(task_run_name="publish {model[weights_sha256]:.12}")
+def publish(model: dict, metrics: dict, train: dict, test: dict, home: str, model_name: str = "mnist-mlp") -> dict:
+    """Publish a new immutable version (or find the one with these exact weights)."""
+    log = get_run_logger()
+    registry = Registry(home, model_name)
+
+    def build(folder: Path, version: int) -> dict:
+        champion_version = registry.aliases().get("champion")
+        champion = None
+        if champion_version is not None:
+            champion = {"version": champion_version, **registry.metrics(champion_version)}
+        for name in ("model.npz", "model.json"):
+            shutil.copyfile(Path(model["dir"]) / name, folder / name)
+        full = {**metrics, "history": model["history"], "best_epoch": model["best_epoch"],
+                "train_seconds": model["train_seconds"]}
+        write_json(folder / "metrics.json", full)
+        info = {**lineage(train, test, model["hyperparameters"]), "created": now()}
+        write_json(folder / "lineage.json", info)
+        report_files.plot_learning_curves(model["history"], folder / "learning_curves.png")
+        report_files.plot_confusion_matrix(metrics["confusion_matrix"], folder / "confusion_matrix.png")
+        (folder / "report.md").write_text(report_files.render_markdown(
+            name=model_name, version=version, metrics=full, hyperparameters=model["hyperparameters"],
+            lineage=info, champion=champion))
+        return {"created": info["created"], "test_accuracy": metrics["test_accuracy"],
+                "hyperparameters": model["hyperparameters"], "lineage": info}
+
+    version, created = registry.publish(model["weights_sha256"], build)
+    path = registry.path(version)
+    if created:
+        log.info("published %s v%d at %s", model_name, version, path)
+    else:
+        log.info("these weights are already %s v%d: nothing new published", model_name, version)
+    report = (path / "report.md").read_text()
+    create_markdown_artifact(report, key=artifact_key(model_name, "report"),
+                             description=f"{model_name} v{version} report")
+    create_table_artifact(metrics_table(metrics), key=artifact_key(model_name, "metrics"),
+                          description=f"{model_name} v{version}: test metrics per class")
+    create_link_artifact(path.as_uri(), link_text=f"{model_name} v{version}", key=artifact_key(model_name, "version"),
+                         description=f"Folder of {model_name} v{version}")
+    return {"name": model_name, "version": version, "created": created, "path": str(path),
+            "test_accuracy": metrics["test_accuracy"]}
+
+
+def metrics_table(metrics: dict) -> list[dict]:
+    rows = [{"class": str(c["class"]), "precision": round(c["precision"], 4), "recall": round(c["recall"], 4),
+             "f1": round(c["f1"], 4), "support": c["support"]} for c in metrics["per_class"]]
+    rows.append({"class": "all", "precision": None, "recall": round(metrics["test_accuracy"], 4),
+                 "f1": round(metrics["macro_f1"], 4), "support": metrics["test_images"]})
+    return rows
+
+
+@task(task_run_name="gate v{published[version]}")
+def gate(published: dict, home: str, tolerance: float = 0.0, floor: float = 0.97) -> dict:
+    """Promote the version to champion if it is at least as good; else mark it rejected."""
+    log = get_run_logger()
+    registry = Registry(home, published["name"])
+    version = published["version"]
+    decision = registry.decision(version)
+    if decision is not None:
+        log.info("v%d was already decided: %s (%s)", version, decision["status"], decision["reason"])
+        return {**decision, "champion": registry.aliases().get("champion")}
+    champion = registry.aliases().get("champion")
+    champion_acc = registry.metrics(champion)["test_accuracy"] if champion is not None else None
+    promote, reason = gate_rule(published["test_accuracy"], champion_acc, tolerance=tolerance, floor=floor)
+    decision = registry.record_decision(version, promoted=promote, reason=reason,
+                                        accuracy=published["test_accuracy"], champion_before=champion)
+    (log.info if promote else log.warning)("v%d %s: %s", version, "promoted to champion" if promote else "rejected",
+                                           reason)
+    return {**decision, "champion": registry.aliases().get("champion")}
+
