@@ -1,0 +1,214 @@
+"""The whole retraining pipeline on the real MNIST through the local mirror."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from flows.pipeline import retrain
+from storage import DigitflowError
+from storage.registry import Registry
+from tasks.model import TrainingDiverged
+from tests.prefect_helpers import flow_run_id, state_names
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+REPO = Path(__file__).resolve().parents[1]
+FAST = {"hidden": [128], "epochs": 2}
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory, mnist_server, prefect_harness):
+    """One home with a fast model published as v1 (shared by the tests below, in order)."""
+    home = tmp_path_factory.mktemp("pipeline-home")
+    state = retrain(home=str(home), mirrors=[mnist_server], preset="fast", return_state=True)
+    assert state.is_completed()
+    return home, state.result()
+
+
+@pytest.fixture
+def home(first_run):
+    return first_run[0]
+
+
+def test_first_run_publishes_v1(home, first_run):
+    summary = first_run[1]
+    assert summary["version"] == 1 and summary["created"] and summary["status"] == "promoted"
+    assert summary["test_accuracy"] >= 0.95
+    v1 = home / "models" / "mnist-mlp" / "v1"
+    assert sorted(p.name for p in v1.iterdir()) == [
+        "confusion_matrix.png", "learning_curves.png", "lineage.json", "metadata.json", "metrics.json",
+        "model.json", "model.npz", "report.md"]
+    metrics = json.loads((v1 / "metrics.json").read_text())
+    assert metrics["test_accuracy"] == summary["test_accuracy"]
+    assert len(metrics["confusion_matrix"]) == 10 and all(len(r) == 10 for r in metrics["confusion_matrix"])
+    assert sum(map(sum, metrics["confusion_matrix"])) == 10000
+    assert [c["support"] for c in metrics["per_class"]] == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+    assert len(metrics["history"]) == 2 and {"train_loss", "val_accuracy"} <= set(metrics["history"][0])
+    assert metrics["most_confident_errors"][0]["probability"] >= metrics["most_confident_errors"][-1]["probability"]
+    lineage = json.loads((v1 / "lineage.json").read_text())
+    manifest = home / "data" / "mnist" / "train" / "manifest.json"
+    import hashlib
+    assert lineage["train_manifest_sha256"] == hashlib.sha256(manifest.read_bytes()).hexdigest()
+    assert lineage["seed"] == 0 and lineage["numpy"] == np.__version__ and lineage["prefect_flow_run_id"]
+    report = (v1 / "report.md").read_text()
+    assert "# mnist-mlp v1" in report and "no champion" in report and "| 9 |" in report
+    assert (v1 / "learning_curves.png").read_bytes()[:4] == b"\x89PNG"
+    spec = json.loads((v1 / "model.json").read_text())
+    assert spec["layers"] == [{"units": 128, "activation": "relu"}, {"units": 10, "activation": "softmax"}]
+
+
+def test_numpy_alone_reproduces_test_accuracy(home):
+    """Load the version folder with NumPy only (isolated interpreter, no project import)."""
+    script = textwrap.dedent("""
+        import json, sys
+        import numpy as np
+        folder, raw = sys.argv[1], sys.argv[2]
+        assert not any(m in sys.modules for m in ("nn", "storage", "prefect"))
+        spec = json.load(open(folder + "/model.json"))
+        w = np.load(folder + "/model.npz", allow_pickle=False)
+        x = np.fromfile(raw + "/t10k-images-idx3-ubyte", np.uint8, offset=16).reshape(-1, 784) / 255.0
+        y = np.fromfile(raw + "/t10k-labels-idx1-ubyte", np.uint8, offset=8)
+        a = (x - spec["preprocessing"]["mean"]) / spec["preprocessing"]["std"]
+        for i, layer in enumerate(spec["layers"]):
+            a = a @ w[f"W{i}"] + w[f"b{i}"]
+            if layer["activation"] == "relu":
+                a = np.maximum(a, 0)
+        print(json.dumps({"accuracy": float((a.argmax(1) == y).mean())}))
+    """)
+    out = subprocess.run([sys.executable, "-I", "-c", script, str(home / "models/mnist-mlp/v1"),
+                          str(home / "raw/mnist")], capture_output=True, text=True, cwd="/", timeout=120)
+    assert out.returncode == 0, out.stderr
+    metrics = json.loads((home / "models/mnist-mlp/v1/metrics.json").read_text())
+    assert json.loads(out.stdout)["accuracy"] == pytest.approx(metrics["test_accuracy"], abs=1e-4)
+
+
+def test_rerun_is_cached_and_creates_nothing(home, mnist_server):
+    t = time.perf_counter()
+    state = retrain(home=str(home), mirrors=[mnist_server], preset="fast", return_state=True)
+    seconds = time.perf_counter() - t
+    summary = state.result()
+    assert summary["version"] == 1 and not summary["created"]
+    states = state_names(flow_run_id(state))
+    assert {n: s for n, s in states.items() if n.startswith(("train", "evaluate"))} == {
+        "train [128] × 2 epochs": "Cached", "evaluate " + Registry(home).metadata(1)["weights_sha256"][:12]: "Cached"}
+    assert Registry(home).versions() == [1]
+    assert seconds < 30
+
+
+def test_second_model_goes_through_the_gate(home, mnist_server):
+    summary = retrain(home=str(home), mirrors=[mnist_server], preset="fast", overrides={"seed": 1})
+    reg = Registry(home)
+    assert summary["version"] == 2 and reg.aliases()["latest"] == 2
+    v1_acc = reg.metrics(1)["test_accuracy"]
+    if summary["test_accuracy"] >= v1_acc:
+        assert summary["status"] == "promoted" and reg.aliases()["champion"] == 2
+    else:
+        assert summary["status"] == "rejected" and reg.aliases()["champion"] == 1
+        assert "below the champion's" in summary["reason"]
+    report = (reg.path(2) / "report.md").read_text()
+    assert "champion v1" in report
+
+
+def test_gate_rejects_below_floor_and_keeps_version(home, mnist_server):
+    summary = retrain(home=str(home), mirrors=[mnist_server], preset="fast", overrides={"seed": 2}, floor=0.999)
+    reg = Registry(home)
+    assert summary["status"] == "rejected" and "below the floor 0.9990" in summary["reason"]
+    assert reg.status(summary["version"]) == "rejected"
+    assert reg.aliases()["champion"] != summary["version"]
+    assert reg.path(summary["version"]).is_dir()
+
+
+@pytest.mark.parametrize("preset, overrides, message", [
+    ("default", {"lr": -0.1}, "learning rate must be positive, got -0.1"),
+    ("default", {"hidden": [0]}, "hidden sizes must be positive integers, got [0]"),
+    ("nope", {}, "unknown preset 'nope'"),
+    ("default", {"activation": "swish"}, "unknown activation 'swish'"),
+])
+def test_invalid_hyperparameters_fail_before_any_work(tmp_path, preset, overrides, message):
+    with pytest.raises(DigitflowError) as e:
+        retrain(home=str(tmp_path / "h"), mirrors=["http://127.0.0.1:9/"], preset=preset, overrides=overrides)
+    assert message in str(e.value)
+    assert not (tmp_path / "h").exists()
+
+
+def test_divergence_fails_and_publishes_nothing(home, mnist_server):
+    before = Registry(home).versions()
+    with pytest.raises(TrainingDiverged, match="loss became (nan|inf) at epoch 1"):
+        retrain(home=str(home), mirrors=[mnist_server], preset="fast", overrides={"lr": 1e4, "seed": 3})
+    assert Registry(home).versions() == before
+
+
+def test_corrupt_shard_stops_training(tmp_path, mnist_server):
+    from flows.ingest import ingest
+
+    other = tmp_path / "home"
+    ingest(home=str(other), mirrors=[mnist_server])
+    shard = other / "data/mnist/train/part-00003.parquet"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(DigitflowError, match="part-00003.parquet: SHA-256 .* does not match the manifest"):
+        retrain(home=str(other), mirrors=[mnist_server], preset="fast", overrides={"seed": 4})
+    assert not (other / "models").exists()
+
+
+# ---- the CLI, as a user runs it ----------------------------------------------------
+
+def cli(*args, api_url, **popen):
+    env = {**os.environ, "PREFECT_API_URL": api_url}
+    return subprocess.Popen([sys.executable, "-m", "flows.cli", *args], env=env, cwd=REPO, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **popen)
+
+
+def test_cli_kill_9_during_training_then_rerun(tmp_path, mnist_server, api_url):
+    home = tmp_path / "home"
+    args = ["run", "--mirror", mnist_server, "--home", str(home), "--preset", "fast", "--epochs", "30"]
+    proc = cli(*args, api_url=api_url)
+    for line in proc.stdout:
+        if "epoch 2/30" in line:
+            break
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(30)
+    assert not (home / "models").exists() or Registry(home).versions() == []
+    assert not list((home / "trained").glob("*/model.npz"))  # no half-trained model kept
+    proc = cli(*args[:-2], "--epochs", "2", "--json", api_url=api_url)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    assert out.count("Finished in state Cached") >= 12  # the whole ingest came from cache
+    summary = json.loads(out.strip().splitlines()[-1]) if out.strip().startswith("{") else json.loads(
+        [l for l in out.splitlines() if l.startswith("{")][-1])
+    assert summary["version"] == 1 and summary["created"]
+
+
+def test_cli_require_promotion_and_one_line_errors(home, mnist_server, api_url):
+    proc = cli("run", "--mirror", mnist_server, "--home", str(home), "--preset", "fast", "--seed", "2",
+               "--floor", "0.999", "--require-promotion", api_url=api_url)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 1
+    assert out.strip().splitlines()[-1].startswith("digitflow: error: v") and "was not promoted" in out
+    proc = cli("run", "--home", str(home), "--lr", "-1", api_url=api_url)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 1 and out.strip() == "digitflow: error: learning rate must be positive, got -1.0"
+
+
+def test_cli_evaluate_and_train(home, api_url):
+    proc = cli("evaluate", "--model", "v1", "--home", str(home), "--json", api_url=api_url)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    metrics = json.loads([l for l in out.splitlines() if l.startswith("{")][-1])
+    assert metrics["version"] == 1
+    assert metrics["test_accuracy"] == Registry(home).metrics(1)["test_accuracy"]
+    proc = cli("evaluate", "--model", "v99", "--home", str(home), api_url=api_url)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 1 and "has no version 99" in out.strip().splitlines()[-1]
+    proc = cli("train", "--home", str(home), "--preset", "fast", api_url=api_url)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    assert "Finished in state Cached" in out and "trained " in out  # same data and settings as v1

@@ -1,0 +1,147 @@
+"""The model registry: atomic versions, dedup, aliases, the gate, crashes. No Prefect."""
+
+import json
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from storage.registry import Registry, RegistryError, gate
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def build_with(content: str, accuracy: float = 0.98):
+    def build(folder: Path, version: int) -> dict:
+        (folder / "model.npz").write_text(content)
+        (folder / "metrics.json").write_text(json.dumps({"test_accuracy": accuracy, "test_loss": 0.1}))
+        return {"note": f"built as v{version}"}
+
+    return build
+
+
+def test_versions_count_from_one_and_dedup(tmp_path):
+    reg = Registry(tmp_path)
+    assert reg.versions() == [] and reg.aliases() == {}
+    assert reg.publish("aaa", build_with("a")) == (1, True)
+    assert reg.publish("bbb", build_with("b")) == (2, True)
+    assert reg.publish("aaa", build_with("a again")) == (1, False)  # same weights: same version
+    assert reg.versions() == [1, 2]
+    assert (reg.path(1) / "model.npz").read_text() == "a"
+    meta = reg.metadata(2)
+    assert meta["version"] == 2 and meta["weights_sha256"] == "bbb" and meta["note"] == "built as v2"
+    assert reg.aliases() == {"latest": 2}
+    assert not os.access(reg.path(1) / "model.npz", os.W_OK) or os.geteuid() == 0
+    assert oct((reg.path(1) / "model.npz").stat().st_mode & 0o777) == "0o444"
+
+
+def test_resolve(tmp_path):
+    reg = Registry(tmp_path)
+    reg.publish("aaa", build_with("a"))
+    reg.publish("bbb", build_with("b"))
+    assert [reg.resolve(r) for r in (1, "2", "v1", "latest")] == [1, 2, 1, 2]
+    with pytest.raises(RegistryError, match="no 'champion' version yet"):
+        reg.resolve("champion")
+    with pytest.raises(RegistryError, match=r"has no version 7 \(has \[1, 2\]\)"):
+        reg.resolve("v7")
+    with pytest.raises(RegistryError, match="'best' is neither a version number nor one of latest, champion"):
+        reg.resolve("best")
+    with pytest.raises(RegistryError, match="invalid model name"):
+        Registry(tmp_path, "../escape")
+
+
+def test_failed_build_leaves_nothing(tmp_path):
+    reg = Registry(tmp_path)
+
+    def broken(folder, version):
+        (folder / "model.npz").write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        reg.publish("aaa", broken)
+    assert reg.versions() == [] and sorted(p.name for p in reg.root.iterdir()) == [".lock"]
+    assert reg.publish("aaa", build_with("a")) == (1, True)
+
+
+def _publish_in_process(home, digest, start_at, queue):
+    while time.time() < start_at:
+        pass
+    queue.put(Registry(home).publish(digest, build_with(digest)))
+
+
+def test_concurrent_publishers_get_distinct_versions(tmp_path):
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    start_at = time.time() + 2.0
+    procs = [ctx.Process(target=_publish_in_process, args=(str(tmp_path), f"digest-{i}", start_at, queue))
+             for i in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    results = sorted(queue.get(timeout=5) for _ in procs)
+    assert [v for v, _ in results] == [1, 2, 3, 4] and all(created for _, created in results)
+    reg = Registry(tmp_path)
+    contents = {(reg.path(v) / "model.npz").read_text() for v in reg.versions()}
+    assert contents == {f"digest-{i}" for i in range(4)}  # nobody overwrote anybody
+    assert {reg.metadata(v)["weights_sha256"] for v in reg.versions()} == contents
+
+
+def test_kill_9_while_publishing_leaves_registry_intact(tmp_path):
+    reg = Registry(tmp_path)
+    reg.publish("aaa", build_with("a"))
+    script = textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {str(REPO)!r})
+        from storage.registry import Registry
+        def slow(folder, version):
+            (folder / "model.npz").write_text("partial")
+            print("building", flush=True)
+            time.sleep(60)
+        Registry({str(tmp_path)!r}).publish("bbb", slow)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "building"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(10)
+    assert reg.versions() == [1] and reg.aliases() == {"latest": 1}  # no partial version visible
+    assert reg.publish("bbb", build_with("b")) == (2, True)  # the lock died with the process
+    assert [p.name for p in reg.root.iterdir() if "staging" in p.name] == []  # leftovers cleared
+
+
+@pytest.mark.parametrize("candidate, champion, tolerance, floor, promote, reason", [
+    (0.981, None, 0.0, 0.97, True, "there was no champion"),
+    (0.969, None, 0.0, 0.97, False, "below the floor 0.9700"),
+    (0.981, 0.980, 0.0, 0.97, True, "≥ champion's 0.9800"),
+    (0.980, 0.980, 0.0, 0.97, True, "≥ champion's 0.9800"),
+    (0.979, 0.980, 0.0, 0.97, False, "below the champion's 0.9800"),
+    (0.979, 0.980, 0.002, 0.97, True, "minus tolerance 0.0020"),
+    (0.975, 0.980, 0.002, 0.97, False, "below the champion's 0.9800 minus tolerance 0.0020"),
+    (0.960, 0.950, 0.0, 0.97, False, "below the floor"),
+])
+def test_gate_rule(candidate, champion, tolerance, floor, promote, reason):
+    ok, why = gate(candidate, champion, tolerance=tolerance, floor=floor)
+    assert ok is promote and reason in why
+
+
+def test_decisions_move_champion_and_record_overrides(tmp_path):
+    reg = Registry(tmp_path)
+    reg.publish("aaa", build_with("a", 0.98))
+    reg.publish("bbb", build_with("b", 0.97))
+    reg.record_decision(1, promoted=True, reason="first", accuracy=0.98)
+    reg.record_decision(2, promoted=False, reason="worse", accuracy=0.97, champion_before=1)
+    assert reg.aliases() == {"latest": 2, "champion": 1}
+    assert reg.status(1) == "champion" and reg.status(2) == "rejected"
+    decision = reg.promote("v2", reason="rollout test", by="alice")
+    assert reg.aliases()["champion"] == 2 and reg.status(1) == "former champion"
+    assert decision["by"] == "alice" and decision["reason"] == "manual override: rollout test"
+    assert decision["champion_before"] == 1 and decision["history"][0]["status"] == "rejected"
+    assert json.loads((reg.root / "decisions" / "v2.json").read_text()) == decision
+    with pytest.raises(RegistryError, match="needs a reason"):
+        reg.promote(1, reason=" ")
