@@ -22,6 +22,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+# Idle OpenBLAS workers spin for ~2^28 cycles by default; on 2 (hyper)threads that spinning
+# slows the element-wise work between matrix products. Must be set before NumPy loads.
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+
 import numpy as np  # noqa: E402
 
 import nn  # noqa: E402
@@ -107,7 +111,7 @@ def main() -> None:
     result["matmul_floor_seconds"] = round(matmul_floor(args.hidden, args.batch_size, len(data[0][1])), 4)
     result["blas"] = [{k: i.get(k) for k in ("internal_api", "version", "architecture", "num_threads")}
                       for i in threadpool_info() if i.get("user_api") == "blas"]
-    result["env"] = {k: os.environ.get(k) for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")}
+    result["env"] = {k: os.environ.get(k) for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OPENBLAS_THREAD_TIMEOUT")}
     result["config"] = dict(zip(("hidden", "batch_size", "epochs", "lr", "momentum", "seed"), cfg))
     result["cores"] = os.cpu_count()
     if not args.no_torch:
