@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import json
 import sys
@@ -11,41 +10,13 @@ from typing import List, Optional
 import typer
 
 import flows  # noqa: F401  (sets telemetry-off defaults before Prefect is imported)
+from flows.cli_common import (HOME, MIRRORS, MODEL_NAME, PRESET, RETRIES, ROWS, TIMEOUT, fail,
+                              one_line_errors)
 from storage import DigitflowError
 from storage.config import resolve_home
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="digitflow: the MNIST retraining pipeline (Prefect 3 + a pure-NumPy network).")
-
-HOME = typer.Option(None, "--home", help="Root directory for all state (env DIGITFLOW_HOME; default ~/.digitflow).")
-MIRRORS = typer.Option(None, "--mirror", help="Mirror base URL (http://, https://, file://); repeat to try several in order (env DIGITFLOW_MIRRORS).")
-ROWS = typer.Option(10_000, "--rows-per-shard", min=1, help="Rows per Parquet shard.")
-TIMEOUT = typer.Option(30.0, "--timeout", min=0.1, help="Seconds before a silent mirror counts as failed.")
-RETRIES = typer.Option(3, "--retries", min=0, help="Retries of a download after transient failures (backoff 2 s, 4 s, 8 s, ...).")
-PRESET = typer.Option("default", "--preset", help="Hyperparameter preset: default, best or fast.")
-MODEL_NAME = typer.Option("mnist-mlp", "--model-name", help="Registry name of the model.")
-
-_final_words: list[str] = []
-
-
-@atexit.register  # registered before Prefect is imported, so it runs after Prefect's own exit
-def _say_final_words() -> None:  # handlers: the error stays the last line on stderr
-    for line in _final_words:
-        print(line, file=sys.stderr, flush=True)
-
-
-def fail(message: str) -> None:
-    _final_words.append(f"digitflow: error: {message}")
-    raise typer.Exit(1)
-
-
-@contextlib.contextmanager
-def one_line_errors():
-    """Expected failures end in one line naming the file or value, and exit status 1."""
-    try:
-        yield
-    except DigitflowError as e:
-        fail(str(e))
 
 
 @contextlib.contextmanager
@@ -242,6 +213,11 @@ def evaluate(model: str = typer.Option("champion", "--model", help="VERSION or a
                f"macro F1 {metrics['macro_f1']:.4f}, {metrics['inference_images_per_second']:,.0f} images/s")
     for c in metrics["per_class"]:
         typer.echo(f"  {c['class']}: precision {c['precision']:.4f} recall {c['recall']:.4f} f1 {c['f1']:.4f}")
+
+
+from flows.cli_models import app as models_app  # noqa: E402
+
+app.add_typer(models_app, name="models")
 
 
 def main() -> None:

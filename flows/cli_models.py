@@ -1,0 +1,144 @@
+"""`digitflow models ...`: the registry from the command line (no Prefect needed)."""
+
+from __future__ import annotations
+
+import json
+from typing import Optional
+
+import typer
+
+from flows.cli_common import HOME, MODEL_NAME, one_line_errors
+from storage import DigitflowError
+from storage.config import resolve_home
+from storage.registry import Registry
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="List, inspect, compare, promote and export versions.")
+JSON = typer.Option(False, "--json", help="Machine-readable output.")
+
+
+def _registry(home, name) -> Registry:
+    return Registry(resolve_home(home), name)
+
+
+def listing(registry: Registry) -> list[dict]:
+    aliases = registry.aliases()
+    rows = []
+    for v in registry.versions():
+        meta = registry.metadata(v)
+        decision = registry.decision(v) or {}
+        rows.append({"version": v, "created": meta.get("created"), "test_accuracy": meta.get("test_accuracy"),
+                     "aliases": sorted(a for a, target in aliases.items() if target == v),
+                     "status": registry.status(v), "reason": decision.get("reason")})
+    return rows
+
+
+@app.command("list")
+def list_(home: Optional[str] = HOME, model_name: str = MODEL_NAME, json_out: bool = JSON) -> None:
+    """Versions with creation time, test accuracy, aliases and gate status."""
+    with one_line_errors():
+        rows = listing(_registry(home, model_name))
+    if json_out:
+        typer.echo(json.dumps(rows))
+        return
+    if not rows:
+        typer.echo(f"no versions of {model_name} yet")
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{model_name}")
+    for col in ("version", "created", "test accuracy", "aliases", "status"):
+        table.add_column(col)
+    for r in rows:
+        status = r["status"] + (f": {r['reason']}" if r["status"] == "rejected" else "")
+        table.add_row(f"v{r['version']}", r["created"] or "", f"{r['test_accuracy']:.4f}", ", ".join(r["aliases"]),
+                      status)
+    Console(width=160).print(table)
+
+
+@app.command()
+def show(ref: str = typer.Argument(..., help="VERSION or alias."), home: Optional[str] = HOME,
+         model_name: str = MODEL_NAME, json_out: bool = JSON) -> None:
+    """A version's metrics, lineage and gate decision."""
+    with one_line_errors():
+        reg = _registry(home, model_name)
+        v = reg.resolve(ref)
+        metrics = reg.metrics(v)
+        info = {"version": v, "path": str(reg.path(v)), "status": reg.status(v), "decision": reg.decision(v),
+                "metadata": reg.metadata(v),
+                "metrics": {k: metrics[k] for k in ("test_accuracy", "test_loss", "macro_f1", "per_class",
+                                                    "inference_images_per_second") if k in metrics}}
+    if json_out:
+        typer.echo(json.dumps(info))
+        return
+    m, meta = info["metrics"], info["metadata"]
+    typer.echo(f"{model_name} v{v} — {info['status']}  ({info['path']})")
+    typer.echo(f"  test accuracy {m['test_accuracy']:.4f}  loss {m['test_loss']:.4f}  macro F1 {m['macro_f1']:.4f}")
+    if info["decision"]:
+        d = info["decision"]
+        typer.echo(f"  gate: {d['status']} by {d['by']} at {d['at']}: {d['reason']}")
+    typer.echo("  hyperparameters: " + ", ".join(f"{k}={v}" for k, v in meta.get("hyperparameters", {}).items()))
+    typer.echo("  lineage:")
+    for k, val in meta.get("lineage", {}).items():
+        typer.echo(f"    {k}: {val}")
+
+
+@app.command()
+def promote(version: str = typer.Argument(..., help="VERSION to make champion."),
+            reason: str = typer.Option(..., "--reason", help="Why the gate is overridden (recorded)."),
+            by: Optional[str] = typer.Option(None, "--by", help="Who (default: the current user)."),
+            home: Optional[str] = HOME, model_name: str = MODEL_NAME) -> None:
+    """Manually make VERSION the champion, overriding the gate; who/when/why are recorded."""
+    with one_line_errors():
+        decision = _registry(home, model_name).promote(version, reason=reason, by=by)
+    typer.echo(f"{model_name} v{decision['version']} is champion (was "
+               f"{'v%d' % decision['champion_before'] if decision['champion_before'] else 'none'}); "
+               f"recorded: by {decision['by']} at {decision['at']}")
+
+
+def diff_versions(reg: Registry, a: int, b: int) -> dict:
+    ma, mb = reg.metrics(a), reg.metrics(b)
+    summary = {k: {"a": ma[k], "b": mb[k], "delta": mb[k] - ma[k]} for k in ("test_accuracy", "test_loss", "macro_f1")}
+    per_class = [{"class": ca["class"], **{f"{k}_delta": cb[k] - ca[k] for k in ("precision", "recall", "f1")}}
+                 for ca, cb in zip(ma["per_class"], mb["per_class"])]
+    cm = [[y - x for x, y in zip(ra, rb)] for ra, rb in zip(ma["confusion_matrix"], mb["confusion_matrix"])]
+    return {"a": a, "b": b, "summary": summary, "per_class": per_class, "confusion_matrix_delta": cm}
+
+
+@app.command()
+def diff(a: str = typer.Argument(..., help="VERSION or alias."), b: str = typer.Argument(..., help="VERSION or alias."),
+         home: Optional[str] = HOME, model_name: str = MODEL_NAME, json_out: bool = JSON) -> None:
+    """Metrics side by side, per-class deltas and the confusion-matrix change (B − A)."""
+    with one_line_errors():
+        reg = _registry(home, model_name)
+        d = diff_versions(reg, reg.resolve(a), reg.resolve(b))
+    if json_out:
+        typer.echo(json.dumps(d))
+        return
+    typer.echo(f"{'':16s}{'v%d' % d['a']:>10s}{'v%d' % d['b']:>10s}{'change':>10s}")
+    for k, s in d["summary"].items():
+        typer.echo(f"{k:16s}{s['a']:10.4f}{s['b']:10.4f}{s['delta']:+10.4f}")
+    typer.echo("\nper class    Δprecision   Δrecall       ΔF1")
+    for c in d["per_class"]:
+        typer.echo(f"  {c['class']:<9d}{c['precision_delta']:+11.4f}{c['recall_delta']:+10.4f}{c['f1_delta']:+10.4f}")
+    typer.echo("\nconfusion matrix change (rows true, columns predicted; B − A):")
+    typer.echo("      " + "".join(f"{j:>6d}" for j in range(10)))
+    for i, row in enumerate(d["confusion_matrix_delta"]):
+        typer.echo(f"  {i:>2d}  " + "".join(f"{x:>+6d}" if x else f"{'.':>6s}" for x in row))
+
+
+@app.command()
+def export(ref: str = typer.Argument(..., help="VERSION or alias."),
+           onnx_file: str = typer.Option(..., "--onnx", help="Where to write the ONNX model."),
+           home: Optional[str] = HOME, model_name: str = MODEL_NAME) -> None:
+    """Export a version as ONNX (Gemm/Relu/…/Softmax), verified in onnxruntime against NumPy.
+
+    Needs the optional extra: pip install 'digitflow[onnx]'."""
+    from storage.onnx_export import export_onnx
+
+    with one_line_errors():
+        reg = _registry(home, model_name)
+        v = reg.resolve(ref)
+        result = export_onnx(reg.path(v), onnx_file)
+    typer.echo(f"wrote {onnx_file}: {model_name} v{v}, max |onnxruntime − numpy| = {result['max_abs_diff']:.2e} "
+               f"on {result['checked']} inputs")
