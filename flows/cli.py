@@ -215,6 +215,34 @@ def evaluate(model: str = typer.Option("champion", "--model", help="VERSION or a
         typer.echo(f"  {c['class']}: precision {c['precision']:.4f} recall {c['recall']:.4f} f1 {c['f1']:.4f}")
 
 
+@app.command()
+def predict(images: List[str] = typer.Argument(..., help="PNG/JPEG/... files of digits, or IDX image files."),
+            model: str = typer.Option("champion", "--model", help="VERSION or alias (latest, champion)."),
+            home: Optional[str] = HOME, model_name: str = MODEL_NAME,
+            json_out: bool = typer.Option(False, "--json", help="Print [{path, digit, probability}, ...].")) -> None:
+    """Predict digits; images are prepared the way MNIST was (invert, crop, 20×20 box, centered)."""
+    import nn
+    from storage.images import load_inputs
+    from storage.registry import Registry
+
+    with one_line_errors():
+        registry = Registry(resolve_home(home), model_name)
+        version = registry.resolve(model)
+        try:
+            net = nn.load(registry.path(version))
+        except nn.ModelFormatError as e:
+            raise DigitflowError(str(e)) from None
+        names, x = load_inputs(images)
+    proba = net.predict_proba(x)
+    digits, best = proba.argmax(axis=1), proba.max(axis=1)
+    if json_out:
+        typer.echo(json.dumps([{"path": n, "digit": int(d), "probability": round(float(p), 6)}
+                               for n, d, p in zip(names, digits, best)]))
+        return
+    for n, d, p in zip(names, digits, best):
+        typer.echo(f"{n}: {d} ({p:.1%})")
+
+
 from flows.cli_models import app as models_app  # noqa: E402
 
 app.add_typer(models_app, name="models")

@@ -76,8 +76,8 @@ PRESETS: dict[str, Hyperparameters] = {
     # ≥ 98.8 %: a wider, deeper net with dropout, max-norm and ±2-pixel translations.
     "best": Hyperparameters(hidden=(1024, 1024), dropout=0.3, max_norm=3.5, shift=2, epochs=30,
                             val_fraction=2000 / 60000),
-    # A few seconds: for tests and smoke runs (≈ 96–97 %).
-    "fast": Hyperparameters(hidden=(128,), epochs=2),
+    # A few seconds: for tests and smoke runs (≈ 97.5 %).
+    "fast": Hyperparameters(hidden=(128,), epochs=3),
 }
 
 

@@ -190,3 +190,25 @@ def faulty(mnist_dir):
     mirror = FaultyMirror(mnist_dir)
     yield mirror
     mirror.close()
+
+
+@pytest.fixture(scope="session")
+def first_run(tmp_path_factory, mnist_server, prefect_harness):
+    """One home where the real pipeline published a fast model as v1: (home, run summary)."""
+    from flows.pipeline import retrain
+
+    home = tmp_path_factory.mktemp("pipeline-home")
+    state = retrain(home=str(home), mirrors=[mnist_server], preset="fast", return_state=True)
+    assert state.is_completed()
+    return home, state.result()
+
+
+@pytest.fixture
+def published(first_run, tmp_path):
+    """A private copy of that home, for tests that change the registry."""
+    import shutil
+
+    home = tmp_path / "home"
+    for part in ("models", "data", "raw"):
+        shutil.copytree(first_run[0] / part, home / part, symlinks=True)
+    return home

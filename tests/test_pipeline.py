@@ -20,16 +20,6 @@ from tests.prefect_helpers import flow_run_id, state_names
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 REPO = Path(__file__).resolve().parents[1]
-FAST = {"hidden": [128], "epochs": 2}
-
-
-@pytest.fixture(scope="module")
-def first_run(tmp_path_factory, mnist_server, prefect_harness):
-    """One home with a fast model published as v1 (shared by the tests below, in order)."""
-    home = tmp_path_factory.mktemp("pipeline-home")
-    state = retrain(home=str(home), mirrors=[mnist_server], preset="fast", return_state=True)
-    assert state.is_completed()
-    return home, state.result()
 
 
 @pytest.fixture
@@ -50,7 +40,7 @@ def test_first_run_publishes_v1(home, first_run):
     assert len(metrics["confusion_matrix"]) == 10 and all(len(r) == 10 for r in metrics["confusion_matrix"])
     assert sum(map(sum, metrics["confusion_matrix"])) == 10000
     assert [c["support"] for c in metrics["per_class"]] == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
-    assert len(metrics["history"]) == 2 and {"train_loss", "val_accuracy"} <= set(metrics["history"][0])
+    assert len(metrics["history"]) == 3 and {"train_loss", "val_accuracy"} <= set(metrics["history"][0])
     assert metrics["most_confident_errors"][0]["probability"] >= metrics["most_confident_errors"][-1]["probability"]
     lineage = json.loads((v1 / "lineage.json").read_text())
     manifest = home / "data" / "mnist" / "train" / "manifest.json"
@@ -97,7 +87,7 @@ def test_rerun_is_cached_and_creates_nothing(home, mnist_server):
     assert summary["version"] == 1 and not summary["created"]
     states = state_names(flow_run_id(state))
     assert {n: s for n, s in states.items() if n.startswith(("train", "evaluate"))} == {
-        "train [128] × 2 epochs": "Cached", "evaluate " + Registry(home).metadata(1)["weights_sha256"][:12]: "Cached"}
+        "train [128] × 3 epochs": "Cached", "evaluate " + Registry(home).metadata(1)["weights_sha256"][:12]: "Cached"}
     assert Registry(home).versions() == [1]
     assert seconds < 30
 

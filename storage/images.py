@@ -1,0 +1,116 @@
+"""Turn arbitrary digit images into MNIST-style 28×28 inputs. No Prefect.
+
+The steps follow how MNIST itself was made: grayscale; invert when the ink is dark on a light
+background (MNIST is light ink on black); crop to the ink; scale into a 20×20 box keeping the
+aspect ratio (anti-aliased); place in a 28×28 field so the ink's center of mass is at the center.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+from pathlib import Path
+
+import numpy as np
+
+from storage import DigitflowError
+from storage.idx import IDXError, read_idx
+
+
+class ImageError(DigitflowError):
+    pass
+
+
+def load_gray(path: str | os.PathLike) -> np.ndarray:
+    """Decode a PNG/JPEG/... into a (H, W) float32 array in [0, 1] (alpha composited on white)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+                rgba = img.convert("RGBA")
+                background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+                img = Image.alpha_composite(background, rgba)
+            return np.asarray(img.convert("L"), np.float32) / 255.0
+    except FileNotFoundError:
+        raise ImageError(f"{path}: no such file") from None
+    except (UnidentifiedImageError, OSError) as e:
+        raise ImageError(f"{path}: not a readable image ({e})") from None
+
+
+def mnist_style(gray: np.ndarray, *, name: str = "image") -> np.ndarray:
+    """(H, W) grayscale in [0, 1] → (784,) float32 pixels/255 as MNIST would have them."""
+    from PIL import Image
+
+    g = gray.astype(np.float32)
+    border = np.concatenate([g[0], g[-1], g[:, 0], g[:, -1]])
+    if np.median(border) > 0.5:  # dark ink on a light background
+        g = 1.0 - g
+    g = g - np.median(np.concatenate([g[0], g[-1], g[:, 0], g[:, -1]]))  # background to 0
+    g = np.clip(g, 0, None)
+    if g.max() <= 0.05:
+        raise ImageError(f"{name}: no ink found (a blank image)")
+    g /= g.max()
+    rows, cols = np.flatnonzero(g.max(axis=1) > 0.1), np.flatnonzero(g.max(axis=0) > 0.1)
+    g = g[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]              # crop to the ink
+    h, w = g.shape
+    scale = 20.0 / max(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))   # PIL wants (width, height)
+    box = np.asarray(Image.fromarray(g).resize(size, Image.Resampling.LANCZOS), np.float32)
+    box = np.clip(box, 0, 1)
+    field = np.zeros((28, 28), np.float32)
+    top, left = (28 - box.shape[0]) // 2, (28 - box.shape[1]) // 2
+    field[top:top + box.shape[0], left:left + box.shape[1]] = box
+    total = field.sum()
+    ys, xs = np.indices(field.shape)
+    dy = int(round(13.5 - (ys * field).sum() / total))
+    dx = int(round(13.5 - (xs * field).sum() / total))
+    field = np.roll(field, (dy, dx), axis=(0, 1))                  # center of mass to the center
+    return field.reshape(784)
+
+
+def is_idx(path: Path) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head[:2] == b"\x1f\x8b":
+        with gzip.open(path) as f:
+            head = f.read(4)
+    return len(head) == 4 and head[:2] == b"\x00\x00" and head[2] == 0x08 and head[3] == 3
+
+
+def read_idx_images(path: Path, max_bytes: int = 1 << 31) -> np.ndarray:
+    """(n, 784) pixels/255 from an IDX3 image file (raw or gzipped)."""
+    if open(path, "rb").read(2) == b"\x1f\x8b":
+        import tempfile
+
+        with tempfile.NamedTemporaryFile(suffix=".idx") as tmp:
+            with gzip.open(path) as src:
+                while chunk := src.read(1 << 20):
+                    if tmp.tell() + len(chunk) > max_bytes:
+                        raise IDXError(f"{path.name}: decompresses past {max_bytes} bytes")
+                    tmp.write(chunk)
+            tmp.flush()
+            images = read_idx(tmp.name)
+    else:
+        images = read_idx(path)
+    if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != (28, 28):
+        raise IDXError(f"{path.name}: expected uint8 images of shape (n, 28, 28), got {images.dtype} {images.shape}")
+    return images.reshape(len(images), 784).astype(np.float32) / np.float32(255)
+
+
+def load_inputs(paths: list[str]) -> tuple[list[str], np.ndarray]:
+    """Names and (n, 784) inputs for a mix of image files and IDX files (one name per row)."""
+    names, rows = [], []
+    for p in paths:
+        path = Path(p)
+        if not path.is_file():
+            raise ImageError(f"{p}: no such file")
+        if is_idx(path):
+            x = read_idx_images(path)
+            names += [f"{p}#{i}" for i in range(len(x))]
+            rows.append(x)
+        else:
+            names.append(p)
+            rows.append(mnist_style(load_gray(path), name=p)[None])
+    return names, np.concatenate(rows) if rows else np.zeros((0, 784), np.float32)
