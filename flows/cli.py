@@ -10,7 +10,7 @@ from typing import List, Optional
 import typer
 
 import flows  # noqa: F401  (sets telemetry-off defaults before Prefect is imported)
-from flows.cli_common import (HOME, MIRRORS, MODEL_NAME, PRESET, RETRIES, ROWS, TIMEOUT, fail,
+from flows.cli_common import (HOME, MIRRORS, MODEL_NAME, PRESET, RETRIES, ROWS, TIMEOUT, WEBHOOK, fail,
                               one_line_errors)
 from storage import DigitflowError
 from storage.config import resolve_home
@@ -124,6 +124,7 @@ def run(home: Optional[str] = HOME, mirror: Optional[List[str]] = MIRRORS, prese
         floor: float = typer.Option(0.97, "--floor", min=0.0, max=1.0, help="Never promote below this test accuracy."),
         require_promotion: bool = typer.Option(False, "--require-promotion", help="Exit 1 unless the new version is champion."),
         json_out: bool = typer.Option(False, "--json", help="Print the run summary as JSON."),
+        webhook: Optional[str] = WEBHOOK,
         rows_per_shard: int = ROWS, timeout: float = TIMEOUT, retries: int = RETRIES, hp: dict = None) -> None:
     """Run the whole pipeline: ingest → train → evaluate → publish → promotion gate."""
     from flows.pipeline import hyperparameters, retrain
@@ -136,7 +137,7 @@ def run(home: Optional[str] = HOME, mirror: Optional[List[str]] = MIRRORS, prese
         with progress_display(), tags("digitflow", f"preset:{preset}", f"model:{model_name}"):
             summary = retrain(home=home, mirrors=mirror or None, preset=preset, overrides=hp, model_name=model_name,
                               tolerance=tolerance, floor=floor, rows_per_shard=rows_per_shard, timeout=timeout,
-                              retries=retries)
+                              retries=retries, webhook_url=webhook)
     if json_out:
         typer.echo(json.dumps(summary))
     else:
@@ -241,6 +242,80 @@ def predict(images: List[str] = typer.Argument(..., help="PNG/JPEG/... files of 
         return
     for n, d, p in zip(names, digits, best):
         typer.echo(f"{n}: {d} ({p:.1%})")
+
+
+def check_cron(cron: str) -> None:
+    from prefect.client.schemas.schedules import CronSchedule
+
+    try:
+        CronSchedule(cron=cron)
+    except ValueError:
+        raise DigitflowError(f"--cron {cron!r} is not a valid cron expression") from None
+
+
+def deployment_parameters(home, mirror, preset, model_name, hp, webhook) -> dict:
+    from flows.pipeline import hyperparameters
+
+    hyperparameters(preset, hp)  # invalid values fail now, not at 3 a.m.
+    params = {"home": str(resolve_home(home)), "preset": preset, "model_name": model_name}
+    if mirror:
+        params["mirrors"] = list(mirror)
+    if hp:
+        params["overrides"] = hp
+    if webhook:
+        params["webhook_url"] = webhook
+    return params
+
+
+@app.command()
+@hp_options
+def serve(cron: str = typer.Option("0 3 * * *", "--cron", help="Cron schedule of the retraining runs (UTC)."),
+          name: str = typer.Option("scheduled", "--name", help="Deployment name."),
+          home: Optional[str] = HOME, mirror: Optional[List[str]] = MIRRORS, preset: str = PRESET,
+          model_name: str = MODEL_NAME, webhook: Optional[str] = WEBHOOK, hp: dict = None) -> None:
+    """Serve the pipeline as a Prefect deployment on a cron schedule (runs until stopped).
+
+    Runs appear in the dashboard on schedule and can be started from the UI or with
+    `prefect deployment run 'mnist-retrain/NAME' --param preset=best`."""
+    from flows.pipeline import retrain
+
+    with one_line_errors():
+        check_cron(cron)
+        params = deployment_parameters(home, mirror, preset, model_name, hp, webhook)
+    retrain.serve(name=name, cron=cron, parameters=params, tags=["digitflow", f"preset:{preset}"],
+                  description=f"Retrain {model_name} with preset {preset!r} on {cron!r} (UTC)")
+
+
+@app.command()
+@hp_options
+def deploy(pool: str = typer.Option("digitflow", "--pool", help="Process work pool (created if missing)."),
+           cron: Optional[str] = typer.Option(None, "--cron", help="Cron schedule (UTC); none: run on demand."),
+           name: str = typer.Option("workers", "--name", help="Deployment name."),
+           home: Optional[str] = HOME, mirror: Optional[List[str]] = MIRRORS, preset: str = PRESET,
+           model_name: str = MODEL_NAME, webhook: Optional[str] = WEBHOOK, hp: dict = None) -> None:
+    """Register the pipeline for a process work pool; runs execute on `prefect worker start --pool POOL`."""
+    from pathlib import Path
+
+    from prefect import flow as prefect_flow
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectAlreadyExists
+
+    with one_line_errors():
+        if cron is not None:
+            check_cron(cron)
+        params = deployment_parameters(home, mirror, preset, model_name, hp, webhook)
+        with get_client(sync_client=True) as client:
+            try:
+                client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
+            except ObjectAlreadyExists:
+                pass
+        source = str(Path(__file__).resolve().parents[1])
+        remote = prefect_flow.from_source(source=source, entrypoint="flows/pipeline.py:retrain")
+        deployment_id = remote.deploy(name=name, work_pool_name=pool, cron=cron, parameters=params,
+                                      tags=["digitflow", f"preset:{preset}"], print_next_steps=False)
+    typer.echo(f"deployment mnist-retrain/{name} ({deployment_id}) on work pool {pool!r}"
+               + (f", schedule {cron!r}" if cron else "") + f"; start a worker: prefect worker start --pool {pool}")
 
 
 from flows.cli_models import app as models_app  # noqa: E402

@@ -16,6 +16,7 @@ ROWS = typer.Option(10_000, "--rows-per-shard", min=1, help="Rows per Parquet sh
 TIMEOUT = typer.Option(30.0, "--timeout", min=0.1, help="Seconds before a silent mirror counts as failed.")
 RETRIES = typer.Option(3, "--retries", min=0, help="Retries of a download after transient failures (backoff 2 s, 4 s, 8 s, ...).")
 PRESET = typer.Option("default", "--preset", help="Hyperparameter preset: default, best or fast.")
+WEBHOOK = typer.Option(None, "--webhook", help="POST failed runs and gate rejections here (env DIGITFLOW_WEBHOOK_URL).")
 MODEL_NAME = typer.Option("mnist-mlp", "--model-name", help="Registry name of the model.")
 
 _final_words: list[str] = []

@@ -6,6 +6,8 @@ from prefect import flow
 from prefect.runtime import flow_run
 
 import nn
+from flows.alerts import notify, on_flow_failure
+from flows.alerts import webhook_url as alert_url
 from flows.ingest import ingest
 from storage import DigitflowError
 from storage.config import resolve_home
@@ -25,7 +27,7 @@ def run_name() -> str:
     return f"retrain-{params.get('preset', 'default')}"
 
 
-@flow(name="mnist-retrain", flow_run_name=run_name)
+@flow(name="mnist-retrain", flow_run_name=run_name, on_failure=[on_flow_failure])
 def retrain(
     home: str | None = None,
     mirrors: list[str] | None = None,
@@ -37,8 +39,13 @@ def retrain(
     rows_per_shard: int = 10_000,
     timeout: float = 30.0,
     retries: int = 3,
+    webhook_url: str | None = None,
 ) -> dict:
-    """From nothing to a published, evaluated, gated model version. Returns a summary."""
+    """From nothing to a published, evaluated, gated model version. Returns a summary.
+
+    A failed run, or a version the gate rejects, is reported to ``webhook_url`` (else
+    ``$DIGITFLOW_WEBHOOK_URL``) when one is set.
+    """
     hp = hyperparameters(preset, overrides).to_dict()
     home = str(resolve_home(home))
 
@@ -58,6 +65,9 @@ def retrain(
     # 5. Promotion gate.
     decision = gate(published, home, tolerance=tolerance, floor=floor)
 
+    if decision["status"] == "rejected" and decision["decided_now"]:
+        notify(webhook_url or alert_url(), "gate_rejected", model=model_name, version=published["version"],
+               test_accuracy=published["test_accuracy"], reason=decision["reason"], flow_run_id=str(flow_run.id))
     _rename_run(f"retrain-{preset} → v{published['version']} {decision['status']}")
     return {**published, "status": decision["status"], "reason": decision["reason"],
             "champion": decision["champion"], "preset": preset, "hyperparameters": hp}

@@ -227,7 +227,7 @@ def gate(published: dict, home: str, tolerance: float = 0.0, floor: float = 0.97
     decision = registry.decision(version)
     if decision is not None:
         log.info("v%d was already decided: %s (%s)", version, decision["status"], decision["reason"])
-        return {**decision, "champion": registry.aliases().get("champion")}
+        return {**decision, "champion": registry.aliases().get("champion"), "decided_now": False}
     champion = registry.aliases().get("champion")
     champion_acc = registry.metrics(champion)["test_accuracy"] if champion is not None else None
     promote, reason = gate_rule(published["test_accuracy"], champion_acc, tolerance=tolerance, floor=floor)
@@ -235,5 +235,5 @@ def gate(published: dict, home: str, tolerance: float = 0.0, floor: float = 0.97
                                         accuracy=published["test_accuracy"], champion_before=champion)
     (log.info if promote else log.warning)("v%d %s: %s", version, "promoted to champion" if promote else "rejected",
                                            reason)
-    return {**decision, "champion": registry.aliases().get("champion")}
+    return {**decision, "champion": registry.aliases().get("champion"), "decided_now": True}
 

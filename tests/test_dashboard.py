@@ -1,0 +1,194 @@
+"""What an operator sees: the pipeline against a real `prefect server start`, read back
+through the Prefect client; schedules (serve), work pools (deploy + worker) and triggers."""
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PREFECT = str(Path(sys.executable).with_name("prefect"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """A real Prefect server (SQLite), on a random port, with its own PREFECT_HOME."""
+    home = tmp_path_factory.mktemp("prefect-server")
+    port = free_port()
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "DO_NOT_TRACK": "1", "PREFECT_UI_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)
+    proc = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env,
+                            stdout=open(home / "server.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}/api"
+    import requests
+
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            if requests.get(url + "/health", timeout=1).ok:
+                break
+        except requests.RequestException:
+            pass
+        if time.monotonic() > deadline or proc.poll() is not None:
+            raise RuntimeError("prefect server did not start:\n" + (home / "server.log").read_text())
+        time.sleep(0.5)
+    yield url
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(30)
+
+
+def env_for(url, **extra):
+    env = {**os.environ, "PREFECT_API_URL": url, **extra}
+    return env
+
+
+def digitflow(*args, url, timeout=300, **kw):
+    r = subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=REPO, env=env_for(url), capture_output=True,
+                       text=True, timeout=timeout, **kw)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r
+
+
+@contextlib.contextmanager
+def client_for(url):
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: url}):
+        with get_client(sync_client=True) as client:
+            yield client
+
+
+def flow_runs(client, flow_name):
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    return client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=[flow_name])),
+                                 sort=FlowRunSort.START_TIME_DESC)
+
+
+def task_runs(client, flow_run_id):
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    deadline = time.monotonic() + 20
+    while True:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+        if runs and all(r.state and r.state.is_final() for r in runs) or time.monotonic() > deadline:
+            return {r.name: r for r in runs}
+        time.sleep(0.3)
+
+
+def wait_for_run(client, flow_run_id, timeout=240):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        run = client.read_flow_run(flow_run_id)
+        if run.state and run.state.is_final():
+            return run
+        time.sleep(1)
+    raise AssertionError(f"flow run {flow_run_id} did not finish in {timeout}s")
+
+
+def test_operator_sees_runs_retries_cache_and_artifacts(server, faulty, tmp_path):
+    faulty.fail("train-labels-idx1-ubyte.gz", "500")  # the mirror fails once
+    home = str(tmp_path / "home")
+    digitflow("run", "--mirror", faulty.url, "--home", home, "--preset", "fast", url=server)
+    with client_for(server) as client:
+        parent = flow_runs(client, "mnist-retrain")[0]
+        assert parent.state.is_completed() and parent.name == "retrain-fast → v1 promoted"
+        assert {"digitflow", "preset:fast", "model:mnist-mlp"} <= set(parent.tags)
+        runs = task_runs(client, parent.id)
+        assert {"train [128] × 3 epochs", "gate v1"} <= set(runs)
+        assert any(n.startswith("evaluate ") for n in runs) and any(n.startswith("publish ") for n in runs)
+        assert all(r.state.is_completed() for r in runs.values())
+        ingest_run = flow_runs(client, "ingest-mnist")[0]
+        assert ingest_run.parent_task_run_id is not None and ingest_run.state.is_completed()
+        ingest_tasks = task_runs(client, ingest_run.id)
+        retried = ingest_tasks["download train-labels-idx1-ubyte.gz"]
+        assert retried.run_count == 2 and retried.state.is_completed()  # the retry is on record
+        assert ingest_tasks["download t10k-labels-idx1-ubyte.gz"].run_count == 1
+
+        artifacts = {a.key: a for a in client.read_artifacts() if a.key}
+        assert artifacts["mnist-mlp-metrics"].type == "table"
+        assert artifacts["mnist-mlp-report"].type == "markdown" and "# mnist-mlp v1" in artifacts["mnist-mlp-report"].data
+        assert artifacts["mnist-mlp-version"].type == "markdown" and "mnist-mlp/v1" in artifacts["mnist-mlp-version"].data
+        assert artifacts["mnist-mlp-training"].type == "progress" and float(artifacts["mnist-mlp-training"].data) == 100.0
+
+    # Nothing changed: the rerun's tasks show as Cached.
+    digitflow("run", "--mirror", faulty.url, "--home", home, "--preset", "fast", url=server)
+    with client_for(server) as client:
+        parent = flow_runs(client, "mnist-retrain")[0]
+        runs = task_runs(client, parent.id)
+        assert runs["train [128] × 3 epochs"].state.name == "Cached"
+        assert [r.state.name for n, r in runs.items() if n.startswith("evaluate")] == ["Cached"]
+        ingest_tasks = task_runs(client, flow_runs(client, "ingest-mnist")[0].id)
+        assert {r.state.name for r in ingest_tasks.values()} == {"Cached"} and len(ingest_tasks) == 12
+
+
+def test_serve_schedules_and_prefect_cli_triggers(server, mnist_server, tmp_path):
+    home = str(tmp_path / "home")
+    serve = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--cron", "0 3 * * *", "--home", home,
+                              "--mirror", mnist_server, "--preset", "fast", "--name", "nightly"],
+                             cwd=REPO, env=env_for(server), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True, start_new_session=True)
+    try:
+        with client_for(server) as client:
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    deployment = client.read_deployment_by_name("mnist-retrain/nightly")
+                    break
+                except Exception:
+                    if time.monotonic() > deadline or serve.poll() is not None:
+                        raise
+                    time.sleep(0.5)
+            assert [s.schedule.cron for s in deployment.schedules] == ["0 3 * * *"]
+            assert deployment.parameters["preset"] == "fast" and deployment.parameters["home"] == home
+            out = subprocess.run([PREFECT, "deployment", "run", "mnist-retrain/nightly", "--param", "preset=fast"],
+                                 env=env_for(server), capture_output=True, text=True, timeout=60)
+            assert out.returncode == 0, out.stdout + out.stderr
+            run = flow_runs(client, "mnist-retrain")[0]
+            assert run.deployment_id == deployment.id
+            run = wait_for_run(client, run.id)
+            assert run.state.is_completed(), run.state
+        assert (Path(home) / "models/mnist-mlp/v1/model.npz").is_file()
+    finally:
+        os.killpg(serve.pid, signal.SIGINT)
+        serve.wait(30)
+
+
+def test_deploy_to_process_pool_and_worker_runs_it(server, mnist_server, tmp_path):
+    home = str(tmp_path / "home")
+    r = digitflow("deploy", "--pool", "digitflow-test", "--home", home, "--mirror", mnist_server,
+                  "--preset", "fast", "--cron", "30 2 * * *", url=server)
+    assert "deployment mnist-retrain/workers" in r.stdout
+    with client_for(server) as client:
+        deployment = client.read_deployment_by_name("mnist-retrain/workers")
+        assert deployment.work_pool_name == "digitflow-test"
+        assert [s.schedule.cron for s in deployment.schedules] == ["30 2 * * *"]
+        assert client.read_work_pool("digitflow-test").type == "process"
+        flow_run = client.create_flow_run_from_deployment(deployment.id)
+    worker = subprocess.run([PREFECT, "worker", "start", "--pool", "digitflow-test", "--run-once"],
+                            env=env_for(server), capture_output=True, text=True, timeout=300)
+    assert worker.returncode == 0, worker.stdout + worker.stderr
+    with client_for(server) as client:
+        assert wait_for_run(client, flow_run.id).state.is_completed()
+    assert (Path(home) / "models/mnist-mlp/v1/metrics.json").is_file()
+
+
+def test_bad_cron_is_one_line(server):
+    r = subprocess.run([sys.executable, "-m", "flows.cli", "serve", "--cron", "61 3 * * *"], cwd=REPO,
+                       env=env_for(server), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and r.stderr.strip() == "digitflow: error: --cron '61 3 * * *' is not a valid cron expression"
