@@ -318,6 +318,53 @@ def deploy(pool: str = typer.Option("digitflow", "--pool", help="Process work po
                + (f", schedule {cron!r}" if cron else "") + f"; start a worker: prefect worker start --pool {pool}")
 
 
+@app.command()
+@hp_options
+def sweep(grid: List[str] = typer.Option(..., "--grid", help="name=v1,v2 (repeat or list several): hidden=128,256 lr=0.05,0.1"),
+          extra: Optional[List[str]] = typer.Argument(None, hidden=True),
+          home: Optional[str] = HOME, mirror: Optional[List[str]] = MIRRORS, preset: str = PRESET,
+          model_name: str = MODEL_NAME,
+          dask_address: Optional[str] = typer.Option(None, "--dask-address", help="tcp://HOST:8786 of an existing Dask scheduler; default: a temporary LocalCluster."),
+          workers: int = typer.Option(2, "--workers", min=1, help="Worker processes of the temporary LocalCluster."),
+          tolerance: float = typer.Option(0.0, "--tolerance", min=0.0), floor: float = typer.Option(0.97, "--floor"),
+          webhook: Optional[str] = WEBHOOK, json_out: bool = typer.Option(False, "--json"), hp: dict = None) -> None:
+    """Train a grid of hyperparameters in parallel on Dask; publish the best through the gate."""
+    from flows.sweep import parse_grid
+    from flows.sweep import sweep as sweep_flow
+
+    with one_line_errors():
+        points = parse_grid(list(grid) + list(extra or []))
+        from flows.pipeline import hyperparameters
+
+        for point in points:
+            hyperparameters(preset, {**hp, **point})
+        home = _start(home)
+        import logging
+
+        from prefect_dask import DaskTaskRunner
+
+        logging.getLogger("distributed").setLevel(logging.WARNING)  # the sweep's own log says what matters
+        if dask_address:
+            runner = DaskTaskRunner(address=dask_address)
+        else:
+            runner = DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True,
+                                                    "dashboard_address": None})
+        from prefect import tags
+
+        with tags("digitflow", "sweep", f"model:{model_name}"):
+            result = sweep_flow.with_options(task_runner=runner)(
+                grid=points, home=home, mirrors=mirror or None, preset=preset, overrides=hp, model_name=model_name,
+                tolerance=tolerance, floor=floor, webhook_url=webhook)
+    if json_out:
+        typer.echo(json.dumps(result))
+        return
+    for row in result["rows"]:
+        typer.echo(f"{row['grid point']:40s} val {row['val_accuracy']:.4f}  test {row['test_accuracy']:.4f}"
+                   + ("  ← best" if row["best"] else ""))
+    typer.echo(f"{result['name']} v{result['version']}: {result['status']} — {result['reason']}")
+    typer.echo(f"report: {result['report']}")
+
+
 from flows.cli_models import app as models_app  # noqa: E402
 
 app.add_typer(models_app, name="models")

@@ -62,8 +62,21 @@ def training_dir(home: str, train_ref: dict, hyperparameters: dict) -> Path:
     cache_key_fn=content_key(lambda p: (training_id(p["train"], p["hyperparameters"]), p["home"]), code=("nn",)),
     **CACHED,
 )
-def train(train: dict, hyperparameters: dict, home: str, progress_key: str = "mnist-mlp-training") -> dict:
-    """Train on the train split's shards; save model.npz/model.json; return a reference."""
+def train(train: dict, hyperparameters: dict, home: str, progress_key: str = "mnist-mlp-training",
+          blas_threads: int | None = None) -> dict:
+    """Train on the train split's shards; save model.npz/model.json; return a reference.
+
+    ``blas_threads`` caps BLAS threads (e.g. 1 per run when several train side by side).
+    """
+    if blas_threads is not None:
+        from threadpoolctl import threadpool_limits
+
+        with threadpool_limits(blas_threads):
+            return _train(train, hyperparameters, home, progress_key)
+    return _train(train, hyperparameters, home, progress_key)
+
+
+def _train(train: dict, hyperparameters: dict, home: str, progress_key: str) -> dict:
     log = get_run_logger()
     hp = nn.presets.Hyperparameters(**{**hyperparameters, "hidden": tuple(hyperparameters["hidden"])}).validate()
     x, y = load_split(train)

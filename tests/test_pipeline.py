@@ -202,3 +202,56 @@ def test_cli_evaluate_and_train(home, api_url):
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out
     assert "Finished in state Cached" in out and "trained " in out  # same data and settings as v1
+
+
+# ---- alerts ------------------------------------------------------------------------
+
+@pytest.fixture
+def receiver():
+    """A local webhook receiver that records the JSON bodies POSTed to it."""
+    import http.server
+    import threading
+
+    got = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            got.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *a):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}/hook", got
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_gate_rejection_is_alerted_once(published, mnist_server, receiver):
+    url, got = receiver
+    summary = retrain(home=str(published), mirrors=[mnist_server], preset="fast", overrides={"seed": 5},
+                      floor=0.999, webhook_url=url)
+    assert summary["status"] == "rejected"
+    assert len(got) == 1 and got[0]["event"] == "gate_rejected" and got[0]["source"] == "digitflow"
+    assert got[0]["version"] == summary["version"] and "below the floor 0.9990" in got[0]["reason"]
+    retrain(home=str(published), mirrors=[mnist_server], preset="fast", overrides={"seed": 5}, floor=0.999,
+            webhook_url=url)
+    assert len(got) == 1  # an unchanged rerun decides nothing new, so says nothing new
+
+
+def test_failed_run_is_alerted_via_env(published, mnist_server, receiver, monkeypatch):
+    url, got = receiver
+    monkeypatch.setenv("DIGITFLOW_WEBHOOK_URL", url)
+    with pytest.raises(TrainingDiverged):
+        retrain(home=str(published), mirrors=[mnist_server], preset="fast", overrides={"lr": 1e4, "seed": 6})
+    assert [g["event"] for g in got] == ["flow_run_failed"]
+    assert got[0]["flow"] == "mnist-retrain" and "loss became" in got[0]["message"]
+
+
+def test_unreachable_webhook_is_not_fatal(published, mnist_server):
+    summary = retrain(home=str(published), mirrors=[mnist_server], preset="fast", overrides={"seed": 7},
+                      floor=0.999, webhook_url="http://127.0.0.1:9/nowhere")
+    assert summary["status"] == "rejected"

@@ -1,0 +1,131 @@
+"""A hyperparameter sweep fanned out as Prefect tasks on a Dask cluster.
+
+ingest → train every grid point in parallel (DaskTaskRunner) → evaluate each → one
+comparison report → publish the best (by validation accuracy) through the promotion gate.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.context import FlowRunContext
+from prefect.runtime import flow_run
+
+from flows.alerts import on_flow_failure
+from flows.ingest import ingest
+from flows.pipeline import hyperparameters
+from storage import DigitflowError
+from storage.atomic import write_json
+from storage.config import resolve_home
+from tasks.model import artifact_key, evaluate, gate, publish, train, training_is_intact
+
+GRID_TYPES = {"hidden": "hidden", "lr": float, "momentum": float, "batch_size": int, "epochs": int, "l2": float,
+              "dropout": float, "max_norm": float, "shift": int, "seed": int, "activation": str, "optimizer": str}
+
+
+def parse_grid(items: list[str]) -> list[dict]:
+    """["hidden=128,256", "lr=0.05,0.1"] → the 4 override dicts of the Cartesian product.
+
+    A multi-layer hidden value is written with x: hidden=512x256,1024."""
+    axes = []
+    for item in items:
+        key, sep, values = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not values.strip():
+            raise DigitflowError(f"grid item {item!r} must look like name=v1,v2")
+        if key not in GRID_TYPES:
+            raise DigitflowError(f"grid item {item!r}: unknown hyperparameter {key!r}; one of {sorted(GRID_TYPES)}")
+        kind = GRID_TYPES[key]
+        try:
+            parsed = [[int(h) for h in v.split("x")] if kind == "hidden" else kind(v) for v in values.split(",")]
+        except ValueError:
+            raise DigitflowError(f"grid item {item!r}: cannot read the values as {key}") from None
+        axes.append([(key, v) for v in parsed])
+    return [dict(combo) for combo in itertools.product(*axes)]
+
+
+def describe_runner() -> str:
+    runner = FlowRunContext.get().task_runner
+    client = getattr(runner, "client", None)
+    if client is None:
+        return type(runner).__name__
+    workers = client.scheduler_info().get("workers", {})
+    where = (f"a temporary {type(runner._cluster).__name__}" if runner._cluster is not None and runner.address is None
+             else "an existing Dask cluster")
+    return f"{type(runner).__name__} on {where} at {client.scheduler.address} with {len(workers)} workers"
+
+
+def sweep_name() -> str:
+    return f"sweep-{len(flow_run.parameters.get('grid') or [])}-runs"
+
+
+@flow(name="mnist-sweep", flow_run_name=sweep_name, on_failure=[on_flow_failure])
+def sweep(
+    grid: list[dict],
+    home: str | None = None,
+    mirrors: list[str] | None = None,
+    preset: str = "default",
+    overrides: dict | None = None,
+    model_name: str = "mnist-mlp",
+    tolerance: float = 0.0,
+    floor: float = 0.97,
+    webhook_url: str | None = None,
+) -> dict:
+    """Train every grid point (each on top of preset + overrides), compare, publish the best."""
+    log = get_run_logger()
+    configs = [hyperparameters(preset, {**(overrides or {}), **point}).to_dict() for point in grid]
+    if not configs:
+        raise DigitflowError("the grid is empty")
+    home = str(resolve_home(home))
+    log.info("sweep of %d runs; task runner: %s", len(configs), describe_runner())
+
+    data = ingest(home=home, mirrors=mirrors)
+
+    # Fan out: one training task per grid point, in parallel on the Dask workers.
+    trained = [train.with_options(refresh_cache=not training_is_intact(home, data["train"], hp)).submit(
+        data["train"], hp, home, progress_key=artifact_key(model_name, f"sweep-{i}"), blas_threads=1)
+        for i, hp in enumerate(configs)]
+    scored = [evaluate.submit(model, data["test"]) for model in trained]
+    results = []
+    for point, model_future, metrics_future in zip(grid, trained, scored):
+        model, metrics = model_future.result(), metrics_future.result()
+        last = model["history"][-1]
+        results.append({"point": point, "model": model, "metrics": metrics,
+                        "val_accuracy": last.get("val_accuracy"), "val_loss": last.get("val_loss")})
+
+    # Select on validation accuracy (the test split only reports), then through the gate.
+    best = max(results, key=lambda r: (r["val_accuracy"] or 0.0, -(r["val_loss"] or 0.0)))
+    published = publish(best["model"], best["metrics"], data["train"], data["test"], home, model_name)
+    decision = gate(published, home, tolerance=tolerance, floor=floor)
+    rows = [{"grid point": json.dumps(r["point"]), "val_accuracy": round(r["val_accuracy"] or 0, 4),
+             "test_accuracy": round(r["metrics"]["test_accuracy"], 4), "train_seconds": r["model"]["train_seconds"],
+             "best": r is best} for r in results]
+    report = _report(rows, published, decision)
+    folder = Path(home) / "sweeps" / (str(flow_run.id) if flow_run.id else "latest")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "report.md").write_text(report)
+    write_json(folder / "results.json", {"rows": rows, "published": published, "decision": decision})
+    create_table_artifact(rows, key=artifact_key(model_name, "sweep"), description="Sweep comparison")
+    create_markdown_artifact(report, key=artifact_key(model_name, "sweep-report"), description="Sweep report")
+    log.info("best %s: val %.4f, test %.4f → v%d %s", best["point"], best["val_accuracy"] or 0,
+             best["metrics"]["test_accuracy"], published["version"], decision["status"])
+    if decision["status"] == "rejected" and decision["decided_now"]:
+        from flows.alerts import notify, webhook_url as alert_url
+
+        notify(webhook_url or alert_url(), "gate_rejected", model=model_name, version=published["version"],
+               test_accuracy=published["test_accuracy"], reason=decision["reason"])
+    return {"rows": rows, "report": str(folder / "report.md"), **published, "status": decision["status"],
+            "reason": decision["reason"], "champion": decision["champion"]}
+
+
+def _report(rows: list[dict], published: dict, decision: dict) -> str:
+    lines = ["# Sweep", "", "| grid point | val accuracy | test accuracy | train s | |", "|---|---|---|---|---|"]
+    lines += [f"| `{r['grid point']}` | {r['val_accuracy']:.4f} | {r['test_accuracy']:.4f} | {r['train_seconds']:.1f} | "
+              f"{'**best**' if r['best'] else ''} |" for r in rows]
+    lines += ["", f"The best by validation accuracy was published as {published['name']} v{published['version']} "
+              f"and the gate {decision['status']} it: {decision['reason']}."]
+    return "\n".join(lines) + "\n"
