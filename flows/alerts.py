@@ -37,3 +37,40 @@ def on_flow_failure(flow, flow_run, state) -> None:
     """Prefect flow hook: report a failed run (which flow, which run, why)."""
     notify(webhook_url(flow_run.parameters), "flow_run_failed", flow=flow.name, flow_run=flow_run.name,
            flow_run_id=str(flow_run.id), message=state.message or "")
+
+
+# ---- the same alerts as Prefect automations (server side) ------------------------------
+
+def install_automations(url: str, block_name: str = "digitflow-alerts") -> list[str]:
+    """Create (or replace) a webhook notification block and two automations on the server:
+    a failed retrain/sweep flow run, and a gate rejection, each POST to ``url``."""
+    from prefect.automations import Automation, EventTrigger, SendNotification
+    from prefect.blocks.notifications import CustomWebhookNotificationBlock
+
+    from tasks.model import REJECTED_EVENT
+
+    block = CustomWebhookNotificationBlock(
+        name="digitflow", url=url, method="POST", allow_private_urls=True,
+        json_data={"source": "prefect-automation", "subject": "{{subject}}", "body": "{{body}}"})
+    block_id = block.save(block_name, overwrite=True)
+    specs = [
+        ("digitflow: run failed", EventTrigger(
+            expect={"prefect.flow-run.Failed"}, match={"prefect.resource.id": "prefect.flow-run.*"},
+            match_related={"prefect.resource.role": "flow", "prefect.resource.name": ["mnist-retrain", "mnist-sweep"]},
+            posture="Reactive", threshold=1),
+         "digitflow run failed", "Flow run {{ flow_run.name }} failed: {{ flow_run.state.message }}"),
+        ("digitflow: model rejected", EventTrigger(
+            expect={REJECTED_EVENT}, match={"prefect.resource.id": "digitflow.model.*"}, posture="Reactive",
+            threshold=1),
+         "digitflow model rejected", "{{ event.resource.name }} was rejected: {{ event.payload.reason }}"),
+    ]
+    names = []
+    for name, trigger, subject, body in specs:
+        try:
+            Automation.read(name=name).delete()
+        except ValueError:
+            pass
+        Automation(name=name, description="Installed by `digitflow alerts install`", trigger=trigger,
+                   actions=[SendNotification(block_document_id=block_id, subject=subject, body=body)]).create()
+        names.append(name)
+    return names

@@ -365,6 +365,21 @@ def sweep(grid: List[str] = typer.Option(..., "--grid", help="name=v1,v2 (repeat
     typer.echo(f"report: {result['report']}")
 
 
+alerts_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Alerts as Prefect automations.")
+app.add_typer(alerts_app, name="alerts")
+
+
+@alerts_app.command("install")
+def alerts_install(webhook: str = typer.Option(..., "--webhook", help="URL that receives the POSTed alerts."),
+                   block_name: str = typer.Option("digitflow-alerts", "--block-name")) -> None:
+    """Create Prefect automations on the server (PREFECT_API_URL): a failed run or a gate
+    rejection sends a notification to WEBHOOK, even when the run's own process is gone."""
+    from flows.alerts import install_automations
+
+    for name in install_automations(webhook, block_name):
+        typer.echo(f"automation {name!r} → {webhook}")
+
+
 from flows.cli_models import app as models_app  # noqa: E402
 
 app.add_typer(models_app, name="models")

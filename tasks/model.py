@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 from prefect import get_run_logger, task
+from prefect.events import emit_event
 from prefect.artifacts import (create_link_artifact, create_markdown_artifact, create_progress_artifact,
                                create_table_artifact, update_progress_artifact)
 
@@ -30,6 +31,9 @@ from tasks.common import CACHED, code_version, content_key
 
 class TrainingDiverged(DigitflowError):
     pass
+
+
+REJECTED_EVENT = "digitflow.model.rejected"  # emitted when the gate rejects a version
 
 
 def artifact_key(model_name: str, what: str) -> str:
@@ -248,5 +252,9 @@ def gate(published: dict, home: str, tolerance: float = 0.0, floor: float = 0.97
                                         accuracy=published["test_accuracy"], champion_before=champion)
     (log.info if promote else log.warning)("v%d %s: %s", version, "promoted to champion" if promote else "rejected",
                                            reason)
+    if not promote:  # an event server-side automations can react to (`digitflow alerts install`)
+        emit_event(event=REJECTED_EVENT, payload={"reason": reason, "test_accuracy": published["test_accuracy"]},
+                   resource={"prefect.resource.id": f"digitflow.model.{published['name']}.v{version}",
+                             "prefect.resource.name": f"{published['name']} v{version}"})
     return {**decision, "champion": registry.aliases().get("champion"), "decided_now": True}
 
