@@ -33,6 +33,17 @@ def notify(url: str | None, event: str, **details) -> bool:
         return False
 
 
+def alert_if_rejected(url: str | None, published: dict, decision: dict) -> None:
+    """POST a gate_rejected alert when this run's gate decision was a rejection (once: an
+    unchanged rerun that finds the decision already made says nothing new)."""
+    if decision["status"] == "rejected" and decision["decided_now"]:
+        from prefect.runtime import flow_run
+
+        notify(url or webhook_url(), "gate_rejected", model=published["name"], version=published["version"],
+               test_accuracy=published["test_accuracy"], reason=decision["reason"],
+               flow_run_id=str(flow_run.id) if flow_run.id else None)
+
+
 def on_flow_failure(flow, flow_run, state) -> None:
     """Prefect flow hook: report a failed run (which flow, which run, why)."""
     notify(webhook_url(flow_run.parameters), "flow_run_failed", flow=flow.name, flow_run=flow_run.name,

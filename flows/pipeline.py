@@ -6,8 +6,7 @@ from prefect import flow
 from prefect.runtime import flow_run
 
 import nn
-from flows.alerts import notify, on_flow_failure
-from flows.alerts import webhook_url as alert_url
+from flows.alerts import alert_if_rejected, on_flow_failure
 from flows.ingest import ingest
 from storage import DigitflowError
 from storage.config import resolve_home
@@ -65,9 +64,7 @@ def retrain(
     # 5. Promotion gate.
     decision = gate(published, home, tolerance=tolerance, floor=floor)
 
-    if decision["status"] == "rejected" and decision["decided_now"]:
-        notify(webhook_url or alert_url(), "gate_rejected", model=model_name, version=published["version"],
-               test_accuracy=published["test_accuracy"], reason=decision["reason"], flow_run_id=str(flow_run.id))
+    alert_if_rejected(webhook_url, published, decision)
     _rename_run(f"retrain-{preset} → v{published['version']} {decision['status']}")
     return {**published, "status": decision["status"], "reason": decision["reason"],
             "champion": decision["champion"], "preset": preset, "hyperparameters": hp}

@@ -15,11 +15,11 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.context import FlowRunContext
 from prefect.runtime import flow_run
 
-from flows.alerts import on_flow_failure
+from flows.alerts import alert_if_rejected, on_flow_failure
 from flows.ingest import ingest
 from flows.pipeline import hyperparameters
 from storage import DigitflowError
-from storage.atomic import write_json
+from storage.atomic import write_bytes, write_json
 from storage.config import resolve_home
 from tasks.model import artifact_key, evaluate, gate, publish, train, training_is_intact
 
@@ -106,18 +106,13 @@ def sweep(
              "best": r is best} for r in results]
     report = _report(rows, published, decision)
     folder = Path(home) / "sweeps" / (str(flow_run.id) if flow_run.id else "latest")
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "report.md").write_text(report)
+    write_bytes(folder / "report.md", report.encode())
     write_json(folder / "results.json", {"rows": rows, "published": published, "decision": decision})
     create_table_artifact(rows, key=artifact_key(model_name, "sweep"), description="Sweep comparison")
     create_markdown_artifact(report, key=artifact_key(model_name, "sweep-report"), description="Sweep report")
     log.info("best %s: val %.4f, test %.4f → v%d %s", best["point"], best["val_accuracy"] or 0,
              best["metrics"]["test_accuracy"], published["version"], decision["status"])
-    if decision["status"] == "rejected" and decision["decided_now"]:
-        from flows.alerts import notify, webhook_url as alert_url
-
-        notify(webhook_url or alert_url(), "gate_rejected", model=model_name, version=published["version"],
-               test_accuracy=published["test_accuracy"], reason=decision["reason"])
+    alert_if_rejected(webhook_url, published, decision)
     return {"rows": rows, "report": str(folder / "report.md"), **published, "status": decision["status"],
             "reason": decision["reason"], "champion": decision["champion"]}
 
