@@ -7,6 +7,7 @@ whose message starts with the file name and says what is wrong.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +39,7 @@ class IDXHeader:
 
     @property
     def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+        return math.prod(self.shape) * self.dtype.itemsize  # exact: no int64 overflow for huge dims
 
 
 def read_header(path: str | os.PathLike) -> IDXHeader:
@@ -77,7 +78,7 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     h = read_header(path)
     with open(path, "rb") as f:
         f.seek(h.offset)
-        data = np.fromfile(f, dtype=h.dtype, count=int(np.prod(h.shape, dtype=np.int64)))
+        data = np.fromfile(f, dtype=h.dtype, count=math.prod(h.shape))
     return data.reshape(h.shape).astype(h.dtype.newbyteorder("="), copy=False)
 
 

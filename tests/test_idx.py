@@ -87,3 +87,9 @@ def test_mnist_pair_mismatches(tmp_path, make, message):
 
 def test_check_pair_uses_headers_only(tmp_path):
     assert check_mnist_pair(read_header(images(tmp_path, 5)), read_header(labels(tmp_path, [0] * 5))) == 5
+
+
+def test_absurd_dimensions_do_not_overflow(tmp_path):
+    path = raw(tmp_path, "huge", header(0x0E, [2**32 - 1] * 4) + b"\x00" * 8)
+    with pytest.raises(IDXError, match="huge: truncated"):
+        read_header(path)
