@@ -212,3 +212,24 @@ def published(first_run, tmp_path):
     for part in ("models", "data", "raw"):
         shutil.copytree(first_run[0] / part, home / part, symlinks=True)
     return home
+
+
+@pytest.fixture
+def receiver():
+    """A local webhook receiver: (url, list of the JSON bodies POSTed to it)."""
+    import json
+
+    got = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            got.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *a):
+            pass
+
+    server = _Server(Handler)
+    yield server.url + "hook", got
+    server.close()

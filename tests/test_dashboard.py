@@ -194,44 +194,23 @@ def test_bad_cron_is_one_line(server):
     assert r.returncode == 1 and r.stderr.strip() == "digitflow: error: --cron '61 3 * * *' is not a valid cron expression"
 
 
-def test_automations_alert_failures_and_rejections(server, mnist_server, tmp_path):
+def test_automations_alert_failures_and_rejections(server, mnist_server, tmp_path, receiver):
     """`digitflow alerts install` makes the server itself POST to a receiver on a failed run
     and on a gate rejection (Prefect automations + a webhook notification block)."""
-    import http.server
-    import json
-    import threading
-
-    got = []
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_POST(self):
-            got.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-            self.send_response(200)
-            self.end_headers()
-
-        def log_message(self, *a):
-            pass
-
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True).start()
-    try:
-        hook = f"http://127.0.0.1:{httpd.server_address[1]}/hook"
-        r = digitflow("alerts", "install", "--webhook", hook, url=server)
-        assert r.stdout.count("automation ") == 2
-        home = str(tmp_path / "home")
-        failed = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--home", home, "--mirror", mnist_server,
-                                 "--preset", "fast", "--lr", "10000"], cwd=REPO, env=env_for(server),
-                                capture_output=True, text=True, timeout=300)
-        assert failed.returncode == 1
-        digitflow("run", "--home", home, "--mirror", mnist_server, "--preset", "fast", "--floor", "0.999", url=server)
-        deadline = time.monotonic() + 60
-        while len(got) < 2 and time.monotonic() < deadline:
-            time.sleep(0.5)
-        subjects = sorted(g["subject"] for g in got)
-        assert subjects == ["digitflow model rejected", "digitflow run failed"], got
-        bodies = {g["subject"]: g["body"] for g in got}
-        assert "training diverged" in bodies["digitflow run failed"]
-        assert "mnist-mlp v1 was rejected: test accuracy" in bodies["digitflow model rejected"]
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
+    hook, got = receiver
+    r = digitflow("alerts", "install", "--webhook", hook, url=server)
+    assert r.stdout.count("automation ") == 2
+    home = str(tmp_path / "home")
+    failed = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--home", home, "--mirror", mnist_server,
+                             "--preset", "fast", "--lr", "10000"], cwd=REPO, env=env_for(server),
+                            capture_output=True, text=True, timeout=300)
+    assert failed.returncode == 1
+    digitflow("run", "--home", home, "--mirror", mnist_server, "--preset", "fast", "--floor", "0.999", url=server)
+    deadline = time.monotonic() + 60
+    while len(got) < 2 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    subjects = sorted(g["subject"] for g in got)
+    assert subjects == ["digitflow model rejected", "digitflow run failed"], got
+    bodies = {g["subject"]: g["body"] for g in got}
+    assert "training diverged" in bodies["digitflow run failed"]
+    assert "mnist-mlp v1 was rejected: test accuracy" in bodies["digitflow model rejected"]

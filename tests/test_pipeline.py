@@ -206,30 +206,6 @@ def test_cli_evaluate_and_train(home, api_url):
 
 # ---- alerts ------------------------------------------------------------------------
 
-@pytest.fixture
-def receiver():
-    """A local webhook receiver that records the JSON bodies POSTed to it."""
-    import http.server
-    import threading
-
-    got = []
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_POST(self):
-            got.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-            self.send_response(204)
-            self.end_headers()
-
-        def log_message(self, *a):
-            pass
-
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True).start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}/hook", got
-    httpd.shutdown()
-    httpd.server_close()
-
-
 def test_gate_rejection_is_alerted_once(published, mnist_server, receiver):
     url, got = receiver
     summary = retrain(home=str(published), mirrors=[mnist_server], preset="fast", overrides={"seed": 5},
