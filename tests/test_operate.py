@@ -105,6 +105,14 @@ def test_predict_png_dark_on_white_upscaled(published, mnist_dir, tmp_path):
     assert right >= 18, out
     text = cli("predict", paths[0], "--home", str(published), "--model", "v1").stdout
     assert text.startswith(f"{paths[0]}: 7 (")
+    # JPEG, RGB, a different size and light-on-dark: the same preparation applies.
+    jpegs = []
+    for i in range(5):
+        path = tmp_path / f"digit-{i}.jpg"
+        Image.fromarray(x[i]).convert("RGB").resize((90, 90), Image.Resampling.BICUBIC).save(path, quality=90)
+        jpegs.append(str(path))
+    out = json.loads(cli("predict", *jpegs, "--home", str(published), "--json").stdout)
+    assert sum(o["digit"] == label for o, label in zip(out, TEST_LABELS)) >= 4
 
 
 def test_predict_idx_file(published, tmp_path):
