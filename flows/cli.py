@@ -40,10 +40,28 @@ def progress_display():
             view.update(bars[name], completed=done)
 
         hook.set_hook(update)
+        # Prefect's log lines go through the same console, so they print above the bars
+        # instead of tearing through them.
+        handlers = _prefect_console_handlers()
+        saved = {h: h.console for h in handlers}
+        for h in handlers:
+            h.console = console
         try:
             yield
         finally:
             hook.set_hook(None)
+            for h, original in saved.items():
+                h.console = original
+
+
+def _prefect_console_handlers() -> list:
+    import logging
+
+    import prefect  # noqa: F401  (configures Prefect's logging)
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    loggers = [logging.getLogger()] + [logging.getLogger(n) for n in list(logging.root.manager.loggerDict)]
+    return list({h for lg in loggers for h in lg.handlers if isinstance(h, PrefectConsoleHandler)})
 
 
 def hyperparameter_overrides(hidden, activation, optimizer, lr, momentum, batch_size, epochs, l2, dropout,
