@@ -36,6 +36,28 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike) -> Iterator[None]:
+    """An exclusive advisory lock (flock) on ``path``; the kernel releases it if we die."""
+    import fcntl
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def remove_leftovers(target: Path) -> None:
+    """Remove staging/old folders a crashed writer of ``target`` left beside it (hold the lock)."""
+    for pattern in (f".{target.name}.staging-*", f".{target.name}.old-*"):
+        for p in target.parent.glob(pattern):
+            shutil.rmtree(p, ignore_errors=True)
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -12,18 +12,16 @@ crash leaves at most a hidden staging folder, which the next publish clears away
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import getpass
 import os
 import re
 import shutil
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 from storage import DigitflowError
-from storage.atomic import fsync_dir, make_staging_dir, read_json, write_json
+from storage.atomic import file_lock, fsync_dir, make_staging_dir, read_json, write_json
 
 DEFAULT_NAME = "mnist-mlp"
 ALIASES = ("latest", "champion")
@@ -113,15 +111,8 @@ class Registry:
 
     # ---- writing ----------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def lock(self) -> Iterator[None]:
-        self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.root / ".lock", "a+") as f:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+    def lock(self):
+        return file_lock(self.root / ".lock")
 
     def publish(self, digest: str, build: Callable[[Path, int], dict]) -> tuple[int, bool]:
         """Publish a new version unless one with the same weights digest exists.

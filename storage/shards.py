@@ -21,7 +21,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from storage import DigitflowError
-from storage.atomic import make_staging_dir, read_json, sha256_file, swap_dir, write_json
+from storage.atomic import (file_lock, make_staging_dir, read_json, remove_leftovers, sha256_file, swap_dir,
+                            write_json)
 from storage.idx import read_mnist
 
 FORMAT_VERSION = 1
@@ -56,10 +57,17 @@ def write_split(images_path, labels_path, out_dir, *, split: str, rows_per_shard
     if rows_per_shard < 1:
         raise ShardError(f"rows_per_shard must be a positive integer, got {rows_per_shard}")
     images, labels = read_mnist(images_path, labels_path)
+    out_dir = Path(out_dir)
+    # One writer per split at a time (two concurrent ingests into one home would otherwise
+    # race on the directory swap); a crashed writer's leftovers are cleared under the lock.
+    with file_lock(out_dir.parent / f".{out_dir.name}.lock"):
+        remove_leftovers(out_dir)
+        return _write_split(images, labels, out_dir, split, rows_per_shard, source)
+
+
+def _write_split(images, labels, out_dir: Path, split: str, rows_per_shard: int, source: dict | None) -> dict:
     n = len(labels)
     flat = images.reshape(n, PIXELS)
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = make_staging_dir(out_dir)
     file_meta = {
         "format_version": FORMAT_VERSION,

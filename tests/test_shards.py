@@ -82,7 +82,7 @@ def test_rewrite_with_new_layout_leaves_no_stale_shards(tmp_path, pair):
     write_split(ip, lp, tmp_path / "s", split="test", rows_per_shard=20)
     assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["manifest.json", "part-00000.parquet",
                                                                    "part-00001.parquet"]
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == [".s.lock"]  # no staging left
     assert is_current(tmp_path / "s", rows_per_shard=20, source={})
     assert not is_current(tmp_path / "s", rows_per_shard=5, source={})
 
@@ -104,7 +104,7 @@ def test_crash_mid_write_keeps_the_old_split(tmp_path, pair, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         write_split(ip, lp, tmp_path / "s", split="test", rows_per_shard=5)
     assert {p.name: p.read_bytes() for p in (tmp_path / "s").iterdir()} == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["imgs", "lbls", "s"]  # no staging left
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".s.lock", "imgs", "lbls", "s"]  # no staging left
 
 
 def test_bad_labels_write_nothing(tmp_path):
@@ -118,3 +118,27 @@ def test_bad_labels_write_nothing(tmp_path):
 def test_rows_per_shard_must_be_positive(tmp_path, pair):
     with pytest.raises(ShardError, match="rows_per_shard must be a positive integer, got 0"):
         write_split(pair[0], pair[1], tmp_path / "s", split="train", rows_per_shard=0)
+
+
+def test_a_crashed_writers_leftovers_are_cleared(tmp_path, pair):
+    ip, lp, *_ = pair
+    (tmp_path / ".s.staging-abc123").mkdir()
+    (tmp_path / ".s.staging-abc123" / "part-00000.parquet").write_bytes(b"half")
+    (tmp_path / ".s.old-4242").mkdir()
+    (tmp_path / ".other.staging-x").mkdir()  # another split's: not ours to touch
+    write_split(ip, lp, tmp_path / "s", split="test", rows_per_shard=10)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == [".other.staging-x", ".s.lock"]
+
+
+def test_concurrent_writers_of_one_split(tmp_path, pair):
+    """Two writers at once (threads here; processes take the same flock) both succeed."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    ip, lp, *_ = pair
+    with ThreadPoolExecutor(4) as pool:
+        manifests = list(pool.map(lambda n: write_split(ip, lp, tmp_path / "s", split="test", rows_per_shard=n),
+                                  [5, 10, 5, 10]))
+    assert [m["rows_per_shard"] for m in manifests] == [5, 10, 5, 10]
+    final = load_manifest(tmp_path / "s")["rows_per_shard"]
+    assert len(list((tmp_path / "s").glob("*.parquet"))) == {5: 5, 10: 3}[final]  # one layout, not a mix
+    read_split(tmp_path / "s")  # consistent: every shard matches the manifest
