@@ -22,7 +22,7 @@ import nn
 from nn.metrics import classification_report
 from storage import DigitflowError
 from storage import report as report_files
-from storage.atomic import make_staging_dir, sha256_file, write_json
+from storage.atomic import file_lock, make_staging_dir, remove_leftovers, sha256_file, swap_dir, write_json
 from storage.registry import Registry, gate as gate_rule, now
 from storage.shards import read_split
 from tasks import progress
@@ -106,16 +106,17 @@ def _train(train: dict, hyperparameters: dict, home: str, progress_key: str) -> 
     update_progress_artifact(artifact, 100.0)
     out = training_dir(home, train, hyperparameters)
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = make_staging_dir(out)
-    try:
-        nn.save(model, staging)
-        write_json(staging / "training.json", {"history": history.epochs, "hyperparameters": hp.to_dict(),
-                                               "train_manifest_sha256": train["sha256"]})
-        shutil.rmtree(out, ignore_errors=True)  # an incomplete earlier attempt
-        staging.rename(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    with file_lock(out.parent / f".{out.name}.lock"):  # a crashed run's staging is cleared here
+        remove_leftovers(out)
+        staging = make_staging_dir(out)
+        try:
+            nn.save(model, staging)
+            write_json(staging / "training.json", {"history": history.epochs, "hyperparameters": hp.to_dict(),
+                                                   "train_manifest_sha256": train["sha256"]})
+            swap_dir(staging, out)  # replaces an incomplete earlier attempt, never shows a partial one
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
     digest = nn.digest(model)
     log.info("trained in %.1f s; weights %s…", seconds, digest[:16])
     return {"dir": str(out), "weights_sha256": digest, "history": history.epochs, "best_epoch": history.best_epoch,
