@@ -8,7 +8,6 @@ from typing import Optional
 import typer
 
 from flows.cli_common import HOME, MODEL_NAME, one_line_errors
-from storage import DigitflowError
 from storage.config import resolve_home
 from storage.registry import Registry
 

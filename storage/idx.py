@@ -82,11 +82,25 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     return data.reshape(h.shape).astype(h.dtype.newbyteorder("="), copy=False)
 
 
+def check_mnist_images(images: IDXHeader, name: str | None = None) -> int:
+    """Check a header describes MNIST images, (n, 28, 28) uint8; return n."""
+    if images.dtype != np.uint8 or len(images.shape) != 3 or images.shape[1:] != (28, 28):
+        raise IDXError(f"{name or Path(images.path).name}: expected uint8 images of shape (n, 28, 28), "
+                       f"got {images.dtype} {images.shape}")
+    return images.shape[0]
+
+
+def check_label_range(labels: np.ndarray, name: str) -> None:
+    """Every label must be a digit 0..9."""
+    if labels.size and labels.max() > 9:
+        bad = int(np.argmax(labels > 9))
+        raise IDXError(f"{name}: label {labels[bad]} at index {bad} is outside 0..9")
+
+
 def check_mnist_pair(images: IDXHeader, labels: IDXHeader) -> int:
     """Validate an MNIST images/labels pair by their headers; return the row count."""
     iname, lname = Path(images.path).name, Path(labels.path).name
-    if images.dtype != np.uint8 or len(images.shape) != 3 or images.shape[1:] != (28, 28):
-        raise IDXError(f"{iname}: expected uint8 images of shape (n, 28, 28), got {images.dtype} {images.shape}")
+    check_mnist_images(images)
     if labels.dtype != np.uint8 or len(labels.shape) != 1:
         raise IDXError(f"{lname}: expected uint8 labels of shape (n,), got {labels.dtype} {labels.shape}")
     if images.shape[0] != labels.shape[0]:
@@ -98,9 +112,7 @@ def read_mnist(images_path, labels_path) -> tuple[np.ndarray, np.ndarray]:
     """Read and validate an MNIST pair: (n, 28, 28) uint8 images, (n,) uint8 labels in 0..9."""
     check_mnist_pair(read_header(images_path), read_header(labels_path))
     images, labels = read_idx(images_path), read_idx(labels_path)
-    if labels.size and labels.max() > 9:
-        bad = int(np.argmax(labels > 9))
-        raise IDXError(f"{Path(labels_path).name}: label {labels[bad]} at index {bad} is outside 0..9")
+    check_label_range(labels, Path(labels_path).name)
     return images, labels
 
 

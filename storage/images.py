@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from storage import DigitflowError
-from storage.idx import IDXError, read_idx
+from storage.idx import IDXError, check_mnist_images, read_header, read_idx
 
 
 class ImageError(DigitflowError):
@@ -79,7 +79,7 @@ def is_idx(path: Path) -> bool:
     return len(head) == 4 and head[:2] == b"\x00\x00" and head[2] == 0x08 and head[3] == 3
 
 
-def read_idx_images(path: Path, max_bytes: int = 1 << 31) -> np.ndarray:
+def read_idx_images(path: Path, max_bytes: int = 1 << 31, name: str | None = None) -> np.ndarray:
     """(n, 784) pixels/255 from an IDX3 image file (raw or gzipped)."""
     if open(path, "rb").read(2) == b"\x1f\x8b":
         import tempfile
@@ -91,11 +91,9 @@ def read_idx_images(path: Path, max_bytes: int = 1 << 31) -> np.ndarray:
                         raise IDXError(f"{path.name}: decompresses past {max_bytes} bytes")
                     tmp.write(chunk)
             tmp.flush()
-            images = read_idx(tmp.name)
-    else:
-        images = read_idx(path)
-    if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != (28, 28):
-        raise IDXError(f"{path.name}: expected uint8 images of shape (n, 28, 28), got {images.dtype} {images.shape}")
+            return read_idx_images(Path(tmp.name), name=path.name)
+    check_mnist_images(read_header(path), name or path.name)  # before reading the data
+    images = read_idx(path)
     return images.reshape(len(images), 784).astype(np.float32) / np.float32(255)
 
 

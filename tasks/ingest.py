@@ -10,7 +10,7 @@ from prefect import get_run_logger, task
 from storage import shards
 from storage.atomic import read_json, sha256_file
 from storage.download import TransientDownloadError, fetch_verified
-from storage.idx import IDXError, check_mnist_pair, read_header, read_idx
+from storage.idx import IDXError, check_label_range, check_mnist_pair, read_header, read_idx
 from storage.mnist import FILES
 from tasks import progress
 from tasks.common import CACHED, content_key
@@ -81,9 +81,7 @@ def verify(ref: dict) -> dict:
 def parse(split: str, images: dict, labels: dict) -> dict:
     """Validate a verified images/labels pair: headers, shapes, counts, label range."""
     rows = check_mnist_pair(read_header(images["path"]), read_header(labels["path"]))
-    y = read_idx(labels["path"])
-    if y.size and y.max() > 9:
-        raise IDXError(f"{Path(labels['path']).name}: label {int(y.max())} is outside 0..9")
+    check_label_range(read_idx(labels["path"]), Path(labels["path"]).name)
     get_run_logger().info("%s: %d images of 28×28 with labels, valid", split, rows)
     return {"split": split, "rows": rows}
 

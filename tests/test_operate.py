@@ -173,3 +173,17 @@ def test_onnx_export_matches_numpy(published, tmp_path):
     np.testing.assert_allclose(got, want, atol=1e-5)
     ops = {n.op_type for n in __import__("onnx").load(str(out)).graph.node}
     assert {"Gemm", "Relu", "Softmax"} <= ops
+
+
+def test_idx_input_that_is_not_images_is_named(tmp_path):
+    import gzip as gz
+
+    from storage.idx import IDXError, write_idx
+    from storage.images import read_idx_images
+
+    write_idx(tmp_path / "labels.idx", np.zeros((4, 28), np.uint8))
+    with pytest.raises(IDXError, match=r"labels.idx: expected uint8 images of shape \(n, 28, 28\)"):
+        read_idx_images(tmp_path / "labels.idx")
+    (tmp_path / "labels.idx.gz").write_bytes(gz.compress((tmp_path / "labels.idx").read_bytes()))
+    with pytest.raises(IDXError, match=r"labels.idx.gz: expected uint8 images"):
+        read_idx_images(tmp_path / "labels.idx.gz")
