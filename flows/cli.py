@@ -174,7 +174,7 @@ def train(home: Optional[str] = HOME, preset: str = PRESET, hp: dict = None) -> 
     from prefect import flow
 
     from flows.pipeline import hyperparameters
-    from storage.shards import split_dir
+    from storage.shards import load_manifest, split_dir
     from tasks.ingest import manifest_ref
     from tasks.model import train as train_task
     from tasks.model import training_is_intact
@@ -182,9 +182,7 @@ def train(home: Optional[str] = HOME, preset: str = PRESET, hp: dict = None) -> 
     with one_line_errors():
         params = hyperparameters(preset, hp).to_dict()
         home = _start(home)
-        manifest = split_dir(home, "train") / "manifest.json"
-        if not manifest.is_file():
-            raise DigitflowError(f"{manifest}: no training data yet; run `digitflow ingest` first")
+        load_manifest(split_dir(home, "train"))  # no data yet: one line now, before Prefect starts
 
         @flow(name="mnist-train", flow_run_name=f"train-{preset}")
         def train_flow() -> dict:
@@ -206,7 +204,7 @@ def evaluate(model: str = typer.Option("champion", "--model", help="VERSION or a
     from prefect import flow
 
     from storage.registry import Registry
-    from storage.shards import split_dir
+    from storage.shards import load_manifest, split_dir
     from tasks.ingest import manifest_ref
     from tasks.model import evaluate as evaluate_task
 
@@ -214,9 +212,7 @@ def evaluate(model: str = typer.Option("champion", "--model", help="VERSION or a
         home = _start(home)
         registry = Registry(home, model_name)
         version = registry.resolve(model)
-        manifest = split_dir(home, "test") / "manifest.json"
-        if not manifest.is_file():
-            raise DigitflowError(f"{manifest}: no test data yet; run `digitflow ingest` first")
+        load_manifest(split_dir(home, "test"))  # no data yet: one line now, before Prefect starts
         digest = registry.metadata(version)["weights_sha256"]
 
         @flow(name="mnist-evaluate", flow_run_name=f"evaluate-v{version}")

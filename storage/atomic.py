@@ -52,7 +52,8 @@ def file_lock(path: str | os.PathLike) -> Iterator[None]:
 
 
 def remove_leftovers(target: Path) -> None:
-    """Remove staging/old folders a crashed writer of ``target`` left beside it (hold the lock)."""
+    """Remove staging/old folders a crashed writer of ``target`` left beside it (hold the lock).
+    ``target``'s name may be a glob pattern, e.g. ``models/x/v*`` for every version."""
     for pattern in (f".{target.name}.staging-*", f".{target.name}.old-*"):
         for p in target.parent.glob(pattern):
             shutil.rmtree(p, ignore_errors=True)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 from storage import DigitflowError
-from storage.atomic import file_lock, fsync_dir, make_staging_dir, read_json, write_json
+from storage.atomic import file_lock, fsync_dir, make_staging_dir, read_json, remove_leftovers, write_json
 
 DEFAULT_NAME = "mnist-mlp"
 ALIASES = ("latest", "champion")
@@ -124,7 +124,7 @@ class Registry:
             existing = self.find_digest(digest)
             if existing is not None:
                 return existing, False
-            self._clear_staging()
+            remove_leftovers(self.root / "v*")  # a crashed publisher's staging folder
             version = max(self.versions(), default=0) + 1
             staging = make_staging_dir(self.path(version))
             try:
@@ -141,10 +141,6 @@ class Registry:
                 raise
             self._set_aliases(latest=version)
             return version, True
-
-    def _clear_staging(self) -> None:
-        for p in self.root.glob(".v*.staging-*"):
-            shutil.rmtree(p, ignore_errors=True)
 
     def _set_aliases(self, **moves: int) -> None:
         aliases = self.aliases()

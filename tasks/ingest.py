@@ -8,7 +8,7 @@ from pathlib import Path
 from prefect import get_run_logger, task
 
 from storage import shards
-from storage.atomic import read_json, sha256_file
+from storage.atomic import sha256_file
 from storage.download import TransientDownloadError, fetch_verified
 from storage.idx import IDXError, check_label_range, check_mnist_pair, read_header, read_idx
 from storage.mnist import FILES
@@ -104,6 +104,6 @@ def write_shards(split: str, images: dict, labels: dict, out_dir: str, rows_per_
 
 def manifest_ref(out_dir: str) -> dict:
     path = Path(out_dir) / shards.MANIFEST
-    manifest = read_json(path)
+    manifest = shards.load_manifest(out_dir)
     return {"split": manifest["split"], "dir": str(out_dir), "manifest": str(path),
             "sha256": sha256_file(path), "rows": manifest["rows"], "shards": len(manifest["shards"])}

@@ -231,3 +231,15 @@ def test_unreachable_webhook_is_not_fatal(published, mnist_server):
     summary = retrain(home=str(published), mirrors=[mnist_server], preset="fast", overrides={"seed": 7},
                       floor=0.999, webhook_url="http://127.0.0.1:9/nowhere")
     assert summary["status"] == "rejected"
+
+
+def test_cli_train_and_evaluate_without_data(tmp_path):
+    def run(*args):
+        r = subprocess.run([sys.executable, "-m", "flows.cli", *args, "--home", str(tmp_path)], cwd=REPO,
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 1
+        return r.stderr.strip().splitlines()[-1]
+
+    manifest = tmp_path / "data" / "mnist" / "train" / "manifest.json"
+    assert run("train") == f"digitflow: error: {manifest}: no manifest (run `digitflow ingest` first)"
+    assert run("evaluate", "--model", "1") == "digitflow: error: model 'mnist-mlp' has no version 1 (has none)"
