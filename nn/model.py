@@ -73,7 +73,8 @@ class Sequential:
         out = np.empty((len(pixels01), self.dense_layers[-1].n_out), self.dtype)
         chunk = np.empty((min(batch_size, len(pixels01)), pixels01.shape[1]), self.dtype)
         for i in range(0, len(pixels01), batch_size):
-            x = self.preprocess(pixels01[i:i + batch_size], out=chunk[: len(pixels01[i:i + batch_size])])
+            part = pixels01[i:i + batch_size]
+            x = self.preprocess(part, out=chunk[: len(part)])
             out[i:i + len(x)] = softmax(self.forward(x, training=False))
         return out
 
