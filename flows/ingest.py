@@ -19,6 +19,7 @@ def ingest(
     timeout: float = 30.0,
     retries: int = 3,
     retry_delay: float = 2.0,
+    deadline: float | None = None,
 ) -> dict[str, dict]:
     """Make ``<home>/data/mnist/{train,test}`` hold verified, normalized Parquet shards.
 
@@ -31,19 +32,21 @@ def ingest(
     raw_dir = str(home / "raw" / "mnist")
     names = [file_for(split, kind).name for split in SPLITS for kind in ("images", "labels")]
 
-    # 1. Download the four archives concurrently; a cached download whose file has gone
-    #    missing is refreshed. Transient failures retry with exponential backoff.
+    # 1. Download the four archives concurrently; a cached download whose file is missing or
+    #    no longer hashes to its pin is refreshed (fetched again). Transient failures retry
+    #    with exponential backoff; each mirror gets ``deadline`` seconds per file.
     fetches = {
         name: download.with_options(
             retries=retries,
             retry_delay_seconds=[retry_delay * 2**i for i in range(retries)],
             refresh_cache=not download_is_intact(name, raw_dir),
-        ).submit(name, mirrors, raw_dir, timeout)
+        ).submit(name, mirrors, raw_dir, timeout, deadline)
         for name in names
     }
     refs = {name: future.result() for name, future in fetches.items()}  # any failure stops here
 
-    # 2. Verify each local file against its pinned SHA-256: nothing unverified is parsed.
+    # 2. Verify each local file against its pinned SHA-256, every run: nothing unverified is
+    #    parsed (the parser checks the bytes it reads against this hash once more).
     checked = {name: verify.submit(ref) for name, ref in refs.items()}
     checked = {name: future.result() for name, future in checked.items()}
 
@@ -55,7 +58,8 @@ def ingest(
         parse(split, *pair(split))
 
     # 4. Write each split's shards + manifest (swapped in whole, never half-written). A cached
-    #    result whose directory no longer holds what it describes is refreshed.
+    #    result whose directory no longer verifies (manifest, coverage, every shard's SHA-256)
+    #    is refreshed: the split is rebuilt.
     manifests = {}
     for split in SPLITS:
         out_dir = str(split_dir(home, split))

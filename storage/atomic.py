@@ -59,6 +59,12 @@ def remove_leftovers(target: Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
+def remove_stale_temps(path: Path) -> None:
+    """Remove the temp files ``atomic_path(path)`` of a killed writer left (hold the lock)."""
+    for p in path.parent.glob(f".{path.name}.*.tmp"):
+        p.unlink(missing_ok=True)
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -6,7 +6,12 @@ bytes are hashed. Only content whose SHA-256 and size match the pin is moved int
 
 Failures are classified so the caller can decide about retries:
   - permanent for a mirror: 404 and other 4xx, wrong bytes, not gzip, a gzip bomb;
-  - transient: connection errors and resets, timeouts, truncated bodies, 5xx, 429.
+  - transient: connection errors and resets, timeouts, truncated bodies, 5xx, 429, a mirror
+    too slow to deliver the file within its overall deadline.
+Any other failure of one mirror (redirect loops, redirects to other schemes, invalid URLs,
+TLS errors, a ``file://`` path that is not a regular file) fails that mirror for good, and
+the next one is tried. User info in a mirror URL (``user:secret@``) is never written or
+logged: every URL that leaves this module passes through ``redact``.
 When every mirror fails and at least one failure was transient, ``TransientDownloadError``
 is raised (retry later, with backoff); otherwise ``DownloadError``.
 """
@@ -15,17 +20,21 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
+import stat
+import threading
+import time
 import zlib
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
-from urllib.parse import urlparse
+from urllib.parse import urlparse, urlsplit, urlunsplit
 from urllib.request import url2pathname
 
 import requests
 import urllib3
 
 from storage import DigitflowError
-from storage.atomic import CHUNK, atomic_path, read_json, sha256_file, write_json
+from storage.atomic import CHUNK, atomic_path, file_lock, read_json, remove_stale_temps, sha256_file, write_json
 from storage.mnist import MnistFile
 
 Progress = Callable[[str, int, int | None], None]  # (file name, bytes so far, total or None)
@@ -49,6 +58,26 @@ def mirror_url(mirror: str, name: str) -> str:
     return mirror.rstrip("/") + "/" + name
 
 
+def redact(url: str) -> str:
+    """``url`` without its user info: ``http://user:secret@host/`` → ``http://***@host/``."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return re.sub(r"//[^/@]*@", "//***@", url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]))
+
+
+# A mirror slower than this (bytes/s of archive) is abandoned: the per-file deadline is the
+# read timeout plus the canonical archive's size at this rate (≈ 3.5 min for the largest file).
+MIN_RATE = 50_000
+
+
+def default_deadline(spec: MnistFile, timeout: float) -> float:
+    return timeout + spec.archive_size / MIN_RATE
+
+
 def is_verified(spec: MnistFile, path: Path) -> bool:
     """True if ``path`` holds exactly the pinned decompressed content."""
     try:
@@ -65,37 +94,49 @@ def fetch_verified(
     dest_dir: str | os.PathLike,
     *,
     timeout: float = 30.0,
+    deadline: float | None = None,
     progress: Progress | None = None,
     session: requests.Session | None = None,
 ) -> dict:
     """Make ``dest_dir/<idx name>`` hold the verified IDX file; return its provenance.
 
-    A file already present and verified is not fetched again.
+    A file already present and verified is not fetched again. ``timeout`` bounds each wait
+    for the mirror; ``deadline`` (default: ``default_deadline``) bounds each mirror's whole
+    transfer of this file.
     """
     dest = Path(dest_dir) / spec.idx_name
     sidecar = dest.with_name(dest.name + ".json")
-    if is_verified(spec, dest):
-        info = read_json(sidecar) if sidecar.exists() else {}
-        return _record(spec, dest, info.get("mirror"), info.get("archive_sha256"), fetched=False)
-    if not mirrors:
-        raise DownloadError(f"{spec.name}: no mirror configured")
+    deadline = default_deadline(spec, timeout) if deadline is None else deadline
+    # One downloader per file; temp files a killed downloader left are cleared under the lock.
+    with file_lock(dest.with_name(f".{dest.name}.lock")):
+        remove_stale_temps(dest)
+        remove_stale_temps(sidecar)
+        if is_verified(spec, dest):
+            try:
+                info = read_json(sidecar)
+            except (OSError, ValueError):
+                info = {}
+            return _record(spec, dest, info.get("mirror"), info.get("archive_sha256"), fetched=False)
+        if not mirrors:
+            raise DownloadError(f"{spec.name}: no mirror configured (pass --mirror URL or set DIGITFLOW_MIRRORS)")
 
-    session = session or requests.Session()
-    failures: list[str] = []
-    transient = False
-    for mirror in mirrors:
-        url = mirror_url(mirror, spec.name)
-        try:
-            with atomic_path(dest) as tmp:
-                archive_sha = _stream_into(spec, url, tmp, timeout, progress, session)
-            record = _record(spec, dest, url, archive_sha, fetched=True)
-            write_json(sidecar, record)
-            return record
-        except _MirrorFailure as e:
-            failures.append(f"{url}: {e}")
-            transient |= e.transient
+        session = session or requests.Session()
+        failures: list[str] = []
+        transient = False
+        for mirror in mirrors:
+            url = mirror_url(mirror, spec.name)
+            try:
+                with atomic_path(dest) as tmp:
+                    archive_sha = _stream_into(spec, url, tmp, timeout, deadline, progress, session)
+                record = _record(spec, dest, url, archive_sha, fetched=True)
+                write_json(sidecar, record)
+                return record
+            except _MirrorFailure as e:
+                failures.append(f"{redact(url)}: {e}")
+                transient |= e.transient
     error = TransientDownloadError if transient else DownloadError
-    raise error(f"{spec.name}: no mirror served verified bytes ({'; '.join(failures)})")
+    raise error(f"{spec.name}: no mirror served verified bytes ({'; '.join(failures)}); "
+                "try another mirror with --mirror URL or DIGITFLOW_MIRRORS")
 
 
 def _record(spec: MnistFile, dest: Path, url, archive_sha, *, fetched: bool) -> dict:
@@ -104,24 +145,50 @@ def _record(spec: MnistFile, dest: Path, url, archive_sha, *, fetched: bool) -> 
         "path": str(dest),
         "sha256": spec.idx_sha256,
         "size": spec.idx_size,
-        "mirror": url,
+        "mirror": redact(url) if url else url,
         "archive_sha256": archive_sha,
         "archive_canonical": archive_sha == spec.archive_sha256,
         "fetched": fetched,
     }
 
 
-def _stream_into(spec, url, tmp: Path, timeout, progress, session) -> str:
+class _Deadline:
+    """Closes the transfer when the mirror's time for this file is up, even mid-read."""
+
+    def __init__(self, seconds: float, close: Callable[[], None]):
+        self.seconds, self.expired = seconds, False
+
+        def fire():
+            self.expired = True
+            close()
+
+        self._timer = threading.Timer(seconds, fire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+
+    def failure(self) -> "_MirrorFailure":
+        return _MirrorFailure(f"too slow: not done within the {self.seconds:g}s deadline for this file", True)
+
+
+def _stream_into(spec, url, tmp: Path, timeout, deadline, progress, session) -> str:
     """Download ``url`` into ``tmp`` (decompressed), verify, return the archive SHA-256."""
     archive_hash, idx_hash = hashlib.sha256(), hashlib.sha256()
     inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)
     archive_bytes = idx_bytes = 0
-    chunks, total = _open(url, timeout, session)
+    started = time.monotonic()
+    chunks, total, close = _open(url, timeout, session)
     if total is not None and total > spec.max_archive_bytes:
+        close()
         raise _MirrorFailure(f"archive of {total} bytes exceeds the {spec.max_archive_bytes} bound", False)
+    watchdog = _Deadline(max(0.0, deadline - (time.monotonic() - started)), close)
     try:
         with open(tmp, "wb") as out:
             for chunk in chunks:
+                if watchdog.expired:
+                    raise watchdog.failure()
                 archive_bytes += len(chunk)
                 if archive_bytes > spec.max_archive_bytes:
                     raise _MirrorFailure(f"archive exceeds the {spec.max_archive_bytes}-byte bound", False)
@@ -149,8 +216,19 @@ def _stream_into(spec, url, tmp: Path, timeout, progress, session) -> str:
         raise _MirrorFailure(f"not a valid gzip stream ({e})", False) from None
     except (requests.exceptions.Timeout, urllib3.exceptions.TimeoutError, TimeoutError):
         raise _MirrorFailure(f"timed out after {timeout:g}s while reading", True) from None
-    except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError, ConnectionError) as e:
+    except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError, ConnectionError, ValueError) as e:
+        if watchdog.expired:
+            raise watchdog.failure() from None
         raise _MirrorFailure(f"connection broken after {archive_bytes} bytes ({type(e).__name__})", True) from None
+    except Exception:
+        if watchdog.expired:  # the closed response failed in some other way mid-read
+            raise watchdog.failure() from None
+        raise
+    finally:
+        watchdog.cancel()
+        close()
+    if watchdog.expired:
+        raise watchdog.failure()
     if total is not None and archive_bytes != total:
         raise _MirrorFailure(f"truncated body: {archive_bytes} of {total} bytes", True)
     if not inflate.eof:
@@ -163,36 +241,61 @@ def _stream_into(spec, url, tmp: Path, timeout, progress, session) -> str:
     return archive_hash.hexdigest()
 
 
-def _open(url: str, timeout: float, session: requests.Session) -> tuple[Iterator[bytes], int | None]:
-    parsed = urlparse(url)
+def _open(url: str, timeout: float, session: requests.Session
+          ) -> tuple[Iterator[bytes], int | None, Callable[[], None]]:
+    """(chunks, announced length or None, close) for ``url``; any failure is a _MirrorFailure."""
+    try:
+        parsed = urlparse(url)
+    except ValueError as e:
+        raise _MirrorFailure(f"invalid URL ({e})", False) from None
     if parsed.scheme == "file":
-        path = Path(url2pathname(parsed.path))
-        try:
-            f = open(path, "rb")
-        except FileNotFoundError:
-            raise _MirrorFailure("not found", False) from None
-        except OSError as e:
-            raise _MirrorFailure(f"cannot read ({e.strerror})", False) from None
-
-        def read() -> Iterator[bytes]:
-            with f:
-                while chunk := f.read(CHUNK):
-                    yield chunk
-
-        return read(), os.fstat(f.fileno()).st_size
+        return _open_file(Path(url2pathname(parsed.path)))
     if parsed.scheme not in ("http", "https"):
         raise _MirrorFailure(f"unsupported URL scheme {parsed.scheme!r}", False)
     try:
         r = session.get(url, stream=True, timeout=timeout)
+    except requests.exceptions.SSLError as e:
+        raise _MirrorFailure(f"TLS error ({type(e).__name__})", False) from None
     except requests.exceptions.Timeout:
         raise _MirrorFailure(f"timed out after {timeout:g}s", True) from None
     except requests.exceptions.ConnectionError as e:
         raise _MirrorFailure(f"connection failed ({type(e).__name__})", True) from None
+    except requests.exceptions.TooManyRedirects:
+        raise _MirrorFailure("too many redirects (a redirect loop?)", False) from None
+    except (requests.exceptions.InvalidSchema, requests.exceptions.MissingSchema):
+        raise _MirrorFailure("redirected to a URL that is not http(s)", False) from None
+    except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError, ValueError) as e:
+        raise _MirrorFailure(f"request failed ({type(e).__name__})", False) from None
     if r.status_code != 200:
         r.close()
         transient = r.status_code == 429 or r.status_code >= 500
         raise _MirrorFailure(f"HTTP {r.status_code}", transient)
     length = r.headers.get("Content-Length")
-    # Ask for the raw bytes: a server that adds Content-Encoding must not make requests
-    # inflate our archive behind the bound.
-    return r.raw.stream(CHUNK, decode_content=False), int(length) if length and length.isdigit() else None
+
+    def chunks() -> Iterator[bytes]:
+        # Raw bytes (a server that adds Content-Encoding must not make requests inflate our
+        # archive behind the bound), and whatever has arrived (read1), so the deadline is
+        # checked between reads even when a mirror trickles.
+        while chunk := r.raw.read1(CHUNK, decode_content=False):
+            yield chunk
+
+    return chunks(), int(length) if length and length.isdigit() else None, r.close
+
+
+def _open_file(path: Path) -> tuple[Iterator[bytes], int | None, Callable[[], None]]:
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        raise _MirrorFailure("not found", False) from None
+    except OSError as e:
+        raise _MirrorFailure(f"cannot read ({e.strerror})", False) from None
+    st = os.fstat(f.fileno())
+    if not stat.S_ISREG(st.st_mode):
+        f.close()
+        raise _MirrorFailure("not a regular file", False)
+
+    def chunks() -> Iterator[bytes]:
+        while chunk := f.read(CHUNK):
+            yield chunk
+
+    return chunks(), st.st_size, f.close

@@ -7,6 +7,8 @@ whose message starts with the file name and says what is wrong.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import math
 import os
 from dataclasses import dataclass
@@ -45,23 +47,27 @@ class IDXHeader:
 def read_header(path: str | os.PathLike) -> IDXHeader:
     """Parse and validate the header, and check the file is exactly as long as it says."""
     path = Path(path)
-    name = path.name
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
-            head = f.read(4)
-            if len(head) < 4:
-                raise IDXError(f"{name}: too short for an IDX header ({size} bytes)")
-            if head[0] != 0 or head[1] != 0:
-                raise IDXError(f"{name}: bad magic number 0x{head.hex()} (the first two bytes must be zero)")
-            code, ndim = head[2], head[3]
-            if code not in DTYPES:
-                raise IDXError(f"{name}: unknown dtype code 0x{code:02x}")
-            if ndim == 0:
-                raise IDXError(f"{name}: zero dimensions")
-            dims_raw = f.read(4 * ndim)
+            return _parse_header(path, f, size)
     except FileNotFoundError:
-        raise IDXError(f"{name}: no such file ({path})") from None
+        raise IDXError(f"{path.name}: no such file ({path})") from None
+
+
+def _parse_header(path: Path, f, size: int) -> IDXHeader:
+    name = path.name
+    head = f.read(4)
+    if len(head) < 4:
+        raise IDXError(f"{name}: too short for an IDX header ({size} bytes)")
+    if head[0] != 0 or head[1] != 0:
+        raise IDXError(f"{name}: bad magic number 0x{head.hex()} (the first two bytes must be zero)")
+    code, ndim = head[2], head[3]
+    if code not in DTYPES:
+        raise IDXError(f"{name}: unknown dtype code 0x{code:02x}")
+    if ndim == 0:
+        raise IDXError(f"{name}: zero dimensions")
+    dims_raw = f.read(4 * ndim)
     if len(dims_raw) < 4 * ndim:
         raise IDXError(f"{name}: header truncated: {ndim} dimensions announced, file is {size} bytes")
     shape = tuple(int(d) for d in np.frombuffer(dims_raw, ">u4"))
@@ -73,12 +79,29 @@ def read_header(path: str | os.PathLike) -> IDXHeader:
     return header
 
 
-def read_idx(path: str | os.PathLike) -> np.ndarray:
-    """Read a whole IDX file into a native-endian array of the header's shape."""
-    h = read_header(path)
-    with open(path, "rb") as f:
-        f.seek(h.offset)
-        data = np.fromfile(f, dtype=h.dtype, count=math.prod(h.shape))
+def read_idx(path: str | os.PathLike, sha256: str | None = None) -> np.ndarray:
+    """Read a whole IDX file into a native-endian array of the header's shape.
+
+    With ``sha256``, the bytes parsed are the bytes hashed: a file that does not match is
+    refused before any of it is parsed (no window between verifying and reading).
+    """
+    path = Path(path)
+    if sha256 is None:
+        h = read_header(path)
+        with open(path, "rb") as f:
+            f.seek(h.offset)
+            data = np.fromfile(f, dtype=h.dtype, count=math.prod(h.shape))
+    else:
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            raise IDXError(f"{path.name}: no such file ({path})") from None
+        digest = hashlib.sha256(raw).hexdigest()
+        if digest != sha256:
+            raise IDXError(f"{path}: SHA-256 {digest[:16]}… is not the verified {sha256[:16]}… (changed on disk; "
+                           "rerun `digitflow ingest` to repair it)")
+        h = _parse_header(path, io.BytesIO(raw), len(raw))
+        data = np.frombuffer(raw, dtype=h.dtype, count=math.prod(h.shape), offset=h.offset)
     return data.reshape(h.shape).astype(h.dtype.newbyteorder("="), copy=False)
 
 
@@ -108,10 +131,13 @@ def check_mnist_pair(images: IDXHeader, labels: IDXHeader) -> int:
     return images.shape[0]
 
 
-def read_mnist(images_path, labels_path) -> tuple[np.ndarray, np.ndarray]:
-    """Read and validate an MNIST pair: (n, 28, 28) uint8 images, (n,) uint8 labels in 0..9."""
+def read_mnist(images_path, labels_path, *, images_sha256: str | None = None,
+               labels_sha256: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Read and validate an MNIST pair: (n, 28, 28) uint8 images, (n,) uint8 labels in 0..9.
+
+    With the SHA-256s, each file's bytes are verified as they are read (see ``read_idx``)."""
     check_mnist_pair(read_header(images_path), read_header(labels_path))
-    images, labels = read_idx(images_path), read_idx(labels_path)
+    images, labels = read_idx(images_path, images_sha256), read_idx(labels_path, labels_sha256)
     check_label_range(labels, Path(labels_path).name)
     return images, labels
 

@@ -10,6 +10,7 @@ new one, never a mix and never a half-written file.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -56,7 +57,10 @@ def write_split(images_path, labels_path, out_dir, *, split: str, rows_per_shard
     """
     if rows_per_shard < 1:
         raise ShardError(f"rows_per_shard must be a positive integer, got {rows_per_shard}")
-    images, labels = read_mnist(images_path, labels_path)
+    source = source or {}
+    images, labels = read_mnist(images_path, labels_path,
+                                images_sha256=source.get("images", {}).get("sha256"),
+                                labels_sha256=source.get("labels", {}).get("sha256"))
     out_dir = Path(out_dir)
     # One writer per split at a time (two concurrent ingests into one home would otherwise
     # race on the directory swap); a crashed writer's leftovers are cleared under the lock.
@@ -123,14 +127,58 @@ def load_manifest(directory) -> dict:
     return manifest
 
 
-def is_current(directory, *, rows_per_shard: int, source: dict) -> bool:
-    """Cheap check (no hashing) that ``directory`` holds the split these settings would write:
-    its manifest has this layout and source, and every shard has its recorded size."""
-    directory = Path(directory)
+def check_coverage(manifest: dict, path) -> None:
+    """The manifest's shards must cover rows 0…N−1 exactly once, in order."""
     try:
-        manifest = load_manifest(directory)
-        return (manifest["rows_per_shard"] == rows_per_shard and manifest["source"] == source
-                and all((directory / s["file"]).stat().st_size == s["bytes"] for s in manifest["shards"]))
+        rows, entries = int(manifest["rows"]), manifest["shards"]
+        spans = [(int(s["first_index"]), int(s["rows"])) for s in entries]
+        names = [s["file"] for s in entries]
+        [str(s["sha256"]) for s in entries]
+    except (KeyError, TypeError, ValueError):
+        raise ShardError(f"{path}: manifest is missing fields (rows, shards: file, rows, first_index, sha256)") from None
+    if rows < 0 or any(r < 1 for _, r in spans) or len(set(names)) != len(names):
+        raise ShardError(f"{path}: manifest lists empty or repeated shards")
+    if any(not isinstance(n, str) or Path(n).name != n or not n.endswith(".parquet") for n in names):
+        raise ShardError(f"{path}: manifest names a shard outside its folder")
+    expected = 0
+    for first, count in spans:
+        if first != expected:
+            raise ShardError(f"{path}: shards do not cover rows 0…{rows - 1} exactly once "
+                             f"(row {expected} expected next, a shard starts at {first}); rerun `digitflow ingest`")
+        expected += count
+    if expected != rows:
+        raise ShardError(f"{path}: shards hold {expected} rows, the manifest says {rows}; rerun `digitflow ingest`")
+
+
+def check_shard_file(directory: Path, shard: dict) -> Path:
+    """The shard file exists and hashes to the manifest's SHA-256; return its path."""
+    path = directory / shard["file"]
+    try:
+        digest = sha256_file(path)
+    except FileNotFoundError:
+        raise ShardError(f"{path}: shard listed in the manifest is missing; rerun `digitflow ingest`") from None
+    if digest != shard["sha256"]:
+        raise ShardError(f"{path}: SHA-256 {digest[:16]}… does not match the manifest's "
+                         f"{shard['sha256'][:16]}… (corrupt shard; rerun `digitflow ingest` to rebuild it)")
+    return path
+
+
+def verify_split(directory) -> dict:
+    """Load the manifest, check its coverage and every shard's SHA-256; return the manifest."""
+    directory = Path(directory)
+    manifest = load_manifest(directory)
+    check_coverage(manifest, directory / MANIFEST)
+    for shard in manifest["shards"]:
+        check_shard_file(directory, shard)
+    return manifest
+
+
+def is_current(directory, *, rows_per_shard: int, source: dict) -> bool:
+    """``directory`` holds, verified, the split these settings would write: its manifest has
+    this layout and source, covers every row once, and every shard hashes to its record."""
+    try:
+        manifest = verify_split(directory)
+        return manifest["rows_per_shard"] == rows_per_shard and manifest["source"] == source
     except (ShardError, OSError, KeyError):
         return False
 
@@ -144,31 +192,46 @@ def source_of(images: dict, labels: dict) -> dict:
 def read_split(directory) -> tuple[np.ndarray, np.ndarray, dict]:
     """Read a split into ``(images (n, 784) float32, labels (n,) int64, manifest)``.
 
-    Each shard's SHA-256 is checked against the manifest before it is parsed.
+    The manifest must cover rows 0…N−1 exactly once; each shard's bytes are read once,
+    checked against the manifest's SHA-256 and only then parsed (from those same bytes); row
+    counts are checked against each verified file's footer before the arrays are allocated.
     """
     directory = Path(directory)
     manifest = load_manifest(directory)
+    check_coverage(manifest, directory / MANIFEST)
+
+    def load_one(shard) -> pa.Buffer:
+        path = directory / shard["file"]
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise ShardError(f"{path}: shard listed in the manifest is missing; rerun `digitflow ingest`") from None
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != shard["sha256"]:
+            raise ShardError(f"{path}: SHA-256 {digest[:16]}… does not match the manifest's "
+                             f"{shard['sha256'][:16]}… (corrupt shard; rerun `digitflow ingest` to rebuild it)")
+        buffer = pa.py_buffer(data)
+        rows = pq.read_metadata(pa.BufferReader(buffer)).num_rows
+        if rows != shard["rows"]:
+            raise ShardError(f"{path}: {rows} rows, the manifest says {shard['rows']}")
+        return buffer
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        buffers = list(pool.map(load_one, manifest["shards"]))
     n = manifest["rows"]
     images = np.empty((n, PIXELS), np.float32)
     labels = np.empty(n, np.int64)
 
-    def read_one(shard):
+    def decode(shard, buffer):
         path = directory / shard["file"]
-        try:
-            digest = sha256_file(path)
-        except FileNotFoundError:
-            raise ShardError(f"{path}: shard listed in the manifest is missing") from None
-        if digest != shard["sha256"]:
-            raise ShardError(f"{path}: SHA-256 {digest[:16]}… does not match the manifest's "
-                             f"{shard['sha256'][:16]}… (corrupt shard; rerun `digitflow ingest`)")
-        table = pq.read_table(path)
+        table = pq.read_table(pa.BufferReader(buffer))
         rows, start = shard["rows"], shard["first_index"]
-        if table.num_rows != rows:
-            raise ShardError(f"{path}: {table.num_rows} rows, manifest says {rows}")
+        if table.schema.remove_metadata() != SCHEMA:
+            raise ShardError(f"{path}: schema {table.schema.types} is not digitflow's {SCHEMA.types}")
         column = table.column("image").combine_chunks()
         images[start:start + rows] = column.values.to_numpy().reshape(rows, PIXELS)
         labels[start:start + rows] = table.column("label").to_numpy()
 
     with ThreadPoolExecutor(max_workers=2) as pool:
-        list(pool.map(read_one, manifest["shards"]))
+        list(pool.map(decode, manifest["shards"], buffers))
     return images, labels, manifest

@@ -7,6 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from storage import shards
+from storage.atomic import sha256_file
 from storage.idx import IDXError, write_idx
 from storage.shards import ShardError, is_current, load_manifest, read_split, write_split
 
@@ -26,7 +27,8 @@ def pair(tmp_path):
 def test_layout_schema_and_values(tmp_path, pair):
     ip, lp, x, y = pair
     out = tmp_path / "data" / "train"
-    manifest = write_split(ip, lp, out, split="train", rows_per_shard=10, source={"images": {"sha256": "ab"}})
+    source = {"images": {"sha256": sha256_file(ip)}}
+    manifest = write_split(ip, lp, out, split="train", rows_per_shard=10, source=source)
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "part-00000.parquet",
                                                      "part-00001.parquet", "part-00002.parquet"]
     assert [s["rows"] for s in manifest["shards"]] == [10, 10, 5]
@@ -36,8 +38,10 @@ def test_layout_schema_and_values(tmp_path, pair):
     pf = pq.ParquetFile(out / "part-00001.parquet")
     assert pf.metadata.row_group(0).column(0).compression == "ZSTD"
     meta = json.loads(pf.schema_arrow.metadata[b"digitflow"])
-    assert meta["format_version"] == 1 and meta["source"] == {"images": {"sha256": "ab"}}
+    assert meta["format_version"] == 1 and meta["source"] == source
     assert "255" in meta["normalization"] and meta["first_index"] == 10
+    with pytest.raises(IDXError, match="imgs: SHA-256 .* is not the verified"):  # nothing unverified is parsed
+        write_split(ip, lp, tmp_path / "other", split="train", source={"images": {"sha256": "0" * 64}})
     table = pf.read()
     assert str(table.schema.field("image").type) == "fixed_size_list<element: float not null>[784]"
     assert table.column("index").to_pylist() == list(range(10, 20))
