@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 from typing import List, Optional
 
 import typer
 
 import flows  # noqa: F401  (sets telemetry-off defaults before Prefect is imported)
+from flows import interrupt
 from flows.cli_common import (HOME, MIRRORS, MODEL_NAME, PRESET, RETRIES, ROWS, TIMEOUT, WEBHOOK, fail,
-                              one_line_errors)
+                              one_line_errors, quiet_expected_failures)
 from storage import DigitflowError
 from storage.config import resolve_home
 
@@ -114,8 +116,22 @@ def hp_options(f):
 
 
 def _start(home):
-    """Resolve the home (fails fast, before Prefect starts)."""
-    return str(resolve_home(home))
+    """Resolve the home (fails fast, before Prefect starts); keep Prefect's temporary server out
+    of reach of the terminal's Ctrl-C (see flows/interrupt.py)."""
+    home = str(resolve_home(home))
+    interrupt.detach_ephemeral_server()
+    return home
+
+
+def _mirrors(mirror: list[str] | None) -> list[str] | None:
+    """The mirrors as a flow parameter, unless one carries credentials (user:secret@): flow
+    parameters are recorded by Prefect, so those travel in this process's environment instead."""
+    from storage.download import redact
+
+    if mirror and any(redact(m) != m for m in mirror):
+        os.environ["DIGITFLOW_MIRRORS"] = " ".join(mirror)
+        return None
+    return list(mirror) if mirror else None
 
 
 @app.command()
@@ -127,7 +143,7 @@ def ingest(home: Optional[str] = HOME, mirror: Optional[List[str]] = MIRRORS,
     with one_line_errors():
         home = _start(home)
         with progress_display():
-            refs = ingest_flow(home=home, mirrors=mirror or None, rows_per_shard=rows_per_shard, timeout=timeout,
+            refs = ingest_flow(home=home, mirrors=_mirrors(mirror), rows_per_shard=rows_per_shard, timeout=timeout,
                                retries=retries)
     for split, ref in refs.items():
         typer.echo(f"{split}: {ref['rows']} rows in {ref['shards']} shards, manifest {ref['manifest']} "
@@ -153,7 +169,7 @@ def run(home: Optional[str] = HOME, mirror: Optional[List[str]] = MIRRORS, prese
         from prefect import tags
 
         with progress_display(), tags("digitflow", f"preset:{preset}", f"model:{model_name}"):
-            summary = retrain(home=home, mirrors=mirror or None, preset=preset, overrides=hp, model_name=model_name,
+            summary = retrain(home=home, mirrors=_mirrors(mirror), preset=preset, overrides=hp, model_name=model_name,
                               tolerance=tolerance, floor=floor, rows_per_shard=rows_per_shard, timeout=timeout,
                               retries=retries, webhook_url=webhook)
     if json_out:
@@ -367,7 +383,7 @@ def sweep(grid: List[str] = typer.Option(..., "--grid", help="name=v1,v2 (repeat
 
         with tags("digitflow", "sweep", f"model:{model_name}"):
             result = sweep_flow.with_options(task_runner=runner)(
-                grid=points, home=home, mirrors=mirror or None, preset=preset, overrides=hp, model_name=model_name,
+                grid=points, home=home, mirrors=_mirrors(mirror), preset=preset, overrides=hp, model_name=model_name,
                 tolerance=tolerance, floor=floor, webhook_url=webhook)
     if json_out:
         typer.echo(json.dumps(result))
@@ -400,7 +416,15 @@ app.add_typer(models_app, name="models")
 
 
 def main() -> None:
-    app()
+    """``digitflow``: ``--verbose`` may stand anywhere (tracebacks for expected failures too)."""
+    args = sys.argv[1:]
+    if "--verbose" in args:
+        args = [a for a in args if a != "--verbose"]
+        os.environ["DIGITFLOW_DEBUG"] = "1"
+    quiet_expected_failures()
+    command = next((a for a in args if not a.startswith("-")), "")
+    interrupt.install(f"digitflow {command}".strip())
+    app(args=args, prog_name="digitflow")
 
 
 if __name__ == "__main__":

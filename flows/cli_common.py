@@ -1,10 +1,14 @@
-"""What every `digitflow` command shares: options and one-line errors."""
+"""What every `digitflow` command shares: options, one-line errors, quiet expected failures."""
 
 from __future__ import annotations
 
 import atexit
 import contextlib
+import errno
+import logging
+import os
 import sys
+import traceback
 
 import typer
 
@@ -33,12 +37,61 @@ def fail(message: str) -> None:
     raise typer.Exit(1)
 
 
+# Disk and permission failures are expected too: they end in one line naming the path.
+DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def verbose() -> bool:
+    """``--verbose`` (anywhere on the command line) or ``DIGITFLOW_DEBUG=1``: show tracebacks."""
+    return os.environ.get("DIGITFLOW_DEBUG", "").lower() not in ("", "0", "false", "no")
+
+
+def is_expected(exc: BaseException | None) -> bool:
+    """An expected failure (bad input, a damaged file, no mirror, a full disk), as opposed to a bug."""
+    import nn
+
+    if isinstance(exc, (DigitflowError, nn.ModelFormatError)):
+        return True
+    if isinstance(exc, OSError) and exc.errno in DISK_ERRNOS:
+        return True
+    return "No space left on device" in str(exc) if isinstance(exc, OSError) else False
+
+
+def describe(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and not isinstance(exc, DigitflowError):
+        where = exc.filename or os.environ.get("DIGITFLOW_HOME") or "the home directory"
+        return f"{where}: {exc.strerror or exc} (nothing partial was left in place)"
+    return str(exc)
+
+
+def quiet_expected_failures() -> None:
+    """Prefect logs a failed task or flow with its traceback; for expected failures, keep the
+    one-line message and drop the traceback (unless verbose). Done where records are made, so
+    it holds for every handler, whenever Prefect configures its logging."""
+    if verbose():
+        return
+    make_record = logging.getLogRecordFactory()
+
+    def factory(*args, **kwargs):
+        record = make_record(*args, **kwargs)
+        if record.exc_info and is_expected(record.exc_info[1]):
+            record.exc_info, record.exc_text = None, None
+        return record
+
+    logging.setLogRecordFactory(factory)
+
+
 @contextlib.contextmanager
 def one_line_errors():
-    """Expected failures end in one line naming the file or value, and exit status 1."""
+    """Expected failures end in one line naming the file or value, and exit status 1
+    (with ``--verbose``, after their traceback). Anything else is a bug: its traceback shows."""
     try:
         yield
-    except DigitflowError as e:
-        fail(str(e))
+    except Exception as e:
+        if not is_expected(e):
+            raise
+        if verbose():
+            traceback.print_exc()
+        fail(describe(e))
 
 
