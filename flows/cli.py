@@ -12,10 +12,10 @@ import typer
 
 import flows  # noqa: F401  (sets telemetry-off defaults before Prefect is imported)
 from flows import interrupt
-from flows.cli_common import (HOME, MIRRORS, MODEL_NAME, PRESET, RETRIES, ROWS, TIMEOUT, WEBHOOK, fail,
+from flows.cli_common import (DEADLINE, HOME, MIRRORS, MODEL_NAME, PRESET, RETRIES, ROWS, TIMEOUT, WEBHOOK, fail,
                               one_line_errors, quiet_expected_failures)
 from storage import DigitflowError
-from storage.config import resolve_home
+from storage.config import check_ingest_settings, resolve_home
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="digitflow: the MNIST retraining pipeline (Prefect 3 + a pure-NumPy network).")
@@ -136,15 +136,17 @@ def _mirrors(mirror: list[str] | None) -> list[str] | None:
 
 @app.command()
 def ingest(home: Optional[str] = HOME, mirror: Optional[List[str]] = MIRRORS,
-           rows_per_shard: int = ROWS, timeout: float = TIMEOUT, retries: int = RETRIES) -> None:
-    """Download, verify and shard MNIST into <home>/data/mnist/{train,test}."""
+           rows_per_shard: int = ROWS, timeout: float = TIMEOUT, retries: int = RETRIES,
+           deadline: Optional[float] = DEADLINE) -> None:
+    """Download, verify and shard MNIST into <home>/data/mnist/{train,test} (repairing whatever is damaged)."""
     from flows.ingest import ingest as ingest_flow
 
     with one_line_errors():
+        check_ingest_settings(rows_per_shard=rows_per_shard, timeout=timeout, retries=retries, deadline=deadline)
         home = _start(home)
         with progress_display():
             refs = ingest_flow(home=home, mirrors=_mirrors(mirror), rows_per_shard=rows_per_shard, timeout=timeout,
-                               retries=retries)
+                               retries=retries, deadline=deadline)
     for split, ref in refs.items():
         typer.echo(f"{split}: {ref['rows']} rows in {ref['shards']} shards, manifest {ref['manifest']} "
                    f"(sha256 {ref['sha256'][:16]}…)")
@@ -159,23 +161,27 @@ def run(home: Optional[str] = HOME, mirror: Optional[List[str]] = MIRRORS, prese
         require_promotion: bool = typer.Option(False, "--require-promotion", help="Exit 1 unless the new version is champion."),
         json_out: bool = typer.Option(False, "--json", help="Print the run summary as JSON."),
         webhook: Optional[str] = WEBHOOK,
-        rows_per_shard: int = ROWS, timeout: float = TIMEOUT, retries: int = RETRIES, hp: dict = None) -> None:
+        rows_per_shard: int = ROWS, timeout: float = TIMEOUT, retries: int = RETRIES,
+        deadline: Optional[float] = DEADLINE, hp: dict = None) -> None:
     """Run the whole pipeline: ingest → train → evaluate → publish → promotion gate."""
     from flows.pipeline import hyperparameters, retrain
+    from storage.registry import check_name
 
     with one_line_errors():
-        hyperparameters(preset, hp)  # invalid values fail before any work
+        check_name(model_name)  # invalid values fail before any work
+        hyperparameters(preset, hp)
+        check_ingest_settings(rows_per_shard=rows_per_shard, timeout=timeout, retries=retries, deadline=deadline)
         home = _start(home)
         from prefect import tags
 
         with progress_display(), tags("digitflow", f"preset:{preset}", f"model:{model_name}"):
             summary = retrain(home=home, mirrors=_mirrors(mirror), preset=preset, overrides=hp, model_name=model_name,
                               tolerance=tolerance, floor=floor, rows_per_shard=rows_per_shard, timeout=timeout,
-                              retries=retries, webhook_url=webhook)
+                              retries=retries, deadline=deadline, webhook_url=webhook)
     if json_out:
         typer.echo(json.dumps(summary))
     else:
-        what = "published" if summary["created"] else "unchanged, already"
+        what = "published now" if summary["created"] else "published before"
         typer.echo(f"{summary['name']} v{summary['version']} ({what}) test accuracy {summary['test_accuracy']:.4f}: "
                    f"{summary['status']} — {summary['reason']}")
         typer.echo(f"  {summary['path']}")
@@ -229,6 +235,7 @@ def evaluate(model: str = typer.Option("champion", "--model", help="VERSION or a
         registry = Registry(home, model_name)
         version = registry.resolve(model)
         load_manifest(split_dir(home, "test"))  # no data yet: one line now, before Prefect starts
+        registry.load_model(version)  # a changed or damaged version: one line now, before Prefect starts
         digest = registry.metadata(version)["weights_sha256"]
 
         @flow(name="mnist-evaluate", flow_run_name=f"evaluate-v{version}")
@@ -252,17 +259,13 @@ def predict(images: List[str] = typer.Argument(..., help="PNG/JPEG/... files of 
             home: Optional[str] = HOME, model_name: str = MODEL_NAME,
             json_out: bool = typer.Option(False, "--json", help="Print [{path, digit, probability}, ...].")) -> None:
     """Predict digits; images are prepared the way MNIST was (invert, crop, 20×20 box, centered)."""
-    import nn
     from storage.images import load_inputs
     from storage.registry import Registry
 
     with one_line_errors():
         registry = Registry(resolve_home(home), model_name)
         version = registry.resolve(model)
-        try:
-            net = nn.load(registry.path(version))
-        except nn.ModelFormatError as e:
-            raise DigitflowError(str(e)) from None
+        net = registry.load_model(version)  # verified against the digest recorded at publish time
         names, x = load_inputs(images)
     proba = net.predict_proba(x)
     digits, best = proba.argmax(axis=1), proba.max(axis=1)

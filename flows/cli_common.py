@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import errno
 import logging
 import os
 import sys
@@ -13,12 +12,14 @@ import traceback
 import typer
 
 from storage import DigitflowError
+from storage.atomic import is_disk_error
 
 HOME = typer.Option(None, "--home", help="Root directory for all state (env DIGITFLOW_HOME; default ~/.digitflow).")
 MIRRORS = typer.Option(None, "--mirror", help="Mirror base URL (http://, https://, file://); repeat to try several in order (env DIGITFLOW_MIRRORS).")
-ROWS = typer.Option(10_000, "--rows-per-shard", min=1, help="Rows per Parquet shard.")
-TIMEOUT = typer.Option(30.0, "--timeout", min=0.1, help="Seconds before a silent mirror counts as failed.")
-RETRIES = typer.Option(3, "--retries", min=0, help="Retries of a download after transient failures (backoff 2 s, 4 s, 8 s, ...).")
+ROWS = typer.Option(10_000, "--rows-per-shard", help="Rows per Parquet shard (1..1000000).")
+TIMEOUT = typer.Option(30.0, "--timeout", help="Seconds before a silent mirror counts as failed (0.1..3600).")
+RETRIES = typer.Option(3, "--retries", help="Retries of a download after transient failures, backoff 2 s, 4 s, 8 s, ... (0..10).")
+DEADLINE = typer.Option(None, "--deadline", help="Seconds one mirror may take for one file (default: timeout + archive size at 50 kB/s).")
 PRESET = typer.Option("default", "--preset", help="Hyperparameter preset: default, best or fast.")
 WEBHOOK = typer.Option(None, "--webhook", help="POST failed runs and gate rejections here (env DIGITFLOW_WEBHOOK_URL).")
 MODEL_NAME = typer.Option("mnist-mlp", "--model-name", help="Registry name of the model.")
@@ -37,10 +38,6 @@ def fail(message: str) -> None:
     raise typer.Exit(1)
 
 
-# Disk and permission failures are expected too: they end in one line naming the path.
-DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
-
-
 def verbose() -> bool:
     """``--verbose`` (anywhere on the command line) or ``DIGITFLOW_DEBUG=1``: show tracebacks."""
     return os.environ.get("DIGITFLOW_DEBUG", "").lower() not in ("", "0", "false", "no")
@@ -50,11 +47,7 @@ def is_expected(exc: BaseException | None) -> bool:
     """An expected failure (bad input, a damaged file, no mirror, a full disk), as opposed to a bug."""
     import nn
 
-    if isinstance(exc, (DigitflowError, nn.ModelFormatError)):
-        return True
-    if isinstance(exc, OSError) and exc.errno in DISK_ERRNOS:
-        return True
-    return "No space left on device" in str(exc) if isinstance(exc, OSError) else False
+    return isinstance(exc, (DigitflowError, nn.ModelFormatError)) or is_disk_error(exc)
 
 
 def describe(exc: BaseException) -> str:

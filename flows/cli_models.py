@@ -23,7 +23,7 @@ def listing(registry: Registry) -> list[dict]:
     aliases = registry.aliases()
     rows = []
     for v in registry.versions():
-        meta = registry.metadata(v)
+        meta = registry.metadata(v) if registry.problem(v) is None else {}
         decision = registry.decision(v) or {}
         rows.append({"version": v, "created": meta.get("created"), "test_accuracy": meta.get("test_accuracy"),
                      "aliases": sorted(a for a, target in aliases.items() if target == v),
@@ -50,9 +50,13 @@ def list_(home: Optional[str] = HOME, model_name: str = MODEL_NAME, json_out: bo
         table.add_column(col)
     for r in rows:
         status = r["status"] + (f": {r['reason']}" if r["status"] == "rejected" else "")
-        table.add_row(f"v{r['version']}", r["created"] or "", f"{r['test_accuracy']:.4f}", ", ".join(r["aliases"]),
-                      status)
+        accuracy = f"{r['test_accuracy']:.4f}" if isinstance(r["test_accuracy"], (int, float)) else "?"
+        table.add_row(f"v{r['version']}", r["created"] or "", accuracy, ", ".join(r["aliases"]), status)
     Console(width=160).print(table)
+    registry = _registry(home, model_name)
+    if registry.aliases_problem():
+        typer.echo(f"note: {registry.aliases_problem()}; aliases shown as the versions and decisions imply "
+                   "(the next publish rewrites aliases.json)")
 
 
 @app.command()
@@ -138,6 +142,7 @@ def export(ref: str = typer.Argument(..., help="VERSION or alias."),
     with one_line_errors():
         reg = _registry(home, model_name)
         v = reg.resolve(ref)
+        reg.load_model(v)  # only the weights that were published are exported
         result = export_onnx(reg.path(v), onnx_file)
     typer.echo(f"wrote {onnx_file}: {model_name} v{v}, max |onnxruntime − numpy| = {result['max_abs_diff']:.2e} "
                f"on {result['checked']} inputs")

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from prefect import flow
 
-from storage.config import resolve_home, resolve_mirrors
+from storage.config import check_ingest_settings, resolve_home, resolve_mirrors
 from storage.mnist import SPLITS, file_for
-from storage import DigitflowError
 from storage.shards import is_current, source_of, split_dir
 from tasks.ingest import download, download_is_intact, parse, verify, write_shards
 
@@ -25,8 +24,7 @@ def ingest(
 
     Returns ``{split: manifest reference}`` (path, SHA-256, row count).
     """
-    if rows_per_shard < 1:
-        raise DigitflowError(f"--rows-per-shard must be a positive integer, got {rows_per_shard}")
+    check_ingest_settings(rows_per_shard=rows_per_shard, timeout=timeout, retries=retries, deadline=deadline)
     home = resolve_home(home)
     mirrors = resolve_mirrors(mirrors)
     raw_dir = str(home / "raw" / "mnist")

@@ -10,6 +10,7 @@ from flows.alerts import alert_if_rejected, on_flow_failure
 from flows.ingest import ingest
 from storage import DigitflowError
 from storage.config import resolve_home
+from storage.registry import check_name
 from tasks.model import artifact_key, evaluate, gate, publish, train, training_is_intact
 
 
@@ -38,6 +39,7 @@ def retrain(
     rows_per_shard: int = 10_000,
     timeout: float = 30.0,
     retries: int = 3,
+    deadline: float | None = None,
     webhook_url: str | None = None,
 ) -> dict:
     """From nothing to a published, evaluated, gated model version. Returns a summary.
@@ -46,10 +48,12 @@ def retrain(
     ``$DIGITFLOW_WEBHOOK_URL``) when one is set.
     """
     hp = hyperparameters(preset, overrides).to_dict()
+    check_name(model_name)  # before any work
     home = str(resolve_home(home))
 
     # 1. Data: verified Parquet shards (a subflow; cached when nothing changed).
-    data = ingest(home=home, mirrors=mirrors, rows_per_shard=rows_per_shard, timeout=timeout, retries=retries)
+    data = ingest(home=home, mirrors=mirrors, rows_per_shard=rows_per_shard, timeout=timeout, retries=retries,
+                  deadline=deadline)
 
     # 2. Train on the train split; cached on (data, hyperparameters, seed, nn/ source).
     model = train.with_options(refresh_cache=not training_is_intact(home, data["train"], hp))(
@@ -65,9 +69,22 @@ def retrain(
     decision = gate(published, home, tolerance=tolerance, floor=floor)
 
     alert_if_rejected(webhook_url, published, decision)
-    _rename_run(f"retrain-{preset} → v{published['version']} {decision['status']}")
-    return {**published, "status": decision["status"], "reason": decision["reason"],
-            "champion": decision["champion"], "preset": preset, "hyperparameters": hp}
+    outcome = outcome_of(published, decision)
+    _rename_run(f"retrain-{preset} → v{published['version']} {outcome['status']}")
+    return {**published, **outcome, "preset": preset, "hyperparameters": hp}
+
+
+def outcome_of(published: dict, decision: dict) -> dict:
+    """What a run did to the registry: "promoted" or "rejected" when the gate decided now;
+    "unchanged" when these weights were already a decided version (then ``state`` and
+    ``reason`` describe that version as it stands now, not its old decision)."""
+    if decision["decided_now"]:
+        return {"status": decision["status"], "reason": decision["reason"], "state": decision["state"],
+                "champion": decision["champion"]}
+    champion = decision["champion"]
+    return {"status": "unchanged", "state": decision["state"], "champion": champion,
+            "reason": f"these weights are already v{published['version']}, now {decision['state']}"
+                      + (f" (champion is v{champion})" if champion not in (None, published["version"]) else "")}
 
 
 def _rename_run(name: str) -> None:

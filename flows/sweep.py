@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 from pathlib import Path
 
 from prefect import flow, get_run_logger
@@ -17,10 +18,11 @@ from prefect.runtime import flow_run
 
 from flows.alerts import alert_if_rejected, on_flow_failure
 from flows.ingest import ingest
-from flows.pipeline import hyperparameters
+from flows.pipeline import hyperparameters, outcome_of
 from storage import DigitflowError
 from storage.atomic import write_bytes, write_json
 from storage.config import resolve_home
+from storage.registry import check_name
 from tasks.model import artifact_key, evaluate, gate, publish, train, training_is_intact
 
 GRID_TYPES = {"hidden": "hidden", "lr": float, "momentum": float, "batch_size": int, "epochs": int, "l2": float,
@@ -59,6 +61,45 @@ def describe_runner() -> str:
     return f"{type(runner).__name__} on {where} at {client.scheduler.address} with {len(workers)} workers"
 
 
+# Seconds a cluster may have no worker before the sweep gives up (DIGITFLOW_WORKERLESS_GRACE).
+WORKERLESS_GRACE = float(os.environ.get("DIGITFLOW_WORKERLESS_GRACE", 30.0))
+
+
+def wait_while_workers_live(futures: list, poll: float = 2.0) -> None:
+    """Wait for ``futures``; fail in one line, instead of waiting forever, when the Dask cluster
+    has had no worker for WORKERLESS_GRACE seconds or a worker died running one of them."""
+    import time
+
+    from prefect.futures import wait
+
+    runner = FlowRunContext.get().task_runner
+    client = getattr(runner, "client", None)
+    since = None
+    while True:
+        if not wait(futures, timeout=poll).not_done:
+            break
+        if client is None:
+            continue
+        try:
+            workers = len(client.ncores(timeout=10))
+        except Exception:  # the scheduler itself is gone or not answering
+            workers = 0
+        if workers:
+            since = None
+        elif since is None:
+            since = time.monotonic()
+        elif time.monotonic() - since > WORKERLESS_GRACE:
+            raise DigitflowError(f"the Dask cluster at {client.scheduler.address} has had no worker for "
+                                 f"{WORKERLESS_GRACE:.0f} s; the sweep stopped (start `dask worker` processes "
+                                 "and rerun: finished trainings are cached)")
+    for future in futures:
+        if future.state.is_failed():
+            exc = future.state.result(raise_on_failure=False)
+            if type(exc).__name__ == "KilledWorker":
+                raise DigitflowError(f"a Dask worker died while running a sweep task ({exc}); the sweep stopped, "
+                                     "rerun to resume from the cached work")
+
+
 def sweep_name() -> str:
     return f"sweep-{len(flow_run.parameters.get('grid') or [])}-runs"
 
@@ -80,6 +121,7 @@ def sweep(
     configs = [hyperparameters(preset, {**(overrides or {}), **point}).to_dict() for point in grid]
     if not configs:
         raise DigitflowError("the grid is empty")
+    check_name(model_name)
     home = str(resolve_home(home))
     log.info("sweep of %d runs; task runner: %s", len(configs), describe_runner())
 
@@ -90,6 +132,7 @@ def sweep(
         data["train"], hp, home, progress_key=artifact_key(model_name, f"sweep-{i}"), blas_threads=1)
         for i, hp in enumerate(configs)]
     scored = [evaluate.submit(model, data["test"]) for model in trained]
+    wait_while_workers_live(trained + scored)
     results = []
     for point, model_future, metrics_future in zip(grid, trained, scored):
         model, metrics = model_future.result(), metrics_future.result()
@@ -113,8 +156,7 @@ def sweep(
     log.info("best %s: val %.4f, test %.4f → v%d %s", best["point"], best["val_accuracy"] or 0,
              best["metrics"]["test_accuracy"], published["version"], decision["status"])
     alert_if_rejected(webhook_url, published, decision)
-    return {"rows": rows, "report": str(folder / "report.md"), **published, "status": decision["status"],
-            "reason": decision["reason"], "champion": decision["champion"]}
+    return {"rows": rows, "report": str(folder / "report.md"), **published, **outcome_of(published, decision)}
 
 
 def _report(rows: list[dict], published: dict, decision: dict) -> str:

@@ -11,6 +11,7 @@ Input to the network is (pixels/255 - mean) / std. Inference needs only NumPy an
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -88,61 +89,135 @@ def _replace(path: Path, write) -> None:
         tmp.unlink(missing_ok=True)
 
 
+# Bounds checked before anything is allocated: no model file can make us reserve more
+# memory than its declared layers need, and no declared network may be absurd.
+MAX_SPEC_BYTES = 1 << 20
+MAX_LAYERS = 64
+MAX_UNITS = 1 << 16
+MAX_PARAMETERS = 200_000_000  # 800 MB of float32
+
+
 def load_arrays(directory: str | os.PathLike) -> tuple[dict, list[tuple[np.ndarray, np.ndarray]]]:
-    """Read and check model.json and model.npz: ``(spec, [(W0, b0), (W1, b1), ...])``."""
+    """Read and check model.json and model.npz: ``(spec, [(W0, b0), (W1, b1), ...])``.
+
+    model.json is checked first (layer sizes, parameter count, finite preprocessing); each
+    array's header in the .npz is then checked against it (dtype, shape, stored size) before
+    the array is read; every value must be finite. Failures raise ModelFormatError.
+    """
     directory = Path(directory)
     spec_path, npz_path = directory / "model.json", directory / "model.npz"
+    spec = _read_spec(spec_path)
+    layers = spec["layers"]
+    shapes, n_in = [], spec["input_units"]
+    for layer in layers:
+        shapes += [(f"W{len(shapes) // 2}", (n_in, layer["units"])), (f"b{len(shapes) // 2}", (layer["units"],))]
+        n_in = layer["units"]
+    arrays = _read_npz(npz_path, dict(shapes))
+    return spec, [(arrays[f"W{i}"], arrays[f"b{i}"]) for i in range(len(layers))]
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _read_spec(spec_path: Path) -> dict:
     try:
-        spec = json.loads(spec_path.read_text())
+        with open(spec_path, "rb") as f:
+            raw = f.read(MAX_SPEC_BYTES + 1)
     except FileNotFoundError:
         raise ModelFormatError(f"{spec_path}: missing") from None
+    except OSError as e:
+        raise ModelFormatError(f"{spec_path}: cannot read ({e.strerror or e})") from None
+    if len(raw) > MAX_SPEC_BYTES:
+        raise ModelFormatError(f"{spec_path}: larger than {MAX_SPEC_BYTES} bytes; not a model description")
+    try:
+        spec = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ModelFormatError(f"{spec_path}: not valid JSON ({e})") from None
+    if not isinstance(spec, dict):
+        raise ModelFormatError(f"{spec_path}: not a JSON object")
     layers = spec.get("layers")
-    if not isinstance(layers, list) or not layers:
-        raise ModelFormatError(f"{spec_path}: 'layers' must be a non-empty list")
+    if not isinstance(layers, list) or not 1 <= len(layers) <= MAX_LAYERS:
+        raise ModelFormatError(f"{spec_path}: 'layers' must be a list of 1 to {MAX_LAYERS} layers")
     for i, layer in enumerate(layers):
-        if not isinstance(layer, dict) or not isinstance(layer.get("units"), int) or layer["units"] < 1:
-            raise ModelFormatError(f"{spec_path}: layer {i} needs a positive integer 'units'")
+        if not isinstance(layer, dict) or not _is_int(layer.get("units")) or not 1 <= layer["units"] <= MAX_UNITS:
+            raise ModelFormatError(f"{spec_path}: layer {i} needs an integer 'units' in 1..{MAX_UNITS}")
         if layer.get("activation") not in KNOWN_ACTIVATIONS:
             raise ModelFormatError(f"{spec_path}: layer {i} has unknown activation {layer.get('activation')!r}")
+    n_in = spec.get("input_units")
+    if not _is_int(n_in) or not 1 <= n_in <= MAX_UNITS:
+        raise ModelFormatError(f"{spec_path}: 'input_units' must be an integer in 1..{MAX_UNITS}")
+    sizes = [n_in] + [layer["units"] for layer in layers]
+    parameters = sum(a * b + b for a, b in zip(sizes, sizes[1:]))
+    if parameters > MAX_PARAMETERS:
+        raise ModelFormatError(f"{spec_path}: {parameters:,} parameters exceed the bound of {MAX_PARAMETERS:,}")
     pre = spec.get("preprocessing", {"mean": 0.0, "std": 1.0})
-    if not all(isinstance(pre.get(k), (int, float)) for k in ("mean", "std")) or pre["std"] == 0:
-        raise ModelFormatError(f"{spec_path}: 'preprocessing' needs numeric mean and non-zero std")
+    if not isinstance(pre, dict) or not all(isinstance(pre.get(k), (int, float)) and not isinstance(pre.get(k), bool)
+                                            and math.isfinite(pre[k]) for k in ("mean", "std")) or pre["std"] <= 0:
+        raise ModelFormatError(f"{spec_path}: 'preprocessing' needs a finite mean and a finite positive std, "
+                               f"got {pre!r}")
+    spec["preprocessing"] = pre
+    return spec
+
+
+def _read_npz(npz_path: Path, expected: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+    """Read exactly the arrays ``expected`` (name → shape) from an uncompressed or compressed
+    .npz, checking each member's header and stored size before reading its data."""
+    import zipfile
+
     try:
-        npz = np.load(npz_path, allow_pickle=False)
+        archive = zipfile.ZipFile(npz_path)
     except FileNotFoundError:
         raise ModelFormatError(f"{npz_path}: missing") from None
-    except (ValueError, OSError) as e:
+    except (zipfile.BadZipFile, OSError, ValueError) as e:
         raise ModelFormatError(f"{npz_path}: not a valid .npz file ({e})") from None
-    with npz:
-        expected = [f"{p}{i}" for i in range(len(layers)) for p in "Wb"]
-        missing = [k for k in expected if k not in npz.files]
-        extra = sorted(set(npz.files) - set(expected))
+    arrays = {}
+    with archive:
+        members = {info.filename.removesuffix(".npy"): info for info in archive.infolist()}
+        missing = [k for k in expected if k not in members]
+        extra = sorted(set(members) - set(expected))
         if missing or extra:
             raise ModelFormatError(f"{npz_path}: arrays {missing or extra} {'missing' if missing else 'unexpected'} "
-                                   f"for the {len(layers)} layers in model.json")
-        weights = []
-        n_in = spec.get("input_units") or None
-        for i, layer in enumerate(layers):
+                                   f"for the {len(expected) // 2} layers in model.json")
+        for name, shape in expected.items():
+            info = members[name]
             try:
-                W, b = npz[f"W{i}"], npz[f"b{i}"]
-            except ValueError:  # an object array: loading it would need pickle
-                raise ModelFormatError(f"{npz_path}: array W{i} or b{i} needs pickle to load; refused") from None
-            n_in = n_in or W.shape[0]
-            if W.dtype.kind != "f" or b.dtype.kind != "f":
-                raise ModelFormatError(f"{npz_path}: W{i}/b{i} must be floating point, got {W.dtype}/{b.dtype}")
-            if W.shape != (n_in, layer["units"]) or b.shape != (layer["units"],):
-                raise ModelFormatError(f"{npz_path}: W{i} {W.shape} / b{i} {b.shape} do not match "
-                                       f"({n_in}, {layer['units']}) / ({layer['units']},) from model.json")
-            weights.append((W, b))
-            n_in = layer["units"]
-    spec["preprocessing"] = pre
-    return spec, weights
+                with archive.open(info) as f:
+                    version = np.lib.format.read_magic(f)
+                    header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                              else np.lib.format.read_array_header_2_0)(f)
+                    got_shape, fortran, dtype = header
+                    if dtype.hasobject:
+                        raise ModelFormatError(f"{npz_path}: array {name} needs pickle to load; refused")
+                    if dtype.kind != "f" or dtype.itemsize > 8:
+                        raise ModelFormatError(f"{npz_path}: {name} must be float32 or float64, got {dtype}")
+                    if tuple(got_shape) != shape:
+                        raise ModelFormatError(f"{npz_path}: {name} has shape {tuple(got_shape)}, model.json needs "
+                                               f"{shape}")
+                    nbytes = math.prod(shape) * dtype.itemsize
+                    if info.file_size != f.tell() + nbytes:
+                        raise ModelFormatError(f"{npz_path}: {name} stores {info.file_size - f.tell()} bytes, "
+                                               f"its shape needs {nbytes}")
+                    data = f.read(nbytes)
+            except ModelFormatError:
+                raise
+            except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:  # bad header, CRC, truncation
+                raise ModelFormatError(f"{npz_path}: array {name} is damaged ({e})") from None
+            if len(data) != nbytes:
+                raise ModelFormatError(f"{npz_path}: array {name} is truncated")
+            a = np.frombuffer(data, dtype).reshape(shape, order="F" if fortran else "C")
+            if not np.isfinite(a).all():
+                raise ModelFormatError(f"{npz_path}: {name} holds NaN or infinite values; refused")
+            arrays[name] = a
+    return arrays
 
 
-def load(directory: str | os.PathLike, dtype=np.float32) -> Sequential:
-    """Rebuild a Sequential from a saved model directory."""
+def load(directory: str | os.PathLike, dtype=np.float32, *, expect_digest: str | None = None) -> Sequential:
+    """Rebuild a Sequential from a saved model directory.
+
+    With ``expect_digest`` (recorded when the model was trained or published), the loaded
+    model must have exactly that ``digest``: a file changed since is refused.
+    """
     spec, weights = load_arrays(directory)
     layers: list[Layer] = []
     for (W, b), layer in zip(weights, spec["layers"]):
@@ -153,4 +228,9 @@ def load(directory: str | os.PathLike, dtype=np.float32) -> Sequential:
             layers.append(ACTIVATIONS[layer["activation"]]())
     model = Sequential(*layers, dtype=dtype)
     model.preprocessing = {"mean": float(spec["preprocessing"]["mean"]), "std": float(spec["preprocessing"]["std"])}
+    if expect_digest is not None:
+        got = digest(model)
+        if got != expect_digest:
+            raise ModelFormatError(f"{Path(directory) / 'model.npz'}: weights SHA-256 {got[:16]}… is not the "
+                                   f"{expect_digest[:16]}… recorded for it (changed or damaged since); refused")
     return model

@@ -19,6 +19,7 @@ from nn.optim import OPTIMIZERS, SCHEDULES, Constant, CosineLR, StepLR, make
 from nn.train import History, fit, split_validation
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081  # of the training pixels/255
+MAX_LAYERS, MAX_UNITS, MAX_PARAMETERS = 16, 16_384, 50_000_000  # bounds checked before any work
 
 
 @dataclass(frozen=True)
@@ -41,23 +42,35 @@ class Hyperparameters:
     seed: int = 0
 
     def validate(self) -> "Hyperparameters":
-        """Raise ValueError naming the first bad value; return self when all are sound."""
+        """Raise ValueError naming the first bad value; return self when all are sound.
+
+        Upper bounds keep a typo from asking for absurd work or memory before anything runs."""
+        def whole(v) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        sizes = [784, *self.hidden, 10] if all(whole(h) for h in self.hidden) else []
+        parameters = sum(a * b + b for a, b in zip(sizes, sizes[1:]))
         checks = [
-            (len(self.hidden) > 0 and all(isinstance(h, int) and h > 0 for h in self.hidden),
-             f"hidden sizes must be positive integers, got {list(self.hidden)}"),
+            (1 <= len(self.hidden) <= MAX_LAYERS and all(whole(h) and 1 <= h <= MAX_UNITS for h in self.hidden),
+             f"hidden sizes must be 1 to {MAX_LAYERS} integers in 1..{MAX_UNITS}, got {list(self.hidden)}"),
+            (parameters <= MAX_PARAMETERS,
+             f"hidden sizes {list(self.hidden)} make {parameters:,} parameters, more than the {MAX_PARAMETERS:,} allowed"),
             (self.activation in ACTIVATIONS, f"unknown activation {self.activation!r}; choose from {sorted(ACTIVATIONS)}"),
             (self.optimizer in OPTIMIZERS, f"unknown optimizer {self.optimizer!r}; choose from {sorted(OPTIMIZERS)}"),
             (self.schedule in SCHEDULES, f"unknown schedule {self.schedule!r}; choose from {sorted(SCHEDULES)}"),
-            (self.lr > 0, f"learning rate must be positive, got {self.lr}"),
+            (0 < self.lr <= 1e6, f"learning rate must be positive and at most 1e6, got {self.lr}"),
             (0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}"),
-            (self.batch_size >= 1, f"batch size must be a positive integer, got {self.batch_size}"),
-            (self.epochs >= 1, f"epochs must be a positive integer, got {self.epochs}"),
-            (self.l2 >= 0, f"l2 must be ≥ 0, got {self.l2}"),
+            (whole(self.batch_size) and 1 <= self.batch_size <= 65536,
+             f"batch size must be an integer in 1..65536, got {self.batch_size}"),
+            (whole(self.epochs) and 1 <= self.epochs <= 10_000, f"epochs must be an integer in 1..10000, got {self.epochs}"),
+            (0 <= self.l2 <= 1, f"l2 must be in [0, 1], got {self.l2}"),
             (0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}"),
-            (self.max_norm is None or self.max_norm > 0, f"max_norm must be positive, got {self.max_norm}"),
-            (0 <= self.shift <= 4, f"shift must be in 0..4 pixels, got {self.shift}"),
-            (0 <= self.val_fraction < 1, f"validation fraction must be in [0, 1), got {self.val_fraction}"),
-            (self.patience is None or self.patience >= 1, f"patience must be a positive integer, got {self.patience}"),
+            (self.max_norm is None or 0 < self.max_norm <= 1e6, f"max_norm must be in (0, 1e6], got {self.max_norm}"),
+            (whole(self.shift) and 0 <= self.shift <= 4, f"shift must be in 0..4 pixels, got {self.shift}"),
+            (0 <= self.val_fraction <= 0.9, f"validation fraction must be in [0, 0.9], got {self.val_fraction}"),
+            (self.patience is None or (whole(self.patience) and 1 <= self.patience <= 10_000),
+             f"patience must be an integer in 1..10000, got {self.patience}"),
+            (whole(self.seed) and 0 <= self.seed < 2**32, f"seed must be an integer in 0..{2**32 - 1}, got {self.seed}"),
         ]
         for ok, message in checks:
             if not ok:

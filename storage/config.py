@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 from typing import Sequence
 
+from storage import DigitflowError
 from storage.atomic import ensure_writable_dir
 from storage.mnist import DEFAULT_MIRRORS
 
@@ -26,3 +27,26 @@ def resolve_mirrors(mirrors: Sequence[str] | None = None) -> list[str]:
     if env:
         return [m for m in re.split(r"[,\s]+", env) if m]
     return list(DEFAULT_MIRRORS)
+
+
+# Bounds of the ingest settings, checked once before any work (flag or flow parameter alike).
+INGEST_BOUNDS = {
+    "rows_per_shard": (1, 1_000_000),
+    "timeout": (0.1, 3600.0),     # seconds of silence before a mirror counts as failed
+    "retries": (0, 10),           # retries of a download after transient failures
+    "deadline": (1.0, 86_400.0),  # seconds one mirror may take for one file (None: from its size)
+}
+
+
+def check_ingest_settings(**settings) -> None:
+    """Raise a one-line DigitflowError for the first setting outside its bounds."""
+    for name, value in settings.items():
+        if value is None and name == "deadline":
+            continue
+        low, high = INGEST_BOUNDS[name]
+        whole = isinstance(low, int)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (whole and not isinstance(value, int)) \
+                or not low <= value <= high:
+            flag = "--" + name.replace("_", "-")
+            raise DigitflowError(f"{flag} must be {'an integer' if whole else 'a number'} in {low}..{high}, "
+                                 f"got {value!r}")

@@ -155,8 +155,8 @@ def _record(spec: MnistFile, dest: Path, url, archive_sha, *, fetched: bool) -> 
 class _Deadline:
     """Closes the transfer when the mirror's time for this file is up, even mid-read."""
 
-    def __init__(self, seconds: float, close: Callable[[], None]):
-        self.seconds, self.expired = seconds, False
+    def __init__(self, seconds: float, close: Callable[[], None], total: float):
+        self.total, self.expired = total, False
 
         def fire():
             self.expired = True
@@ -170,7 +170,7 @@ class _Deadline:
         self._timer.cancel()
 
     def failure(self) -> "_MirrorFailure":
-        return _MirrorFailure(f"too slow: not done within the {self.seconds:g}s deadline for this file", True)
+        return _MirrorFailure(f"too slow: not done within the {self.total:g}s deadline for this file", True)
 
 
 def _stream_into(spec, url, tmp: Path, timeout, deadline, progress, session) -> str:
@@ -183,7 +183,7 @@ def _stream_into(spec, url, tmp: Path, timeout, deadline, progress, session) -> 
     if total is not None and total > spec.max_archive_bytes:
         close()
         raise _MirrorFailure(f"archive of {total} bytes exceeds the {spec.max_archive_bytes} bound", False)
-    watchdog = _Deadline(max(0.0, deadline - (time.monotonic() - started)), close)
+    watchdog = _Deadline(max(0.0, deadline - (time.monotonic() - started)), close, deadline)
     try:
         with open(tmp, "wb") as out:
             for chunk in chunks:

@@ -21,12 +21,20 @@ class ImageError(DigitflowError):
     pass
 
 
+MAX_PIXELS = 40_000_000      # a photo of a digit is far smaller; beyond this: a decompression bomb
+MAX_IDX_IMAGES = 1_000_000   # rows of one IDX input (≈ 3 GB as float32)
+
+
 def load_gray(path: str | os.PathLike) -> np.ndarray:
     """Decode a PNG/JPEG/... into a (H, W) float32 array in [0, 1] (alpha composited on white)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as img:
+            width, height = img.size  # from the header: nothing decoded yet
+            if width * height > MAX_PIXELS:
+                raise ImageError(f"{path}: {width}×{height} pixels exceed the {MAX_PIXELS:,}-pixel limit "
+                                 "(a decompression bomb?); refused")
             img.load()
             if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
                 rgba = img.convert("RGBA")
@@ -35,7 +43,9 @@ def load_gray(path: str | os.PathLike) -> np.ndarray:
             return np.asarray(img.convert("L"), np.float32) / 255.0
     except FileNotFoundError:
         raise ImageError(f"{path}: no such file") from None
-    except (UnidentifiedImageError, OSError) as e:
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"{path}: refused as a decompression bomb ({e})") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:  # PIL raises all of these on bad files
         raise ImageError(f"{path}: not a readable image ({e})") from None
 
 
@@ -74,27 +84,45 @@ def is_idx(path: Path) -> bool:
     with open(path, "rb") as f:
         head = f.read(4)
     if head[:2] == b"\x1f\x8b":
-        with gzip.open(path) as f:
-            head = f.read(4)
+        try:
+            with gzip.open(path) as f:
+                head = f.read(4)
+        except (OSError, EOFError) as e:
+            raise IDXError(f"{path}: damaged gzip file ({e})") from None
     return len(head) == 4 and head[:2] == b"\x00\x00" and head[2] == 0x08 and head[3] == 3
 
 
-def read_idx_images(path: Path, max_bytes: int = 1 << 31, name: str | None = None) -> np.ndarray:
-    """(n, 784) pixels/255 from an IDX3 image file (raw or gzipped)."""
-    if open(path, "rb").read(2) == b"\x1f\x8b":
-        import tempfile
+def read_idx_images(path: Path) -> np.ndarray:
+    """(n, 784) pixels/255 from an IDX3 image file (raw or gzipped). The header is checked
+    (shape, and for a raw file its exact length) before any image data is read or inflated."""
+    with open(path, "rb") as f:
+        gzipped = f.read(2) == b"\x1f\x8b"
+    if not gzipped:
+        n = check_mnist_images(read_header(path), path.name)
+        _check_count(path, n)
+        images = read_idx(path)
+        return images.reshape(len(images), 784).astype(np.float32) / np.float32(255)
+    try:
+        with gzip.open(path) as src:
+            head = src.read(16)
+            if len(head) < 16 or head[:4] != b"\x00\x00\x08\x03":
+                raise IDXError(f"{path.name}: expected uint8 images of shape (n, 28, 28) (IDX header {head[:4].hex()})")
+            n, rows, cols = (int.from_bytes(head[i:i + 4], "big") for i in (4, 8, 12))
+            if (rows, cols) != (28, 28):
+                raise IDXError(f"{path.name}: expected uint8 images of shape (n, 28, 28), got (n, {rows}, {cols})")
+            _check_count(path, n)
+            data = src.read(n * 784 + 1)  # never inflate more than the header announces, plus one byte
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        raise IDXError(f"{path.name}: damaged gzip stream ({e})") from None
+    if len(data) != n * 784:
+        what = "truncated" if len(data) < n * 784 else "has trailing bytes"
+        raise IDXError(f"{path.name}: {what}: the header announces {n} images of 28×28")
+    return np.frombuffer(data, np.uint8).reshape(n, 784).astype(np.float32) / np.float32(255)
 
-        with tempfile.NamedTemporaryFile(suffix=".idx") as tmp:
-            with gzip.open(path) as src:
-                while chunk := src.read(1 << 20):
-                    if tmp.tell() + len(chunk) > max_bytes:
-                        raise IDXError(f"{path.name}: decompresses past {max_bytes} bytes")
-                    tmp.write(chunk)
-            tmp.flush()
-            return read_idx_images(Path(tmp.name), name=path.name)
-    check_mnist_images(read_header(path), name or path.name)  # before reading the data
-    images = read_idx(path)
-    return images.reshape(len(images), 784).astype(np.float32) / np.float32(255)
+
+def _check_count(path: Path, n: int) -> None:
+    if n > MAX_IDX_IMAGES:
+        raise IDXError(f"{path.name}: {n:,} images exceed the {MAX_IDX_IMAGES:,} accepted in one input")
 
 
 def load_inputs(paths: list[str]) -> tuple[list[str], np.ndarray]:

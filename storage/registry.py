@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 from storage import DigitflowError
-from storage.atomic import file_lock, fsync_dir, make_staging_dir, read_json, remove_leftovers, write_json
+from storage.atomic import writing, file_lock, fsync_dir, make_staging_dir, read_json, remove_leftovers, write_json
 
 DEFAULT_NAME = "mnist-mlp"
 ALIASES = ("latest", "champion")
@@ -30,6 +30,17 @@ _VERSION = re.compile(r"^v([1-9][0-9]*)$")
 
 class RegistryError(DigitflowError):
     pass
+
+
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+def check_name(name: str) -> str:
+    """A model name is a path component and an artifact key part: letters, digits, ._- ."""
+    if not isinstance(name, str) or not MODEL_NAME.fullmatch(name):
+        raise RegistryError(f"invalid model name {name!r}: use 1–100 letters, digits, '.', '_' or '-', "
+                            "starting with a letter or digit")
+    return name
 
 
 def now() -> str:
@@ -51,14 +62,15 @@ def gate(candidate: float, champion: float | None, *, tolerance: float = 0.0, fl
 
 class Registry:
     def __init__(self, home: str | os.PathLike, name: str = DEFAULT_NAME):
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
-            raise RegistryError(f"invalid model name {name!r}")
-        self.name = name
+        self.name = check_name(name)
         self.root = Path(home) / "models" / name
 
     # ---- reading ----------------------------------------------------------------------
+    # Every read tolerates damage (a stray or empty vN/ folder, truncated JSON): a damaged
+    # entry is reported as such and never breaks a listing; writes repair what they can.
 
     def versions(self) -> list[int]:
+        """Every vN/ folder, damaged or not (see ``problem``)."""
         if not self.root.is_dir():
             return []
         return sorted(int(m.group(1)) for p in self.root.iterdir() if (m := _VERSION.match(p.name)) and p.is_dir())
@@ -66,11 +78,66 @@ class Registry:
     def path(self, version: int) -> Path:
         return self.root / f"v{version}"
 
-    def aliases(self) -> dict[str, int]:
+    def problem(self, version: int) -> str | None:
+        """Why version ``version`` cannot be used (None when it is intact)."""
+        folder = self.path(version)
         try:
-            return read_json(self.root / "aliases.json")
+            meta = read_json(folder / "metadata.json")
+            if not isinstance(meta, dict) or not isinstance(meta.get("weights_sha256"), str):
+                return "metadata.json has no weights digest"
+            metrics = read_json(folder / "metrics.json")
+            if not isinstance(metrics, dict) or not isinstance(metrics.get("test_accuracy"), (int, float)):
+                return "metrics.json has no test accuracy"
+        except FileNotFoundError as e:
+            return f"{Path(e.filename).name} is missing"
+        except (OSError, ValueError) as e:
+            return f"unreadable ({type(e).__name__})"
+        for name in ("model.npz", "model.json"):
+            if not (folder / name).is_file():
+                return f"{name} is missing"
+        return None
+
+    def intact_versions(self) -> list[int]:
+        return [v for v in self.versions() if self.problem(v) is None]
+
+    def aliases(self) -> dict[str, int]:
+        """``{"latest": N, "champion": M}``; if aliases.json is damaged or points at a damaged
+        version, what it should say is worked out from the versions and the gate's decisions."""
+        stored, problem = self._stored_aliases()
+        if problem is None:
+            return stored
+        return self._rebuilt_aliases(stored)
+
+    def aliases_problem(self) -> str | None:
+        return self._stored_aliases()[1]
+
+    def _stored_aliases(self) -> tuple[dict[str, int], str | None]:
+        path = self.root / "aliases.json"
+        try:
+            stored = read_json(path)
         except FileNotFoundError:
-            return {}
+            stored = {}
+        except (OSError, ValueError):
+            return {}, f"{path} is damaged"
+        if not isinstance(stored, dict) or not all(k in ALIASES and isinstance(v, int) for k, v in stored.items()):
+            return {}, f"{path} is damaged"
+        intact = self.intact_versions()
+        if intact and stored.get("latest") != max(intact):
+            return stored, f"{path}: 'latest' is {stored.get('latest')}, the newest intact version is {max(intact)}"
+        if "champion" in stored and stored["champion"] not in intact:
+            return stored, f"{path}: champion v{stored['champion']} is missing or damaged"
+        return stored, None
+
+    def _rebuilt_aliases(self, stored: dict) -> dict[str, int]:
+        intact = self.intact_versions()
+        aliases = {"latest": max(intact)} if intact else {}
+        champion = stored.get("champion")
+        if champion not in intact:  # the most recent promotion of an intact version
+            promoted = [d for v in intact if (d := self.decision(v)) and d.get("status") == "promoted"]
+            champion = max(promoted, key=lambda d: str(d.get("at")))["version"] if promoted else None
+        if champion is not None:
+            aliases["champion"] = champion
+        return aliases
 
     def resolve(self, ref: str | int) -> int:
         """A version number from 3, "3", "v3", "latest" or "champion"."""
@@ -80,7 +147,7 @@ class Registry:
             if version is None:
                 raise RegistryError(f"model {self.name!r} has no {text!r} version yet")
             return version
-        m = re.fullmatch(r"v?([1-9][0-9]*)", text)
+        m = re.fullmatch(r"v?([1-9][0-9]{0,8})", text)
         if not m:
             raise RegistryError(f"{ref!r} is neither a version number nor one of {', '.join(ALIASES)}")
         version = int(m.group(1))
@@ -88,25 +155,44 @@ class Registry:
             raise RegistryError(f"model {self.name!r} has no version {version} (has {self.versions() or 'none'})")
         return version
 
+    def _read(self, version: int, name: str) -> dict:
+        problem = self.problem(version)
+        if problem is not None:
+            raise RegistryError(f"{self.path(version)}: damaged version ({problem})")
+        return read_json(self.path(version) / name)
+
     def metadata(self, version: int) -> dict:
-        return read_json(self.path(version) / "metadata.json")
+        return self._read(version, "metadata.json")
 
     def metrics(self, version: int) -> dict:
-        return read_json(self.path(version) / "metrics.json")
+        return self._read(version, "metrics.json")
 
     def decision(self, version: int) -> dict | None:
+        """The gate's verdict on ``version``; None if undecided or the record is damaged."""
         try:
-            return read_json(self.root / "decisions" / f"v{version}.json")
+            decision = read_json(self.root / "decisions" / f"v{version}.json")
         except FileNotFoundError:
             return None
+        except (OSError, ValueError):
+            return None
+        return decision if isinstance(decision, dict) and decision.get("status") in ("promoted", "rejected") else None
+
+    def load_model(self, version: int, dtype=None):
+        """The version's network, verified: its arrays must hash to the digest recorded at
+        publish time (a changed or damaged model.npz/model.json is refused)."""
+        import nn
+
+        digest = self.metadata(version)["weights_sha256"]
+        try:
+            return nn.load(self.path(version), **({"dtype": dtype} if dtype is not None else {}),
+                           expect_digest=digest)
+        except nn.ModelFormatError as e:
+            raise RegistryError(str(e)) from None
 
     def find_digest(self, digest: str) -> int | None:
-        for version in self.versions():
-            try:
-                if self.metadata(version).get("weights_sha256") == digest:
-                    return version
-            except FileNotFoundError:
-                continue
+        for version in self.intact_versions():
+            if self.metadata(version).get("weights_sha256") == digest:
+                return version
         return None
 
     # ---- writing ----------------------------------------------------------------------
@@ -119,13 +205,15 @@ class Registry:
 
         ``build(folder, version)`` writes the version's files into ``folder`` and returns its
         metadata (``weights_sha256`` and ``version`` are added). Returns (version, created).
+        Damaged aliases are repaired either way.
         """
-        with self.lock():
+        with writing(self.root), self.lock():
             existing = self.find_digest(digest)
             if existing is not None:
+                self._repair_aliases()
                 return existing, False
             remove_leftovers(self.root / "v*")  # a crashed publisher's staging folder
-            version = max(self.versions(), default=0) + 1
+            version = max(self.versions(), default=0) + 1  # never reuse a number, even a damaged one's
             staging = make_staging_dir(self.path(version))
             try:
                 metadata = dict(build(staging, version) or {})
@@ -139,44 +227,74 @@ class Registry:
             except BaseException:
                 shutil.rmtree(staging, ignore_errors=True)
                 raise
-            self._set_aliases(latest=version)
+            self._write_aliases({**self._rebuilt_aliases(self._stored_aliases()[0]), "latest": version})
             return version, True
 
-    def _set_aliases(self, **moves: int) -> None:
-        aliases = self.aliases()
-        aliases.update(moves)
+    def _repair_aliases(self) -> None:
+        stored, problem = self._stored_aliases()
+        if problem is not None:
+            self._write_aliases(self._rebuilt_aliases(stored))
+
+    def _write_aliases(self, aliases: dict[str, int]) -> None:
         write_json(self.root / "aliases.json", aliases)
 
     def record_decision(self, version: int, *, promoted: bool, reason: str, by: str = "gate",
                         accuracy: float | None = None, champion_before: int | None = None) -> dict:
         """Record the gate's verdict (or a manual override) and move ``champion`` if promoted."""
         with self.lock():
-            self.resolve(version)
-            decision = {"version": version, "status": "promoted" if promoted else "rejected", "reason": reason,
-                        "by": by, "at": now(), "test_accuracy": accuracy, "champion_before": champion_before}
+            return self._record_decision(version, promoted=promoted, reason=reason, by=by, accuracy=accuracy,
+                                         champion_before=champion_before)
+
+    def _record_decision(self, version: int, *, promoted: bool, reason: str, by: str, accuracy: float | None,
+                         champion_before: int | None) -> dict:
+        self.resolve(version)
+        decision = {"version": version, "status": "promoted" if promoted else "rejected", "reason": reason,
+                    "by": by, "at": now(), "test_accuracy": accuracy, "champion_before": champion_before}
+        previous = self.decision(version)
+        if previous is not None:
+            decision["history"] = previous.get("history", []) + [
+                {k: v for k, v in previous.items() if k != "history"}]
+        write_json(self.root / "decisions" / f"v{version}.json", decision)
+        aliases = self.aliases()
+        if promoted:
+            aliases["champion"] = version
+        self._write_aliases(aliases)
+        return decision
+
+    def decide(self, version: int, *, tolerance: float, floor: float) -> tuple[dict, bool]:
+        """The promotion gate, read-decide-write under the registry lock (two publishers finishing
+        together cannot both be promoted over each other). The candidate's weights are verified
+        first. Returns (decision, decided_now); a version decided before keeps its decision."""
+        with self.lock():
             previous = self.decision(version)
             if previous is not None:
-                decision["history"] = previous.get("history", []) + [
-                    {k: v for k, v in previous.items() if k != "history"}]
-            write_json(self.root / "decisions" / f"v{version}.json", decision)
-            if promoted:
-                self._set_aliases(champion=version)
-            return decision
+                return previous, False
+            self.load_model(version)  # a damaged candidate is refused, never promoted
+            accuracy = self.metrics(version)["test_accuracy"]
+            champion = self.aliases().get("champion")
+            champion_acc = self.metrics(champion)["test_accuracy"] if champion is not None else None
+            promote, reason = gate(accuracy, champion_acc, tolerance=tolerance, floor=floor)
+            return self._record_decision(version, promoted=promote, reason=reason, by="gate", accuracy=accuracy,
+                                         champion_before=champion), True
 
     def promote(self, version: int, *, reason: str, by: str | None = None) -> dict:
         """A manual override of the gate: make ``version`` the champion, recording who/when/why."""
         if not reason.strip():
             raise RegistryError("a manual promotion needs a reason")
         version = self.resolve(version)
-        return self.record_decision(version, promoted=True, reason=f"manual override: {reason}",
-                                    by=by or getpass.getuser(), accuracy=self.metrics(version).get("test_accuracy"),
-                                    champion_before=self.aliases().get("champion"))
+        self.load_model(version)  # never promote weights that changed since they were published
+        with self.lock():
+            return self._record_decision(version, promoted=True, reason=f"manual override: {reason}",
+                                         by=by or getpass.getuser(), accuracy=self.metrics(version).get("test_accuracy"),
+                                         champion_before=self.aliases().get("champion"))
 
     def status(self, version: int) -> str:
+        problem = self.problem(version)
+        if problem is not None:
+            return f"damaged: {problem}"
         if self.aliases().get("champion") == version:
             return "champion"
         decision = self.decision(version)
         if decision is None:
             return "pending"
         return "rejected" if decision["status"] == "rejected" else "former champion"
-

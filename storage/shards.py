@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from storage import DigitflowError
-from storage.atomic import (file_lock, make_staging_dir, read_json, remove_leftovers, sha256_file, swap_dir,
+from storage.atomic import (writing, file_lock, make_staging_dir, read_json, remove_leftovers, sha256_file, swap_dir,
                             write_json)
 from storage.idx import read_mnist
 
@@ -64,7 +64,7 @@ def write_split(images_path, labels_path, out_dir, *, split: str, rows_per_shard
     out_dir = Path(out_dir)
     # One writer per split at a time (two concurrent ingests into one home would otherwise
     # race on the directory swap); a crashed writer's leftovers are cleared under the lock.
-    with file_lock(out_dir.parent / f".{out_dir.name}.lock"):
+    with writing(out_dir), file_lock(out_dir.parent / f".{out_dir.name}.lock"):
         remove_leftovers(out_dir)
         return _write_split(images, labels, out_dir, split, rows_per_shard, source)
 

@@ -6,7 +6,6 @@ import time
 from pathlib import Path
 
 from prefect import get_run_logger, task
-from prefect.cache_policies import NO_CACHE
 
 from storage import shards
 from storage.atomic import sha256_file
@@ -53,9 +52,23 @@ def download_is_intact(name: str, raw_dir: str) -> bool:
     return is_verified(FILES[name], Path(raw_dir) / FILES[name].idx_name)
 
 
-@task(task_run_name="verify {ref[file]}", cache_policy=NO_CACHE)
+def _content_now(path: str) -> str:
+    """SHA-256 of the file as it is now: computing the key is the verification."""
+    try:
+        return sha256_file(path)
+    except OSError:
+        return "missing"
+
+
+@task(
+    task_run_name="verify {ref[file]}",
+    # Keyed on the file's content hashed now, whatever its size or mtime: a file changed in
+    # place can never return the cached verdict on its old content.
+    cache_key_fn=content_key(lambda p: (p["ref"]["path"], p["ref"]["sha256"], _content_now(p["ref"]["path"]))),
+    **CACHED,
+)
 def verify(ref: dict) -> dict:
-    """Hash the local IDX file and compare with the pin, every run (never cached)."""
+    """Hash the local IDX file and compare with the pin."""
     path = Path(ref["path"])
     digest = sha256_file(path)
     if digest != ref["sha256"]:

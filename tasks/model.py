@@ -22,8 +22,9 @@ import nn
 from nn.metrics import classification_report
 from storage import DigitflowError
 from storage import report as report_files
-from storage.atomic import file_lock, make_staging_dir, remove_leftovers, sha256_file, swap_dir, write_json
-from storage.registry import Registry, gate as gate_rule, now
+from storage.atomic import (writing, file_lock, make_staging_dir, read_json, remove_leftovers, sha256_file, swap_dir,
+                            write_json)
+from storage.registry import Registry, now
 from storage.shards import read_split
 from tasks import progress
 from tasks.common import CACHED, code_version, content_key
@@ -106,18 +107,19 @@ def _train(train: dict, hyperparameters: dict, home: str, progress_key: str) -> 
     update_progress_artifact(artifact, 100.0)
     out = training_dir(home, train, hyperparameters)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with file_lock(out.parent / f".{out.name}.lock"):  # a crashed run's staging is cleared here
+    with writing(out), file_lock(out.parent / f".{out.name}.lock"):  # a crashed run's staging is cleared here
         remove_leftovers(out)
         staging = make_staging_dir(out)
+        digest = nn.digest(model)
         try:
             nn.save(model, staging)
             write_json(staging / "training.json", {"history": history.epochs, "hyperparameters": hp.to_dict(),
-                                                   "train_manifest_sha256": train["sha256"]})
+                                                   "train_manifest_sha256": train["sha256"],
+                                                   "weights_sha256": digest})
             swap_dir(staging, out)  # replaces an incomplete earlier attempt, never shows a partial one
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-    digest = nn.digest(model)
     log.info("trained in %.1f s; weights %s…", seconds, digest[:16])
     return {"dir": str(out), "weights_sha256": digest, "history": history.epochs, "best_epoch": history.best_epoch,
             "stopped_early": history.stopped_early, "train_seconds": round(seconds, 2),
@@ -125,13 +127,38 @@ def _train(train: dict, hyperparameters: dict, home: str, progress_key: str) -> 
 
 
 def training_is_intact(home: str, train_ref: dict, hyperparameters: dict) -> bool:
+    """The trained model is there and its arrays hash to the digest recorded when it was made."""
     d = training_dir(home, train_ref, hyperparameters)
-    return (d / "model.npz").is_file() and (d / "model.json").is_file()
+    try:
+        nn.load(d, expect_digest=read_json(d / "training.json")["weights_sha256"])
+        return True
+    except (OSError, ValueError, KeyError, TypeError):  # missing, damaged, or from before digests were recorded
+        return False
 
 
-def measure(model_dir: str, test: dict) -> dict:
-    """Evaluate a saved model on the test split (pure; used by the task and the CLI)."""
-    model = nn.load(model_dir)
+def load_verified(model: dict) -> nn.Sequential:
+    """The network a model reference names, refused unless it hashes to the reference's digest."""
+    try:
+        return nn.load(model["dir"], expect_digest=model["weights_sha256"])
+    except nn.ModelFormatError as e:
+        raise DigitflowError(str(e)) from None
+
+
+def files_digest(model_dir: str) -> str:
+    """SHA-256 over the bytes of model.json and model.npz as they are now (cache-key material:
+    a file changed behind our back can never return a result computed from the old one)."""
+    h = hashlib.sha256()
+    for name in ("model.json", "model.npz"):
+        try:
+            h.update(sha256_file(Path(model_dir) / name).encode())
+        except OSError:
+            h.update(b"missing")
+    return h.hexdigest()
+
+
+def measure(model: dict, test: dict) -> dict:
+    """Evaluate a saved, verified model on the test split (pure; used by the task and the CLI)."""
+    model = load_verified(model)
     x, y = load_split(test)
     model.predict_proba(x[:1000])  # warm up buffers
     t0 = time.perf_counter()
@@ -147,12 +174,13 @@ def measure(model_dir: str, test: dict) -> dict:
 
 @task(
     task_run_name="evaluate {model[weights_sha256]:.12}",
-    cache_key_fn=content_key(lambda p: (p["model"]["weights_sha256"], p["test"]["sha256"]), code=("nn",)),
+    cache_key_fn=content_key(lambda p: (p["model"]["weights_sha256"], files_digest(p["model"]["dir"]),
+                                        p["test"]["sha256"]), code=("nn",)),
     **CACHED,
 )
 def evaluate(model: dict, test: dict) -> dict:
     """Accuracy, loss, per-class metrics, confusion matrix, worst errors, throughput."""
-    metrics = measure(model["dir"], test)
+    metrics = measure(model, test)
     get_run_logger().info("test accuracy %.4f, loss %.4f, %.0f images/s", metrics["test_accuracy"],
                           metrics["test_loss"], metrics["inference_images_per_second"])
     return metrics
@@ -191,10 +219,12 @@ def publish(model: dict, metrics: dict, train: dict, test: dict, home: str, mode
     log = get_run_logger()
     registry = Registry(home, model_name)
 
+    load_verified(model)  # only the weights that were trained and evaluated are published
+
     def build(folder: Path, version: int) -> dict:
         champion_version = registry.aliases().get("champion")
         champion = None
-        if champion_version is not None:
+        if champion_version is not None and registry.problem(champion_version) is None:
             champion = {"version": champion_version, **registry.metrics(champion_version)}
         for name in ("model.npz", "model.json"):
             shutil.copyfile(Path(model["dir"]) / name, folder / name)
@@ -238,24 +268,23 @@ def metrics_table(metrics: dict) -> list[dict]:
 
 @task(task_run_name="gate v{published[version]}")
 def gate(published: dict, home: str, tolerance: float = 0.0, floor: float = 0.97) -> dict:
-    """Promote the version to champion if it is at least as good; else mark it rejected."""
+    """Promote the version to champion if it is at least as good; else mark it rejected.
+
+    Read, decide and record happen under the registry lock, on verified weights."""
     log = get_run_logger()
     registry = Registry(home, published["name"])
     version = published["version"]
-    decision = registry.decision(version)
-    if decision is not None:
-        log.info("v%d was already decided: %s (%s)", version, decision["status"], decision["reason"])
-        return {**decision, "champion": registry.aliases().get("champion"), "decided_now": False}
-    champion = registry.aliases().get("champion")
-    champion_acc = registry.metrics(champion)["test_accuracy"] if champion is not None else None
-    promote, reason = gate_rule(published["test_accuracy"], champion_acc, tolerance=tolerance, floor=floor)
-    decision = registry.record_decision(version, promoted=promote, reason=reason,
-                                        accuracy=published["test_accuracy"], champion_before=champion)
-    (log.info if promote else log.warning)("v%d %s: %s", version, "promoted to champion" if promote else "rejected",
-                                           reason)
-    if not promote:  # an event server-side automations can react to (`digitflow alerts install`)
-        emit_event(event=REJECTED_EVENT, payload={"reason": reason, "test_accuracy": published["test_accuracy"]},
-                   resource={"prefect.resource.id": f"digitflow.model.{published['name']}.v{version}",
-                             "prefect.resource.name": f"{published['name']} v{version}"})
-    return {**decision, "champion": registry.aliases().get("champion"), "decided_now": True}
-
+    decision, decided_now = registry.decide(version, tolerance=tolerance, floor=floor)
+    state = registry.status(version)
+    if not decided_now:
+        log.info("v%d was decided before: %s (%s); now %s", version, decision["status"], decision["reason"], state)
+    else:
+        promote = decision["status"] == "promoted"
+        (log.info if promote else log.warning)("v%d %s: %s", version,
+                                               "promoted to champion" if promote else "rejected", decision["reason"])
+        if not promote:  # an event server-side automations can react to (`digitflow alerts install`)
+            emit_event(event=REJECTED_EVENT, payload={"reason": decision["reason"],
+                                                      "test_accuracy": published["test_accuracy"]},
+                       resource={"prefect.resource.id": f"digitflow.model.{published['name']}.v{version}",
+                                 "prefect.resource.name": f"{published['name']} v{version}"})
+    return {**decision, "champion": registry.aliases().get("champion"), "decided_now": decided_now, "state": state}

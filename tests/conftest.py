@@ -103,6 +103,9 @@ class FaultyMirror:
     wrong     a valid gzip of the real content with one byte changed
     slow      answer nothing for 3 s
     bomb      a gzip of 100 MB of zeros
+    loop      redirect to itself, forever
+    ftp       redirect to an ftp:// URL
+    trickle   the real archive, one byte every 0.5 s
     """
 
     def __init__(self, mnist_dir: Path):
@@ -134,6 +137,12 @@ class FaultyMirror:
         return (self.dir / name).read_bytes()
 
     def serve(self, h, name, behaviour):
+        if behaviour in ("loop", "ftp"):
+            h.send_response(302)
+            h.send_header("Location", h.path if behaviour == "loop" else f"ftp://127.0.0.1/{name}")
+            h.send_header("Content-Length", "0")
+            h.end_headers()
+            return
         if behaviour.isdigit():
             h.send_response(int(behaviour))
             h.send_header("Content-Length", "0")
@@ -161,6 +170,16 @@ class FaultyMirror:
             h.wfile.flush()
             h.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             h.connection.close()
+            h.close_connection = True
+            return
+        if behaviour == "trickle":
+            try:
+                for i in range(len(body)):
+                    h.wfile.write(body[i:i + 1])
+                    h.wfile.flush()
+                    time.sleep(0.5)
+            except OSError:  # the client gave up, as it should
+                pass
             h.close_connection = True
             return
         if behaviour == "truncate":

@@ -119,3 +119,68 @@ def test_multi_member_gzip_is_accepted(tmp_path, mnist_dir):
 def test_unsupported_scheme(tmp_path):
     with pytest.raises(DownloadError, match="unsupported URL scheme 'ftp'"):
         fetch_verified(LABELS, ["ftp://example.invalid/"], tmp_path)
+
+
+# ---- hostile mirrors: every failure of one mirror moves on to the next ------------------
+
+@pytest.mark.parametrize("bad", ["loop", "ftp", "trickle", "invalid", "directory", "device"])
+def test_any_mirror_failure_moves_on_to_the_next(tmp_path, faulty, mnist_server, bad):
+    import time
+
+    if bad in ("loop", "ftp", "trickle"):
+        faulty.default = bad
+        first = faulty.url
+    else:
+        first = {"invalid": "http://[::1", "directory": (tmp_path / "dir").as_uri() + "/", "device": None}[bad]
+        (tmp_path / "dir" / LABELS.name).mkdir(parents=True)  # a directory where the archive should be
+        if bad == "device":  # a mirror folder whose "archive" is a character device
+            (tmp_path / "dev").mkdir()
+            (tmp_path / "dev" / LABELS.name).symlink_to("/dev/zero")
+            first = (tmp_path / "dev").as_uri() + "/"
+    t0 = time.monotonic()
+    ref = fetch_verified(LABELS, [first, mnist_server], tmp_path / "out", timeout=2, deadline=3)
+    assert ref["fetched"] and ref["mirror"] == mnist_server + LABELS.name and ref["sha256"] == LABELS.idx_sha256
+    assert time.monotonic() - t0 < 15  # a trickling mirror is abandoned at its deadline
+
+
+def test_trickling_mirror_alone_fails_at_its_deadline(tmp_path, faulty):
+    import time
+
+    faulty.default = "trickle"
+    t0 = time.monotonic()
+    with pytest.raises(TransientDownloadError, match=r"too slow: not done within the 2s deadline"):
+        fetch_verified(LABELS, [faulty.url], tmp_path, timeout=5, deadline=2)
+    assert time.monotonic() - t0 < 8
+    assert only_file(tmp_path) == []
+
+
+def test_redirect_loop_and_other_schemes_are_named(tmp_path, faulty):
+    second = type(faulty)(faulty.dir)
+    faulty.default, second.default = "loop", "ftp"
+    try:
+        with pytest.raises(DownloadError) as e:
+            fetch_verified(LABELS, [faulty.url, second.url], tmp_path)
+    finally:
+        second.close()
+    assert "too many redirects" in str(e.value) and "redirected to a URL that is not http(s)" in str(e.value)
+    assert "--mirror" in str(e.value) and "DIGITFLOW_MIRRORS" in str(e.value)  # what to do next
+
+
+def test_credentials_in_a_mirror_url_are_never_written(tmp_path, faulty):
+    import json
+
+    with_secret = faulty.url.replace("http://", "http://alice:s3cret@")
+    faulty.fail(LABELS.name, "404")
+    with pytest.raises(DownloadError) as e:
+        fetch_verified(LABELS, [with_secret], tmp_path)
+    assert "s3cret" not in str(e.value) and "http://***@127.0.0.1" in str(e.value)
+    ref = fetch_verified(LABELS, [with_secret], tmp_path)
+    assert ref["mirror"].startswith("http://***@127.0.0.1") and "s3cret" not in json.dumps(ref)
+    assert "s3cret" not in (tmp_path / "t10k-labels-idx1-ubyte.json").read_text()
+
+
+def test_a_killed_downloads_temp_files_are_cleared(tmp_path, mnist_server):
+    stale = tmp_path / ".t10k-labels-idx1-ubyte.abc123.tmp"
+    stale.write_bytes(b"half a download")
+    fetch_verified(LABELS, [mnist_server], tmp_path)
+    assert not stale.exists() and only_file(tmp_path) == ["t10k-labels-idx1-ubyte", "t10k-labels-idx1-ubyte.json"]

@@ -15,7 +15,9 @@ import pytest
 from flows.pipeline import retrain
 from storage import DigitflowError
 from storage.registry import Registry
-from tasks.model import TrainingDiverged
+from storage.shards import read_split
+from tasks.ingest import manifest_ref
+from tasks.model import TrainingDiverged, load_split
 from tests.prefect_helpers import flow_run_id, state_names
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
@@ -116,8 +118,8 @@ def test_gate_rejects_below_floor_and_keeps_version(home, mnist_server):
 
 
 @pytest.mark.parametrize("preset, overrides, message", [
-    ("default", {"lr": -0.1}, "learning rate must be positive, got -0.1"),
-    ("default", {"hidden": [0]}, "hidden sizes must be positive integers, got [0]"),
+    ("default", {"lr": -0.1}, "learning rate must be positive and at most 1e6, got -0.1"),
+    ("default", {"hidden": [0]}, "hidden sizes must be 1 to 16 integers in 1..16384, got [0]"),
     ("nope", {}, "unknown preset 'nope'"),
     ("default", {"activation": "swish"}, "unknown activation 'swish'"),
 ])
@@ -145,8 +147,10 @@ def test_corrupt_shard_stops_training(tmp_path, mnist_server):
     data[len(data) // 2] ^= 0xFF
     shard.write_bytes(bytes(data))
     with pytest.raises(DigitflowError, match="part-00003.parquet: SHA-256 .* does not match the manifest"):
-        retrain(home=str(other), mirrors=[mnist_server], preset="fast", overrides={"seed": 4})
-    assert not (other / "models").exists()
+        load_split(manifest_ref(str(other / "data/mnist/train")))  # what training reads: refused
+    # The pipeline's ingest step finds the damage and rebuilds the split before training on it.
+    summary = retrain(home=str(other), mirrors=[mnist_server], preset="fast", overrides={"seed": 4})
+    assert summary["created"] and read_split(other / "data/mnist/train")[0].shape == (60000, 784)
 
 
 # ---- the CLI, as a user runs it ----------------------------------------------------
@@ -185,7 +189,7 @@ def test_cli_require_promotion_and_one_line_errors(home, mnist_server, api_url):
     assert out.strip().splitlines()[-1].startswith("digitflow: error: v") and "was not promoted" in out
     proc = cli("run", "--home", str(home), "--lr", "-1", api_url=api_url)
     out, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 1 and out.strip() == "digitflow: error: learning rate must be positive, got -1.0"
+    assert proc.returncode == 1 and out.strip() == "digitflow: error: learning rate must be positive and at most 1e6, got -1.0"
 
 
 def test_cli_evaluate_and_train(home, api_url):

@@ -20,10 +20,25 @@ REPO = Path(__file__).resolve().parents[1]
 def build_with(content: str, accuracy: float = 0.98):
     def build(folder: Path, version: int) -> dict:
         (folder / "model.npz").write_text(content)
+        (folder / "model.json").write_text("{}")
         (folder / "metrics.json").write_text(json.dumps({"test_accuracy": accuracy, "test_loss": 0.1}))
         return {"note": f"built as v{version}"}
 
     return build
+
+
+def real_model(seed: int, accuracy: float = 0.98):
+    """(weights digest, build) of a tiny real network: for what verifies the weights on use."""
+    import nn
+
+    model = nn.Sequential(nn.Dense(4, 3), nn.ReLU(), nn.Dense(3, 2), seed=seed)
+
+    def build(folder: Path, version: int) -> dict:
+        nn.save(model, folder)
+        (folder / "metrics.json").write_text(json.dumps({"test_accuracy": accuracy, "test_loss": 0.1}))
+        return {}
+
+    return nn.digest(model), build
 
 
 def test_versions_count_from_one_and_dedup(tmp_path):
@@ -132,8 +147,8 @@ def test_gate_rule(candidate, champion, tolerance, floor, promote, reason):
 
 def test_decisions_move_champion_and_record_overrides(tmp_path):
     reg = Registry(tmp_path)
-    reg.publish("aaa", build_with("a", 0.98))
-    reg.publish("bbb", build_with("b", 0.97))
+    reg.publish(*real_model(1, 0.98))
+    reg.publish(*real_model(2, 0.97))
     reg.record_decision(1, promoted=True, reason="first", accuracy=0.98)
     reg.record_decision(2, promoted=False, reason="worse", accuracy=0.97, champion_before=1)
     assert reg.aliases() == {"latest": 2, "champion": 1}

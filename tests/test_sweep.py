@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -56,22 +57,82 @@ def test_sweep_on_a_temporary_local_cluster(tmp_path, mnist_server, api_url):
     assert "| `{\"hidden\": [32]}` |" in report and "the gate rejected it" in report
 
 
-def test_sweep_on_an_existing_dask_cluster(tmp_path, mnist_server, api_url):
-    from distributed import LocalCluster
+@pytest.fixture
+def dask_cluster(tmp_path):
+    """A real cluster started the way users start one: `dask scheduler` and `dask worker`
+    processes, the worker in a directory that holds a `storage/` folder (and Dask puts its own
+    spill folder `storage/` in its local directory, first on its sys.path)."""
+    import socket
+    import time
 
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
-        home = tmp_path / "home"
-        r = sweep_cli("--grid", "hidden=48", "lr=0.05,0.1", "--epochs", "1", "--home", str(home), "--mirror",
-                      mnist_server, "--dask-address", cluster.scheduler_address, "--floor", "0.9", api_url=api_url)
-        assert r.returncode == 0, r.stdout + r.stderr
-        assert f"an existing Dask cluster at {cluster.scheduler_address} with 2 workers" in r.stdout + r.stderr
-        assert cluster.scheduler.transition_counter > 0  # the training tasks ran on this cluster
+    bin_dir = Path(sys.executable).parent
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    address = f"tcp://127.0.0.1:{port}"
+    workdir = tmp_path / "worker-dir"
+    (workdir / "storage").mkdir(parents=True)
+    env = {**os.environ, "DASK_DISTRIBUTED__WORKER__DAEMON": "False"}
+    procs = [subprocess.Popen([str(bin_dir / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port),
+                               "--no-dashboard"], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)]
+    procs.append(subprocess.Popen([str(bin_dir / "dask"), "worker", address, "--nworkers", "2", "--nthreads", "1",
+                                   "--no-dashboard"], cwd=workdir, env=env, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL, start_new_session=True))
+    from distributed import Client
+
+    deadline = time.monotonic() + 60
+    with Client(address, timeout=30) as client:
+        while len(client.scheduler_info()["workers"]) < 2:
+            assert time.monotonic() < deadline, "the dask workers did not start"
+            time.sleep(0.5)
+    yield address, procs
+    for p in procs:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+        p.wait(10)
+
+
+def test_sweep_on_an_existing_dask_cluster(tmp_path, mnist_server, api_url, dask_cluster):
+    address, _ = dask_cluster
+    home = tmp_path / "home"
+    r = sweep_cli("--grid", "hidden=48", "lr=0.05,0.1", "--epochs", "1", "--home", str(home), "--mirror",
+                  mnist_server, "--dask-address", address, "--floor", "0.9", api_url=api_url)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"an existing Dask cluster at {address} with 2 workers" in r.stdout + r.stderr
     result = json.loads([l for l in r.stdout.splitlines() if l.startswith("{")][-1])
     assert len(result["rows"]) == 2 and result["status"] == "promoted"
     assert Registry(home).aliases()["champion"] == result["version"]
 
 
+def test_sweep_fails_in_one_line_when_the_workers_die(tmp_path, mnist_server, api_url, dask_cluster):
+    import time
+
+    address, (scheduler, worker) = dask_cluster
+    home = tmp_path / "home"
+    env = {**os.environ, "PREFECT_API_URL": api_url, "DIGITFLOW_WORKERLESS_GRACE": "5"}
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "sweep", "--grid", "hidden=64,96", "--epochs", "30",
+                             "--home", str(home), "--mirror", mnist_server, "--dask-address", address],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list((home / "trained").glob("*")) and not any(home.glob("trained/.*")):
+        # wait until training has started on the workers (ingest done, tasks submitted)
+        assert time.monotonic() < deadline and proc.poll() is None, "the sweep never started training"
+        if (home / "data" / "mnist" / "test" / "manifest.json").exists():
+            time.sleep(3)
+            break
+        time.sleep(0.5)
+    os.killpg(worker.pid, signal.SIGKILL)  # the worker processes and their nanny: gone for good
+    killed = time.monotonic()
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1, out + err
+    assert time.monotonic() - killed < 60
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("digitflow: error: ") and ("no worker" in last or "worker died" in last), last
+    assert "Traceback" not in err
+
+
 def test_sweep_rejects_bad_values_before_work(tmp_path, api_url):
     r = sweep_cli("--grid", "hidden=0,64", "--home", str(tmp_path / "h"), api_url=api_url)
-    assert r.returncode == 1 and "hidden sizes must be positive integers, got [0]" in r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 1 and "hidden sizes must be 1 to 16 integers in 1..16384, got [0]" in r.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "h").exists()
