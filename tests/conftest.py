@@ -5,7 +5,10 @@ from __future__ import annotations
 import gzip
 import http.server
 import os
+import signal
 import socket
+import subprocess
+import sys
 import struct
 import tempfile
 import threading
@@ -252,3 +255,38 @@ def receiver():
     server = _Server(Handler)
     yield server.url + "hook", got
     server.close()
+
+
+PREFECT = str(Path(sys.executable).with_name("prefect"))
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory):
+    """A real Prefect server (SQLite), on a random port, with its own PREFECT_HOME."""
+    home = tmp_path_factory.mktemp("prefect-server")
+    from tests.prefect_helpers import free_port
+
+    port = free_port()
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "DO_NOT_TRACK": "1", "PREFECT_UI_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)
+    proc = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env,
+                            stdout=open(home / "server.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}/api"
+    import requests
+
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            if requests.get(url + "/health", timeout=1).ok:
+                break
+        except requests.RequestException:
+            pass
+        if time.monotonic() > deadline or proc.poll() is not None:
+            raise RuntimeError("prefect server did not start:\n" + (home / "server.log").read_text())
+        time.sleep(0.5)
+    yield url
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(30)
+
+

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import time
 
 from prefect.client.orchestration import get_client
@@ -25,3 +27,27 @@ def state_names(flow_run_id, **kw) -> dict[str, str]:
 
 def flow_run_id(state):
     return state.state_details.flow_run_id
+
+
+@contextlib.contextmanager
+def client_for(url):
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: url}):
+        with get_client(sync_client=True) as client:
+            yield client
+
+
+def flow_runs(client, flow_name):
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    return client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=[flow_name])),
+                                 sort=FlowRunSort.START_TIME_DESC)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -12,42 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.prefect_helpers import client_for, flow_runs, free_port
+
 REPO = Path(__file__).resolve().parents[1]
 PREFECT = str(Path(sys.executable).with_name("prefect"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """A real Prefect server (SQLite), on a random port, with its own PREFECT_HOME."""
-    home = tmp_path_factory.mktemp("prefect-server")
-    port = free_port()
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "DO_NOT_TRACK": "1", "PREFECT_UI_ENABLED": "false"}
-    env.pop("PREFECT_API_URL", None)
-    proc = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env,
-                            stdout=open(home / "server.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}/api"
-    import requests
-
-    deadline = time.monotonic() + 90
-    while True:
-        try:
-            if requests.get(url + "/health", timeout=1).ok:
-                break
-        except requests.RequestException:
-            pass
-        if time.monotonic() > deadline or proc.poll() is not None:
-            raise RuntimeError("prefect server did not start:\n" + (home / "server.log").read_text())
-        time.sleep(0.5)
-    yield url
-    os.killpg(proc.pid, signal.SIGTERM)
-    proc.wait(30)
 
 
 def env_for(url, **extra):
@@ -62,22 +30,6 @@ def digitflow(*args, url, timeout=300, **kw):
     return r
 
 
-@contextlib.contextmanager
-def client_for(url):
-    from prefect.client.orchestration import get_client
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    with temporary_settings(updates={PREFECT_API_URL: url}):
-        with get_client(sync_client=True) as client:
-            yield client
-
-
-def flow_runs(client, flow_name):
-    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
-    from prefect.client.schemas.sorting import FlowRunSort
-
-    return client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=[flow_name])),
-                                 sort=FlowRunSort.START_TIME_DESC)
 
 
 def task_runs(client, flow_run_id):
