@@ -160,3 +160,47 @@ def test_decisions_move_champion_and_record_overrides(tmp_path):
     assert json.loads((reg.root / "decisions" / "v2.json").read_text()) == decision
     with pytest.raises(RegistryError, match="needs a reason"):
         reg.promote(1, reason=" ")
+
+
+def _decide_in_process(home, version, start_at, queue):
+    registry = Registry(home)
+    while time.time() < start_at:
+        pass
+    queue.put(registry.decide(version, tolerance=0.0, floor=0.9)[0]["status"])
+
+
+def test_concurrent_gates_leave_exactly_one_champion_the_better_one(tmp_path):
+    """Two publishers finishing together: the gate reads the champion, decides and records it
+    under the registry lock, so the worse one can never be promoted over the better one."""
+    for trial in range(3):
+        home = tmp_path / f"t{trial}"
+        reg = Registry(home)
+        reg.publish(*real_model(1, 0.95))
+        reg.publish(*real_model(2, 0.99))
+        ctx = multiprocessing.get_context("spawn")
+        queue = ctx.Queue()
+        start_at = time.time() + 1.5
+        procs = [ctx.Process(target=_decide_in_process, args=(str(home), v, start_at, queue)) for v in (1, 2)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(60)
+        statuses = sorted(queue.get(timeout=5) for _ in procs)
+        assert reg.aliases()["champion"] == 2  # whoever decided first, the better one is champion
+        assert statuses in (["promoted", "promoted"], ["promoted", "rejected"])
+        assert reg.decision(2)["status"] == "promoted"
+
+
+def test_decide_refuses_a_tampered_candidate(tmp_path):
+    reg = Registry(tmp_path)
+    reg.publish(*real_model(1, 0.99))
+    npz = reg.path(1) / "model.npz"
+    npz.chmod(0o644)
+    import numpy as np
+
+    with np.load(npz) as f:
+        arrays = {k: np.zeros_like(v) for k, v in f.items()}
+    np.savez(npz, **arrays)
+    with pytest.raises(RegistryError, match="model.npz: weights SHA-256 .* is not the"):
+        reg.decide(1, tolerance=0.0, floor=0.9)
+    assert reg.decision(1) is None and "champion" not in reg.aliases()
