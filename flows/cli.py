@@ -12,8 +12,8 @@ import typer
 
 import flows  # noqa: F401  (sets telemetry-off defaults before Prefect is imported)
 from flows import interrupt
-from flows.cli_common import (DEADLINE, HOME, MIRRORS, MODEL_NAME, PRESET, RETRIES, ROWS, TIMEOUT, WEBHOOK, fail,
-                              one_line_errors, quiet_expected_failures)
+from flows.cli_common import (DEADLINE, FLOOR, HOME, MIRRORS, MODEL_NAME, PRESET, RETRIES, ROWS, TIMEOUT, TOLERANCE,
+                              WEBHOOK, fail, one_line_errors, quiet_expected_failures)
 from storage import DigitflowError
 from storage.config import check_ingest_settings, resolve_home
 
@@ -66,49 +66,26 @@ def _prefect_console_handlers() -> list:
     return list({h for lg in loggers for h in lg.handlers if isinstance(h, PrefectConsoleHandler)})
 
 
-def hyperparameter_overrides(hidden, activation, optimizer, lr, momentum, batch_size, epochs, l2, dropout,
-                             max_norm, shift, seed, val_fraction, patience) -> dict:
-    overrides = dict(activation=activation, optimizer=optimizer, lr=lr, momentum=momentum, batch_size=batch_size,
-                     epochs=epochs, l2=l2, dropout=dropout, max_norm=max_norm, shift=shift, seed=seed,
-                     val_fraction=val_fraction, patience=patience)
-    if hidden is not None:
-        try:
-            overrides["hidden"] = [int(h) for h in hidden.split(",")]
-        except ValueError:
-            fail(f"--hidden must be comma-separated integers like 512,256, got {hidden!r}")
-    return {k: v for k, v in overrides.items() if v is not None}
-
-
 def hp_options(f):
-    """Add the hyperparameter flags (each overrides the preset) to a command."""
+    """Add one flag per hyperparameter (each overrides the preset) to a command; the flags,
+    their syntax and help come from the contract (flows/contract.py), like the sweep grid."""
     import functools
     import inspect
 
-    extra = [
-        ("hidden", Optional[str], "--hidden", "Hidden layer sizes, comma-separated, e.g. 512,256."),
-        ("activation", Optional[str], "--activation", "relu, tanh or sigmoid."),
-        ("optimizer", Optional[str], "--optimizer", "sgd, momentum, nesterov, rmsprop or adam."),
-        ("lr", Optional[float], "--lr", "Learning rate."),
-        ("momentum", Optional[float], "--momentum", "Momentum (momentum and nesterov)."),
-        ("batch_size", Optional[int], "--batch-size", "Mini-batch size."),
-        ("epochs", Optional[int], "--epochs", "Epochs."),
-        ("l2", Optional[float], "--l2", "L2 weight decay λ."),
-        ("dropout", Optional[float], "--dropout", "Dropout probability after each hidden layer."),
-        ("max_norm", Optional[float], "--max-norm", "Max-norm bound of each unit's incoming weights."),
-        ("shift", Optional[int], "--shift", "Random translations of up to ±N pixels."),
-        ("seed", Optional[int], "--seed", "Random seed (initialization, shuffles, validation split)."),
-        ("val_fraction", Optional[float], "--val-fraction", "Fraction of train held out for validation."),
-        ("patience", Optional[int], "--patience", "Early stopping patience in epochs."),
-    ]
+    from flows.contract import cli_options, parse_value
+
+    extra = cli_options()
     sig = inspect.signature(f)
     params = [p for p in sig.parameters.values() if p.name != "hp"]
-    params += [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=ann,
+    params += [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str],
                                  default=typer.Option(None, flag, help=help_))
-               for name, ann, flag, help_ in extra]
+               for name, flag, help_ in extra]
 
     @functools.wraps(f)
     def wrapper(**kwargs):
-        hp = hyperparameter_overrides(*(kwargs.pop(name) for name, *_ in extra))
+        with one_line_errors():
+            hp = {name: parse_value(name, text) for name, *_ in extra
+                  if (text := kwargs.pop(name)) is not None}
         return f(hp=hp, **kwargs)
 
     wrapper.__signature__ = sig.replace(parameters=params)
@@ -156,15 +133,15 @@ def ingest(home: Optional[str] = HOME, mirror: Optional[List[str]] = MIRRORS,
 @hp_options
 def run(home: Optional[str] = HOME, mirror: Optional[List[str]] = MIRRORS, preset: str = PRESET,
         model_name: str = MODEL_NAME,
-        tolerance: float = typer.Option(0.0, "--tolerance", min=0.0, help="Promote if accuracy ≥ champion's minus this."),
-        floor: float = typer.Option(0.97, "--floor", min=0.0, max=1.0, help="Never promote below this test accuracy."),
+        tolerance: float = TOLERANCE, floor: float = FLOOR,
         require_promotion: bool = typer.Option(False, "--require-promotion", help="Exit 1 unless the new version is champion."),
         json_out: bool = typer.Option(False, "--json", help="Print the run summary as JSON."),
         webhook: Optional[str] = WEBHOOK,
         rows_per_shard: int = ROWS, timeout: float = TIMEOUT, retries: int = RETRIES,
         deadline: Optional[float] = DEADLINE, hp: dict = None) -> None:
     """Run the whole pipeline: ingest → train → evaluate → publish → promotion gate."""
-    from flows.pipeline import hyperparameters, retrain
+    from flows.contract import hyperparameters
+    from flows.pipeline import retrain
     from storage.registry import check_name
 
     with one_line_errors():
@@ -172,9 +149,7 @@ def run(home: Optional[str] = HOME, mirror: Optional[List[str]] = MIRRORS, prese
         hyperparameters(preset, hp)
         check_ingest_settings(rows_per_shard=rows_per_shard, timeout=timeout, retries=retries, deadline=deadline)
         home = _start(home)
-        from prefect import tags
-
-        with progress_display(), tags("digitflow", f"preset:{preset}", f"model:{model_name}"):
+        with progress_display():
             summary = retrain(home=home, mirrors=_mirrors(mirror), preset=preset, overrides=hp, model_name=model_name,
                               tolerance=tolerance, floor=floor, rows_per_shard=rows_per_shard, timeout=timeout,
                               retries=retries, deadline=deadline, webhook_url=webhook)
@@ -195,7 +170,7 @@ def train(home: Optional[str] = HOME, preset: str = PRESET, hp: dict = None) -> 
     """Train on the ingested shards (run `digitflow ingest` first); print where the model is."""
     from prefect import flow
 
-    from flows.pipeline import hyperparameters
+    from flows.contract import hyperparameters
     from storage.shards import load_manifest, split_dir
     from tasks.ingest import manifest_ref
     from tasks.model import train as train_task
@@ -287,7 +262,7 @@ def check_cron(cron: str) -> None:
 
 
 def deployment_parameters(home, mirror, preset, model_name, hp, webhook) -> dict:
-    from flows.pipeline import hyperparameters
+    from flows.contract import hyperparameters
 
     hyperparameters(preset, hp)  # invalid values fail now, not at 3 a.m.
     params = {"home": str(resolve_home(home)), "preset": preset, "model_name": model_name}
@@ -315,7 +290,7 @@ def serve(cron: str = typer.Option("0 3 * * *", "--cron", help="Cron schedule of
     with one_line_errors():
         check_cron(cron)
         params = deployment_parameters(home, mirror, preset, model_name, hp, webhook)
-    retrain.serve(name=name, cron=cron, parameters=params, tags=["digitflow", f"preset:{preset}"],
+    retrain.serve(name=name, cron=cron, parameters=params, tags=["digitflow"],
                   description=f"Retrain {model_name} with preset {preset!r} on {cron!r} (UTC)")
 
 
@@ -346,7 +321,7 @@ def deploy(pool: str = typer.Option("digitflow", "--pool", help="Process work po
         source = str(Path(__file__).resolve().parents[1])
         remote = prefect_flow.from_source(source=source, entrypoint="flows/pipeline.py:retrain")
         deployment_id = remote.deploy(name=name, work_pool_name=pool, cron=cron, parameters=params,
-                                      tags=["digitflow", f"preset:{preset}"], print_next_steps=False)
+                                      tags=["digitflow"], print_next_steps=False)
     typer.echo(f"deployment mnist-retrain/{name} ({deployment_id}) on work pool {pool!r}"
                + (f", schedule {cron!r}" if cron else "") + f"; start a worker: prefect worker start --pool {pool}")
 
@@ -359,18 +334,22 @@ def sweep(grid: List[str] = typer.Option(..., "--grid", help="name=v1,v2 (repeat
           model_name: str = MODEL_NAME,
           dask_address: Optional[str] = typer.Option(None, "--dask-address", help="tcp://HOST:8786 of an existing Dask scheduler; default: a temporary LocalCluster."),
           workers: int = typer.Option(2, "--workers", min=1, help="Worker processes of the temporary LocalCluster."),
-          tolerance: float = typer.Option(0.0, "--tolerance", min=0.0), floor: float = typer.Option(0.97, "--floor"),
+          tolerance: float = TOLERANCE, floor: float = FLOOR,
+          rows_per_shard: int = ROWS, timeout: float = TIMEOUT, retries: int = RETRIES,
           webhook: Optional[str] = WEBHOOK, json_out: bool = typer.Option(False, "--json"), hp: dict = None) -> None:
     """Train a grid of hyperparameters in parallel on Dask; publish the best through the gate."""
-    from flows.sweep import parse_grid
+    from flows.contract import parse_grid
     from flows.sweep import sweep as sweep_flow
 
     with one_line_errors():
         points = parse_grid(list(grid) + list(extra or []))
-        from flows.pipeline import hyperparameters
+        from flows.contract import hyperparameters
+        from storage.registry import check_name
 
+        check_name(model_name)
         for point in points:
             hyperparameters(preset, {**hp, **point})
+        check_ingest_settings(rows_per_shard=rows_per_shard, timeout=timeout, retries=retries)
         home = _start(home)
         import logging
 
@@ -382,12 +361,10 @@ def sweep(grid: List[str] = typer.Option(..., "--grid", help="name=v1,v2 (repeat
         else:
             runner = DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True,
                                                     "dashboard_address": None})
-        from prefect import tags
-
-        with tags("digitflow", "sweep", f"model:{model_name}"):
-            result = sweep_flow.with_options(task_runner=runner)(
-                grid=points, home=home, mirrors=_mirrors(mirror), preset=preset, overrides=hp, model_name=model_name,
-                tolerance=tolerance, floor=floor, webhook_url=webhook)
+        result = sweep_flow.with_options(task_runner=runner)(
+            grid=points, home=home, mirrors=_mirrors(mirror), preset=preset, overrides=hp, model_name=model_name,
+            tolerance=tolerance, floor=floor, rows_per_shard=rows_per_shard, timeout=timeout, retries=retries,
+            webhook_url=webhook)
     if json_out:
         typer.echo(json.dumps(result))
         return

@@ -13,16 +13,20 @@ import typer
 
 from storage import DigitflowError
 from storage.atomic import is_disk_error
+from storage.config import DEFAULT_RETRIES, DEFAULT_ROWS_PER_SHARD, DEFAULT_TIMEOUT
+from storage.registry import DEFAULT_FLOOR, DEFAULT_NAME, DEFAULT_TOLERANCE
 
 HOME = typer.Option(None, "--home", help="Root directory for all state (env DIGITFLOW_HOME; default ~/.digitflow).")
 MIRRORS = typer.Option(None, "--mirror", help="Mirror base URL (http://, https://, file://); repeat to try several in order (env DIGITFLOW_MIRRORS).")
-ROWS = typer.Option(10_000, "--rows-per-shard", help="Rows per Parquet shard (1..1000000).")
-TIMEOUT = typer.Option(30.0, "--timeout", help="Seconds before a silent mirror counts as failed (0.1..3600).")
-RETRIES = typer.Option(3, "--retries", help="Retries of a download after transient failures, backoff 2 s, 4 s, 8 s, ... (0..10).")
+ROWS = typer.Option(DEFAULT_ROWS_PER_SHARD, "--rows-per-shard", help="Rows per Parquet shard (1..1000000).")
+TIMEOUT = typer.Option(DEFAULT_TIMEOUT, "--timeout", help="Seconds before a silent mirror counts as failed (0.1..3600).")
+RETRIES = typer.Option(DEFAULT_RETRIES, "--retries", help="Retries of a download after transient failures, backoff 2 s, 4 s, 8 s, ... (0..10).")
 DEADLINE = typer.Option(None, "--deadline", help="Seconds one mirror may take for one file (default: timeout + archive size at 50 kB/s).")
 PRESET = typer.Option("default", "--preset", help="Hyperparameter preset: default, best or fast.")
 WEBHOOK = typer.Option(None, "--webhook", help="POST failed runs and gate rejections here (env DIGITFLOW_WEBHOOK_URL).")
-MODEL_NAME = typer.Option("mnist-mlp", "--model-name", help="Registry name of the model.")
+MODEL_NAME = typer.Option(DEFAULT_NAME, "--model-name", help="Registry name of the model.")
+TOLERANCE = typer.Option(DEFAULT_TOLERANCE, "--tolerance", min=0.0, max=1.0, help="Promote if accuracy ≥ champion's minus this.")
+FLOOR = typer.Option(DEFAULT_FLOOR, "--floor", min=0.0, max=1.0, help="Never promote below this test accuracy.")
 
 _final_words: list[str] = []
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from prefect import flow
 
-from storage.config import check_ingest_settings, resolve_home, resolve_mirrors
+from storage.config import (DEFAULT_RETRIES, DEFAULT_ROWS_PER_SHARD, DEFAULT_TIMEOUT, check_ingest_settings,
+                            resolve_home, resolve_mirrors)
 from storage.mnist import SPLITS, file_for
 from storage.shards import is_current, source_of, split_dir
 from tasks.ingest import download, download_is_intact, parse, verify, write_shards
@@ -14,9 +15,9 @@ from tasks.ingest import download, download_is_intact, parse, verify, write_shar
 def ingest(
     home: str | None = None,
     mirrors: list[str] | None = None,
-    rows_per_shard: int = 10_000,
-    timeout: float = 30.0,
-    retries: int = 3,
+    rows_per_shard: int = DEFAULT_ROWS_PER_SHARD,
+    timeout: float = DEFAULT_TIMEOUT,
+    retries: int = DEFAULT_RETRIES,
     retry_delay: float = 2.0,
     deadline: float | None = None,
 ) -> dict[str, dict]:

@@ -1,25 +1,14 @@
 """The retraining pipeline: ingest → train → evaluate → publish → gate, as one Prefect flow."""
 
-from __future__ import annotations
-
-from prefect import flow
+from prefect import flow, tags
 from prefect.runtime import flow_run
 
-import nn
 from flows.alerts import alert_if_rejected, on_flow_failure
+from flows.contract import DEFAULT_FLOOR, DEFAULT_NAME, DEFAULT_TOLERANCE, Overrides, Preset, hyperparameters
 from flows.ingest import ingest
-from storage import DigitflowError
-from storage.config import resolve_home
+from storage.config import DEFAULT_RETRIES, DEFAULT_ROWS_PER_SHARD, DEFAULT_TIMEOUT, resolve_home
 from storage.registry import check_name
 from tasks.model import artifact_key, evaluate, gate, publish, train, training_is_intact
-
-
-def hyperparameters(preset: str, overrides: dict | None) -> nn.presets.Hyperparameters:
-    """The preset with overrides, validated: bad values fail here, before any work."""
-    try:
-        return nn.presets.get(preset, **(overrides or {}))
-    except (ValueError, TypeError) as e:
-        raise DigitflowError(str(e)) from None
 
 
 def run_name() -> str:
@@ -27,51 +16,73 @@ def run_name() -> str:
     return f"retrain-{params.get('preset', 'default')}"
 
 
+def run_tags(preset: str, model_name: str) -> list[str]:
+    """The tags of a run, derived from its own parameters (however it was started)."""
+    return ["digitflow", f"preset:{preset}", f"model:{model_name}"]
+
+
 @flow(name="mnist-retrain", flow_run_name=run_name, on_failure=[on_flow_failure])
 def retrain(
     home: str | None = None,
     mirrors: list[str] | None = None,
-    preset: str = "default",
-    overrides: dict | None = None,
-    model_name: str = "mnist-mlp",
-    tolerance: float = 0.0,
-    floor: float = 0.97,
-    rows_per_shard: int = 10_000,
-    timeout: float = 30.0,
-    retries: int = 3,
+    preset: Preset = "default",
+    overrides: Overrides | None = None,
+    model_name: str = DEFAULT_NAME,
+    tolerance: float = DEFAULT_TOLERANCE,
+    floor: float = DEFAULT_FLOOR,
+    rows_per_shard: int = DEFAULT_ROWS_PER_SHARD,
+    timeout: float = DEFAULT_TIMEOUT,
+    retries: int = DEFAULT_RETRIES,
     deadline: float | None = None,
     webhook_url: str | None = None,
 ) -> dict:
     """From nothing to a published, evaluated, gated model version. Returns a summary.
 
-    A failed run, or a version the gate rejects, is reported to ``webhook_url`` (else
-    ``$DIGITFLOW_WEBHOOK_URL``) when one is set.
+    Args:
+        home: Where digitflow keeps its state (default: $DIGITFLOW_HOME, else ~/.digitflow).
+        mirrors: Mirror base URLs, tried in order (default: $DIGITFLOW_MIRRORS, else the public ones).
+        preset: Hyperparameter preset; `overrides` change single values of it.
+        overrides: Hyperparameters that override the preset (an empty field keeps the preset's value).
+        model_name: Registry name of the model.
+        tolerance: Promote when test accuracy ≥ the champion's minus this.
+        floor: Never promote below this test accuracy.
+        rows_per_shard: Rows per Parquet shard.
+        timeout: Seconds of silence before a mirror counts as failed.
+        retries: Retries of a download after transient failures.
+        deadline: Seconds one mirror may take for one file (empty: from the file's size).
+        webhook_url: POST failed runs and gate rejections here (else $DIGITFLOW_WEBHOOK_URL).
     """
     hp = hyperparameters(preset, overrides).to_dict()
     check_name(model_name)  # before any work
     home = str(resolve_home(home))
+    update_run(tags=run_tags(preset, model_name))
 
-    # 1. Data: verified Parquet shards (a subflow; cached when nothing changed).
-    data = ingest(home=home, mirrors=mirrors, rows_per_shard=rows_per_shard, timeout=timeout, retries=retries,
-                  deadline=deadline)
+    with tags(*run_tags(preset, model_name)):  # the ingest subflow and every task carry them too
+        # 1. Data: verified Parquet shards (a subflow; cached when nothing changed).
+        data = ingest(home=home, mirrors=mirrors, rows_per_shard=rows_per_shard, timeout=timeout, retries=retries,
+                      deadline=deadline)
 
-    # 2. Train on the train split; cached on (data, hyperparameters, seed, nn/ source).
-    model = train.with_options(refresh_cache=not training_is_intact(home, data["train"], hp))(
-        data["train"], hp, home, progress_key=artifact_key(model_name, "training"))
+        # 2. Train on the train split; cached on (data, hyperparameters, seed, nn/ source).
+        model = train.with_options(refresh_cache=not training_is_intact(home, data["train"], hp))(
+            data["train"], hp, home, progress_key=artifact_key(model_name, "training"),
+            description=f"preset {preset}: 784-{'-'.join(map(str, hp['hidden']))}-10, {hp['epochs']} epochs")
 
-    # 3. Evaluate on the test split.
-    metrics = evaluate(model, data["test"])
+        # 3. Evaluate on the test split.
+        metrics = evaluate(model, data["test"])
 
-    # 4. Publish an immutable version (identical weights: the existing version).
+        # 4-5. Publish an immutable version (identical weights: the existing one), then the gate.
+        outcome = publish_and_gate(model, metrics, data, home, model_name, tolerance, floor, webhook_url)
+    update_run(name=f"retrain-{preset} → v{outcome['version']} {outcome['status']}")
+    return {**outcome, "preset": preset, "hyperparameters": hp}
+
+
+def publish_and_gate(model: dict, metrics: dict, data: dict, home: str, model_name: str, tolerance: float,
+                     floor: float, webhook_url: str | None) -> dict:
+    """The tail every training flow shares: publish the version, gate it, alert on rejection."""
     published = publish(model, metrics, data["train"], data["test"], home, model_name)
-
-    # 5. Promotion gate.
     decision = gate(published, home, tolerance=tolerance, floor=floor)
-
     alert_if_rejected(webhook_url, published, decision)
-    outcome = outcome_of(published, decision)
-    _rename_run(f"retrain-{preset} → v{published['version']} {outcome['status']}")
-    return {**published, **outcome, "preset": preset, "hyperparameters": hp}
+    return {**published, **outcome_of(published, decision)}
 
 
 def outcome_of(published: dict, decision: dict) -> dict:
@@ -87,10 +98,10 @@ def outcome_of(published: dict, decision: dict) -> dict:
                       + (f" (champion is v{champion})" if champion not in (None, published["version"]) else "")}
 
 
-def _rename_run(name: str) -> None:
-    """Give the flow run a name that says what it produced (shown in the dashboard)."""
+def update_run(**changes) -> None:
+    """Name the flow run after what it produced, or tag it (shown in the dashboard)."""
     from prefect.client.orchestration import get_client
 
     if flow_run.id:
         with get_client(sync_client=True) as client:
-            client.update_flow_run(flow_run.id, name=name)
+            client.update_flow_run(flow_run.id, **changes)

@@ -4,50 +4,25 @@ ingest → train every grid point in parallel (DaskTaskRunner) → evaluate each
 comparison report → publish the best (by validation accuracy) through the promotion gate.
 """
 
-from __future__ import annotations
-
-import itertools
 import json
 import os
 from pathlib import Path
 
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, tags
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.context import FlowRunContext
 from prefect.runtime import flow_run
 
-from flows.alerts import alert_if_rejected, on_flow_failure
+from flows.alerts import on_flow_failure
 from flows.ingest import ingest
-from flows.pipeline import hyperparameters, outcome_of
+from flows.contract import (DEFAULT_FLOOR, DEFAULT_NAME, DEFAULT_TOLERANCE, Overrides, Preset, hyperparameters,
+                            overrides_dict, parse_grid)  # noqa: F401 (parse_grid: the CLI's)
+from flows.pipeline import publish_and_gate, run_tags, update_run
 from storage import DigitflowError
 from storage.atomic import write_bytes, write_json
-from storage.config import resolve_home
+from storage.config import DEFAULT_RETRIES, DEFAULT_ROWS_PER_SHARD, DEFAULT_TIMEOUT, resolve_home
 from storage.registry import check_name
-from tasks.model import artifact_key, evaluate, gate, publish, train, training_is_intact
-
-GRID_TYPES = {"hidden": "hidden", "lr": float, "momentum": float, "batch_size": int, "epochs": int, "l2": float,
-              "dropout": float, "max_norm": float, "shift": int, "seed": int, "activation": str, "optimizer": str}
-
-
-def parse_grid(items: list[str]) -> list[dict]:
-    """["hidden=128,256", "lr=0.05,0.1"] → the 4 override dicts of the Cartesian product.
-
-    A multi-layer hidden value is written with x: hidden=512x256,1024."""
-    axes = []
-    for item in items:
-        key, sep, values = item.partition("=")
-        key = key.strip().replace("-", "_")
-        if not sep or not values.strip():
-            raise DigitflowError(f"grid item {item!r} must look like name=v1,v2")
-        if key not in GRID_TYPES:
-            raise DigitflowError(f"grid item {item!r}: unknown hyperparameter {key!r}; one of {sorted(GRID_TYPES)}")
-        kind = GRID_TYPES[key]
-        try:
-            parsed = [[int(h) for h in v.split("x")] if kind == "hidden" else kind(v) for v in values.split(",")]
-        except ValueError:
-            raise DigitflowError(f"grid item {item!r}: cannot read the values as {key}") from None
-        axes.append([(key, v) for v in parsed])
-    return [dict(combo) for combo in itertools.product(*axes)]
+from tasks.model import artifact_key, evaluate, train, training_is_intact
 
 
 def describe_runner() -> str:
@@ -106,59 +81,76 @@ def sweep_name() -> str:
 
 @flow(name="mnist-sweep", flow_run_name=sweep_name, on_failure=[on_flow_failure])
 def sweep(
-    grid: list[dict],
+    grid: list[Overrides],
     home: str | None = None,
     mirrors: list[str] | None = None,
-    preset: str = "default",
-    overrides: dict | None = None,
-    model_name: str = "mnist-mlp",
-    tolerance: float = 0.0,
-    floor: float = 0.97,
+    preset: Preset = "default",
+    overrides: Overrides | None = None,
+    model_name: str = DEFAULT_NAME,
+    tolerance: float = DEFAULT_TOLERANCE,
+    floor: float = DEFAULT_FLOOR,
+    rows_per_shard: int = DEFAULT_ROWS_PER_SHARD,
+    timeout: float = DEFAULT_TIMEOUT,
+    retries: int = DEFAULT_RETRIES,
     webhook_url: str | None = None,
 ) -> dict:
     """Train every grid point (each on top of preset + overrides), compare, publish the best."""
     log = get_run_logger()
-    configs = [hyperparameters(preset, {**(overrides or {}), **point}).to_dict() for point in grid]
+    base = overrides_dict(overrides)
+    points = [overrides_dict(point) for point in grid]
+    configs = [hyperparameters(preset, {**base, **point}).to_dict() for point in points]
     if not configs:
         raise DigitflowError("the grid is empty")
     check_name(model_name)
     home = str(resolve_home(home))
+    update_run(tags=[*run_tags(preset, model_name), "sweep"])
     log.info("sweep of %d runs; task runner: %s", len(configs), describe_runner())
 
-    data = ingest(home=home, mirrors=mirrors)
+    with tags(*run_tags(preset, model_name), "sweep"):
+        data = ingest(home=home, mirrors=mirrors, rows_per_shard=rows_per_shard, timeout=timeout, retries=retries)
 
-    # Fan out: one training task per grid point, in parallel on the Dask workers.
-    trained = [train.with_options(refresh_cache=not training_is_intact(home, data["train"], hp)).submit(
-        data["train"], hp, home, progress_key=artifact_key(model_name, f"sweep-{i}"), blas_threads=1)
-        for i, hp in enumerate(configs)]
-    scored = [evaluate.submit(model, data["test"]) for model in trained]
-    wait_while_workers_live(trained + scored)
-    results = []
-    for point, model_future, metrics_future in zip(grid, trained, scored):
-        model, metrics = model_future.result(), metrics_future.result()
-        last = model["history"][-1]
-        results.append({"point": point, "model": model, "metrics": metrics,
-                        "val_accuracy": last.get("val_accuracy"), "val_loss": last.get("val_loss")})
+        # Fan out: one training task per grid point, in parallel on the Dask workers.
+        trained = [train.with_options(refresh_cache=not training_is_intact(home, data["train"], hp)).submit(
+            data["train"], hp, home, progress_key=artifact_key(model_name, f"sweep-{i}"), blas_threads=1,
+            description=f"sweep point {i + 1}/{len(configs)} {json.dumps(point)}")
+            for i, (hp, point) in enumerate(zip(configs, points))]
+        scored = [evaluate.submit(model, data["test"]) for model in trained]
+        wait_while_workers_live(trained + scored)
+        results = []
+        for point, model_future, metrics_future in zip(points, trained, scored):
+            model, metrics = model_future.result(), metrics_future.result()
+            last = model["history"][-1]
+            results.append({"point": point, "model": model, "metrics": metrics,
+                            "val_accuracy": last.get("val_accuracy"), "val_loss": last.get("val_loss")})
 
-    # Select on validation accuracy (the test split only reports), then through the gate.
-    best = max(results, key=lambda r: (r["val_accuracy"] or 0.0, -(r["val_loss"] or 0.0)))
-    published = publish(best["model"], best["metrics"], data["train"], data["test"], home, model_name)
-    decision = gate(published, home, tolerance=tolerance, floor=floor)
+        # Select on validation accuracy (the test split only reports), then the shared tail.
+        best = max(results, key=lambda r: (r["val_accuracy"] or 0.0, -(r["val_loss"] or 0.0)))
+        outcome = publish_and_gate(best["model"], best["metrics"], data, home, model_name, tolerance, floor,
+                                   webhook_url)
     rows = [{"grid point": json.dumps(r["point"]), "val_accuracy": round(r["val_accuracy"] or 0, 4),
              "test_accuracy": round(r["metrics"]["test_accuracy"], 4), "train_seconds": r["model"]["train_seconds"],
              "best": r is best} for r in results]
-    report = _report(rows, published, decision)
+    report = _report(rows, outcome)
     folder = Path(home) / "sweeps" / (str(flow_run.id) if flow_run.id else "latest")
     write_bytes(folder / "report.md", report.encode())
-    write_json(folder / "results.json", {"rows": rows, "published": published, "decision": decision})
+    write_json(folder / "results.json", {"rows": rows, "outcome": outcome})
     create_table_artifact(rows, key=artifact_key(model_name, "sweep"), description="Sweep comparison")
     create_markdown_artifact(report, key=artifact_key(model_name, "sweep-report"), description="Sweep report")
     log.info("best %s: val %.4f, test %.4f → v%d %s", best["point"], best["val_accuracy"] or 0,
-             best["metrics"]["test_accuracy"], published["version"], decision["status"])
-    alert_if_rejected(webhook_url, published, decision)
-    return {"rows": rows, "report": str(folder / "report.md"), **published, **outcome_of(published, decision)}
+             best["metrics"]["test_accuracy"], outcome["version"], outcome["status"])
+    update_run(name=f"sweep-{len(configs)}-runs → v{outcome['version']} {outcome['status']}")
+    return {"rows": rows, "report": str(folder / "report.md"), **outcome}
 
 
+def _report(rows: list[dict], outcome: dict) -> str:
+    lines = ["# Sweep", "", "| grid point | val accuracy | test accuracy | train s | |", "|---|---|---|---|---|"]
+    lines += [f"| `{r['grid point']}` | {r['val_accuracy']:.4f} | {r['test_accuracy']:.4f} | {r['train_seconds']:.1f} | "
+              f"{'**best**' if r['best'] else ''} |" for r in rows]
+    verdict = (f"the gate {outcome['status']} it: {outcome['reason']}" if outcome["status"] != "unchanged"
+               else f"it was {outcome['reason']}")
+    lines += ["", f"The best by validation accuracy was published as {outcome['name']} v{outcome['version']} "
+              f"and {verdict}."]
+    return "\n".join(lines) + "\n"
 def _report(rows: list[dict], published: dict, decision: dict) -> str:
     lines = ["# Sweep", "", "| grid point | val accuracy | test accuracy | train s | |", "|---|---|---|---|---|"]
     lines += [f"| `{r['grid point']}` | {r['val_accuracy']:.4f} | {r['test_accuracy']:.4f} | {r['train_seconds']:.1f} | "

@@ -19,68 +19,113 @@ from nn.optim import OPTIMIZERS, SCHEDULES, Constant, CosineLR, StepLR, make
 from nn.train import History, fit, split_validation
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081  # of the training pixels/255
-MAX_LAYERS, MAX_UNITS, MAX_PARAMETERS = 16, 16_384, 50_000_000  # bounds checked before any work
+MAX_LAYERS, MAX_PARAMETERS = 16, 50_000_000  # bounds checked before any work
+
+
+def hp(default, help: str, *, low=None, high=None, low_open=False, high_open=False, choices=None,
+       items=None, max_items=None):
+    """A hyperparameter: its default, help text and bounds, written once. The CLI flags, the
+    sweep grid, the flow's typed parameters (the dashboard's Run form) and ``validate`` are all
+    generated from these."""
+    return dataclasses.field(default=default, metadata={
+        "help": help, "low": low, "high": high, "low_open": low_open, "high_open": high_open,
+        "choices": choices, "items": items, "max_items": max_items})
 
 
 @dataclass(frozen=True)
 class Hyperparameters:
-    hidden: tuple[int, ...] = (512,)
-    activation: str = "relu"
-    optimizer: str = "momentum"          # sgd | momentum | nesterov | rmsprop | adam
-    lr: float = 0.05
-    momentum: float = 0.9
-    batch_size: int = 128
-    epochs: int = 12
-    schedule: str = "cosine"             # constant | step | cosine
-    l2: float = 0.0                      # weight decay λ (gradient of λ/2·‖W‖²)
-    dropout: float = 0.0                 # after each hidden activation
-    max_norm: float | None = None        # per-unit incoming weight norm bound
-    shift: int = 0                       # random translations of up to ±shift pixels
-    standardize: bool = True             # input (pixels/255 - 0.1307) / 0.3081
-    val_fraction: float = 5000 / 60000   # held out of train, seeded
-    patience: int | None = None          # early stopping on validation loss
-    seed: int = 0
+    hidden: tuple[int, ...] = hp((512,), "Hidden layer sizes, e.g. 512 or 512x256.", items=(1, 16_384),
+                                 max_items=MAX_LAYERS)
+    activation: str = hp("relu", "Hidden activation.", choices=tuple(sorted(ACTIVATIONS)))
+    optimizer: str = hp("momentum", "Optimizer.", choices=tuple(sorted(OPTIMIZERS)))
+    lr: float = hp(0.05, "Learning rate.", low=0.0, low_open=True, high=1e6)
+    momentum: float = hp(0.9, "Momentum (momentum and nesterov).", low=0.0, high=1.0, high_open=True)
+    batch_size: int = hp(128, "Mini-batch size.", low=1, high=65_536)
+    epochs: int = hp(12, "Epochs.", low=1, high=10_000)
+    schedule: str = hp("cosine", "Learning-rate schedule.", choices=tuple(sorted(SCHEDULES)))
+    l2: float = hp(0.0, "L2 weight decay λ (gradient of λ/2·‖W‖²).", low=0.0, high=1.0)
+    dropout: float = hp(0.0, "Dropout probability after each hidden layer.", low=0.0, high=1.0, high_open=True)
+    max_norm: float | None = hp(None, "Max-norm bound of each unit's incoming weights (none: off).", low=0.0,
+                                low_open=True, high=1e6)
+    shift: int = hp(0, "Random translations of up to ±N pixels.", low=0, high=4)
+    standardize: bool = hp(True, "Standardize inputs: (pixels/255 − 0.1307) / 0.3081.")
+    val_fraction: float = hp(5000 / 60000, "Fraction of train held out for validation (seeded).", low=0.0, high=0.9)
+    patience: int | None = hp(None, "Early-stopping patience in epochs (none: off).", low=1, high=10_000)
+    seed: int = hp(0, "Random seed (initialization, shuffles, validation split).", low=0, high=2**32 - 1)
+
+    @classmethod
+    def fields(cls) -> dict[str, tuple[type, dataclasses.Field]]:
+        """name → (type, field with default and metadata), in declaration order."""
+        import typing
+
+        hints = typing.get_type_hints(cls)
+        return {f.name: (hints[f.name], f) for f in dataclasses.fields(cls)}
 
     def validate(self) -> "Hyperparameters":
         """Raise ValueError naming the first bad value; return self when all are sound.
 
         Upper bounds keep a typo from asking for absurd work or memory before anything runs."""
-        def whole(v) -> bool:
-            return isinstance(v, int) and not isinstance(v, bool)
-
-        sizes = [784, *self.hidden, 10] if all(whole(h) for h in self.hidden) else []
+        for name, (kind, f) in self.fields().items():
+            problem = check_value(name, kind, f.metadata, getattr(self, name))
+            if problem:
+                raise ValueError(problem)
+        sizes = [784, *self.hidden, 10]
         parameters = sum(a * b + b for a, b in zip(sizes, sizes[1:]))
-        checks = [
-            (1 <= len(self.hidden) <= MAX_LAYERS and all(whole(h) and 1 <= h <= MAX_UNITS for h in self.hidden),
-             f"hidden sizes must be 1 to {MAX_LAYERS} integers in 1..{MAX_UNITS}, got {list(self.hidden)}"),
-            (parameters <= MAX_PARAMETERS,
-             f"hidden sizes {list(self.hidden)} make {parameters:,} parameters, more than the {MAX_PARAMETERS:,} allowed"),
-            (self.activation in ACTIVATIONS, f"unknown activation {self.activation!r}; choose from {sorted(ACTIVATIONS)}"),
-            (self.optimizer in OPTIMIZERS, f"unknown optimizer {self.optimizer!r}; choose from {sorted(OPTIMIZERS)}"),
-            (self.schedule in SCHEDULES, f"unknown schedule {self.schedule!r}; choose from {sorted(SCHEDULES)}"),
-            (0 < self.lr <= 1e6, f"learning rate must be positive and at most 1e6, got {self.lr}"),
-            (0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}"),
-            (whole(self.batch_size) and 1 <= self.batch_size <= 65536,
-             f"batch size must be an integer in 1..65536, got {self.batch_size}"),
-            (whole(self.epochs) and 1 <= self.epochs <= 10_000, f"epochs must be an integer in 1..10000, got {self.epochs}"),
-            (0 <= self.l2 <= 1, f"l2 must be in [0, 1], got {self.l2}"),
-            (0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}"),
-            (self.max_norm is None or 0 < self.max_norm <= 1e6, f"max_norm must be in (0, 1e6], got {self.max_norm}"),
-            (whole(self.shift) and 0 <= self.shift <= 4, f"shift must be in 0..4 pixels, got {self.shift}"),
-            (0 <= self.val_fraction <= 0.9, f"validation fraction must be in [0, 0.9], got {self.val_fraction}"),
-            (self.patience is None or (whole(self.patience) and 1 <= self.patience <= 10_000),
-             f"patience must be an integer in 1..10000, got {self.patience}"),
-            (whole(self.seed) and 0 <= self.seed < 2**32, f"seed must be an integer in 0..{2**32 - 1}, got {self.seed}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
+        if parameters > MAX_PARAMETERS:
+            raise ValueError(f"hidden sizes {list(self.hidden)} make {parameters:,} parameters, "
+                             f"more than the {MAX_PARAMETERS:,} allowed")
         return self
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["hidden"] = list(self.hidden)
         return d
+
+
+def describe_bounds(meta) -> str:
+    """'in (0, 1e6]', 'in 0..4', 'one of adam, momentum, …' — for messages and help texts."""
+    if meta["choices"]:
+        return "one of " + ", ".join(meta["choices"])
+    if meta["items"]:
+        low, high = meta["items"]
+        return f"1 to {meta['max_items']} integers in {low}..{high}"
+    low, high = meta["low"], meta["high"]
+    if low is None:
+        return ""
+    if isinstance(low, int) and not meta["low_open"] and not meta["high_open"]:
+        return f"in {low}..{high}"
+    return f"in {'(' if meta['low_open'] else '['}{low:g}, {high:g}{')' if meta['high_open'] else ']'}"
+
+
+def check_value(name: str, kind, meta, value) -> str | None:
+    """Why ``value`` is not a valid ``name`` (None when it is)."""
+    import typing
+
+    def whole(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    if value is None:
+        return None if type(None) in typing.get_args(kind) else f"{name} must be set"
+    bounds = describe_bounds(meta)
+    if meta["items"]:
+        low, high = meta["items"]
+        ok = (isinstance(value, (tuple, list)) and 1 <= len(value) <= meta["max_items"]
+              and all(whole(v) and low <= v <= high for v in value))
+        return None if ok else f"{name} must be {bounds}, got {list(value) if isinstance(value, tuple) else value}"
+    if meta["choices"]:
+        return None if value in meta["choices"] else f"unknown {name} {value!r}; {bounds}"
+    base = [t for t in (typing.get_args(kind) or (kind,)) if t is not type(None)][0]
+    if base is bool:
+        return None if isinstance(value, bool) else f"{name} must be true or false, got {value!r}"
+    if base is int and not whole(value) or base is float and (isinstance(value, bool)
+                                                            or not isinstance(value, (int, float))):
+        return f"{name} must be {'an integer' if base is int else 'a number'} {bounds}, got {value!r}"
+    low, high = meta["low"], meta["high"]
+    if low is not None and not (value > low if meta["low_open"] else value >= low) \
+            or high is not None and not (value < high if meta["high_open"] else value <= high) \
+            or base is float and value != value:
+        return f"{name} must be {'an integer' if base is int else 'a number'} {bounds}, got {value!r}"
+    return None
 
 
 PRESETS: dict[str, Hyperparameters] = {

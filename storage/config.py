@@ -9,6 +9,7 @@ from typing import Sequence
 
 from storage import DigitflowError
 from storage.atomic import ensure_writable_dir
+from storage.download import DEFAULT_TIMEOUT  # noqa: F401 (one source, re-exported)
 from storage.mnist import DEFAULT_MIRRORS
 
 DEFAULT_HOME = "~/.digitflow"
@@ -29,7 +30,9 @@ def resolve_mirrors(mirrors: Sequence[str] | None = None) -> list[str]:
     return list(DEFAULT_MIRRORS)
 
 
-# Bounds of the ingest settings, checked once before any work (flag or flow parameter alike).
+# Defaults and bounds of the ingest settings, checked once before any work (flag or parameter).
+DEFAULT_ROWS_PER_SHARD = 10_000
+DEFAULT_RETRIES = 3
 INGEST_BOUNDS = {
     "rows_per_shard": (1, 1_000_000),
     "timeout": (0.1, 3600.0),     # seconds of silence before a mirror counts as failed

@@ -37,6 +37,8 @@ from storage import DigitflowError
 from storage.atomic import CHUNK, atomic_path, file_lock, read_json, remove_stale_temps, sha256_file, write_json
 from storage.mnist import MnistFile
 
+DEFAULT_TIMEOUT = 30.0  # seconds of silence before a mirror counts as failed
+
 Progress = Callable[[str, int, int | None], None]  # (file name, bytes so far, total or None)
 
 
@@ -93,7 +95,7 @@ def fetch_verified(
     mirrors: Sequence[str],
     dest_dir: str | os.PathLike,
     *,
-    timeout: float = 30.0,
+    timeout: float = DEFAULT_TIMEOUT,
     deadline: float | None = None,
     progress: Progress | None = None,
     session: requests.Session | None = None,

@@ -24,6 +24,8 @@ from storage import DigitflowError
 from storage.atomic import writing, file_lock, fsync_dir, make_staging_dir, read_json, remove_leftovers, write_json
 
 DEFAULT_NAME = "mnist-mlp"
+DEFAULT_FLOOR = 0.97     # the gate never promotes below this test accuracy
+DEFAULT_TOLERANCE = 0.0  # the gate promotes when accuracy ≥ the champion's minus this
 ALIASES = ("latest", "champion")
 _VERSION = re.compile(r"^v([1-9][0-9]*)$")
 
@@ -47,7 +49,8 @@ def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def gate(candidate: float, champion: float | None, *, tolerance: float = 0.0, floor: float = 0.97) -> tuple[bool, str]:
+def gate(candidate: float, champion: float | None, *, tolerance: float = DEFAULT_TOLERANCE,
+         floor: float = DEFAULT_FLOOR) -> tuple[bool, str]:
     """Promote when accuracy ≥ floor and ≥ champion - tolerance. Returns (promote, reason)."""
     if candidate < floor:
         return False, f"test accuracy {candidate:.4f} is below the floor {floor:.4f}"

@@ -92,3 +92,18 @@ def render_markdown(*, name: str, version: int, metrics: dict, hyperparameters: 
     lines += ["", "## Lineage", "", "| what | value |", "|---|---|"]
     lines += [f"| {k} | `{v}` |" for k, v in lineage.items()]
     return "\n".join(lines) + "\n"
+
+
+def embed_figures(markdown: str, folder: Path) -> str:
+    """report.md with its figures inlined as ``data:image/png;base64,`` URIs, for viewers (the
+    Prefect dashboard) that would resolve ``learning_curves.png`` against their own URL."""
+    import base64
+    import re
+
+    def inline(match: re.Match) -> str:
+        png = folder / match.group(2)
+        if not png.is_file():
+            return match.group(0)
+        return f"![{match.group(1)}](data:image/png;base64,{base64.b64encode(png.read_bytes()).decode()})"
+
+    return re.sub(r"!\[([^\]]*)\]\(([A-Za-z0-9_.-]+\.png)\)", inline, markdown)

@@ -9,7 +9,7 @@ from prefect import get_run_logger, task
 
 from storage import shards
 from storage.atomic import sha256_file
-from storage.download import TransientDownloadError, fetch_verified, is_verified
+from storage.download import DEFAULT_TIMEOUT, TransientDownloadError, fetch_verified, is_verified
 from storage.idx import IDXError, check_label_range, check_mnist_pair, read_header, read_idx
 from storage.mnist import FILES
 from tasks import progress
@@ -32,7 +32,7 @@ def _retry_if_transient(task, task_run, state) -> bool:
     cache_key_fn=content_key(lambda p: (p["name"], FILES[p["name"]].idx_sha256, p["raw_dir"])),
     **CACHED,
 )
-def download(name: str, mirrors: list[str], raw_dir: str, timeout: float = 30.0,
+def download(name: str, mirrors: list[str], raw_dir: str, timeout: float = DEFAULT_TIMEOUT,
              deadline: float | None = None) -> dict:
     """Fetch one archive from the first mirror that serves verified bytes; return a reference."""
     log = get_run_logger()

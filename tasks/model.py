@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from prefect import get_run_logger, task
 from prefect.events import emit_event
-from prefect.artifacts import (create_link_artifact, create_markdown_artifact, create_progress_artifact,
+from prefect.artifacts import (create_markdown_artifact, create_progress_artifact,
                                create_table_artifact, update_progress_artifact)
 
 import nn
@@ -24,7 +24,7 @@ from storage import DigitflowError
 from storage import report as report_files
 from storage.atomic import (writing, file_lock, make_staging_dir, read_json, remove_leftovers, sha256_file, swap_dir,
                             write_json)
-from storage.registry import Registry, now
+from storage.registry import DEFAULT_FLOOR, DEFAULT_NAME, DEFAULT_TOLERANCE, Registry, now
 from storage.shards import read_split
 from tasks import progress
 from tasks.common import CACHED, code_version, content_key
@@ -68,27 +68,30 @@ def training_dir(home: str, train_ref: dict, hyperparameters: dict) -> Path:
     **CACHED,
 )
 def train(train: dict, hyperparameters: dict, home: str, progress_key: str = "mnist-mlp-training",
-          blas_threads: int | None = None) -> dict:
+          blas_threads: int | None = None, description: str = "") -> dict:
     """Train on the train split's shards; save model.npz/model.json; return a reference.
 
-    ``blas_threads`` caps BLAS threads (e.g. 1 per run when several train side by side).
+    ``blas_threads`` caps BLAS threads (e.g. 1 per run when several train side by side);
+    ``description`` names the run in the progress artifact (e.g. the preset and architecture).
     """
     if blas_threads is not None:
         from threadpoolctl import threadpool_limits
 
         with threadpool_limits(blas_threads):
-            return _train(train, hyperparameters, home, progress_key)
-    return _train(train, hyperparameters, home, progress_key)
+            return _train(train, hyperparameters, home, progress_key, description)
+    return _train(train, hyperparameters, home, progress_key, description)
 
 
-def _train(train: dict, hyperparameters: dict, home: str, progress_key: str) -> dict:
+def _train(train: dict, hyperparameters: dict, home: str, progress_key: str, description: str) -> dict:
     log = get_run_logger()
     hp = nn.presets.Hyperparameters(**{**hyperparameters, "hidden": tuple(hyperparameters["hidden"])}).validate()
     x, y = load_split(train)
     log.info("training %s on %d images (%d held out for validation), seed %d", hp.hidden, len(y),
              round(len(y) * hp.val_fraction), hp.seed)
-    artifact = create_progress_artifact(0.0, key=progress_key, description=f"Training {list(hp.hidden)}, "
-                                        f"{hp.epochs} epochs, preset data {train['sha256'][:12]}")
+    architecture = "-".join(map(str, (784, *hp.hidden, 10)))
+    artifact = create_progress_artifact(0.0, key=progress_key, description=(
+        f"Training {description or architecture + f', {hp.epochs} epochs'} (seed {hp.seed}, "
+        f"data {train['sha256'][:12]})"))
 
     def on_epoch(r: dict) -> None:
         log.info("epoch %d/%d: lr %.4g, train loss %.4f acc %.4f, val loss %.4f acc %.4f (%.1f s)",
@@ -214,7 +217,7 @@ def package_version() -> str | None:
 
 
 @task(task_run_name="publish {model[weights_sha256]:.12}")
-def publish(model: dict, metrics: dict, train: dict, test: dict, home: str, model_name: str = "mnist-mlp") -> dict:
+def publish(model: dict, metrics: dict, train: dict, test: dict, home: str, model_name: str = DEFAULT_NAME) -> dict:
     """Publish a new immutable version (or find the one with these exact weights)."""
     log = get_run_logger()
     registry = Registry(home, model_name)
@@ -247,27 +250,31 @@ def publish(model: dict, metrics: dict, train: dict, test: dict, home: str, mode
         log.info("published %s v%d at %s", model_name, version, path)
     else:
         log.info("these weights are already %s v%d: nothing new published", model_name, version)
-    report = (path / "report.md").read_text()
-    create_markdown_artifact(report, key=artifact_key(model_name, "report"),
-                             description=f"{model_name} v{version} report")
-    create_table_artifact(metrics_table(metrics), key=artifact_key(model_name, "metrics"),
-                          description=f"{model_name} v{version}: test metrics per class")
-    create_link_artifact(path.as_uri(), link_text=f"{model_name} v{version}", key=artifact_key(model_name, "version"),
-                         description=f"Folder of {model_name} v{version}")
+    if created:  # an unchanged rerun adds no new artifact versions
+        report = report_files.embed_figures((path / "report.md").read_text(), path)
+        create_markdown_artifact(report, key=artifact_key(model_name, "report"),
+                                 description=f"{model_name} v{version} report")
+        create_table_artifact(metrics_table(metrics), key=artifact_key(model_name, "metrics"),
+                              description=f"{model_name} v{version}: test metrics (overall first, then per class)")
+        create_markdown_artifact(
+            f"# {model_name} v{version}\n\nFolder: `{path}`\n\n(on the machine that published it: [{path.as_uri()}]"
+            f"({path.as_uri()}); `digitflow models show v{version}` prints it)\n",
+            key=artifact_key(model_name, "version"), description=f"Folder of {model_name} v{version}: {path}")
     return {"name": model_name, "version": version, "created": created, "path": str(path),
             "test_accuracy": metrics["test_accuracy"]}
 
 
 def metrics_table(metrics: dict) -> list[dict]:
-    rows = [{"class": str(c["class"]), "precision": round(c["precision"], 4), "recall": round(c["recall"], 4),
-             "f1": round(c["f1"], 4), "support": c["support"]} for c in metrics["per_class"]]
-    rows.append({"class": "all", "precision": None, "recall": round(metrics["test_accuracy"], 4),
-                 "f1": round(metrics["macro_f1"], 4), "support": metrics["test_images"]})
-    return rows
+    """The overall row first (the dashboard pages tables by 10 rows), then one row per class."""
+    overall = {"class": "all", "precision": None, "recall": round(metrics["test_accuracy"], 4),
+               "f1": round(metrics["macro_f1"], 4), "support": metrics["test_images"]}
+    return [overall] + [{"class": str(c["class"]), "precision": round(c["precision"], 4),
+                         "recall": round(c["recall"], 4), "f1": round(c["f1"], 4), "support": c["support"]}
+                        for c in metrics["per_class"]]
 
 
 @task(task_run_name="gate v{published[version]}")
-def gate(published: dict, home: str, tolerance: float = 0.0, floor: float = 0.97) -> dict:
+def gate(published: dict, home: str, tolerance: float = DEFAULT_TOLERANCE, floor: float = DEFAULT_FLOOR) -> dict:
     """Promote the version to champion if it is at least as good; else mark it rejected.
 
     Read, decide and record happen under the registry lock, on verified weights."""

@@ -2,6 +2,7 @@
 through the Prefect client; schedules (serve), work pools (deploy + worker) and triggers."""
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -74,14 +75,23 @@ def test_operator_sees_runs_retries_cache_and_artifacts(server, faulty, tmp_path
 
         artifacts = {a.key: a for a in client.read_artifacts() if a.key}
         assert artifacts["mnist-mlp-metrics"].type == "table"
-        assert artifacts["mnist-mlp-report"].type == "markdown" and "# mnist-mlp v1" in artifacts["mnist-mlp-report"].data
-        assert artifacts["mnist-mlp-version"].type == "markdown" and "mnist-mlp/v1" in artifacts["mnist-mlp-version"].data
+        assert json.loads(artifacts["mnist-mlp-metrics"].data)[0]["class"] == "all"  # overall row first
+        report = artifacts["mnist-mlp-report"].data
+        assert artifacts["mnist-mlp-report"].type == "markdown" and "# mnist-mlp v1" in report
+        assert report.count("](data:image/png;base64,iVBORw0KGgo") == 2 and "](learning_curves.png)" not in report
+        version = artifacts["mnist-mlp-version"].data
+        assert artifacts["mnist-mlp-version"].type == "markdown" and f"`{home}/models/mnist-mlp/v1`" in version
         assert artifacts["mnist-mlp-training"].type == "progress" and float(artifacts["mnist-mlp-training"].data) == 100.0
+        assert "preset fast: 784-128-10, 3 epochs" in artifacts["mnist-mlp-training"].description
+        assert {"digitflow", "preset:fast", "model:mnist-mlp"} <= set(ingest_run.tags)  # the subflow too
+        versions_before = len([a for a in client.read_artifacts() if a.key])
 
-    # Nothing changed: the rerun's tasks show as Cached.
+    # Nothing changed: the rerun's tasks show as Cached, it says so, and adds no artifact versions.
     digitflow("run", "--mirror", faulty.url, "--home", home, "--preset", "fast", url=server)
     with client_for(server) as client:
         parent = flow_runs(client, "mnist-retrain")[0]
+        assert parent.name == "retrain-fast → v1 unchanged"
+        assert len([a for a in client.read_artifacts() if a.key]) == versions_before
         runs = task_runs(client, parent.id)
         assert runs["train [128] × 3 epochs"].state.name == "Cached"
         assert [r.state.name for n, r in runs.items() if n.startswith("evaluate")] == ["Cached"]
@@ -108,14 +118,28 @@ def test_serve_schedules_and_prefect_cli_triggers(server, mnist_server, tmp_path
                     time.sleep(0.5)
             assert [s.schedule.cron for s in deployment.schedules] == ["0 3 * * *"]
             assert deployment.parameters["preset"] == "fast" and deployment.parameters["home"] == home
-            out = subprocess.run([PREFECT, "deployment", "run", "mnist-retrain/nightly", "--param", "preset=fast"],
+            schema = deployment.parameter_openapi_schema
+            lr = schema["definitions"]["Overrides"]["properties"]["lr"]  # the Run form's typed field
+            assert lr["anyOf"][0] == {"type": "number", "exclusiveMinimum": 0.0, "maximum": 1e6}
+            assert "Preset 'default': 0.05" in lr["description"]
+            assert schema["properties"]["preset"]["enum"] == ["default", "best", "fast"]
+            out = subprocess.run([PREFECT, "deployment", "run", "mnist-retrain/nightly", "--param", "preset=fast",
+                                  "--param", 'overrides={"seed": 2, "epochs": 1}', "--param", "model_name=nightly-model"],
                                  env=env_for(server), capture_output=True, text=True, timeout=60)
             assert out.returncode == 0, out.stdout + out.stderr
             run = flow_runs(client, "mnist-retrain")[0]
             assert run.deployment_id == deployment.id
             run = wait_for_run(client, run.id)
             assert run.state.is_completed(), run.state
-        assert (Path(home) / "models/mnist-mlp/v1/model.npz").is_file()
+            # Tags come from the parameters the run received, however it was started.
+            assert {"digitflow", "preset:fast", "model:nightly-model"} <= set(run.tags)
+            assert "preset:default" not in run.tags
+            ingest_run = next(r for r in flow_runs(client, "ingest-mnist") if r.parent_task_run_id
+                              and client.read_task_run(r.parent_task_run_id).flow_run_id == run.id)
+            assert {"digitflow", "preset:fast", "model:nightly-model"} <= set(ingest_run.tags)
+        metrics = json.loads((Path(home) / "models/nightly-model/v1/metrics.json").read_text())
+        assert len(metrics["history"]) == 1  # epochs=1 from the Run parameters
+        assert (Path(home) / "models/nightly-model/v1/model.npz").is_file()
     finally:
         os.killpg(serve.pid, signal.SIGINT)
         serve.wait(30)

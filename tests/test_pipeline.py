@@ -94,9 +94,9 @@ def test_rerun_is_cached_and_creates_nothing(home, mnist_server):
     assert seconds < 30
 
 
-def test_second_model_goes_through_the_gate(home, mnist_server):
-    summary = retrain(home=str(home), mirrors=[mnist_server], preset="fast", overrides={"seed": 1})
-    reg = Registry(home)
+def test_second_model_goes_through_the_gate(published, mnist_server):
+    summary = retrain(home=str(published), mirrors=[mnist_server], preset="fast", overrides={"seed": 1})
+    reg = Registry(published)
     assert summary["version"] == 2 and reg.aliases()["latest"] == 2
     v1_acc = reg.metrics(1)["test_accuracy"]
     if summary["test_accuracy"] >= v1_acc:
@@ -108,9 +108,9 @@ def test_second_model_goes_through_the_gate(home, mnist_server):
     assert "champion v1" in report
 
 
-def test_gate_rejects_below_floor_and_keeps_version(home, mnist_server):
-    summary = retrain(home=str(home), mirrors=[mnist_server], preset="fast", overrides={"seed": 2}, floor=0.999)
-    reg = Registry(home)
+def test_gate_rejects_below_floor_and_keeps_version(published, mnist_server):
+    summary = retrain(home=str(published), mirrors=[mnist_server], preset="fast", overrides={"seed": 2}, floor=0.999)
+    reg = Registry(published)
     assert summary["status"] == "rejected" and "below the floor 0.9990" in summary["reason"]
     assert reg.status(summary["version"]) == "rejected"
     assert reg.aliases()["champion"] != summary["version"]
@@ -118,23 +118,29 @@ def test_gate_rejects_below_floor_and_keeps_version(home, mnist_server):
 
 
 @pytest.mark.parametrize("preset, overrides, message", [
-    ("default", {"lr": -0.1}, "learning rate must be positive and at most 1e6, got -0.1"),
-    ("default", {"hidden": [0]}, "hidden sizes must be 1 to 16 integers in 1..16384, got [0]"),
-    ("nope", {}, "unknown preset 'nope'"),
-    ("default", {"activation": "swish"}, "unknown activation 'swish'"),
+    ("default", {"lr": -0.1}, "overrides.lr: Input should be greater than 0"),
+    ("default", {"hidden": [0]}, "overrides.hidden.0: Input should be greater than or equal to 1"),
+    ("nope", {}, "preset: Input should be 'default', 'best' or 'fast'"),
+    ("default", {"activation": "swish"}, "overrides.activation: Input should be 'relu', 'sigmoid' or 'tanh'"),
+    ("default", {"colour": "red"}, "overrides.colour: Extra inputs are not permitted"),
+    ("default", {"hidden": [16384, 16384]}, "parameters, more than the 50,000,000 allowed"),
 ])
 def test_invalid_hyperparameters_fail_before_any_work(tmp_path, preset, overrides, message):
-    with pytest.raises(DigitflowError) as e:
+    """The flow's typed parameters are validated at the boundary (by Prefect, from the
+    contract), before the flow body runs; what the types cannot say fails first thing inside."""
+    from prefect.exceptions import ParameterTypeError
+
+    with pytest.raises((DigitflowError, ParameterTypeError)) as e:
         retrain(home=str(tmp_path / "h"), mirrors=["http://127.0.0.1:9/"], preset=preset, overrides=overrides)
     assert message in str(e.value)
     assert not (tmp_path / "h").exists()
 
 
-def test_divergence_fails_and_publishes_nothing(home, mnist_server):
-    before = Registry(home).versions()
+def test_divergence_fails_and_publishes_nothing(published, mnist_server):
+    before = Registry(published).versions()
     with pytest.raises(TrainingDiverged, match="loss became (nan|inf) at epoch 1"):
-        retrain(home=str(home), mirrors=[mnist_server], preset="fast", overrides={"lr": 1e4, "seed": 3})
-    assert Registry(home).versions() == before
+        retrain(home=str(published), mirrors=[mnist_server], preset="fast", overrides={"lr": 1e4, "seed": 3})
+    assert Registry(published).versions() == before
 
 
 def test_corrupt_shard_stops_training(tmp_path, mnist_server):
@@ -181,15 +187,15 @@ def test_cli_kill_9_during_training_then_rerun(tmp_path, mnist_server, api_url):
     assert summary["version"] == 1 and summary["created"]
 
 
-def test_cli_require_promotion_and_one_line_errors(home, mnist_server, api_url):
-    proc = cli("run", "--mirror", mnist_server, "--home", str(home), "--preset", "fast", "--seed", "2",
+def test_cli_require_promotion_and_one_line_errors(published, mnist_server, api_url):
+    proc = cli("run", "--mirror", mnist_server, "--home", str(published), "--preset", "fast", "--seed", "2",
                "--floor", "0.999", "--require-promotion", api_url=api_url)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 1
     assert out.strip().splitlines()[-1].startswith("digitflow: error: v") and "was not promoted" in out
-    proc = cli("run", "--home", str(home), "--lr", "-1", api_url=api_url)
+    proc = cli("run", "--home", str(published), "--lr", "-1", api_url=api_url)
     out, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 1 and out.strip() == "digitflow: error: learning rate must be positive and at most 1e6, got -1.0"
+    assert proc.returncode == 1 and out.strip() == "digitflow: error: lr must be a number in (0, 1e+06], got -1.0"
 
 
 def test_cli_evaluate_and_train(home, api_url):

@@ -26,7 +26,7 @@ def test_parse_grid():
         parse_grid(["colour=red"])
     with pytest.raises(DigitflowError, match="must look like name=v1,v2"):
         parse_grid(["lr"])
-    with pytest.raises(DigitflowError, match="cannot read the values as lr"):
+    with pytest.raises(DigitflowError, match="cannot read 'fast' as lr"):
         parse_grid(["lr=fast"])
 
 
@@ -134,5 +134,5 @@ def test_sweep_fails_in_one_line_when_the_workers_die(tmp_path, mnist_server, ap
 
 def test_sweep_rejects_bad_values_before_work(tmp_path, api_url):
     r = sweep_cli("--grid", "hidden=0,64", "--home", str(tmp_path / "h"), api_url=api_url)
-    assert r.returncode == 1 and "hidden sizes must be 1 to 16 integers in 1..16384, got [0]" in r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 1 and "hidden must be 1 to 16 integers in 1..16384, got [0]" in r.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "h").exists()

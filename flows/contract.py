@@ -1,0 +1,139 @@
+"""The contract between the CLI, the dashboard and the flows: typed, validated settings.
+
+Every hyperparameter is declared once, in ``nn.presets.Hyperparameters`` (name, type, default,
+help text, bounds). From that one declaration this module derives:
+
+- ``Overrides``: the pydantic model of the flows' ``overrides`` parameter. Prefect builds the
+  dashboard's Run form from it, so every hyperparameter is a typed field with its bounds and
+  the default preset's value in its description; an empty field keeps the preset's value.
+- ``parse_value``: the text syntax of one value, shared by the ``--flag`` and the sweep grid
+  axis of the same name (``hidden``: ``512`` or ``512x256``).
+- the CLI's hyperparameter flags (``cli_options``) and the grid's axes (``parse_grid``).
+
+The defaults of the other run settings live beside the code they govern: the gate's floor and
+tolerance and the default model name in ``storage.registry``, the ingest settings' bounds in
+``storage.config``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import typing
+from typing import Annotated, Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, create_model
+
+import nn
+from nn.presets import Hyperparameters, describe_bounds
+from storage import DigitflowError
+from storage.registry import DEFAULT_FLOOR, DEFAULT_NAME, DEFAULT_TOLERANCE  # noqa: F401 (re-exported)
+
+PRESETS = tuple(nn.presets.PRESETS)
+Preset = Literal[PRESETS]  # type: ignore[valid-type]
+
+
+
+def _base(kind) -> type:
+    args = [t for t in (typing.get_args(kind) or (kind,)) if t is not type(None)]
+    return args[0]
+
+
+def _field_type(kind, meta) -> Any:
+    """The pydantic type of one hyperparameter, bounds included."""
+    if meta["items"]:
+        low, high = meta["items"]
+        return Annotated[list[Annotated[int, Field(ge=low, le=high)]], Field(min_length=1, max_length=meta["max_items"])]
+    if meta["choices"]:
+        return Literal[tuple(meta["choices"])]  # type: ignore[valid-type]
+    base = _base(kind)
+    if base is bool:
+        return bool
+    bounds = {}
+    if meta["low"] is not None:
+        bounds["gt" if meta["low_open"] else "ge"] = meta["low"]
+    if meta["high"] is not None:
+        bounds["lt" if meta["high_open"] else "le"] = meta["high"]
+    return Annotated[base, Field(strict=base is int, **bounds)] if bounds else base
+
+
+def _overrides_model() -> type[BaseModel]:
+    default = nn.presets.PRESETS["default"]
+    fields = {}
+    for name, (kind, f) in Hyperparameters.fields().items():
+        shown = getattr(default, name)
+        shown = "x".join(map(str, shown)) if isinstance(shown, tuple) else shown
+        fields[name] = (Optional[_field_type(kind, f.metadata)],
+                        Field(None, title=name, description=f"{f.metadata['help']} "
+                              f"{describe_bounds(f.metadata).capitalize()}. Preset 'default': {shown}."))
+    return create_model("Overrides", __config__=ConfigDict(extra="forbid", frozen=True),
+                        __doc__="Hyperparameters that override the preset; an empty field keeps the preset's value.",
+                        **fields)
+
+
+Overrides = _overrides_model()
+
+
+def overrides_dict(overrides: BaseModel | dict | None) -> dict:
+    """The set fields of ``overrides`` as a plain dict (``hyperparameters`` checks the values)."""
+    if overrides is None:
+        return {}
+    if isinstance(overrides, BaseModel):
+        overrides = overrides.model_dump()
+    return {k: v for k, v in overrides.items() if v is not None}
+
+
+def hyperparameters(preset: str, overrides: BaseModel | dict | None = None) -> Hyperparameters:
+    """The preset with overrides, validated against the bounds declared in nn.presets (the same
+    bounds as the ``Overrides`` type): bad values fail here in one line, before any work."""
+    try:
+        return nn.presets.get(preset, **overrides_dict(overrides))
+    except (ValueError, TypeError) as e:
+        raise DigitflowError(str(e)) from None
+
+
+# ---- text syntax: one parser for a --flag value and a grid axis value --------------------
+
+def parse_value(name: str, text: str):
+    """``text`` as a value of hyperparameter ``name`` (not yet bounds-checked)."""
+    fields = Hyperparameters.fields()
+    if name not in fields:
+        raise DigitflowError(f"unknown hyperparameter {name!r}; one of {', '.join(fields)}")
+    kind, f = fields[name]
+    text = text.strip()
+    try:
+        if f.metadata["items"]:
+            return [int(part) for part in text.replace(",", "x").split("x")]
+        base = _base(kind)
+        if text.lower() == "none" and type(None) in typing.get_args(kind):
+            return None
+        if base is bool:
+            if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError
+            return text.lower() in ("true", "1", "yes")
+        return base(text) if base in (int, float) else text
+    except ValueError:
+        raise DigitflowError(f"cannot read {text!r} as {name} ({f.metadata['help']})") from None
+
+
+def parse_grid(items: list[str]) -> list[dict]:
+    """["hidden=128,256", "lr=0.05,0.1"] → the 4 override dicts of the Cartesian product.
+
+    Values are comma-separated; a multi-layer hidden value is written with x: hidden=512x256,1024."""
+    axes = []
+    for item in items:
+        key, sep, values = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not values.strip():
+            raise DigitflowError(f"grid item {item!r} must look like name=v1,v2")
+        try:
+            axes.append([(key, parse_value(key, v)) for v in values.split(",")])
+        except DigitflowError as e:
+            raise DigitflowError(f"grid item {item!r}: {e}") from None
+    return [dict(combo) for combo in itertools.product(*axes)]
+
+
+def cli_options() -> list[tuple[str, str, str]]:
+    """(name, --flag, help) of every hyperparameter, for the CLI."""
+    return [(name, "--" + name.replace("_", "-"),
+             f"{f.metadata['help']} {describe_bounds(f.metadata).capitalize()}.".replace(" .", "."))
+            for name, (_, f) in Hyperparameters.fields().items()]
