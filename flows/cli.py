@@ -167,65 +167,84 @@ def run(home: Optional[str] = HOME, mirror: Optional[List[str]] = MIRRORS, prese
 @app.command()
 @hp_options
 def train(home: Optional[str] = HOME, preset: str = PRESET, hp: dict = None) -> None:
-    """Train on the ingested shards (run `digitflow ingest` first); print where the model is."""
-    from prefect import flow
-
+    """Train on the ingested shards (run `digitflow ingest` first); print the trained model's folder
+    (which `digitflow evaluate --model PATH` and `digitflow publish PATH` accept)."""
     from flows.contract import hyperparameters
+    from flows.pipeline import train_only
     from storage.shards import load_manifest, split_dir
-    from tasks.ingest import manifest_ref
-    from tasks.model import train as train_task
-    from tasks.model import training_is_intact
 
     with one_line_errors():
-        params = hyperparameters(preset, hp).to_dict()
+        hyperparameters(preset, hp)
         home = _start(home)
         load_manifest(split_dir(home, "train"))  # no data yet: one line now, before Prefect starts
-
-        @flow(name="mnist-train", flow_run_name=f"train-{preset}")
-        def train_flow() -> dict:
-            ref = manifest_ref(str(split_dir(home, "train")))
-            return train_task.with_options(refresh_cache=not training_is_intact(home, ref, params))(ref, params, home)
-
         with progress_display():
-            result = train_flow()
+            result = train_only(home=home, preset=preset, overrides=hp)
     last = result["history"][-1]
     typer.echo(f"trained {result['dir']} (weights {result['weights_sha256'][:16]}…): "
                f"val accuracy {last.get('val_accuracy', float('nan')):.4f} after {len(result['history'])} epochs")
 
 
-@app.command()
-def evaluate(model: str = typer.Option("champion", "--model", help="VERSION or alias (latest, champion)."),
-             home: Optional[str] = HOME, model_name: str = MODEL_NAME,
-             json_out: bool = typer.Option(False, "--json", help="Print the metrics as JSON.")) -> None:
-    """Evaluate a published version on the test split."""
-    from prefect import flow
+def _model_ref(model: str, home: str, model_name: str) -> tuple[dict, str]:
+    """(verified model reference, label) for a VERSION, an alias or a trained model folder."""
+    from pathlib import Path
 
     from storage.registry import Registry
+    from tasks.model import trained_ref
+
+    if "/" in model or Path(model).is_dir():
+        return trained_ref(model), str(Path(model))
+    registry = Registry(home, model_name)
+    version = registry.resolve(model)
+    registry.load_model(version)  # a changed or damaged version: one line now, before Prefect starts
+    return ({"dir": str(registry.path(version)), "weights_sha256": registry.metadata(version)["weights_sha256"]},
+            f"{model_name} v{version}")
+
+
+@app.command()
+def evaluate(model: str = typer.Option("champion", "--model", help="VERSION, alias (latest, champion) or a trained model folder."),
+             home: Optional[str] = HOME, model_name: str = MODEL_NAME,
+             json_out: bool = typer.Option(False, "--json", help="Print the metrics as JSON.")) -> None:
+    """Evaluate a published version, or a trained model folder, on the test split."""
+    from flows.pipeline import evaluate_model
     from storage.shards import load_manifest, split_dir
-    from tasks.ingest import manifest_ref
-    from tasks.model import evaluate as evaluate_task
 
     with one_line_errors():
         home = _start(home)
-        registry = Registry(home, model_name)
-        version = registry.resolve(model)
+        ref, label = _model_ref(model, home, model_name)
         load_manifest(split_dir(home, "test"))  # no data yet: one line now, before Prefect starts
-        registry.load_model(version)  # a changed or damaged version: one line now, before Prefect starts
-        digest = registry.metadata(version)["weights_sha256"]
-
-        @flow(name="mnist-evaluate", flow_run_name=f"evaluate-v{version}")
-        def evaluate_flow() -> dict:
-            ref = manifest_ref(str(split_dir(home, "test")))
-            return evaluate_task({"dir": str(registry.path(version)), "weights_sha256": digest}, ref)
-
-        metrics = evaluate_flow()
+        metrics = evaluate_model(ref, home=home)
     if json_out:
-        typer.echo(json.dumps({"version": version, **metrics}))
+        version = label.rpartition(" v")[2]
+        typer.echo(json.dumps({"version": int(version) if version.isdigit() else None, "model": label, **metrics}))
         return
-    typer.echo(f"{model_name} v{version}: test accuracy {metrics['test_accuracy']:.4f}, loss {metrics['test_loss']:.4f}, "
+    typer.echo(f"{label}: test accuracy {metrics['test_accuracy']:.4f}, loss {metrics['test_loss']:.4f}, "
                f"macro F1 {metrics['macro_f1']:.4f}, {metrics['inference_images_per_second']:,.0f} images/s")
     for c in metrics["per_class"]:
         typer.echo(f"  {c['class']}: precision {c['precision']:.4f} recall {c['recall']:.4f} f1 {c['f1']:.4f}")
+
+
+@app.command()
+def publish(folder: str = typer.Argument(..., help="A trained model folder, as `digitflow train` prints it."),
+            home: Optional[str] = HOME, model_name: str = MODEL_NAME, tolerance: float = TOLERANCE,
+            floor: float = FLOOR, webhook: Optional[str] = WEBHOOK,
+            json_out: bool = typer.Option(False, "--json", help="Print the outcome as JSON.")) -> None:
+    """Evaluate a trained model on the test split, publish it as a version and put it through the gate."""
+    from flows.pipeline import publish_trained
+    from storage.registry import check_name
+    from tasks.model import trained_ref
+
+    with one_line_errors():
+        check_name(model_name)
+        ref = trained_ref(folder)
+        home = _start(home)
+        outcome = publish_trained(ref, home=home, model_name=model_name, tolerance=tolerance, floor=floor,
+                                  webhook_url=webhook)
+    if json_out:
+        typer.echo(json.dumps(outcome))
+        return
+    typer.echo(f"{outcome['name']} v{outcome['version']} test accuracy {outcome['test_accuracy']:.4f}: "
+               f"{outcome['status']} — {outcome['reason']}")
+    typer.echo(f"  {outcome['path']}")
 
 
 @app.command()

@@ -7,7 +7,10 @@ from flows.alerts import alert_if_rejected, on_flow_failure
 from flows.contract import DEFAULT_FLOOR, DEFAULT_NAME, DEFAULT_TOLERANCE, Overrides, Preset, hyperparameters
 from flows.ingest import ingest
 from storage.config import DEFAULT_RETRIES, DEFAULT_ROWS_PER_SHARD, DEFAULT_TIMEOUT, resolve_home
+from storage import DigitflowError
 from storage.registry import check_name
+from storage.shards import split_dir
+from tasks.ingest import manifest_ref
 from tasks.model import artifact_key, evaluate, gate, publish, train, training_is_intact
 
 
@@ -74,6 +77,43 @@ def retrain(
         outcome = publish_and_gate(model, metrics, data, home, model_name, tolerance, floor, webhook_url)
     update_run(name=f"retrain-{preset} → v{outcome['version']} {outcome['status']}")
     return {**outcome, "preset": preset, "hyperparameters": hp}
+
+
+@flow(name="mnist-train", flow_run_name="train-{preset}")
+def train_only(home: str | None = None, preset: Preset = "default", overrides: Overrides | None = None) -> dict:
+    """Train on the ingested shards (no ingest, no publish); returns the trained model's reference,
+    whose folder `evaluate --model PATH` and `publish PATH` accept."""
+    hp = hyperparameters(preset, overrides).to_dict()
+    home = str(resolve_home(home))
+    update_run(tags=["digitflow", f"preset:{preset}"])
+    ref = manifest_ref(str(split_dir(home, "train")))
+    return train.with_options(refresh_cache=not training_is_intact(home, ref, hp))(
+        ref, hp, home, description=f"preset {preset}: 784-{'-'.join(map(str, hp['hidden']))}-10, {hp['epochs']} epochs")
+
+
+@flow(name="mnist-evaluate", flow_run_name="evaluate {model[weights_sha256]:.12}")
+def evaluate_model(model: dict, home: str | None = None) -> dict:
+    """Evaluate a model reference (a published version or a trained folder) on the test split."""
+    home = str(resolve_home(home))
+    return evaluate(model, manifest_ref(str(split_dir(home, "test"))))
+
+
+@flow(name="mnist-publish", flow_run_name="publish {model[weights_sha256]:.12}", on_failure=[on_flow_failure])
+def publish_trained(model: dict, home: str | None = None, model_name: str = DEFAULT_NAME,
+                    tolerance: float = DEFAULT_TOLERANCE, floor: float = DEFAULT_FLOOR,
+                    webhook_url: str | None = None) -> dict:
+    """Evaluate a trained model folder on the test split, publish it and put it through the gate."""
+    check_name(model_name)
+    home = str(resolve_home(home))
+    data = {split: manifest_ref(str(split_dir(home, split))) for split in ("train", "test")}
+    if model["train_manifest_sha256"] not in (None, data["train"]["sha256"]):
+        raise DigitflowError(f"{model['dir']} was trained on data {model['train_manifest_sha256'][:12]}…, but the "
+                             f"ingested train split is {data['train']['sha256'][:12]}…: retrain it, or ingest that data")
+    with tags("digitflow", f"model:{model_name}"):
+        metrics = evaluate(model, data["test"])
+        outcome = publish_and_gate(model, metrics, data, home, model_name, tolerance, floor, webhook_url)
+    update_run(name=f"publish → v{outcome['version']} {outcome['status']}")
+    return outcome
 
 
 def publish_and_gate(model: dict, metrics: dict, data: dict, home: str, model_name: str, tolerance: float,

@@ -17,7 +17,7 @@ from nn.augment import random_shift
 from nn.io import ModelFormatError, describe, digest, load, load_arrays, save
 from nn.layers import ACTIVATIONS, Dense, Dropout, Layer, ReLU, Sigmoid, Tanh
 from nn.losses import SoftmaxCrossEntropy, softmax, softmax_cross_entropy
-from nn.model import Sequential
+from nn.model import Param, Sequential
 from nn.optim import (Adam, Constant, CosineLR, Optimizer, RMSprop, SGD, StepLR, clip_grad_norm,
                       make as make_optimizer, max_norm_)
 from nn.train import History, NonFiniteLossError, evaluate, fit, split_validation
@@ -25,7 +25,7 @@ from nn import presets
 
 __all__ = [
     "ACTIVATIONS", "Adam", "Constant", "CosineLR", "Dense", "Dropout", "History", "Layer", "ModelFormatError",
-    "NonFiniteLossError", "Optimizer", "RMSprop", "ReLU", "SGD", "Sequential", "Sigmoid", "SoftmaxCrossEntropy",
+    "NonFiniteLossError", "Optimizer", "Param", "RMSprop", "ReLU", "SGD", "Sequential", "Sigmoid", "SoftmaxCrossEntropy",
     "StepLR", "Tanh", "clip_grad_norm", "describe", "digest", "evaluate", "fit", "load", "load_arrays", "make_optimizer",
     "max_norm_", "presets", "random_shift", "save", "softmax", "softmax_cross_entropy", "split_validation",
 ]

@@ -16,6 +16,7 @@ from nn import init as initializers
 class Layer:
     params: dict[str, np.ndarray]
     grads: dict[str, np.ndarray]
+    regularized: frozenset[str] = frozenset()  # params that weight decay and max-norm apply to
 
     def __init__(self):
         self.params, self.grads = {}, {}
@@ -46,6 +47,8 @@ class Layer:
 
 class Dense(Layer):
     """z = x·W + b.   x: (B, D), W: (D, H), b: (H,), z: (B, H)."""
+
+    regularized = frozenset({"W"})  # the weights decay; the biases do not
 
     def __init__(self, n_in: int, n_out: int, *, init: str = "he", rng=None):
         super().__init__()

@@ -52,9 +52,10 @@ class Sequential:
         for layer in reversed(self.layers):
             d = layer.backward(d)
 
-    def parameters(self) -> list[tuple[str, np.ndarray, np.ndarray]]:
-        """``[(name, value, grad)]``, e.g. ``("0.W", W, dW)``; arrays are updated in place."""
-        return [(f"{i}.{k}", layer.params[k], layer.grads[k])
+    def parameters(self) -> list["Param"]:
+        """``[(name, value, grad)]``, e.g. ``("0.W", W, dW)``; arrays are updated in place. Each
+        also says whether regularization (weight decay, max-norm) applies: ``p.regularized``."""
+        return [Param(f"{i}.{k}", layer.params[k], layer.grads[k], k in layer.regularized)
                 for i, layer in enumerate(self.layers) for k in layer.params]
 
     @property
@@ -83,6 +84,16 @@ class Sequential:
 
     def __repr__(self) -> str:
         return "Sequential(" + ", ".join(_describe(l) for l in self.layers) + ")"
+
+
+class Param(tuple):
+    """``(name, value, grad)`` plus the explicit flag ``regularized`` (set by the layer that owns
+    the parameter, never guessed from its name)."""
+
+    def __new__(cls, name: str, value: np.ndarray, grad: np.ndarray, regularized: bool = False):
+        param = super().__new__(cls, (name, value, grad))
+        param.regularized = regularized
+        return param
 
 
 def _describe(layer: Layer) -> str:

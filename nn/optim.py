@@ -29,12 +29,14 @@ class Optimizer:
         self.t += 1
         if self.clip_norm is not None:
             clip_grad_norm([g for _, _, g in self.params], self.clip_norm)
-        for i, (name, value, grad) in enumerate(self.params):
+        for i, param in enumerate(self.params):
+            name, value, grad = param
             tmp = self.scratch[i]
-            if self.weight_decay and name.endswith("W"):
+            regularized = getattr(param, "regularized", False)  # set by the layer, e.g. Dense's W
+            if self.weight_decay and regularized:
                 grad += np.multiply(value, self.weight_decay, out=tmp)
             self.update(i, value, grad, tmp)
-            if self.max_norm is not None and name.endswith("W"):
+            if self.max_norm is not None and regularized:
                 max_norm_(value, self.max_norm)
 
     def update(self, i: int, value: np.ndarray, grad: np.ndarray, tmp: np.ndarray) -> None:

@@ -118,7 +118,9 @@ def _train(train: dict, hyperparameters: dict, home: str, progress_key: str, des
             nn.save(model, staging)
             write_json(staging / "training.json", {"history": history.epochs, "hyperparameters": hp.to_dict(),
                                                    "train_manifest_sha256": train["sha256"],
-                                                   "weights_sha256": digest})
+                                                   "weights_sha256": digest, "best_epoch": history.best_epoch,
+                                                   "stopped_early": history.stopped_early,
+                                                   "train_seconds": round(seconds, 2)})
             swap_dir(staging, out)  # replaces an incomplete earlier attempt, never shows a partial one
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
@@ -137,6 +139,26 @@ def training_is_intact(home: str, train_ref: dict, hyperparameters: dict) -> boo
         return True
     except (OSError, ValueError, KeyError, TypeError):  # missing, damaged, or from before digests were recorded
         return False
+
+
+def trained_ref(folder: str | Path) -> dict:
+    """The reference of a trained model folder (``<home>/trained/<id>``, as `digitflow train`
+    prints it), verified: its arrays must hash to the digest recorded in its training.json."""
+    folder = Path(folder).expanduser().resolve()
+    try:
+        info = read_json(folder / "training.json")
+        digest = info["weights_sha256"]
+    except FileNotFoundError:
+        raise DigitflowError(f"{folder}: not a trained model folder (no training.json; `digitflow train` "
+                             "prints one)") from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DigitflowError(f"{folder / 'training.json'}: damaged ({type(e).__name__})") from None
+    ref = {"dir": str(folder), "weights_sha256": digest, "history": info.get("history", []),
+           "best_epoch": info.get("best_epoch"), "stopped_early": info.get("stopped_early", False),
+           "train_seconds": info.get("train_seconds", 0.0), "hyperparameters": info.get("hyperparameters", {}),
+           "train_manifest_sha256": info.get("train_manifest_sha256")}
+    load_verified(ref)
+    return ref
 
 
 def load_verified(model: dict) -> nn.Sequential:

@@ -266,17 +266,19 @@ PREFECT = str(Path(sys.executable).with_name("prefect"))
 
 @pytest.fixture(scope="session")
 def server(tmp_path_factory):
-    """A real Prefect server (SQLite), on a random port, with its own PREFECT_HOME."""
+    """A real Prefect server (SQLite), on a random port, with its own PREFECT_HOME; its UI (on)
+    talks to this port's API."""
     home = tmp_path_factory.mktemp("prefect-server")
     from tests.prefect_helpers import free_port
 
     port = free_port()
+    url = f"http://127.0.0.1:{port}/api"
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "DO_NOT_TRACK": "1", "PREFECT_UI_ENABLED": "false"}
+           "PREFECT_UI_API_URL": url,
+           "DO_NOT_TRACK": "1", "PREFECT_UI_ENABLED": "true"}
     env.pop("PREFECT_API_URL", None)
     proc = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env,
                             stdout=open(home / "server.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}/api"
     import requests
 
     deadline = time.monotonic() + 90

@@ -17,6 +17,7 @@ from tests.prefect_helpers import client_for, flow_runs, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 PREFECT = str(Path(sys.executable).with_name("prefect"))
+pytestmark = pytest.mark.e2e
 
 
 def env_for(url, **extra):

@@ -447,6 +447,7 @@ def test_ctrl_c_through_a_pipe_during_shard_writing(tmp_path, mnist_server):
     assert leftovers(home) == [] or not manifest.exists() or json.loads(manifest.read_text())["rows"] == 60000
 
 
+@pytest.mark.e2e
 def test_sigterm_against_a_real_server_marks_the_run_crashed(tmp_path, mnist_server, server):
     from tests.prefect_helpers import client_for, flow_runs
 

@@ -119,6 +119,17 @@ def test_max_norm_constraint():
     nn.max_norm_(W, 2.0)
     np.testing.assert_allclose(np.linalg.norm(W, axis=0), [2.0, np.sqrt(0.02)])
     np.testing.assert_allclose(W[:, 0], [1.2, 1.6])
-    p = [("0.W", np.array([[3.0], [4.0]]), np.zeros((2, 1)))]
+    p = [nn.Param("0.kernel", np.array([[3.0], [4.0]]), np.zeros((2, 1)), regularized=True)]
     nn.SGD(p, lr=0.1, max_norm=1.0).step()
     assert np.linalg.norm(p[0][1]) == pytest.approx(1.0)
+
+
+def test_regularization_follows_the_explicit_flag_not_the_name():
+    flagged = nn.Param("anything", np.ones((2, 2)), np.zeros((2, 2)), regularized=True)
+    named_w = nn.Param("0.W", np.ones((2, 2)), np.zeros((2, 2)), regularized=False)
+    nn.SGD([flagged, named_w], lr=0.1, weight_decay=0.5, max_norm=0.5).step()
+    np.testing.assert_allclose(named_w[1], 1.0)  # no decay, no max-norm: it did not ask for them
+    assert np.linalg.norm(flagged[1], axis=0) == pytest.approx([0.5, 0.5])
+    model = nn.Sequential(nn.Dense(3, 2), nn.ReLU(), nn.Dense(2, 2), seed=0)
+    assert [(p[0], p.regularized) for p in model.parameters()] == [
+        ("0.W", True), ("0.b", False), ("2.W", True), ("2.b", False)]

@@ -214,6 +214,35 @@ def test_cli_evaluate_and_train(home, api_url):
     assert "Finished in state Cached" in out and "trained " in out  # same data and settings as v1
 
 
+def test_cli_train_output_can_be_evaluated_and_published(published, api_url):
+    """What `digitflow train` prints is a folder the other commands accept."""
+    home = str(published)
+    proc = cli("train", "--home", home, "--preset", "fast", "--seed", "8", "--epochs", "1", api_url=api_url)
+    out, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 0, out
+    folder = [l for l in out.splitlines() if l.startswith("trained ")][-1].split()[1]
+    assert Path(folder).parent == published / "trained"
+    proc = cli("evaluate", "--model", folder, "--home", home, "--json", api_url=api_url)
+    out, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 0, out
+    metrics = json.loads([l for l in out.splitlines() if l.startswith("{")][-1])
+    assert metrics["model"] == folder and 0.9 < metrics["test_accuracy"] < 1
+    proc = cli("publish", folder, "--home", home, "--floor", "0.5", "--json", api_url=api_url)
+    out, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 0, out
+    outcome = json.loads([l for l in out.splitlines() if l.startswith("{")][-1])
+    reg = Registry(published)
+    assert outcome["version"] == 2 and outcome["created"] and outcome["status"] in ("promoted", "rejected")
+    assert reg.decision(2)["status"] == outcome["status"]
+    assert reg.metrics(2)["test_accuracy"] == pytest.approx(metrics["test_accuracy"])
+    # A tampered trained folder is refused before any work.
+    npz = Path(folder) / "model.npz"
+    npz.write_bytes(npz.read_bytes()[:-10])
+    proc = cli("publish", folder, "--home", home, api_url=api_url)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 1 and "model.npz" in out.strip().splitlines()[-1]
+
+
 # ---- alerts ------------------------------------------------------------------------
 
 def test_gate_rejection_is_alerted_once(published, mnist_server, receiver):

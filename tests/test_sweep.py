@@ -93,6 +93,7 @@ def dask_cluster(tmp_path):
         p.wait(10)
 
 
+@pytest.mark.e2e
 def test_sweep_on_an_existing_dask_cluster(tmp_path, mnist_server, api_url, dask_cluster):
     address, _ = dask_cluster
     home = tmp_path / "home"
@@ -105,6 +106,7 @@ def test_sweep_on_an_existing_dask_cluster(tmp_path, mnist_server, api_url, dask
     assert Registry(home).aliases()["champion"] == result["version"]
 
 
+@pytest.mark.e2e
 def test_sweep_fails_in_one_line_when_the_workers_die(tmp_path, mnist_server, api_url, dask_cluster):
     import time
 
