@@ -125,6 +125,33 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+@contextlib.contextmanager
+def staged_dir(target: str | os.PathLike, *, lock: bool = True, replace: bool = True) -> Iterator[Path]:
+    """The one idiom for writing a folder: lock + staging + swap.
+
+    Under an exclusive lock beside ``target`` (``lock=False``: the caller holds its own), what a
+    crashed writer left is cleared, a fresh staging folder is yielded to be filled, and on
+    success it takes ``target``'s place whole (``replace=False``: only if ``target`` does not
+    exist yet, e.g. an immutable version). On any failure the staging folder is removed and
+    ``target`` is as it was; a full disk or a read-only home ends in one line naming ``target``.
+    """
+    target = Path(target)
+    with writing(target), (file_lock(target.parent / f".{target.name}.lock") if lock else contextlib.nullcontext()):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        remove_leftovers(target)
+        staging = make_staging_dir(target)
+        try:
+            yield staging
+            if replace:
+                swap_dir(staging, target)
+            else:
+                os.rename(staging, target)  # fails rather than overwrite
+                fsync_dir(target.parent)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+
+
 def swap_dir(staging: Path, target: Path) -> None:
     """Replace directory ``target`` by ``staging`` (same parent); readers never see a mix.
 

@@ -15,13 +15,12 @@ from __future__ import annotations
 import getpass
 import os
 import re
-import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
 from storage import DigitflowError
-from storage.atomic import writing, file_lock, fsync_dir, make_staging_dir, read_json, remove_leftovers, write_json
+from storage.atomic import file_lock, read_json, remove_leftovers, staged_dir, write_json, writing
 
 DEFAULT_NAME = "mnist-mlp"
 DEFAULT_FLOOR = 0.97     # the gate never promotes below this test accuracy
@@ -215,21 +214,16 @@ class Registry:
             if existing is not None:
                 self._repair_aliases()
                 return existing, False
-            remove_leftovers(self.root / "v*")  # a crashed publisher's staging folder
             version = max(self.versions(), default=0) + 1  # never reuse a number, even a damaged one's
-            staging = make_staging_dir(self.path(version))
-            try:
+            # Under the registry lock; a crashed publisher's staging folder (any version) is cleared.
+            remove_leftovers(self.root / "v*")
+            with staged_dir(self.path(version), lock=False, replace=False) as staging:
                 metadata = dict(build(staging, version) or {})
                 metadata.update({"version": version, "name": self.name, "weights_sha256": digest})
                 metadata.setdefault("created", now())
                 write_json(staging / "metadata.json", metadata)
                 for p in staging.iterdir():
                     p.chmod(0o444)  # immutable by intent: read-only files
-                os.rename(staging, self.path(version))  # fails rather than overwrite a version
-                fsync_dir(self.root)
-            except BaseException:
-                shutil.rmtree(staging, ignore_errors=True)
-                raise
             self._write_aliases({**self._rebuilt_aliases(self._stored_aliases()[0]), "latest": version})
             return version, True
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -22,8 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from storage import DigitflowError
-from storage.atomic import (writing, file_lock, make_staging_dir, read_json, remove_leftovers, sha256_file, swap_dir,
-                            write_json)
+from storage.atomic import read_json, sha256_file, staged_dir, write_json
 from storage.idx import read_mnist
 
 FORMAT_VERSION = 1
@@ -64,45 +62,38 @@ def write_split(images_path, labels_path, out_dir, *, split: str, rows_per_shard
     out_dir = Path(out_dir)
     # One writer per split at a time (two concurrent ingests into one home would otherwise
     # race on the directory swap); a crashed writer's leftovers are cleared under the lock.
-    with writing(out_dir), file_lock(out_dir.parent / f".{out_dir.name}.lock"):
-        remove_leftovers(out_dir)
-        return _write_split(images, labels, out_dir, split, rows_per_shard, source)
+    with staged_dir(out_dir) as staging:
+        return _write_split(images, labels, staging, split, rows_per_shard, source)
 
 
-def _write_split(images, labels, out_dir: Path, split: str, rows_per_shard: int, source: dict | None) -> dict:
+def _write_split(images, labels, staging: Path, split: str, rows_per_shard: int, source: dict | None) -> dict:
     n = len(labels)
     flat = images.reshape(n, PIXELS)
-    staging = make_staging_dir(out_dir)
     file_meta = {
         "format_version": FORMAT_VERSION,
         "split": split,
         "normalization": NORMALIZATION,
         "source": source or {},
     }
-    try:
-        starts = range(0, n, rows_per_shard)
+    starts = range(0, n, rows_per_shard)
 
-        def write_one(i_start):
-            i, start = i_start
-            stop = min(start + rows_per_shard, n)
-            name = f"part-{i:05d}.parquet"
-            table = _table(flat[start:stop], labels[start:stop], start,
-                           {**file_meta, "shard": i, "first_index": start, "rows": stop - start})
-            pq.write_table(table, staging / name, compression="zstd", use_dictionary=["label"],
-                           write_statistics=["index", "label"])
-            return {"file": name, "rows": stop - start, "first_index": start,
-                    "sha256": sha256_file(staging / name), "bytes": (staging / name).stat().st_size}
+    def write_one(i_start):
+        i, start = i_start
+        stop = min(start + rows_per_shard, n)
+        name = f"part-{i:05d}.parquet"
+        table = _table(flat[start:stop], labels[start:stop], start,
+                       {**file_meta, "shard": i, "first_index": start, "rows": stop - start})
+        pq.write_table(table, staging / name, compression="zstd", use_dictionary=["label"],
+                       write_statistics=["index", "label"])
+        return {"file": name, "rows": stop - start, "first_index": start,
+                "sha256": sha256_file(staging / name), "bytes": (staging / name).stat().st_size}
 
-        # Parquet encoding and zstd release the GIL: two threads use both cores.
-        with ThreadPoolExecutor(max_workers=2) as pool:
-            shards = list(pool.map(write_one, enumerate(starts)))
-        manifest = {**file_meta, "rows": n, "rows_per_shard": rows_per_shard, "shards": shards,
-                    "class_counts": np.bincount(labels, minlength=10).tolist()}
-        write_json(staging / MANIFEST, manifest)
-        swap_dir(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    # Parquet encoding and zstd release the GIL: two threads use both cores.
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        shards = list(pool.map(write_one, enumerate(starts)))
+    manifest = {**file_meta, "rows": n, "rows_per_shard": rows_per_shard, "shards": shards,
+                "class_counts": np.bincount(labels, minlength=10).tolist()}
+    write_json(staging / MANIFEST, manifest)
     return manifest
 
 

@@ -22,8 +22,7 @@ import nn
 from nn.metrics import classification_report
 from storage import DigitflowError
 from storage import report as report_files
-from storage.atomic import (writing, file_lock, make_staging_dir, read_json, remove_leftovers, sha256_file, swap_dir,
-                            write_json)
+from storage.atomic import read_json, sha256_file, staged_dir, write_json
 from storage.registry import DEFAULT_FLOOR, DEFAULT_NAME, DEFAULT_TOLERANCE, Registry, now
 from storage.shards import read_split
 from tasks import progress
@@ -109,22 +108,14 @@ def _train(train: dict, hyperparameters: dict, home: str, progress_key: str, des
     seconds = time.perf_counter() - t0
     update_progress_artifact(artifact, 100.0)
     out = training_dir(home, train, hyperparameters)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with writing(out), file_lock(out.parent / f".{out.name}.lock"):  # a crashed run's staging is cleared here
-        remove_leftovers(out)
-        staging = make_staging_dir(out)
-        digest = nn.digest(model)
-        try:
-            nn.save(model, staging)
-            write_json(staging / "training.json", {"history": history.epochs, "hyperparameters": hp.to_dict(),
-                                                   "train_manifest_sha256": train["sha256"],
-                                                   "weights_sha256": digest, "best_epoch": history.best_epoch,
-                                                   "stopped_early": history.stopped_early,
-                                                   "train_seconds": round(seconds, 2)})
-            swap_dir(staging, out)  # replaces an incomplete earlier attempt, never shows a partial one
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+    digest = nn.digest(model)
+    with staged_dir(out) as staging:  # replaces an incomplete earlier attempt, never shows a partial one
+        nn.save(model, staging)
+        write_json(staging / "training.json", {"history": history.epochs, "hyperparameters": hp.to_dict(),
+                                               "train_manifest_sha256": train["sha256"],
+                                               "weights_sha256": digest, "best_epoch": history.best_epoch,
+                                               "stopped_early": history.stopped_early,
+                                               "train_seconds": round(seconds, 2)})
     log.info("trained in %.1f s; weights %s…", seconds, digest[:16])
     return {"dir": str(out), "weights_sha256": digest, "history": history.epochs, "best_epoch": history.best_epoch,
             "stopped_early": history.stopped_early, "train_seconds": round(seconds, 2),
