@@ -70,7 +70,7 @@ def measure(home: str) -> dict:
         "empty_flow_seconds": round(empty_flow, 3),
         "cold_ingest_seconds": round(cold, 2),
         "cached_rerun_seconds": round(cached, 2),
-        "rows": {split: ref["rows"] for split, ref in refs.items()},
+        "rows": {split: ref.rows for split, ref in refs.items()},
         "cores": os.cpu_count(),
     }
 

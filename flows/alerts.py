@@ -12,6 +12,8 @@ from datetime import datetime, timezone
 
 import requests
 
+from tasks.refs import Decision, Published  # noqa: F401 (types)
+
 log = logging.getLogger("digitflow.alerts")
 
 
@@ -33,14 +35,14 @@ def notify(url: str | None, event: str, **details) -> bool:
         return False
 
 
-def alert_if_rejected(url: str | None, published: dict, decision: dict) -> None:
+def alert_if_rejected(url: str | None, published: "Published", decision: "Decision") -> None:
     """POST a gate_rejected alert when this run's gate decision was a rejection (once: an
     unchanged rerun that finds the decision already made says nothing new)."""
-    if decision["status"] == "rejected" and decision["decided_now"]:
+    if decision.status == "rejected" and decision.decided_now:
         from prefect.runtime import flow_run
 
-        notify(url or webhook_url(), "gate_rejected", model=published["name"], version=published["version"],
-               test_accuracy=published["test_accuracy"], reason=decision["reason"],
+        notify(url or webhook_url(), "gate_rejected", model=published.name, version=published.version,
+               test_accuracy=published.test_accuracy, reason=decision.reason,
                flow_run_id=str(flow_run.id) if flow_run.id else None)
 
 

@@ -125,8 +125,7 @@ def ingest(home: Optional[str] = HOME, mirror: Optional[List[str]] = MIRRORS,
             refs = ingest_flow(home=home, mirrors=_mirrors(mirror), rows_per_shard=rows_per_shard, timeout=timeout,
                                retries=retries, deadline=deadline)
     for split, ref in refs.items():
-        typer.echo(f"{split}: {ref['rows']} rows in {ref['shards']} shards, manifest {ref['manifest']} "
-                   f"(sha256 {ref['sha256'][:16]}…)")
+        typer.echo(f"{split}: {ref.rows} rows in {ref.shards} shards, manifest {ref.manifest} (sha256 {ref.sha256[:16]}…)")
 
 
 @app.command()
@@ -179,12 +178,12 @@ def train(home: Optional[str] = HOME, preset: str = PRESET, hp: dict = None) -> 
         load_manifest(split_dir(home, "train"))  # no data yet: one line now, before Prefect starts
         with progress_display():
             result = train_only(home=home, preset=preset, overrides=hp)
-    last = result["history"][-1]
-    typer.echo(f"trained {result['dir']} (weights {result['weights_sha256'][:16]}…): "
-               f"val accuracy {last.get('val_accuracy', float('nan')):.4f} after {len(result['history'])} epochs")
+    last = result.history[-1]
+    typer.echo(f"trained {result.dir} (weights {result.weights_sha256[:16]}…): "
+               f"val accuracy {last.get('val_accuracy', float('nan')):.4f} after {len(result.history)} epochs")
 
 
-def _model_ref(model: str, home: str, model_name: str) -> tuple[dict, str]:
+def _model_ref(model: str, home: str, model_name: str):
     """(verified model reference, label) for a VERSION, an alias or a trained model folder."""
     from pathlib import Path
 
@@ -196,7 +195,9 @@ def _model_ref(model: str, home: str, model_name: str) -> tuple[dict, str]:
     registry = Registry(home, model_name)
     version = registry.resolve(model)
     registry.load_model(version)  # a changed or damaged version: one line now, before Prefect starts
-    return ({"dir": str(registry.path(version)), "weights_sha256": registry.metadata(version)["weights_sha256"]},
+    from tasks.refs import TrainedModel
+
+    return (TrainedModel(dir=str(registry.path(version)), weights_sha256=registry.metadata(version)["weights_sha256"]),
             f"{model_name} v{version}")
 
 
@@ -215,11 +216,12 @@ def evaluate(model: str = typer.Option("champion", "--model", help="VERSION, ali
         metrics = evaluate_model(ref, home=home)
     if json_out:
         version = label.rpartition(" v")[2]
-        typer.echo(json.dumps({"version": int(version) if version.isdigit() else None, "model": label, **metrics}))
+        typer.echo(json.dumps({"version": int(version) if version.isdigit() else None, "model": label,
+                               **metrics.model_dump()}))
         return
-    typer.echo(f"{label}: test accuracy {metrics['test_accuracy']:.4f}, loss {metrics['test_loss']:.4f}, "
-               f"macro F1 {metrics['macro_f1']:.4f}, {metrics['inference_images_per_second']:,.0f} images/s")
-    for c in metrics["per_class"]:
+    typer.echo(f"{label}: test accuracy {metrics.test_accuracy:.4f}, loss {metrics.test_loss:.4f}, "
+               f"macro F1 {metrics.macro_f1:.4f}, {metrics.inference_images_per_second:,.0f} images/s")
+    for c in metrics.per_class:
         typer.echo(f"  {c['class']}: precision {c['precision']:.4f} recall {c['recall']:.4f} f1 {c['f1']:.4f}")
 
 

@@ -7,8 +7,9 @@ from prefect import flow
 from storage.config import (DEFAULT_RETRIES, DEFAULT_ROWS_PER_SHARD, DEFAULT_TIMEOUT, check_ingest_settings,
                             resolve_home, resolve_mirrors)
 from storage.mnist import SPLITS, file_for
-from storage.shards import is_current, source_of, split_dir
-from tasks.ingest import download, download_is_intact, parse, verify, write_shards
+from storage.shards import is_current, split_dir
+from tasks.ingest import download, download_is_intact, parse, source_of, verify, write_shards
+from tasks.refs import SplitRef
 
 
 @flow(name="ingest-mnist", flow_run_name="ingest-mnist ({rows_per_shard} rows/shard)")
@@ -20,7 +21,7 @@ def ingest(
     retries: int = DEFAULT_RETRIES,
     retry_delay: float = 2.0,
     deadline: float | None = None,
-) -> dict[str, dict]:
+) -> dict[str, SplitRef]:
     """Make ``<home>/data/mnist/{train,test}`` hold verified, normalized Parquet shards.
 
     Returns ``{split: manifest reference}`` (path, SHA-256, row count).

@@ -12,6 +12,7 @@ from storage.registry import check_name
 from storage.shards import split_dir
 from tasks.ingest import manifest_ref
 from tasks.model import artifact_key, evaluate, gate, publish, train, training_is_intact
+from tasks.refs import Decision, Evaluation, Published, SplitRef, TrainedModel
 
 
 def run_name() -> str:
@@ -91,24 +92,24 @@ def train_only(home: str | None = None, preset: Preset = "default", overrides: O
         ref, hp, home, description=f"preset {preset}: 784-{'-'.join(map(str, hp['hidden']))}-10, {hp['epochs']} epochs")
 
 
-@flow(name="mnist-evaluate", flow_run_name="evaluate {model[weights_sha256]:.12}")
-def evaluate_model(model: dict, home: str | None = None) -> dict:
+@flow(name="mnist-evaluate", flow_run_name="evaluate {model.weights_sha256:.12}")
+def evaluate_model(model: TrainedModel, home: str | None = None) -> Evaluation:
     """Evaluate a model reference (a published version or a trained folder) on the test split."""
     home = str(resolve_home(home))
     return evaluate(model, manifest_ref(str(split_dir(home, "test"))))
 
 
-@flow(name="mnist-publish", flow_run_name="publish {model[weights_sha256]:.12}", on_failure=[on_flow_failure])
-def publish_trained(model: dict, home: str | None = None, model_name: str = DEFAULT_NAME,
+@flow(name="mnist-publish", flow_run_name="publish {model.weights_sha256:.12}", on_failure=[on_flow_failure])
+def publish_trained(model: TrainedModel, home: str | None = None, model_name: str = DEFAULT_NAME,
                     tolerance: float = DEFAULT_TOLERANCE, floor: float = DEFAULT_FLOOR,
                     webhook_url: str | None = None) -> dict:
     """Evaluate a trained model folder on the test split, publish it and put it through the gate."""
     check_name(model_name)
     home = str(resolve_home(home))
     data = {split: manifest_ref(str(split_dir(home, split))) for split in ("train", "test")}
-    if model["train_manifest_sha256"] not in (None, data["train"]["sha256"]):
-        raise DigitflowError(f"{model['dir']} was trained on data {model['train_manifest_sha256'][:12]}…, but the "
-                             f"ingested train split is {data['train']['sha256'][:12]}…: retrain it, or ingest that data")
+    if model.train_manifest_sha256 not in (None, data["train"].sha256):
+        raise DigitflowError(f"{model.dir} was trained on data {model.train_manifest_sha256[:12]}…, but the "
+                             f"ingested train split is {data['train'].sha256[:12]}…: retrain it, or ingest that data")
     with tags("digitflow", f"model:{model_name}"):
         metrics = evaluate(model, data["test"])
         outcome = publish_and_gate(model, metrics, data, home, model_name, tolerance, floor, webhook_url)
@@ -116,26 +117,26 @@ def publish_trained(model: dict, home: str | None = None, model_name: str = DEFA
     return outcome
 
 
-def publish_and_gate(model: dict, metrics: dict, data: dict, home: str, model_name: str, tolerance: float,
-                     floor: float, webhook_url: str | None) -> dict:
+def publish_and_gate(model: TrainedModel, metrics: Evaluation, data: dict[str, SplitRef], home: str, model_name: str,
+                     tolerance: float, floor: float, webhook_url: str | None) -> dict:
     """The tail every training flow shares: publish the version, gate it, alert on rejection."""
     published = publish(model, metrics, data["train"], data["test"], home, model_name)
     decision = gate(published, home, tolerance=tolerance, floor=floor)
     alert_if_rejected(webhook_url, published, decision)
-    return {**published, **outcome_of(published, decision)}
+    return {**published.model_dump(), **outcome_of(published, decision)}
 
 
-def outcome_of(published: dict, decision: dict) -> dict:
+def outcome_of(published: Published, decision: Decision) -> dict:
     """What a run did to the registry: "promoted" or "rejected" when the gate decided now;
     "unchanged" when these weights were already a decided version (then ``state`` and
     ``reason`` describe that version as it stands now, not its old decision)."""
-    if decision["decided_now"]:
-        return {"status": decision["status"], "reason": decision["reason"], "state": decision["state"],
-                "champion": decision["champion"]}
-    champion = decision["champion"]
-    return {"status": "unchanged", "state": decision["state"], "champion": champion,
-            "reason": f"these weights are already v{published['version']}, now {decision['state']}"
-                      + (f" (champion is v{champion})" if champion not in (None, published["version"]) else "")}
+    if decision.decided_now:
+        return {"status": decision.status, "reason": decision.reason, "state": decision.state,
+                "champion": decision.champion}
+    champion = decision.champion
+    return {"status": "unchanged", "state": decision.state, "champion": champion,
+            "reason": f"these weights are already v{published.version}, now {decision.state}"
+                      + (f" (champion is v{champion})" if champion not in (None, published.version) else "")}
 
 
 def update_run(**changes) -> None:

@@ -119,7 +119,7 @@ def sweep(
         results = []
         for point, model_future, metrics_future in zip(points, trained, scored):
             model, metrics = model_future.result(), metrics_future.result()
-            last = model["history"][-1]
+            last = model.history[-1]
             results.append({"point": point, "model": model, "metrics": metrics,
                             "val_accuracy": last.get("val_accuracy"), "val_loss": last.get("val_loss")})
 
@@ -128,7 +128,7 @@ def sweep(
         outcome = publish_and_gate(best["model"], best["metrics"], data, home, model_name, tolerance, floor,
                                    webhook_url)
     rows = [{"grid point": json.dumps(r["point"]), "val_accuracy": round(r["val_accuracy"] or 0, 4),
-             "test_accuracy": round(r["metrics"]["test_accuracy"], 4), "train_seconds": r["model"]["train_seconds"],
+             "test_accuracy": round(r["metrics"].test_accuracy, 4), "train_seconds": r["model"].train_seconds,
              "best": r is best} for r in results]
     report = _report(rows, outcome)
     folder = Path(home) / "sweeps" / (str(flow_run.id) if flow_run.id else "latest")
@@ -137,7 +137,7 @@ def sweep(
     create_table_artifact(rows, key=artifact_key(model_name, "sweep"), description="Sweep comparison")
     create_markdown_artifact(report, key=artifact_key(model_name, "sweep-report"), description="Sweep report")
     log.info("best %s: val %.4f, test %.4f → v%d %s", best["point"], best["val_accuracy"] or 0,
-             best["metrics"]["test_accuracy"], outcome["version"], outcome["status"])
+             best["metrics"].test_accuracy, outcome["version"], outcome["status"])
     update_run(name=f"sweep-{len(configs)}-runs → v{outcome['version']} {outcome['status']}")
     return {"rows": rows, "report": str(folder / "report.md"), **outcome}
 

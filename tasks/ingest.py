@@ -14,6 +14,7 @@ from storage.idx import IDXError, check_label_range, check_mnist_pair, read_head
 from storage.mnist import FILES
 from tasks import progress
 from tasks.common import CACHED, content_key
+from tasks.refs import RawFile, SplitRef, VerifiedFile
 
 
 def _retry_if_transient(task, task_run, state) -> bool:
@@ -33,14 +34,15 @@ def _retry_if_transient(task, task_run, state) -> bool:
     **CACHED,
 )
 def download(name: str, mirrors: list[str], raw_dir: str, timeout: float = DEFAULT_TIMEOUT,
-             deadline: float | None = None) -> dict:
+             deadline: float | None = None) -> RawFile:
     """Fetch one archive from the first mirror that serves verified bytes; return a reference."""
     log = get_run_logger()
     t0 = time.perf_counter()
-    ref = fetch_verified(FILES[name], mirrors, raw_dir, timeout=timeout, deadline=deadline, progress=progress.report)
-    if ref["fetched"]:
-        log.info("%s: fetched from %s in %.2f s (archive %s the canonical one)", name, ref["mirror"],
-                 time.perf_counter() - t0, "is" if ref["archive_canonical"] else "is not")
+    ref = RawFile(**fetch_verified(FILES[name], mirrors, raw_dir, timeout=timeout, deadline=deadline,
+                                   progress=progress.report))
+    if ref.fetched:
+        log.info("%s: fetched from %s in %.2f s (archive %s the canonical one)", name, ref.mirror,
+                 time.perf_counter() - t0, "is" if ref.archive_canonical else "is not")
     else:
         log.info("%s: already present and verified, not fetched", name)
     return ref
@@ -61,54 +63,59 @@ def _content_now(path: str) -> str:
 
 
 @task(
-    task_run_name="verify {ref[file]}",
+    task_run_name="verify {ref.file}",
     # Keyed on the file's content hashed now, whatever its size or mtime: a file changed in
     # place can never return the cached verdict on its old content.
-    cache_key_fn=content_key(lambda p: (p["ref"]["path"], p["ref"]["sha256"], _content_now(p["ref"]["path"]))),
+    cache_key_fn=content_key(lambda p: (p["ref"].path, p["ref"].sha256, _content_now(p["ref"].path))),
     **CACHED,
 )
-def verify(ref: dict) -> dict:
+def verify(ref: RawFile) -> VerifiedFile:
     """Hash the local IDX file and compare with the pin."""
-    path = Path(ref["path"])
+    path = Path(ref.path)
     digest = sha256_file(path)
-    if digest != ref["sha256"]:
-        raise IDXError(f"{path}: SHA-256 {digest[:16]}… is not the pinned {ref['sha256'][:16]}… "
+    if digest != ref.sha256:
+        raise IDXError(f"{path}: SHA-256 {digest[:16]}… is not the pinned {ref.sha256[:16]}… "
                        "(changed since it was downloaded; rerun `digitflow ingest` to fetch it again)")
     get_run_logger().info("%s: SHA-256 %s… verified", path.name, digest[:16])
-    return {"path": str(path), "sha256": digest, "file": ref["file"]}
+    return VerifiedFile(path=str(path), sha256=digest, file=ref.file)
 
 
 @task(
     task_run_name="parse {split}",
-    cache_key_fn=content_key(lambda p: (p["split"], p["images"]["sha256"], p["labels"]["sha256"])),
+    cache_key_fn=content_key(lambda p: (p["split"], p["images"].sha256, p["labels"].sha256)),
     **CACHED,
 )
-def parse(split: str, images: dict, labels: dict) -> dict:
+def parse(split: str, images: VerifiedFile, labels: VerifiedFile) -> dict:
     """Validate a verified images/labels pair: headers, shapes, counts, label range."""
-    rows = check_mnist_pair(read_header(images["path"]), read_header(labels["path"]))
-    check_label_range(read_idx(labels["path"], labels["sha256"]), Path(labels["path"]).name)
+    rows = check_mnist_pair(read_header(images.path), read_header(labels.path))
+    check_label_range(read_idx(labels.path, labels.sha256), Path(labels.path).name)
     get_run_logger().info("%s: %d images of 28×28 with labels, valid", split, rows)
     return {"split": split, "rows": rows}
 
 
 @task(
     task_run_name="shard {split}",
-    cache_key_fn=content_key(lambda p: (p["split"], p["images"]["sha256"], p["labels"]["sha256"],
+    cache_key_fn=content_key(lambda p: (p["split"], p["images"].sha256, p["labels"].sha256,
                                         p["rows_per_shard"], p["out_dir"])),
     **CACHED,
 )
-def write_shards(split: str, images: dict, labels: dict, out_dir: str, rows_per_shard: int) -> dict:
+def write_shards(split: str, images: VerifiedFile, labels: VerifiedFile, out_dir: str, rows_per_shard: int) -> SplitRef:
     """Write the split as normalized Parquet shards + manifest; return a reference to it."""
     t0 = time.perf_counter()
-    manifest = shards.write_split(images["path"], labels["path"], out_dir, split=split,
-                                  rows_per_shard=rows_per_shard, source=shards.source_of(images, labels))
+    manifest = shards.write_split(images.path, labels.path, out_dir, split=split, rows_per_shard=rows_per_shard,
+                                  source=source_of(images, labels))
     get_run_logger().info("%s: %d rows in %d shards written to %s in %.2f s", split, manifest["rows"],
                           len(manifest["shards"]), out_dir, time.perf_counter() - t0)
     return manifest_ref(out_dir)
 
 
-def manifest_ref(out_dir: str) -> dict:
+def source_of(images: VerifiedFile, labels: VerifiedFile) -> dict:
+    """The ``source`` block of a split's manifest, from verified file references."""
+    return shards.source_of(images.model_dump(), labels.model_dump())
+
+
+def manifest_ref(out_dir: str) -> SplitRef:
     path = Path(out_dir) / shards.MANIFEST
     manifest = shards.load_manifest(out_dir)
-    return {"split": manifest["split"], "dir": str(out_dir), "manifest": str(path),
-            "sha256": sha256_file(path), "rows": manifest["rows"], "shards": len(manifest["shards"])}
+    return SplitRef(split=manifest["split"], dir=str(out_dir), manifest=str(path), sha256=sha256_file(path),
+                    rows=manifest["rows"], shards=len(manifest["shards"]))

@@ -27,6 +27,7 @@ from storage.registry import DEFAULT_FLOOR, DEFAULT_NAME, DEFAULT_TOLERANCE, Reg
 from storage.shards import read_split
 from tasks import progress
 from tasks.common import CACHED, code_version, content_key
+from tasks.refs import Decision, Evaluation, Published, SplitRef, TrainedModel
 
 
 class TrainingDiverged(DigitflowError):
@@ -41,23 +42,23 @@ def artifact_key(model_name: str, what: str) -> str:
     return re.sub(r"[^a-z0-9-]+", "-", f"{model_name}-{what}".lower()).strip("-")
 
 
-def load_split(ref: dict) -> tuple[np.ndarray, np.ndarray]:
+def load_split(ref: SplitRef) -> tuple[np.ndarray, np.ndarray]:
     """Read a split's shards, after checking its manifest is the one the reference names."""
-    digest = sha256_file(ref["manifest"])
-    if digest != ref["sha256"]:
-        raise DigitflowError(f"{ref['manifest']}: SHA-256 {digest[:16]}… is not the {ref['sha256'][:16]}… "
+    digest = sha256_file(ref.manifest)
+    if digest != ref.sha256:
+        raise DigitflowError(f"{ref.manifest}: SHA-256 {digest[:16]}… is not the {ref.sha256[:16]}… "
                              "this run ingested (rerun `digitflow ingest`)")
-    x, y, _ = read_split(ref["dir"])
+    x, y, _ = read_split(ref.dir)
     return x, y
 
 
-def training_id(train_ref: dict, hyperparameters: dict) -> str:
+def training_id(train_ref: SplitRef, hyperparameters: dict) -> str:
     """What identifies a training run: data, hyperparameters (with seed) and the nn/ source."""
-    material = json.dumps([train_ref["sha256"], hyperparameters, code_version("nn")], sort_keys=True)
+    material = json.dumps([train_ref.sha256, hyperparameters, code_version("nn")], sort_keys=True)
     return hashlib.sha256(material.encode()).hexdigest()[:20]
 
 
-def training_dir(home: str, train_ref: dict, hyperparameters: dict) -> Path:
+def training_dir(home: str, train_ref: SplitRef, hyperparameters: dict) -> Path:
     return Path(home) / "trained" / training_id(train_ref, hyperparameters)
 
 
@@ -66,8 +67,8 @@ def training_dir(home: str, train_ref: dict, hyperparameters: dict) -> Path:
     cache_key_fn=content_key(lambda p: (training_id(p["train"], p["hyperparameters"]), p["home"]), code=("nn",)),
     **CACHED,
 )
-def train(train: dict, hyperparameters: dict, home: str, progress_key: str = "mnist-mlp-training",
-          blas_threads: int | None = None, description: str = "") -> dict:
+def train(train: SplitRef, hyperparameters: dict, home: str, progress_key: str = "mnist-mlp-training",
+          blas_threads: int | None = None, description: str = "") -> TrainedModel:
     """Train on the train split's shards; save model.npz/model.json; return a reference.
 
     ``blas_threads`` caps BLAS threads (e.g. 1 per run when several train side by side);
@@ -81,7 +82,7 @@ def train(train: dict, hyperparameters: dict, home: str, progress_key: str = "mn
     return _train(train, hyperparameters, home, progress_key, description)
 
 
-def _train(train: dict, hyperparameters: dict, home: str, progress_key: str, description: str) -> dict:
+def _train(train: SplitRef, hyperparameters: dict, home: str, progress_key: str, description: str) -> TrainedModel:
     log = get_run_logger()
     hp = nn.presets.Hyperparameters(**{**hyperparameters, "hidden": tuple(hyperparameters["hidden"])}).validate()
     x, y = load_split(train)
@@ -90,7 +91,7 @@ def _train(train: dict, hyperparameters: dict, home: str, progress_key: str, des
     architecture = "-".join(map(str, (784, *hp.hidden, 10)))
     artifact = create_progress_artifact(0.0, key=progress_key, description=(
         f"Training {description or architecture + f', {hp.epochs} epochs'} (seed {hp.seed}, "
-        f"data {train['sha256'][:12]})"))
+        f"data {train.sha256[:12]})"))
 
     def on_epoch(r: dict) -> None:
         log.info("epoch %d/%d: lr %.4g, train loss %.4f acc %.4f, val loss %.4f acc %.4f (%.1f s)",
@@ -112,17 +113,17 @@ def _train(train: dict, hyperparameters: dict, home: str, progress_key: str, des
     with staged_dir(out) as staging:  # replaces an incomplete earlier attempt, never shows a partial one
         nn.save(model, staging)
         write_json(staging / "training.json", {"history": history.epochs, "hyperparameters": hp.to_dict(),
-                                               "train_manifest_sha256": train["sha256"],
+                                               "train_manifest_sha256": train.sha256,
                                                "weights_sha256": digest, "best_epoch": history.best_epoch,
                                                "stopped_early": history.stopped_early,
                                                "train_seconds": round(seconds, 2)})
     log.info("trained in %.1f s; weights %s…", seconds, digest[:16])
-    return {"dir": str(out), "weights_sha256": digest, "history": history.epochs, "best_epoch": history.best_epoch,
-            "stopped_early": history.stopped_early, "train_seconds": round(seconds, 2),
-            "hyperparameters": hp.to_dict(), "train_manifest_sha256": train["sha256"]}
+    return TrainedModel(dir=str(out), weights_sha256=digest, history=history.epochs, best_epoch=history.best_epoch,
+                        stopped_early=history.stopped_early, train_seconds=round(seconds, 2),
+                        hyperparameters=hp.to_dict(), train_manifest_sha256=train.sha256)
 
 
-def training_is_intact(home: str, train_ref: dict, hyperparameters: dict) -> bool:
+def training_is_intact(home: str, train_ref: SplitRef, hyperparameters: dict) -> bool:
     """The trained model is there and its arrays hash to the digest recorded when it was made."""
     d = training_dir(home, train_ref, hyperparameters)
     try:
@@ -132,7 +133,7 @@ def training_is_intact(home: str, train_ref: dict, hyperparameters: dict) -> boo
         return False
 
 
-def trained_ref(folder: str | Path) -> dict:
+def trained_ref(folder: str | Path) -> TrainedModel:
     """The reference of a trained model folder (``<home>/trained/<id>``, as `digitflow train`
     prints it), verified: its arrays must hash to the digest recorded in its training.json."""
     folder = Path(folder).expanduser().resolve()
@@ -144,18 +145,18 @@ def trained_ref(folder: str | Path) -> dict:
                              "prints one)") from None
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise DigitflowError(f"{folder / 'training.json'}: damaged ({type(e).__name__})") from None
-    ref = {"dir": str(folder), "weights_sha256": digest, "history": info.get("history", []),
-           "best_epoch": info.get("best_epoch"), "stopped_early": info.get("stopped_early", False),
-           "train_seconds": info.get("train_seconds", 0.0), "hyperparameters": info.get("hyperparameters", {}),
-           "train_manifest_sha256": info.get("train_manifest_sha256")}
+    ref = TrainedModel(dir=str(folder), weights_sha256=digest, history=info.get("history", []),
+                       best_epoch=info.get("best_epoch"), stopped_early=info.get("stopped_early", False),
+                       train_seconds=info.get("train_seconds", 0.0), hyperparameters=info.get("hyperparameters", {}),
+                       train_manifest_sha256=info.get("train_manifest_sha256"))
     load_verified(ref)
     return ref
 
 
-def load_verified(model: dict) -> nn.Sequential:
+def load_verified(model: TrainedModel) -> nn.Sequential:
     """The network a model reference names, refused unless it hashes to the reference's digest."""
     try:
-        return nn.load(model["dir"], expect_digest=model["weights_sha256"])
+        return nn.load(model.dir, expect_digest=model.weights_sha256)
     except nn.ModelFormatError as e:
         raise DigitflowError(str(e)) from None
 
@@ -172,7 +173,7 @@ def files_digest(model_dir: str) -> str:
     return h.hexdigest()
 
 
-def measure(model: dict, test: dict) -> dict:
+def measure(model: TrainedModel, test: SplitRef) -> Evaluation:
     """Evaluate a saved, verified model on the test split (pure; used by the task and the CLI)."""
     model = load_verified(model)
     x, y = load_split(test)
@@ -181,32 +182,31 @@ def measure(model: dict, test: dict) -> dict:
     proba = model.predict_proba(x)
     seconds = time.perf_counter() - t0
     report = classification_report(y, proba)
-    return {"test_accuracy": report["accuracy"], "test_loss": report["loss"], "macro_f1": report["macro_f1"],
-            "per_class": report["per_class"], "confusion_matrix": report["confusion_matrix"],
-            "most_confident_errors": report["most_confident_errors"], "test_images": int(len(y)),
-            "inference_images_per_second": round(len(y) / seconds, 1),
-            "test_manifest_sha256": test["sha256"]}
+    return Evaluation(test_accuracy=report["accuracy"], test_loss=report["loss"], macro_f1=report["macro_f1"],
+                      per_class=report["per_class"], confusion_matrix=report["confusion_matrix"],
+                      most_confident_errors=report["most_confident_errors"], test_images=int(len(y)),
+                      inference_images_per_second=round(len(y) / seconds, 1), test_manifest_sha256=test.sha256)
 
 
 @task(
-    task_run_name="evaluate {model[weights_sha256]:.12}",
-    cache_key_fn=content_key(lambda p: (p["model"]["weights_sha256"], files_digest(p["model"]["dir"]),
-                                        p["test"]["sha256"]), code=("nn",)),
+    task_run_name="evaluate {model.weights_sha256:.12}",
+    cache_key_fn=content_key(lambda p: (p["model"].weights_sha256, files_digest(p["model"].dir), p["test"].sha256),
+                             code=("nn",)),
     **CACHED,
 )
-def evaluate(model: dict, test: dict) -> dict:
+def evaluate(model: TrainedModel, test: SplitRef) -> Evaluation:
     """Accuracy, loss, per-class metrics, confusion matrix, worst errors, throughput."""
     metrics = measure(model, test)
-    get_run_logger().info("test accuracy %.4f, loss %.4f, %.0f images/s", metrics["test_accuracy"],
-                          metrics["test_loss"], metrics["inference_images_per_second"])
+    get_run_logger().info("test accuracy %.4f, loss %.4f, %.0f images/s", metrics.test_accuracy,
+                          metrics.test_loss, metrics.inference_images_per_second)
     return metrics
 
 
-def lineage(train_ref: dict, test_ref: dict, hp: dict) -> dict:
+def lineage(train_ref: SplitRef, test_ref: SplitRef, hp: dict) -> dict:
     from prefect.runtime import flow_run
 
     return {
-        "train_manifest_sha256": train_ref["sha256"], "test_manifest_sha256": test_ref["sha256"],
+        "train_manifest_sha256": train_ref.sha256, "test_manifest_sha256": test_ref.sha256,
         "git_commit": git_commit(), "package_version": package_version(), "nn_source_sha256": code_version("nn"),
         "python": platform.python_version(), "numpy": np.__version__, "seed": hp["seed"],
         "prefect_flow_run_id": str(flow_run.id) if flow_run.id else None,
@@ -229,8 +229,9 @@ def package_version() -> str | None:
         return None
 
 
-@task(task_run_name="publish {model[weights_sha256]:.12}")
-def publish(model: dict, metrics: dict, train: dict, test: dict, home: str, model_name: str = DEFAULT_NAME) -> dict:
+@task(task_run_name="publish {model.weights_sha256:.12}")
+def publish(model: TrainedModel, metrics: Evaluation, train: SplitRef, test: SplitRef, home: str,
+            model_name: str = DEFAULT_NAME) -> Published:
     """Publish a new immutable version (or find the one with these exact weights)."""
     log = get_run_logger()
     registry = Registry(home, model_name)
@@ -243,21 +244,21 @@ def publish(model: dict, metrics: dict, train: dict, test: dict, home: str, mode
         if champion_version is not None and registry.problem(champion_version) is None:
             champion = {"version": champion_version, **registry.metrics(champion_version)}
         for name in ("model.npz", "model.json"):
-            shutil.copyfile(Path(model["dir"]) / name, folder / name)
-        full = {**metrics, "history": model["history"], "best_epoch": model["best_epoch"],
-                "train_seconds": model["train_seconds"]}
+            shutil.copyfile(Path(model.dir) / name, folder / name)
+        full = {**metrics.model_dump(), "history": model.history, "best_epoch": model.best_epoch,
+                "train_seconds": model.train_seconds}
         write_json(folder / "metrics.json", full)
-        info = {**lineage(train, test, model["hyperparameters"]), "created": now()}
+        info = {**lineage(train, test, model.hyperparameters), "created": now()}
         write_json(folder / "lineage.json", info)
-        report_files.plot_learning_curves(model["history"], folder / "learning_curves.png")
-        report_files.plot_confusion_matrix(metrics["confusion_matrix"], folder / "confusion_matrix.png")
+        report_files.plot_learning_curves(model.history, folder / "learning_curves.png")
+        report_files.plot_confusion_matrix(metrics.confusion_matrix, folder / "confusion_matrix.png")
         (folder / "report.md").write_text(report_files.render_markdown(
-            name=model_name, version=version, metrics=full, hyperparameters=model["hyperparameters"],
+            name=model_name, version=version, metrics=full, hyperparameters=model.hyperparameters,
             lineage=info, champion=champion))
-        return {"created": info["created"], "test_accuracy": metrics["test_accuracy"],
-                "hyperparameters": model["hyperparameters"], "lineage": info}
+        return {"created": info["created"], "test_accuracy": metrics.test_accuracy,
+                "hyperparameters": model.hyperparameters, "lineage": info}
 
-    version, created = registry.publish(model["weights_sha256"], build)
+    version, created = registry.publish(model.weights_sha256, build)
     path = registry.path(version)
     if created:
         log.info("published %s v%d at %s", model_name, version, path)
@@ -273,27 +274,27 @@ def publish(model: dict, metrics: dict, train: dict, test: dict, home: str, mode
             f"# {model_name} v{version}\n\nFolder: `{path}`\n\n(on the machine that published it: [{path.as_uri()}]"
             f"({path.as_uri()}); `digitflow models show v{version}` prints it)\n",
             key=artifact_key(model_name, "version"), description=f"Folder of {model_name} v{version}: {path}")
-    return {"name": model_name, "version": version, "created": created, "path": str(path),
-            "test_accuracy": metrics["test_accuracy"]}
+    return Published(name=model_name, version=version, created=created, path=str(path),
+                     test_accuracy=metrics.test_accuracy)
 
 
-def metrics_table(metrics: dict) -> list[dict]:
+def metrics_table(metrics: Evaluation) -> list[dict]:
     """The overall row first (the dashboard pages tables by 10 rows), then one row per class."""
-    overall = {"class": "all", "precision": None, "recall": round(metrics["test_accuracy"], 4),
-               "f1": round(metrics["macro_f1"], 4), "support": metrics["test_images"]}
+    overall = {"class": "all", "precision": None, "recall": round(metrics.test_accuracy, 4),
+               "f1": round(metrics.macro_f1, 4), "support": metrics.test_images}
     return [overall] + [{"class": str(c["class"]), "precision": round(c["precision"], 4),
                          "recall": round(c["recall"], 4), "f1": round(c["f1"], 4), "support": c["support"]}
-                        for c in metrics["per_class"]]
+                        for c in metrics.per_class]
 
 
-@task(task_run_name="gate v{published[version]}")
-def gate(published: dict, home: str, tolerance: float = DEFAULT_TOLERANCE, floor: float = DEFAULT_FLOOR) -> dict:
+@task(task_run_name="gate v{published.version}")
+def gate(published: Published, home: str, tolerance: float = DEFAULT_TOLERANCE, floor: float = DEFAULT_FLOOR) -> Decision:
     """Promote the version to champion if it is at least as good; else mark it rejected.
 
     Read, decide and record happen under the registry lock, on verified weights."""
     log = get_run_logger()
-    registry = Registry(home, published["name"])
-    version = published["version"]
+    registry = Registry(home, published.name)
+    version = published.version
     decision, decided_now = registry.decide(version, tolerance=tolerance, floor=floor)
     state = registry.status(version)
     if not decided_now:
@@ -304,7 +305,7 @@ def gate(published: dict, home: str, tolerance: float = DEFAULT_TOLERANCE, floor
                                                "promoted to champion" if promote else "rejected", decision["reason"])
         if not promote:  # an event server-side automations can react to (`digitflow alerts install`)
             emit_event(event=REJECTED_EVENT, payload={"reason": decision["reason"],
-                                                      "test_accuracy": published["test_accuracy"]},
-                       resource={"prefect.resource.id": f"digitflow.model.{published['name']}.v{version}",
-                                 "prefect.resource.name": f"{published['name']} v{version}"})
-    return {**decision, "champion": registry.aliases().get("champion"), "decided_now": decided_now, "state": state}
+                                                      "test_accuracy": published.test_accuracy},
+                       resource={"prefect.resource.id": f"digitflow.model.{published.name}.v{version}",
+                                 "prefect.resource.name": f"{published.name} v{version}"})
+    return Decision(**decision, champion=registry.aliases().get("champion"), decided_now=decided_now, state=state)

@@ -33,7 +33,7 @@ def test_real_mnist_end_to_end_then_cached(tmp_path, mnist_server):
     # parse is keyed on content alone, so another test's run of the same files may serve it
     assert {n: s for n, s in states.items() if not n.startswith("parse")} == dict.fromkeys(
         [n for n in states if not n.startswith("parse")], "Completed")
-    assert refs["train"]["rows"] == 60000 and refs["test"]["rows"] == 10000
+    assert refs["train"].rows == 60000 and refs["test"].rows == 10000
 
     data = home / "data" / "mnist"
     for split, rows, counts, first in [("train", 60000, TRAIN_COUNTS, [5, 0, 4, 1, 9, 2, 1, 3, 1, 4]),
