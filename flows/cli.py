@@ -170,12 +170,12 @@ def train(home: Optional[str] = HOME, preset: str = PRESET, hp: dict = None) -> 
     (which `digitflow evaluate --model PATH` and `digitflow publish PATH` accept)."""
     from flows.contract import hyperparameters
     from flows.pipeline import train_only
-    from storage.shards import load_manifest, split_dir
+    from storage.shards import load_manifest
 
     with one_line_errors():
         hyperparameters(preset, hp)
         home = _start(home)
-        load_manifest(split_dir(home, "train"))  # no data yet: one line now, before Prefect starts
+        load_manifest(resolve_home(home).split("train"))  # no data yet: one line now, before Prefect starts
         with progress_display():
             result = train_only(home=home, preset=preset, overrides=hp)
     last = result.history[-1]
@@ -192,7 +192,7 @@ def _model_ref(model: str, home: str, model_name: str):
 
     if "/" in model or Path(model).is_dir():
         return trained_ref(model), str(Path(model))
-    registry = Registry(home, model_name)
+    registry = resolve_home(home).registry(model_name)
     version = registry.resolve(model)
     registry.load_model(version)  # a changed or damaged version: one line now, before Prefect starts
     from tasks.refs import TrainedModel
@@ -207,12 +207,12 @@ def evaluate(model: str = typer.Option("champion", "--model", help="VERSION, ali
              json_out: bool = typer.Option(False, "--json", help="Print the metrics as JSON.")) -> None:
     """Evaluate a published version, or a trained model folder, on the test split."""
     from flows.pipeline import evaluate_model
-    from storage.shards import load_manifest, split_dir
+    from storage.shards import load_manifest
 
     with one_line_errors():
         home = _start(home)
         ref, label = _model_ref(model, home, model_name)
-        load_manifest(split_dir(home, "test"))  # no data yet: one line now, before Prefect starts
+        load_manifest(resolve_home(home).split("test"))  # no data yet: one line now, before Prefect starts
         metrics = evaluate_model(ref, home=home)
     if json_out:
         version = label.rpartition(" v")[2]
@@ -259,7 +259,7 @@ def predict(images: List[str] = typer.Argument(..., help="PNG/JPEG/... files of 
     from storage.registry import Registry
 
     with one_line_errors():
-        registry = Registry(resolve_home(home), model_name)
+        registry = resolve_home(home).registry(model_name)
         version = registry.resolve(model)
         net = registry.load_model(version)  # verified against the digest recorded at publish time
         names, x = load_inputs(images)

@@ -16,7 +16,7 @@ JSON = typer.Option(False, "--json", help="Machine-readable output.")
 
 
 def _registry(home, name) -> Registry:
-    return Registry(resolve_home(home), name)
+    return resolve_home(home).registry(name)
 
 
 def listing(registry: Registry) -> list[dict]:

@@ -7,7 +7,7 @@ from prefect import flow
 from storage.config import (DEFAULT_RETRIES, DEFAULT_ROWS_PER_SHARD, DEFAULT_TIMEOUT, check_ingest_settings,
                             resolve_home, resolve_mirrors)
 from storage.mnist import SPLITS, file_for
-from storage.shards import is_current, split_dir
+from storage.shards import is_current
 from tasks.ingest import download, download_is_intact, parse, source_of, verify, write_shards
 from tasks.refs import SplitRef
 
@@ -29,7 +29,7 @@ def ingest(
     check_ingest_settings(rows_per_shard=rows_per_shard, timeout=timeout, retries=retries, deadline=deadline)
     home = resolve_home(home)
     mirrors = resolve_mirrors(mirrors)
-    raw_dir = str(home / "raw" / "mnist")
+    raw_dir = str(home.raw)
     names = [file_for(split, kind).name for split in SPLITS for kind in ("images", "labels")]
 
     # 1. Download the four archives concurrently; a cached download whose file is missing or
@@ -62,7 +62,7 @@ def ingest(
     #    is refreshed: the split is rebuilt.
     manifests = {}
     for split in SPLITS:
-        out_dir = str(split_dir(home, split))
+        out_dir = str(home.split(split))
         current = is_current(out_dir, rows_per_shard=rows_per_shard, source=source_of(*pair(split)))
         manifests[split] = write_shards.with_options(refresh_cache=not current).submit(
             split, *pair(split), out_dir=out_dir, rows_per_shard=rows_per_shard)

@@ -9,7 +9,7 @@ from flows.ingest import ingest
 from storage.config import DEFAULT_RETRIES, DEFAULT_ROWS_PER_SHARD, DEFAULT_TIMEOUT, resolve_home
 from storage import DigitflowError
 from storage.registry import check_name
-from storage.shards import split_dir
+from storage.home import Home
 from tasks.ingest import manifest_ref
 from tasks.model import artifact_key, evaluate, gate, publish, train, training_is_intact
 from tasks.refs import Decision, Evaluation, Published, SplitRef, TrainedModel
@@ -58,12 +58,12 @@ def retrain(
     """
     hp = hyperparameters(preset, overrides).to_dict()
     check_name(model_name)  # before any work
-    home = str(resolve_home(home))
+    home = resolve_home(home)
     update_run(tags=run_tags(preset, model_name))
 
     with tags(*run_tags(preset, model_name)):  # the ingest subflow and every task carry them too
         # 1. Data: verified Parquet shards (a subflow; cached when nothing changed).
-        data = ingest(home=home, mirrors=mirrors, rows_per_shard=rows_per_shard, timeout=timeout, retries=retries,
+        data = ingest(home=str(home), mirrors=mirrors, rows_per_shard=rows_per_shard, timeout=timeout, retries=retries,
                       deadline=deadline)
 
         # 2. Train on the train split; cached on (data, hyperparameters, seed, nn/ source).
@@ -85,9 +85,9 @@ def train_only(home: str | None = None, preset: Preset = "default", overrides: O
     """Train on the ingested shards (no ingest, no publish); returns the trained model's reference,
     whose folder `evaluate --model PATH` and `publish PATH` accept."""
     hp = hyperparameters(preset, overrides).to_dict()
-    home = str(resolve_home(home))
+    home = resolve_home(home)
     update_run(tags=["digitflow", f"preset:{preset}"])
-    ref = manifest_ref(str(split_dir(home, "train")))
+    ref = manifest_ref(str(home.split("train")))
     return train.with_options(refresh_cache=not training_is_intact(home, ref, hp))(
         ref, hp, home, description=f"preset {preset}: 784-{'-'.join(map(str, hp['hidden']))}-10, {hp['epochs']} epochs")
 
@@ -95,8 +95,8 @@ def train_only(home: str | None = None, preset: Preset = "default", overrides: O
 @flow(name="mnist-evaluate", flow_run_name="evaluate {model.weights_sha256:.12}")
 def evaluate_model(model: TrainedModel, home: str | None = None) -> Evaluation:
     """Evaluate a model reference (a published version or a trained folder) on the test split."""
-    home = str(resolve_home(home))
-    return evaluate(model, manifest_ref(str(split_dir(home, "test"))))
+    home = resolve_home(home)
+    return evaluate(model, manifest_ref(str(home.split("test"))))
 
 
 @flow(name="mnist-publish", flow_run_name="publish {model.weights_sha256:.12}", on_failure=[on_flow_failure])
@@ -105,8 +105,8 @@ def publish_trained(model: TrainedModel, home: str | None = None, model_name: st
                     webhook_url: str | None = None) -> dict:
     """Evaluate a trained model folder on the test split, publish it and put it through the gate."""
     check_name(model_name)
-    home = str(resolve_home(home))
-    data = {split: manifest_ref(str(split_dir(home, split))) for split in ("train", "test")}
+    home = resolve_home(home)
+    data = {split: manifest_ref(str(home.split(split))) for split in ("train", "test")}
     if model.train_manifest_sha256 not in (None, data["train"].sha256):
         raise DigitflowError(f"{model.dir} was trained on data {model.train_manifest_sha256[:12]}…, but the "
                              f"ingested train split is {data['train'].sha256[:12]}…: retrain it, or ingest that data")
@@ -117,7 +117,7 @@ def publish_trained(model: TrainedModel, home: str | None = None, model_name: st
     return outcome
 
 
-def publish_and_gate(model: TrainedModel, metrics: Evaluation, data: dict[str, SplitRef], home: str, model_name: str,
+def publish_and_gate(model: TrainedModel, metrics: Evaluation, data: dict[str, SplitRef], home: Home, model_name: str,
                      tolerance: float, floor: float, webhook_url: str | None) -> dict:
     """The tail every training flow shares: publish the version, gate it, alert on rejection."""
     published = publish(model, metrics, data["train"], data["test"], home, model_name)

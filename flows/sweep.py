@@ -102,12 +102,12 @@ def sweep(
     if not configs:
         raise DigitflowError("the grid is empty")
     check_name(model_name)
-    home = str(resolve_home(home))
+    home = resolve_home(home)
     update_run(tags=[*run_tags(preset, model_name), "sweep"])
     log.info("sweep of %d runs; task runner: %s", len(configs), describe_runner())
 
     with tags(*run_tags(preset, model_name), "sweep"):
-        data = ingest(home=home, mirrors=mirrors, rows_per_shard=rows_per_shard, timeout=timeout, retries=retries)
+        data = ingest(home=str(home), mirrors=mirrors, rows_per_shard=rows_per_shard, timeout=timeout, retries=retries)
 
         # Fan out: one training task per grid point, in parallel on the Dask workers.
         trained = [train.with_options(refresh_cache=not training_is_intact(home, data["train"], hp)).submit(
@@ -131,7 +131,7 @@ def sweep(
              "test_accuracy": round(r["metrics"].test_accuracy, 4), "train_seconds": r["model"].train_seconds,
              "best": r is best} for r in results]
     report = _report(rows, outcome)
-    folder = Path(home) / "sweeps" / (str(flow_run.id) if flow_run.id else "latest")
+    folder = home.sweep(str(flow_run.id) if flow_run.id else "latest")
     write_bytes(folder / "report.md", report.encode())
     write_json(folder / "results.json", {"rows": rows, "outcome": outcome})
     create_table_artifact(rows, key=artifact_key(model_name, "sweep"), description="Sweep comparison")

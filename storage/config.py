@@ -8,16 +8,13 @@ from pathlib import Path
 from typing import Sequence
 
 from storage import DigitflowError
-from storage.atomic import ensure_writable_dir
+from storage.home import DEFAULT_HOME, Home  # noqa: F401 (DEFAULT_HOME re-exported)
 from storage.download import DEFAULT_TIMEOUT  # noqa: F401 (one source, re-exported)
 from storage.mnist import DEFAULT_MIRRORS
 
-DEFAULT_HOME = "~/.digitflow"
-
-
-def resolve_home(home: str | os.PathLike | None = None) -> Path:
+def resolve_home(home: str | os.PathLike | None = None) -> Home:
     """``--home``, else ``$DIGITFLOW_HOME``, else ``~/.digitflow``; created and proven writable."""
-    return ensure_writable_dir(home or os.environ.get("DIGITFLOW_HOME") or DEFAULT_HOME)
+    return Home.resolve(home)
 
 
 def resolve_mirrors(mirrors: Sequence[str] | None = None) -> list[str]:

@@ -65,7 +65,7 @@ def gate(candidate: float, champion: float | None, *, tolerance: float = DEFAULT
 class Registry:
     def __init__(self, home: str | os.PathLike, name: str = DEFAULT_NAME):
         self.name = check_name(name)
-        self.root = Path(home) / "models" / name
+        self.root = Path(home) / "models" / name  # Home.models(name), for a Home or a plain path
 
     # ---- reading ----------------------------------------------------------------------
     # Every read tolerates damage (a stray or empty vN/ folder, truncated JSON): a damaged

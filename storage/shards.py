@@ -44,7 +44,9 @@ class ShardError(DigitflowError):
 
 
 def split_dir(home: str | os.PathLike, split: str) -> Path:
-    return Path(home) / "data" / "mnist" / split
+    from storage.home import Home
+
+    return Home(home).split(split)
 
 
 def write_split(images_path, labels_path, out_dir, *, split: str, rows_per_shard: int = 10_000,

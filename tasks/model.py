@@ -23,7 +23,8 @@ from nn.metrics import classification_report
 from storage import DigitflowError
 from storage import report as report_files
 from storage.atomic import read_json, sha256_file, staged_dir, write_json
-from storage.registry import DEFAULT_FLOOR, DEFAULT_NAME, DEFAULT_TOLERANCE, Registry, now
+from storage.home import Home
+from storage.registry import DEFAULT_FLOOR, DEFAULT_NAME, DEFAULT_TOLERANCE, now
 from storage.shards import read_split
 from tasks import progress
 from tasks.common import CACHED, code_version, content_key
@@ -58,16 +59,16 @@ def training_id(train_ref: SplitRef, hyperparameters: dict) -> str:
     return hashlib.sha256(material.encode()).hexdigest()[:20]
 
 
-def training_dir(home: str, train_ref: SplitRef, hyperparameters: dict) -> Path:
-    return Path(home) / "trained" / training_id(train_ref, hyperparameters)
+def training_dir(home: Home, train_ref: SplitRef, hyperparameters: dict) -> Path:
+    return Home(home).trained / training_id(train_ref, hyperparameters)
 
 
 @task(
     task_run_name="train {hyperparameters[hidden]} × {hyperparameters[epochs]} epochs",
-    cache_key_fn=content_key(lambda p: (training_id(p["train"], p["hyperparameters"]), p["home"]), code=("nn",)),
+    cache_key_fn=content_key(lambda p: (training_id(p["train"], p["hyperparameters"]), str(p["home"])), code=("nn",)),
     **CACHED,
 )
-def train(train: SplitRef, hyperparameters: dict, home: str, progress_key: str = "mnist-mlp-training",
+def train(train: SplitRef, hyperparameters: dict, home: Home, progress_key: str = "mnist-mlp-training",
           blas_threads: int | None = None, description: str = "") -> TrainedModel:
     """Train on the train split's shards; save model.npz/model.json; return a reference.
 
@@ -82,7 +83,7 @@ def train(train: SplitRef, hyperparameters: dict, home: str, progress_key: str =
     return _train(train, hyperparameters, home, progress_key, description)
 
 
-def _train(train: SplitRef, hyperparameters: dict, home: str, progress_key: str, description: str) -> TrainedModel:
+def _train(train: SplitRef, hyperparameters: dict, home: Home, progress_key: str, description: str) -> TrainedModel:
     log = get_run_logger()
     hp = nn.presets.Hyperparameters(**{**hyperparameters, "hidden": tuple(hyperparameters["hidden"])}).validate()
     x, y = load_split(train)
@@ -123,7 +124,7 @@ def _train(train: SplitRef, hyperparameters: dict, home: str, progress_key: str,
                         hyperparameters=hp.to_dict(), train_manifest_sha256=train.sha256)
 
 
-def training_is_intact(home: str, train_ref: SplitRef, hyperparameters: dict) -> bool:
+def training_is_intact(home: Home, train_ref: SplitRef, hyperparameters: dict) -> bool:
     """The trained model is there and its arrays hash to the digest recorded when it was made."""
     d = training_dir(home, train_ref, hyperparameters)
     try:
@@ -230,11 +231,11 @@ def package_version() -> str | None:
 
 
 @task(task_run_name="publish {model.weights_sha256:.12}")
-def publish(model: TrainedModel, metrics: Evaluation, train: SplitRef, test: SplitRef, home: str,
+def publish(model: TrainedModel, metrics: Evaluation, train: SplitRef, test: SplitRef, home: Home,
             model_name: str = DEFAULT_NAME) -> Published:
     """Publish a new immutable version (or find the one with these exact weights)."""
     log = get_run_logger()
-    registry = Registry(home, model_name)
+    registry = Home(home).registry(model_name)
 
     load_verified(model)  # only the weights that were trained and evaluated are published
 
@@ -288,12 +289,12 @@ def metrics_table(metrics: Evaluation) -> list[dict]:
 
 
 @task(task_run_name="gate v{published.version}")
-def gate(published: Published, home: str, tolerance: float = DEFAULT_TOLERANCE, floor: float = DEFAULT_FLOOR) -> Decision:
+def gate(published: Published, home: Home, tolerance: float = DEFAULT_TOLERANCE, floor: float = DEFAULT_FLOOR) -> Decision:
     """Promote the version to champion if it is at least as good; else mark it rejected.
 
     Read, decide and record happen under the registry lock, on verified weights."""
     log = get_run_logger()
-    registry = Registry(home, published.name)
+    registry = Home(home).registry(published.name)
     version = published.version
     decision, decided_now = registry.decide(version, tolerance=tolerance, floor=floor)
     state = registry.status(version)
