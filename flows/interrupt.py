@@ -59,7 +59,8 @@ def _exit(code: int, line: str) -> None:
         sys.stderr.flush()
     except Exception:
         pass
-    os.write(2, ("\n" + line + "\n").encode())
+    show_cursor = "\x1b[?25h" if os.isatty(2) else ""  # a progress display hides it; we exit past its cleanup
+    os.write(2, (show_cursor + "\n" + line + "\n").encode())
     os._exit(code)
 
 

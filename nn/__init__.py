@@ -14,7 +14,8 @@ io.py (saving without pickle). No Prefect, no autograd: NumPy only.
 """
 
 from nn.augment import random_shift
-from nn.io import ModelFormatError, describe, digest, load, load_arrays, save
+from nn.io import (ModelFormatError, describe, digest, load, load_arrays, load_checkpoint, save,
+                   save_checkpoint)
 from nn.layers import ACTIVATIONS, Dense, Dropout, Layer, ReLU, Sigmoid, Tanh
 from nn.losses import SoftmaxCrossEntropy, softmax, softmax_cross_entropy
 from nn.model import Param, Sequential
@@ -26,6 +27,7 @@ from nn import presets
 __all__ = [
     "ACTIVATIONS", "Adam", "Constant", "CosineLR", "Dense", "Dropout", "History", "Layer", "ModelFormatError",
     "NonFiniteLossError", "Optimizer", "Param", "RMSprop", "ReLU", "SGD", "Sequential", "Sigmoid", "SoftmaxCrossEntropy",
-    "StepLR", "Tanh", "clip_grad_norm", "describe", "digest", "evaluate", "fit", "load", "load_arrays", "make_optimizer",
+    "StepLR", "Tanh", "clip_grad_norm", "describe", "digest", "evaluate", "fit", "load", "load_arrays",
+    "load_checkpoint", "save_checkpoint", "make_optimizer",
     "max_norm_", "presets", "random_shift", "save", "softmax", "softmax_cross_entropy", "split_validation",
 ]

@@ -234,3 +234,28 @@ def load(directory: str | os.PathLike, dtype=np.float32, *, expect_digest: str |
             raise ModelFormatError(f"{Path(directory) / 'model.npz'}: weights SHA-256 {got[:16]}… is not the "
                                    f"{expect_digest[:16]}… recorded for it (changed or damaged since); refused")
     return model
+
+
+def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
+    """One training checkpoint (``nn.fit``'s ``checkpoint`` state) as a single .npz, replaced
+    atomically: the arrays as they are, everything else as JSON in a uint8 array ``meta``."""
+    path = Path(path)
+    arrays = dict(state["arrays"])
+    meta = {k: v for k, v in state.items() if k != "arrays"}
+    arrays["meta"] = np.frombuffer(json.dumps(meta, allow_nan=True).encode(), np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _replace(path, lambda f: np.savez(f, **arrays))
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    """The state ``save_checkpoint`` wrote (without pickle); ModelFormatError if unreadable."""
+    import zipfile
+
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+        meta = json.loads(arrays.pop("meta").tobytes())
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        raise ModelFormatError(f"{path}: unreadable checkpoint ({type(e).__name__})") from None
+    return {**meta, "arrays": arrays}

@@ -42,6 +42,20 @@ class Optimizer:
     def update(self, i: int, value: np.ndarray, grad: np.ndarray, tmp: np.ndarray) -> None:
         raise NotImplementedError
 
+    buffers: tuple[str, ...] = ()  # names of the per-parameter state lists (e.g. "velocity")
+
+    def state(self) -> dict[str, np.ndarray]:
+        """Everything a resumed run needs to continue bit for bit: step count and buffers."""
+        arrays = {f"{name}.{i}": a for name in self.buffers for i, a in enumerate(getattr(self, name))}
+        arrays["t"] = np.array(self.t)
+        return arrays
+
+    def load_state(self, arrays: dict[str, np.ndarray]) -> None:
+        for name in self.buffers:
+            for i, a in enumerate(getattr(self, name)):
+                a[...] = arrays[f"{name}.{i}"]
+        self.t = int(arrays["t"])
+
 
 class SGD(Optimizer):
     """v ← μ·v + g;  W ← W - lr·v   (Nesterov: W ← W - lr·(g + μ·v)). μ = 0: plain SGD."""
@@ -52,6 +66,7 @@ class SGD(Optimizer):
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
         self.momentum, self.nesterov = momentum, nesterov
         self.velocity = [np.zeros_like(v) for _, v, _ in self.params]
+        self.buffers = ("velocity",)
 
     def update(self, i, value, grad, tmp):
         if self.momentum == 0:
@@ -76,6 +91,7 @@ class RMSprop(Optimizer):
         super().__init__(params, lr, **kw)
         self.rho, self.eps = rho, eps
         self.square = [np.zeros_like(v) for _, v, _ in self.params]
+        self.buffers = ("square",)
 
     def update(self, i, value, grad, tmp):
         s = self.square[i]
@@ -100,6 +116,7 @@ class Adam(Optimizer):
         self.eps = eps
         self.m = [np.zeros_like(v) for _, v, _ in self.params]
         self.v = [np.zeros_like(v) for _, v, _ in self.params]
+        self.buffers = ("m", "v")
 
     def update(self, i, value, grad, tmp):
         m, v, b1, b2 = self.m[i], self.v[i], self.beta1, self.beta2

@@ -169,7 +169,8 @@ def build(hp: Hyperparameters) -> Sequential:
 
 
 def train(hp: Hyperparameters, x: np.ndarray, y: np.ndarray,
-          on_epoch: Callable[[dict], None] | None = None) -> tuple[Sequential, History]:
+          on_epoch: Callable[[dict], None] | None = None, checkpoint: Callable[[dict], None] | None = None,
+          resume: dict | None = None) -> tuple[Sequential, History]:
     """Build and train a model on (pixels/255, labels), holding out ``val_fraction``."""
     hp.validate()
     model = build(hp)
@@ -185,5 +186,5 @@ def train(hp: Hyperparameters, x: np.ndarray, y: np.ndarray,
     augment = (lambda xs, rng: random_shift(xs, rng, hp.shift)) if hp.shift else None
     history = fit(model, x, y, optimizer=optimizer, epochs=hp.epochs, batch_size=hp.batch_size,
                   validation=validation, schedule=schedule, patience=hp.patience, augment=augment,
-                  seed=hp.seed, on_epoch=on_epoch)
+                  seed=hp.seed, on_epoch=on_epoch, checkpoint=checkpoint, resume=resume)
     return model, history

@@ -72,6 +72,8 @@ def fit(
     augment: Callable[[np.ndarray, np.random.Generator], None] | None = None,
     seed: int = 0,
     on_epoch: Callable[[dict], None] | None = None,
+    checkpoint: Callable[[dict], None] | None = None,
+    resume: dict | None = None,
 ) -> History:
     """Train ``model`` in place with mini-batch gradient descent; return the history.
 
@@ -79,6 +81,10 @@ def fit(
     evaluated after every epoch. With ``patience``, training stops once the validation loss
     has not improved for that many epochs, and the best epoch's weights are restored.
     Raises NonFiniteLossError as soon as a batch loss is NaN or infinite.
+
+    ``checkpoint(state)`` is called after every epoch with everything needed to continue
+    (weights, optimizer state, random generator states, history); ``resume=state`` continues
+    from it, and the result is bit-identical to a run that was never interrupted.
     """
     if epochs < 1 or batch_size < 1:
         raise ValueError(f"epochs and batch_size must be positive, got {epochs} and {batch_size}")
@@ -96,8 +102,21 @@ def fit(
     identity = model.preprocessing == {"mean": 0.0, "std": 1.0}
     history = History()
     best_loss, best_params, waited = math.inf, None, 0
+    generators = [rng] + [layer.rng for layer in model.layers if hasattr(layer, "rng")]  # shuffles, dropout
+    first = 0
+    if resume is not None:
+        first, best_loss, waited = resume["epoch"], resume["best_loss"], resume["waited"]
+        history.epochs, history.best_epoch = list(resume["history"]), resume["best_epoch"]
+        arrays = resume["arrays"]
+        for name, value, _ in model.parameters():
+            value[...] = arrays[f"param.{name}"]
+        optimizer.load_state({k[len("optim."):]: v for k, v in arrays.items() if k.startswith("optim.")})
+        if any(k.startswith("best.") for k in arrays):
+            best_params = [arrays[f"best.{name}"].copy() for name, _, _ in model.parameters()]
+        for generator, state in zip(generators, resume["generators"]):
+            generator.bit_generator.state = state
 
-    for epoch in range(epochs):
+    for epoch in range(first, epochs):
         t0 = time.perf_counter()
         optimizer.lr = lr = schedule(epoch)
         perm = rng.permutation(n)
@@ -137,6 +156,14 @@ def fit(
                 if patience is not None and waited >= patience:
                     history.stopped_early = True
                     break
+        if checkpoint is not None and epoch + 1 < epochs:
+            arrays = {f"param.{name}": value for name, value, _ in model.parameters()}
+            arrays.update({f"optim.{k}": v for k, v in optimizer.state().items()})
+            if best_params is not None:
+                arrays.update({f"best.{name}": b for (name, _, _), b in zip(model.parameters(), best_params)})
+            checkpoint({"epoch": epoch + 1, "best_loss": best_loss, "waited": waited, "history": history.epochs,
+                        "best_epoch": history.best_epoch, "generators": [g.bit_generator.state for g in generators],
+                        "arrays": arrays})
     if history.stopped_early and best_params is not None:
         for (_, value, _), best in zip(model.parameters(), best_params):
             value[...] = best

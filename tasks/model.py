@@ -22,7 +22,7 @@ import nn
 from nn.metrics import classification_report
 from storage import DigitflowError
 from storage import report as report_files
-from storage.atomic import read_json, sha256_file, staged_dir, write_json
+from storage.atomic import read_json, sha256_file, staged_dir, write_json, writing
 from storage.home import Home
 from storage.registry import DEFAULT_FLOOR, DEFAULT_NAME, DEFAULT_TOLERANCE, now
 from storage.shards import read_split
@@ -90,9 +90,17 @@ def _train(train: SplitRef, hyperparameters: dict, home: Home, progress_key: str
     log.info("training %s on %d images (%d held out for validation), seed %d", hp.hidden, len(y),
              round(len(y) * hp.val_fraction), hp.seed)
     architecture = "-".join(map(str, (784, *hp.hidden, 10)))
-    artifact = create_progress_artifact(0.0, key=progress_key, description=(
-        f"Training {description or architecture + f', {hp.epochs} epochs'} (seed {hp.seed}, "
-        f"data {train.sha256[:12]})"))
+    out = training_dir(home, train, hyperparameters)
+    # A checkpoint after every epoch, beside the (not yet existing) model folder: a killed
+    # training resumes where it stopped, bit for bit; removed once the model is complete.
+    checkpoint_path = out.with_name(f".{out.name}.checkpoint.npz")
+    resume = _resume_from(checkpoint_path, out.name, log)
+    resumed = f", resumed at epoch {resume['epoch'] + 1}" if resume else ""
+    artifact = create_progress_artifact(100.0 * (resume["epoch"] if resume else 0) / hp.epochs, key=progress_key,
+                                        description=(f"Training {description or architecture + f', {hp.epochs} epochs'}"
+                                                     f" (seed {hp.seed}, data {train.sha256[:12]}{resumed})"))
+    if resume:
+        log.info("resumed at epoch %d of %d from the checkpoint %s", resume["epoch"] + 1, hp.epochs, checkpoint_path)
 
     def on_epoch(r: dict) -> None:
         log.info("epoch %d/%d: lr %.4g, train loss %.4f acc %.4f, val loss %.4f acc %.4f (%.1f s)",
@@ -101,15 +109,19 @@ def _train(train: SplitRef, hyperparameters: dict, home: Home, progress_key: str
         update_progress_artifact(artifact, 100.0 * r["epoch"] / hp.epochs)
         progress.report("train", r["epoch"], hp.epochs)
 
+    def checkpoint(state: dict) -> None:
+        with writing(checkpoint_path):
+            nn.save_checkpoint(checkpoint_path, {**state, "training_id": out.name})
+
     t0 = time.perf_counter()
     try:
         with np.errstate(over="ignore", invalid="ignore"):
-            model, history = nn.presets.train(hp, x, y, on_epoch=on_epoch)
+            model, history = nn.presets.train(hp, x, y, on_epoch=on_epoch, checkpoint=checkpoint, resume=resume)
     except nn.NonFiniteLossError as e:
+        checkpoint_path.unlink(missing_ok=True)
         raise TrainingDiverged(f"{e}; nothing was published") from None
     seconds = time.perf_counter() - t0
     update_progress_artifact(artifact, 100.0)
-    out = training_dir(home, train, hyperparameters)
     digest = nn.digest(model)
     with staged_dir(out) as staging:  # replaces an incomplete earlier attempt, never shows a partial one
         nn.save(model, staging)
@@ -118,10 +130,26 @@ def _train(train: SplitRef, hyperparameters: dict, home: Home, progress_key: str
                                                "weights_sha256": digest, "best_epoch": history.best_epoch,
                                                "stopped_early": history.stopped_early,
                                                "train_seconds": round(seconds, 2)})
-    log.info("trained in %.1f s; weights %s…", seconds, digest[:16])
+    checkpoint_path.unlink(missing_ok=True)  # the model is complete
+    log.info("trained in %.1f s%s; weights %s…", seconds, resumed, digest[:16])
     return TrainedModel(dir=str(out), weights_sha256=digest, history=history.epochs, best_epoch=history.best_epoch,
                         stopped_early=history.stopped_early, train_seconds=round(seconds, 2),
                         hyperparameters=hp.to_dict(), train_manifest_sha256=train.sha256)
+
+
+def _resume_from(path: Path, training: str, log) -> dict | None:
+    """The checkpoint a killed run of this training left, if it is readable and its own."""
+    if not path.exists():
+        return None
+    try:
+        state = nn.load_checkpoint(path)
+    except nn.ModelFormatError as e:
+        log.warning("%s; starting from epoch 1", e)
+        return None
+    if state.get("training_id") != training:
+        log.warning("%s belongs to another training; starting from epoch 1", path)
+        return None
+    return state
 
 
 def training_is_intact(home: Home, train_ref: SplitRef, hyperparameters: dict) -> bool:

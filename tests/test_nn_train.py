@@ -198,3 +198,29 @@ def test_bad_model_json(tmp_path):
     (tmp_path / "model.json").write_text(json.dumps(spec))
     with pytest.raises(nn.ModelFormatError, match="layer 0 has unknown activation 'swish'"):
         nn.load(tmp_path)
+
+
+@pytest.mark.parametrize("optimizer, dropout", [("momentum", 0.0), ("adam", 0.3), ("rmsprop", 0.2)])
+def test_resuming_from_a_checkpoint_is_bit_identical(tmp_path, optimizer, dropout):
+    """Weights, optimizer state, schedule position, every random stream (shuffles, dropout,
+    augmentation) and the early-stopping memory are in the checkpoint."""
+    rng = np.random.default_rng(0)
+    x = rng.random((600, 784), dtype=np.float32)
+    y = rng.integers(0, 10, 600)
+    hp = nn.presets.get("fast", epochs=5, optimizer=optimizer, dropout=dropout, shift=1, val_fraction=0.1,
+                        lr=0.01, patience=10)
+    straight, history = nn.presets.train(hp, x, y)
+
+    def save_after_two(state):
+        if state["epoch"] == 2:
+            nn.save_checkpoint(tmp_path / "ck.npz", state)
+
+    nn.presets.train(hp, x, y, checkpoint=save_after_two)
+    state = nn.load_checkpoint(tmp_path / "ck.npz")
+    assert state["epoch"] == 2 and len(state["history"]) == 2
+    resumed, resumed_history = nn.presets.train(hp, x, y, resume=state)
+    assert nn.digest(resumed) == nn.digest(straight)
+    assert [e["val_loss"] for e in resumed_history.epochs] == [e["val_loss"] for e in history.epochs]
+    (tmp_path / "bad.npz").write_bytes(b"not a checkpoint")
+    with pytest.raises(nn.ModelFormatError, match="unreadable checkpoint"):
+        nn.load_checkpoint(tmp_path / "bad.npz")

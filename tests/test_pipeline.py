@@ -187,6 +187,41 @@ def test_cli_kill_9_during_training_then_rerun(tmp_path, mnist_server, api_url):
     assert summary["version"] == 1 and summary["created"]
 
 
+def test_kill_9_mid_epoch_resumes_at_that_epoch_bit_identical(tmp_path, mnist_server, api_url):
+    """A training killed (kill -9) during epoch k resumes at epoch k on the next run, and its
+    final weights equal an uninterrupted run's bit for bit; the checkpoint is then removed."""
+    import nn
+
+    args = ["train", "--preset", "fast", "--epochs", "8", "--dropout", "0.2", "--shift", "1", "--seed", "9"]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    for home in (straight, killed):
+        from flows.ingest import ingest
+
+        ingest(home=str(home), mirrors=[mnist_server])
+    proc = cli(*args, "--home", str(straight), api_url=api_url)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    proc = cli(*args, "--home", str(killed), api_url=api_url)
+    for line in proc.stdout:
+        if "epoch 3/8" in line:  # epochs 1-3 done and checkpointed; epoch 4 is under way
+            break
+    time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(30)
+    checkpoints = list((killed / "trained").glob(".*.checkpoint.npz"))
+    assert len(checkpoints) == 1 and not list((killed / "trained").glob("[!.]*"))
+    proc = cli(*args, "--home", str(killed), api_url=api_url)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    resumed_at = int(out.split("resumed at epoch ")[1].split()[0])
+    assert 4 <= resumed_at <= 8 and "epoch 1/8" not in out
+    [a] = list((straight / "trained").glob("[!.]*"))
+    [b] = list((killed / "trained").glob("[!.]*"))
+    assert nn.digest(nn.load(a)) == nn.digest(nn.load(b))
+    assert (a / "model.npz").read_bytes() == (b / "model.npz").read_bytes()
+    assert not list((killed / "trained").glob(".*.checkpoint.npz"))  # cleaned once complete
+
+
 def test_cli_require_promotion_and_one_line_errors(published, mnist_server, api_url):
     proc = cli("run", "--mirror", mnist_server, "--home", str(published), "--preset", "fast", "--seed", "2",
                "--floor", "0.999", "--require-promotion", api_url=api_url)
