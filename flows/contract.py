@@ -32,7 +32,6 @@ PRESETS = tuple(nn.presets.PRESETS)
 Preset = Literal[PRESETS]  # type: ignore[valid-type]
 
 
-
 def _base(kind) -> type:
     args = [t for t in (typing.get_args(kind) or (kind,)) if t is not type(None)]
     return args[0]
