@@ -78,8 +78,8 @@ def hp_options(f):
     sig = inspect.signature(f)
     params = [p for p in sig.parameters.values() if p.name != "hp"]
     params += [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str],
-                                 default=typer.Option(None, flag, help=help_))
-               for name, flag, help_ in extra]
+                                 default=typer.Option(None, flag, metavar=metavar, help=help_))
+               for name, flag, metavar, help_ in extra]
 
     @functools.wraps(f)
     def wrapper(**kwargs):

@@ -131,8 +131,16 @@ def parse_grid(items: list[str]) -> list[dict]:
     return [dict(combo) for combo in itertools.product(*axes)]
 
 
-def cli_options() -> list[tuple[str, str, str]]:
-    """(name, --flag, help) of every hyperparameter, for the CLI."""
-    return [(name, "--" + name.replace("_", "-"),
-             f"{f.metadata['help']} {describe_bounds(f.metadata).capitalize()}.".replace(" .", "."))
-            for name, (_, f) in Hyperparameters.fields().items()]
+def cli_options() -> list[tuple[str, str, str, str]]:
+    """(name, --flag, metavar, help) of every hyperparameter, for the CLI."""
+    options = []
+    for name, (kind, f) in Hyperparameters.fields().items():
+        meta, base = f.metadata, _base(kind)
+        bounds = describe_bounds(meta)
+        metavar = ("N[xN...]" if meta["items"] else "|".join(meta["choices"]) if meta["choices"]
+                   else "true|false" if base is bool else base.__name__.upper())
+        if type(None) in typing.get_args(kind):
+            metavar += "|none"
+        options.append((name, "--" + name.replace("_", "-"), metavar,
+                        meta["help"] + (f" {bounds[0].upper()}{bounds[1:]}." if bounds else "")))
+    return options
