@@ -7,8 +7,7 @@ from prefect import flow
 from storage.config import (DEFAULT_RETRIES, DEFAULT_ROWS_PER_SHARD, DEFAULT_TIMEOUT, check_ingest_settings,
                             resolve_home, resolve_mirrors)
 from storage.mnist import SPLITS, file_for
-from storage.shards import is_current
-from tasks.ingest import download, download_is_intact, parse, source_of, verify, write_shards
+from tasks.ingest import download, parse, verify, write_shards
 from tasks.refs import SplitRef
 
 
@@ -39,7 +38,6 @@ def ingest(
         name: download.with_options(
             retries=retries,
             retry_delay_seconds=[retry_delay * 2**i for i in range(retries)],
-            refresh_cache=not download_is_intact(name, raw_dir),
         ).submit(name, mirrors, raw_dir, timeout, deadline)
         for name in names
     }
@@ -60,10 +58,7 @@ def ingest(
     # 4. Write each split's shards + manifest (swapped in whole, never half-written). A cached
     #    result whose directory no longer verifies (manifest, coverage, every shard's SHA-256)
     #    is refreshed: the split is rebuilt.
-    manifests = {}
-    for split in SPLITS:
-        out_dir = str(home.split(split))
-        current = is_current(out_dir, rows_per_shard=rows_per_shard, source=source_of(*pair(split)))
-        manifests[split] = write_shards.with_options(refresh_cache=not current).submit(
-            split, *pair(split), out_dir=out_dir, rows_per_shard=rows_per_shard)
+    manifests = {split: write_shards.submit(split, *pair(split), out_dir=str(home.split(split)),
+                                           rows_per_shard=rows_per_shard)
+                 for split in SPLITS}
     return {split: future.result() for split, future in manifests.items()}

@@ -11,7 +11,7 @@ from storage import DigitflowError
 from storage.registry import check_name
 from storage.home import Home
 from tasks.ingest import manifest_ref
-from tasks.model import artifact_key, evaluate, gate, publish, train, training_is_intact
+from tasks.model import artifact_key, evaluate, gate, publish, train
 from tasks.refs import Decision, Evaluation, Published, SplitRef, TrainedModel
 
 
@@ -67,9 +67,8 @@ def retrain(
                       deadline=deadline)
 
         # 2. Train on the train split; cached on (data, hyperparameters, seed, nn/ source).
-        model = train.with_options(refresh_cache=not training_is_intact(home, data["train"], hp))(
-            data["train"], hp, home, progress_key=artifact_key(model_name, "training"),
-            description=f"preset {preset}: 784-{'-'.join(map(str, hp['hidden']))}-10, {hp['epochs']} epochs")
+        model = train(data["train"], hp, home, progress_key=artifact_key(model_name, "training"),
+                      description=f"preset {preset}: 784-{'-'.join(map(str, hp['hidden']))}-10, {hp['epochs']} epochs")
 
         # 3. Evaluate on the test split.
         metrics = evaluate(model, data["test"])
@@ -88,8 +87,7 @@ def train_only(home: str | None = None, preset: Preset = "default", overrides: O
     home = resolve_home(home)
     update_run(tags=["digitflow", f"preset:{preset}"])
     ref = manifest_ref(str(home.split("train")))
-    return train.with_options(refresh_cache=not training_is_intact(home, ref, hp))(
-        ref, hp, home, description=f"preset {preset}: 784-{'-'.join(map(str, hp['hidden']))}-10, {hp['epochs']} epochs")
+    return train(ref, hp, home, description=f"preset {preset}: 784-{'-'.join(map(str, hp['hidden']))}-10, {hp['epochs']} epochs")
 
 
 @flow(name="mnist-evaluate", flow_run_name="evaluate {model.weights_sha256:.12}")

@@ -22,7 +22,7 @@ from storage import DigitflowError
 from storage.atomic import write_bytes, write_json
 from storage.config import DEFAULT_RETRIES, DEFAULT_ROWS_PER_SHARD, DEFAULT_TIMEOUT, resolve_home
 from storage.registry import check_name
-from tasks.model import artifact_key, evaluate, train, training_is_intact
+from tasks.model import artifact_key, evaluate, train
 
 
 def describe_runner() -> str:
@@ -110,7 +110,7 @@ def sweep(
         data = ingest(home=str(home), mirrors=mirrors, rows_per_shard=rows_per_shard, timeout=timeout, retries=retries)
 
         # Fan out: one training task per grid point, in parallel on the Dask workers.
-        trained = [train.with_options(refresh_cache=not training_is_intact(home, data["train"], hp)).submit(
+        trained = [train.submit(
             data["train"], hp, home, progress_key=artifact_key(model_name, f"sweep-{i}"), blas_threads=1,
             description=f"sweep point {i + 1}/{len(configs)} {json.dumps(point)}")
             for i, (hp, point) in enumerate(zip(configs, points))]

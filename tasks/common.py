@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import Any, Callable
 
+from prefect import Task, task
 from prefect.utilities.hashing import hash_objects
 
 from storage import code_digest
@@ -36,3 +38,44 @@ def content_key(fields: Callable[[dict], Any], *, code: tuple[str, ...] = ("stor
         return hash_objects(material, raise_on_failure=True)
 
     return key
+
+
+class VerifiedTask(Task):
+    """A task whose cached result is reused only while what it produced still verifies.
+
+    ``intact(arguments)`` (the call's bound arguments) says whether the file or folder the task
+    writes is there and hashes to what it should; when it is not, the cache is refreshed and the
+    task runs again (repairing it). Prefect's cache policies can compute a key but cannot ask for
+    an overwrite, so the check lives here, with the task, instead of at every call site.
+    """
+
+    intact: Callable[[dict], bool]
+
+    def _fresh(self, args, kwargs) -> Task:
+        bound = inspect.signature(self.fn).bind(*args, **kwargs)
+        bound.apply_defaults()
+        return Task.with_options(self, refresh_cache=not self.intact(bound.arguments))
+
+    def __call__(self, *args, **kwargs):
+        return self._fresh(args, kwargs)(*args, **kwargs)
+
+    def submit(self, *args, **kwargs):
+        return self._fresh(args, kwargs).submit(*args, **kwargs)
+
+    def with_options(self, **options) -> "VerifiedTask":
+        return _verified(Task.with_options(self, **options), self.intact)
+
+
+def verified_task(*, intact: Callable[[dict], bool], **task_options):
+    """``@task(**task_options)`` whose cache is refreshed whenever ``intact(arguments)`` is False."""
+
+    def decorate(fn) -> VerifiedTask:
+        return _verified(task(**task_options)(fn), intact)
+
+    return decorate
+
+
+def _verified(plain: Task, intact: Callable[[dict], bool]) -> VerifiedTask:
+    plain.__class__ = VerifiedTask
+    plain.intact = intact
+    return plain

@@ -13,7 +13,7 @@ from storage.download import DEFAULT_TIMEOUT, TransientDownloadError, fetch_veri
 from storage.idx import IDXError, check_label_range, check_mnist_pair, read_header, read_idx
 from storage.mnist import FILES
 from tasks import progress
-from tasks.common import CACHED, content_key
+from tasks.common import CACHED, content_key, verified_task
 from tasks.refs import RawFile, SplitRef, VerifiedFile
 
 
@@ -22,14 +22,15 @@ def _retry_if_transient(task, task_run, state) -> bool:
     return isinstance(state.result(raise_on_failure=False), TransientDownloadError)
 
 
-@task(
+@verified_task(
+    intact=lambda a: download_is_intact(a["name"], a["raw_dir"]),  # else fetched again
     task_run_name="download {name}",
     retries=3,
     retry_delay_seconds=[2, 4, 8],
     retry_jitter_factor=0.2,
     retry_condition_fn=_retry_if_transient,
-    # Mirrors are not in the key: any honest mirror yields the same pinned content. The call
-    # site refreshes the cache unless the file on disk hashes to the pin (download_is_intact).
+    # Mirrors are not in the key: any honest mirror yields the same pinned content. The cache is
+    # refreshed unless the file on disk hashes to the pin (download_is_intact).
     cache_key_fn=content_key(lambda p: (p["name"], FILES[p["name"]].idx_sha256, p["raw_dir"])),
     **CACHED,
 )
@@ -93,7 +94,10 @@ def parse(split: str, images: VerifiedFile, labels: VerifiedFile) -> dict:
     return {"split": split, "rows": rows}
 
 
-@task(
+@verified_task(
+    # The split is rebuilt unless its folder verifies: manifest, coverage, every shard's SHA-256.
+    intact=lambda a: shards.is_current(a["out_dir"], rows_per_shard=a["rows_per_shard"],
+                                       source=source_of(a["images"], a["labels"])),
     task_run_name="shard {split}",
     cache_key_fn=content_key(lambda p: (p["split"], p["images"].sha256, p["labels"].sha256,
                                         p["rows_per_shard"], p["out_dir"])),

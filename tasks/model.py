@@ -27,7 +27,7 @@ from storage.home import Home
 from storage.registry import DEFAULT_FLOOR, DEFAULT_NAME, DEFAULT_TOLERANCE, now
 from storage.shards import read_split
 from tasks import progress
-from tasks.common import CACHED, code_version, content_key
+from tasks.common import CACHED, code_version, content_key, verified_task
 from tasks.refs import Decision, Evaluation, Published, SplitRef, TrainedModel
 
 
@@ -63,7 +63,9 @@ def training_dir(home: Home, train_ref: SplitRef, hyperparameters: dict) -> Path
     return Home(home).trained / training_id(train_ref, hyperparameters)
 
 
-@task(
+@verified_task(
+    # Retrained unless the trained folder is there and hashes to the digest it recorded.
+    intact=lambda a: training_is_intact(a["home"], a["train"], a["hyperparameters"]),
     task_run_name="train {hyperparameters[hidden]} × {hyperparameters[epochs]} epochs",
     cache_key_fn=content_key(lambda p: (training_id(p["train"], p["hyperparameters"]), str(p["home"])), code=("nn",)),
     **CACHED,
