@@ -187,16 +187,14 @@ def _model_ref(model: str, home: str, model_name: str):
     """(verified model reference, label) for a VERSION, an alias or a trained model folder."""
     from pathlib import Path
 
-    from storage.registry import Registry
     from tasks.model import trained_ref
+    from tasks.refs import TrainedModel
 
     if "/" in model or Path(model).is_dir():
         return trained_ref(model), str(Path(model))
     registry = resolve_home(home).registry(model_name)
     version = registry.resolve(model)
     registry.load_model(version)  # a changed or damaged version: one line now, before Prefect starts
-    from tasks.refs import TrainedModel
-
     return (TrainedModel(dir=str(registry.path(version)), weights_sha256=registry.metadata(version)["weights_sha256"]),
             f"{model_name} v{version}")
 
@@ -256,7 +254,6 @@ def predict(images: List[str] = typer.Argument(..., help="PNG/JPEG/... files of 
             json_out: bool = typer.Option(False, "--json", help="Print [{path, digit, probability}, ...].")) -> None:
     """Predict digits; images are prepared the way MNIST was (invert, crop, 20×20 box, centered)."""
     from storage.images import load_inputs
-    from storage.registry import Registry
 
     with one_line_errors():
         registry = resolve_home(home).registry(model_name)

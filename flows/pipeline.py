@@ -6,10 +6,10 @@ from prefect.runtime import flow_run
 from flows.alerts import alert_if_rejected, on_flow_failure
 from flows.contract import DEFAULT_FLOOR, DEFAULT_NAME, DEFAULT_TOLERANCE, Overrides, Preset, hyperparameters
 from flows.ingest import ingest
-from storage.config import DEFAULT_RETRIES, DEFAULT_ROWS_PER_SHARD, DEFAULT_TIMEOUT, resolve_home
 from storage import DigitflowError
-from storage.registry import check_name
+from storage.config import DEFAULT_RETRIES, DEFAULT_ROWS_PER_SHARD, DEFAULT_TIMEOUT, resolve_home
 from storage.home import Home
+from storage.registry import check_name
 from tasks.ingest import manifest_ref
 from tasks.model import artifact_key, evaluate, gate, publish, train
 from tasks.refs import Decision, Evaluation, Published, SplitRef, TrainedModel

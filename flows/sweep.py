@@ -6,7 +6,6 @@ comparison report → publish the best (by validation accuracy) through the prom
 
 import json
 import os
-from pathlib import Path
 
 from prefect import flow, get_run_logger, tags
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -16,7 +15,7 @@ from prefect.runtime import flow_run
 from flows.alerts import on_flow_failure
 from flows.ingest import ingest
 from flows.contract import (DEFAULT_FLOOR, DEFAULT_NAME, DEFAULT_TOLERANCE, Overrides, Preset, hyperparameters,
-                            overrides_dict, parse_grid)  # noqa: F401 (parse_grid: the CLI's)
+                            overrides_dict)
 from flows.pipeline import publish_and_gate, run_tags, update_run
 from storage import DigitflowError
 from storage.atomic import write_bytes, write_json

@@ -1,11 +1,9 @@
 """What an operator sees: the pipeline against a real `prefect server start`, read back
 through the Prefect client; schedules (serve), work pools (deploy + worker) and triggers."""
 
-import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.prefect_helpers import client_for, flow_runs, free_port
+from tests.prefect_helpers import client_for, flow_runs
 
 REPO = Path(__file__).resolve().parents[1]
 PREFECT = str(Path(sys.executable).with_name("prefect"))

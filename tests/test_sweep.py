@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.sweep import parse_grid
+from flows.contract import parse_grid
 from storage import DigitflowError
 from storage.registry import Registry
 
