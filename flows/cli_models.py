@@ -27,7 +27,7 @@ def listing(registry: Registry) -> list[dict]:
         decision = registry.decision(v) or {}
         rows.append({"version": v, "created": meta.get("created"), "test_accuracy": meta.get("test_accuracy"),
                      "aliases": sorted(a for a, target in aliases.items() if target == v),
-                     "status": registry.status(v), "reason": decision.get("reason")})
+                     "status": registry.status(v, aliases), "reason": decision.get("reason")})
     return rows
 
 

@@ -68,7 +68,7 @@ def retrain(
 
         # 2. Train on the train split; cached on (data, hyperparameters, seed, nn/ source).
         model = train(data["train"], hp, home, progress_key=artifact_key(model_name, "training"),
-                      description=f"preset {preset}: 784-{'-'.join(map(str, hp['hidden']))}-10, {hp['epochs']} epochs")
+                      description=f"preset {preset}")
 
         # 3. Evaluate on the test split.
         metrics = evaluate(model, data["test"])
@@ -87,7 +87,7 @@ def train_only(home: str | None = None, preset: Preset = "default", overrides: O
     home = resolve_home(home)
     update_run(tags=["digitflow", f"preset:{preset}"])
     ref = manifest_ref(str(home.split("train")))
-    return train(ref, hp, home, description=f"preset {preset}: 784-{'-'.join(map(str, hp['hidden']))}-10, {hp['epochs']} epochs")
+    return train(ref, hp, home, description=f"preset {preset}")
 
 
 @flow(name="mnist-evaluate", flow_run_name="evaluate {model.weights_sha256:.12}")

@@ -77,17 +77,15 @@ def file_lock(path: str | os.PathLike) -> Iterator[None]:
 
 
 def remove_leftovers(target: Path) -> None:
-    """Remove staging/old folders a crashed writer of ``target`` left beside it (hold the lock).
-    ``target``'s name may be a glob pattern, e.g. ``models/x/v*`` for every version."""
-    for pattern in (f".{target.name}.staging-*", f".{target.name}.old-*"):
+    """Remove what a crashed writer of ``target`` left beside it (hold the lock): staging and old
+    folders (``staged_dir``, ``swap_dir``) and temp files (``atomic_path``). ``target``'s name may
+    be a glob pattern, e.g. ``models/x/v*`` for every version."""
+    for pattern in (f".{target.name}.staging-*", f".{target.name}.old-*", f".{target.name}.*.tmp"):
         for p in target.parent.glob(pattern):
-            shutil.rmtree(p, ignore_errors=True)
-
-
-def remove_stale_temps(path: Path) -> None:
-    """Remove the temp files ``atomic_path(path)`` of a killed writer left (hold the lock)."""
-    for p in path.parent.glob(f".{path.name}.*.tmp"):
-        p.unlink(missing_ok=True)
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
 
 
 def _umask() -> int:

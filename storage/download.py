@@ -34,7 +34,7 @@ import requests
 import urllib3
 
 from storage import DigitflowError
-from storage.atomic import CHUNK, atomic_path, file_lock, read_json, remove_stale_temps, sha256_file, write_json
+from storage.atomic import CHUNK, atomic_path, file_lock, read_json, remove_leftovers, sha256_file, write_json
 from storage.mnist import MnistFile
 
 DEFAULT_TIMEOUT = 30.0  # seconds of silence before a mirror counts as failed
@@ -111,8 +111,8 @@ def fetch_verified(
     deadline = default_deadline(spec, timeout) if deadline is None else deadline
     # One downloader per file; temp files a killed downloader left are cleared under the lock.
     with file_lock(dest.with_name(f".{dest.name}.lock")):
-        remove_stale_temps(dest)
-        remove_stale_temps(sidecar)
+        remove_leftovers(dest)
+        remove_leftovers(sidecar)
         if is_verified(spec, dest):
             try:
                 info = read_json(sidecar)

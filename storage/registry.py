@@ -285,11 +285,13 @@ class Registry:
                                          by=by or getpass.getuser(), accuracy=self.metrics(version).get("test_accuracy"),
                                          champion_before=self.aliases().get("champion"))
 
-    def status(self, version: int) -> str:
+    def status(self, version: int, aliases: dict[str, int] | None = None) -> str:
+        """champion, rejected, former champion, pending or damaged (pass ``aliases`` when asking
+        for many versions: working them out reads every version)."""
         problem = self.problem(version)
         if problem is not None:
             return f"damaged: {problem}"
-        if self.aliases().get("champion") == version:
+        if (self.aliases() if aliases is None else aliases).get("champion") == version:
             return "champion"
         decision = self.decision(version)
         if decision is None:

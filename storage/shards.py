@@ -126,7 +126,8 @@ def check_coverage(manifest: dict, path) -> None:
         rows, entries = int(manifest["rows"]), manifest["shards"]
         spans = [(int(s["first_index"]), int(s["rows"])) for s in entries]
         names = [s["file"] for s in entries]
-        [str(s["sha256"]) for s in entries]
+        if not all(isinstance(s["sha256"], str) for s in entries):
+            raise TypeError
     except (KeyError, TypeError, ValueError):
         raise ShardError(f"{path}: manifest is missing fields (rows, shards: file, rows, first_index, sha256)") from None
     if rows < 0 or any(r < 1 for _, r in spans) or len(set(names)) != len(names):
@@ -143,26 +144,29 @@ def check_coverage(manifest: dict, path) -> None:
         raise ShardError(f"{path}: shards hold {expected} rows, the manifest says {rows}; rerun `digitflow ingest`")
 
 
-def check_shard_file(directory: Path, shard: dict) -> Path:
-    """The shard file exists and hashes to the manifest's SHA-256; return its path."""
+def read_shard(directory: Path, shard: dict) -> bytes:
+    """The shard file's bytes, refused unless they hash to the manifest's SHA-256: parse these
+    bytes, not the file again."""
     path = directory / shard["file"]
     try:
-        digest = sha256_file(path)
+        data = path.read_bytes()
     except FileNotFoundError:
         raise ShardError(f"{path}: shard listed in the manifest is missing; rerun `digitflow ingest`") from None
+    digest = hashlib.sha256(data).hexdigest()
     if digest != shard["sha256"]:
         raise ShardError(f"{path}: SHA-256 {digest[:16]}… does not match the manifest's "
                          f"{shard['sha256'][:16]}… (corrupt shard; rerun `digitflow ingest` to rebuild it)")
-    return path
+    return data
 
 
-def verify_split(directory) -> dict:
-    """Load the manifest, check its coverage and every shard's SHA-256; return the manifest."""
+def verify_split(directory, manifest: dict | None = None) -> dict:
+    """Check the manifest's coverage and every shard's SHA-256 (the manifest is loaded unless
+    given); return the manifest."""
     directory = Path(directory)
-    manifest = load_manifest(directory)
+    manifest = load_manifest(directory) if manifest is None else manifest
     check_coverage(manifest, directory / MANIFEST)
     for shard in manifest["shards"]:
-        check_shard_file(directory, shard)
+        read_shard(directory, shard)
     return manifest
 
 
@@ -170,9 +174,12 @@ def is_current(directory, *, rows_per_shard: int, source: dict) -> bool:
     """``directory`` holds, verified, the split these settings would write: its manifest has
     this layout and source, covers every row once, and every shard hashes to its record."""
     try:
-        manifest = verify_split(directory)
-        return manifest["rows_per_shard"] == rows_per_shard and manifest["source"] == source
-    except (ShardError, OSError, KeyError):
+        manifest = load_manifest(directory)
+        if manifest.get("rows_per_shard") != rows_per_shard or manifest.get("source") != source:
+            return False  # other settings: no need to hash anything
+        verify_split(directory, manifest)
+        return True
+    except (ShardError, OSError):
         return False
 
 
@@ -194,19 +201,10 @@ def read_split(directory) -> tuple[np.ndarray, np.ndarray, dict]:
     check_coverage(manifest, directory / MANIFEST)
 
     def load_one(shard) -> pa.Buffer:
-        path = directory / shard["file"]
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            raise ShardError(f"{path}: shard listed in the manifest is missing; rerun `digitflow ingest`") from None
-        digest = hashlib.sha256(data).hexdigest()
-        if digest != shard["sha256"]:
-            raise ShardError(f"{path}: SHA-256 {digest[:16]}… does not match the manifest's "
-                             f"{shard['sha256'][:16]}… (corrupt shard; rerun `digitflow ingest` to rebuild it)")
-        buffer = pa.py_buffer(data)
+        buffer = pa.py_buffer(read_shard(directory, shard))
         rows = pq.read_metadata(pa.BufferReader(buffer)).num_rows
         if rows != shard["rows"]:
-            raise ShardError(f"{path}: {rows} rows, the manifest says {shard['rows']}")
+            raise ShardError(f"{directory / shard['file']}: {rows} rows, the manifest says {shard['rows']}")
         return buffer
 
     with ThreadPoolExecutor(max_workers=2) as pool:

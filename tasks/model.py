@@ -75,7 +75,7 @@ def train(train: SplitRef, hyperparameters: dict, home: Home, progress_key: str 
     """Train on the train split's shards; save model.npz/model.json; return a reference.
 
     ``blas_threads`` caps BLAS threads (e.g. 1 per run when several train side by side);
-    ``description`` names the run in the progress artifact (e.g. the preset and architecture).
+    ``description`` names the run in the progress artifact, before its architecture (e.g. the preset).
     """
     if blas_threads is not None:
         from threadpoolctl import threadpool_limits
@@ -98,8 +98,9 @@ def _train(train: SplitRef, hyperparameters: dict, home: Home, progress_key: str
     checkpoint_path = out.with_name(f".{out.name}.checkpoint.npz")
     resume = _resume_from(checkpoint_path, out.name, log)
     resumed = f", resumed at epoch {resume['epoch'] + 1}" if resume else ""
+    label = f"{description}: " if description else ""
     artifact = create_progress_artifact(100.0 * (resume["epoch"] if resume else 0) / hp.epochs, key=progress_key,
-                                        description=(f"Training {description or architecture + f', {hp.epochs} epochs'}"
+                                        description=(f"Training {label}{architecture}, {hp.epochs} epochs"
                                                      f" (seed {hp.seed}, data {train.sha256[:12]}{resumed})"))
     if resume:
         log.info("resumed at epoch %d of %d from the checkpoint %s", resume["epoch"] + 1, hp.epochs, checkpoint_path)
