@@ -47,7 +47,10 @@ def alert_if_rejected(url: str | None, published: "Published", decision: "Decisi
 
 
 def on_flow_failure(flow, flow_run, state) -> None:
-    """Prefect flow hook: report a failed run (which flow, which run, why)."""
+    """Prefect flow hook: report a failed run (which flow, which run, why); a failed subflow is
+    reported by the run it belongs to."""
+    if getattr(flow_run, "parent_task_run_id", None):
+        return
     notify(webhook_url(flow_run.parameters), "flow_run_failed", flow=flow.name, flow_run=flow_run.name,
            flow_run_id=str(flow_run.id), message=state.message or "")
 

@@ -149,7 +149,7 @@ def run(home: Optional[str] = HOME, mirror: Optional[List[str]] = MIRRORS, prese
         check_ingest_settings(rows_per_shard=rows_per_shard, timeout=timeout, retries=retries, deadline=deadline)
         home = _start(home)
         with progress_display():
-            summary = retrain(home=home, mirrors=_mirrors(mirror), preset=preset, overrides=hp, model_name=model_name,
+            summary = retrain(home=home, mirrors=_mirrors(mirror), preset=preset, model_name=model_name, **hp,
                               tolerance=tolerance, floor=floor, rows_per_shard=rows_per_shard, timeout=timeout,
                               retries=retries, deadline=deadline, webhook_url=webhook)
     if json_out:
@@ -177,7 +177,7 @@ def train(home: Optional[str] = HOME, preset: str = PRESET, hp: dict = None) -> 
         home = _start(home)
         load_manifest(resolve_home(home).split("train"))  # no data yet: one line now, before Prefect starts
         with progress_display():
-            result = train_only(home=home, preset=preset, overrides=hp)
+            result = train_only(home=home, preset=preset, **hp)
     last = result.history[-1]
     typer.echo(f"trained {result.dir} (weights {result.weights_sha256[:16]}…): "
                f"val accuracy {last.get('val_accuracy', float('nan')):.4f} after {len(result.history)} epochs")
@@ -287,7 +287,7 @@ def deployment_parameters(home, mirror, preset, model_name, hp, webhook) -> dict
     if mirror:
         params["mirrors"] = list(mirror)
     if hp:
-        params["overrides"] = hp
+        params.update(hp)
     if webhook:
         params["webhook_url"] = webhook
     return params
@@ -380,7 +380,7 @@ def sweep(grid: List[str] = typer.Option(..., "--grid", help="name=v1,v2 (repeat
             runner = DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True,
                                                     "dashboard_address": None})
         result = sweep_flow.with_options(task_runner=runner)(
-            grid=points, home=home, mirrors=_mirrors(mirror), preset=preset, overrides=hp, model_name=model_name,
+            grid=points, home=home, mirrors=_mirrors(mirror), preset=preset, model_name=model_name, **hp,
             tolerance=tolerance, floor=floor, rows_per_shard=rows_per_shard, timeout=timeout, retries=retries,
             webhook_url=webhook)
     if json_out:

@@ -3,9 +3,11 @@
 Every hyperparameter is declared once, in ``nn.presets.Hyperparameters`` (name, type, default,
 help text, bounds). From that one declaration this module derives:
 
-- ``Overrides``: the pydantic model of the flows' ``overrides`` parameter. Prefect builds the
-  dashboard's Run form from it, so every hyperparameter is a typed field with its bounds and
-  the default preset's value in its description; an empty field keeps the preset's value.
+- ``Overrides``: the typed, bounded hyperparameter fields (each optional: empty keeps the
+  preset's value). ``with_hyperparameters`` makes each of them a keyword parameter of a flow, so
+  the dashboard's Run form shows every hyperparameter as a typed field with its bounds and the
+  default preset's value, and ``prefect deployment run … --param lr=0.1`` sets one. A sweep's
+  grid is a list of ``Overrides``.
 - ``parse_value``: the text syntax of one value, shared by the ``--flag`` and the sweep grid
   axis of the same name (``hidden``: ``512`` or ``512x256``).
 - the CLI's hyperparameter flags (``cli_options``) and the grid's axes (``parse_grid``).
@@ -17,6 +19,7 @@ tolerance and the default model name in ``storage.registry``, the ingest setting
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import typing
 from typing import Annotated, Any, Literal, Optional
@@ -70,6 +73,24 @@ def _overrides_model() -> type[BaseModel]:
 
 
 Overrides = _overrides_model()
+
+
+def with_hyperparameters(fn):
+    """Give a flow function that ends in ``**overrides`` one keyword parameter per hyperparameter
+    (typed and bounded as in ``Overrides``, default None = the preset's value), and one line of
+    help each in its docstring's Args. Prefect reads both (signature → Run form and validation,
+    docstring → field descriptions); the function still receives them as ``**overrides``."""
+    signature = inspect.signature(fn)
+    params = [p for p in signature.parameters.values() if p.kind is not p.VAR_KEYWORD]
+    docs = []
+    for name, field in Overrides.model_fields.items():
+        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None,
+                                        annotation=field.annotation))
+        docs.append(f"    {name}: {field.description}")
+    fn.__signature__ = signature.replace(parameters=params)
+    doc = inspect.cleandoc(fn.__doc__ or "")
+    fn.__doc__ = doc + ("\n" if "Args:" in doc else "\n\nArgs:\n") + "\n".join(docs)
+    return fn
 
 
 def overrides_dict(overrides: BaseModel | dict | None) -> dict:

@@ -4,15 +4,15 @@ from prefect import flow, tags
 from prefect.runtime import flow_run
 
 from flows.alerts import alert_if_rejected, on_flow_failure
-from flows.contract import DEFAULT_FLOOR, DEFAULT_NAME, DEFAULT_TOLERANCE, Overrides, Preset, hyperparameters
+from flows.contract import (DEFAULT_FLOOR, DEFAULT_NAME, DEFAULT_TOLERANCE, Preset, hyperparameters,
+                            with_hyperparameters)
 from flows.ingest import ingest
 from storage import DigitflowError
 from storage.config import DEFAULT_RETRIES, DEFAULT_ROWS_PER_SHARD, DEFAULT_TIMEOUT, resolve_home
-from storage.home import Home
 from storage.registry import check_name
 from tasks.ingest import manifest_ref
 from tasks.model import artifact_key, evaluate, gate, publish, train
-from tasks.refs import Decision, Evaluation, Published, SplitRef, TrainedModel
+from tasks.refs import Decision, Evaluation, Published, TrainedModel
 
 
 def run_name() -> str:
@@ -26,11 +26,11 @@ def run_tags(preset: str, model_name: str) -> list[str]:
 
 
 @flow(name="mnist-retrain", flow_run_name=run_name, on_failure=[on_flow_failure])
+@with_hyperparameters
 def retrain(
     home: str | None = None,
     mirrors: list[str] | None = None,
     preset: Preset = "default",
-    overrides: Overrides | None = None,
     model_name: str = DEFAULT_NAME,
     tolerance: float = DEFAULT_TOLERANCE,
     floor: float = DEFAULT_FLOOR,
@@ -39,14 +39,15 @@ def retrain(
     retries: int = DEFAULT_RETRIES,
     deadline: float | None = None,
     webhook_url: str | None = None,
+    **overrides,
 ) -> dict:
     """From nothing to a published, evaluated, gated model version. Returns a summary.
 
     Args:
         home: Where digitflow keeps its state (default: $DIGITFLOW_HOME, else ~/.digitflow).
         mirrors: Mirror base URLs, tried in order (default: $DIGITFLOW_MIRRORS, else the public ones).
-        preset: Hyperparameter preset; `overrides` change single values of it.
-        overrides: Hyperparameters that override the preset (an empty field keeps the preset's value).
+        preset: Hyperparameter preset; the hyperparameters after webhook_url change single values of it
+            (an empty field keeps the preset's value).
         model_name: Registry name of the model.
         tolerance: Promote when test accuracy ≥ the champion's minus this.
         floor: Never promote below this test accuracy.
@@ -61,7 +62,7 @@ def retrain(
     home = resolve_home(home)
     update_run(tags=run_tags(preset, model_name))
 
-    with tags(*run_tags(preset, model_name)):  # the ingest subflow and every task carry them too
+    with tags(*run_tags(preset, model_name)):  # the subflows and every task carry them too
         # 1. Data: verified Parquet shards (a subflow; cached when nothing changed).
         data = ingest(home=str(home), mirrors=mirrors, rows_per_shard=rows_per_shard, timeout=timeout, retries=retries,
                       deadline=deadline)
@@ -70,19 +71,24 @@ def retrain(
         model = train(data["train"], hp, home, progress_key=artifact_key(model_name, "training"),
                       description=f"preset {preset}")
 
-        # 3. Evaluate on the test split.
-        metrics = evaluate(model, data["test"])
-
-        # 4-5. Publish an immutable version (identical weights: the existing one), then the gate.
-        outcome = publish_and_gate(model, metrics, data, home, model_name, tolerance, floor, webhook_url)
+        # 3-5. Evaluate on the test split, publish an immutable version (identical weights: the
+        # existing one), put it through the gate: the subflow `run`, `sweep` and `publish` share.
+        outcome = publish_trained(model, home=str(home), model_name=model_name, tolerance=tolerance, floor=floor,
+                                  webhook_url=webhook_url)
     update_run(name=f"retrain-{preset} → v{outcome['version']} {outcome['status']}")
     return {**outcome, "preset": preset, "hyperparameters": hp}
 
 
 @flow(name="mnist-train", flow_run_name="train-{preset}")
-def train_only(home: str | None = None, preset: Preset = "default", overrides: Overrides | None = None) -> dict:
+@with_hyperparameters
+def train_only(home: str | None = None, preset: Preset = "default", **overrides) -> TrainedModel:
     """Train on the ingested shards (no ingest, no publish); returns the trained model's reference,
-    whose folder `evaluate --model PATH` and `publish PATH` accept."""
+    whose folder `evaluate --model PATH` and `publish PATH` accept.
+
+    Args:
+        home: Where digitflow keeps its state (default: $DIGITFLOW_HOME, else ~/.digitflow).
+        preset: Hyperparameter preset; the hyperparameters after it change single values of it.
+    """
     hp = hyperparameters(preset, overrides).to_dict()
     home = resolve_home(home)
     update_run(tags=["digitflow", f"preset:{preset}"])
@@ -101,27 +107,33 @@ def evaluate_model(model: TrainedModel, home: str | None = None) -> Evaluation:
 def publish_trained(model: TrainedModel, home: str | None = None, model_name: str = DEFAULT_NAME,
                     tolerance: float = DEFAULT_TOLERANCE, floor: float = DEFAULT_FLOOR,
                     webhook_url: str | None = None) -> dict:
-    """Evaluate a trained model folder on the test split, publish it and put it through the gate."""
+    """Evaluate → publish → gate: the tail `run`, `sweep` and `digitflow publish` share (a subflow of the
+    first two). Evaluates the trained model on the test split, publishes it as an immutable version
+    (identical weights: the existing version) and puts it through the promotion gate.
+
+    Args:
+        model: The trained model (its folder and weights digest).
+        home: Where digitflow keeps its state (default: $DIGITFLOW_HOME, else ~/.digitflow).
+        model_name: Registry name of the model.
+        tolerance: Promote when test accuracy ≥ the champion's minus this.
+        floor: Never promote below this test accuracy.
+        webhook_url: POST failed runs and gate rejections here (else $DIGITFLOW_WEBHOOK_URL).
+    """
     check_name(model_name)
     home = resolve_home(home)
+    update_run(tags=["digitflow", f"model:{model_name}"])
     data = {split: manifest_ref(str(home.split(split))) for split in ("train", "test")}
     if model.train_manifest_sha256 not in (None, data["train"].sha256):
         raise DigitflowError(f"{model.dir} was trained on data {model.train_manifest_sha256[:12]}…, but the "
                              f"ingested train split is {data['train'].sha256[:12]}…: retrain it, or ingest that data")
     with tags("digitflow", f"model:{model_name}"):
         metrics = evaluate(model, data["test"])
-        outcome = publish_and_gate(model, metrics, data, home, model_name, tolerance, floor, webhook_url)
+        published = publish(model, metrics, data["train"], data["test"], home, model_name)
+        decision = gate(published, home, tolerance=tolerance, floor=floor)
+    alert_if_rejected(webhook_url, published, decision)
+    outcome = {**published.model_dump(), **outcome_of(published, decision)}
     update_run(name=f"publish → v{outcome['version']} {outcome['status']}")
     return outcome
-
-
-def publish_and_gate(model: TrainedModel, metrics: Evaluation, data: dict[str, SplitRef], home: Home, model_name: str,
-                     tolerance: float, floor: float, webhook_url: str | None) -> dict:
-    """The tail every training flow shares: publish the version, gate it, alert on rejection."""
-    published = publish(model, metrics, data["train"], data["test"], home, model_name)
-    decision = gate(published, home, tolerance=tolerance, floor=floor)
-    alert_if_rejected(webhook_url, published, decision)
-    return {**published.model_dump(), **outcome_of(published, decision)}
 
 
 def outcome_of(published: Published, decision: Decision) -> dict:
@@ -137,10 +149,15 @@ def outcome_of(published: Published, decision: Decision) -> dict:
                       + (f" (champion is v{champion})" if champion not in (None, published.version) else "")}
 
 
-def update_run(**changes) -> None:
-    """Name the flow run after what it produced, or tag it (shown in the dashboard)."""
+def update_run(name: str | None = None, tags: list[str] | None = None) -> None:
+    """Name the flow run after what it produced, or add tags to it (shown in the dashboard)."""
     from prefect.client.orchestration import get_client
 
+    changes = {}
+    if name is not None:
+        changes["name"] = name
+    if tags is not None:
+        changes["tags"] = sorted(set(flow_run.tags or ()) | set(tags))
     if flow_run.id:
         with get_client(sync_client=True) as client:
             client.update_flow_run(flow_run.id, **changes)

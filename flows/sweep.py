@@ -15,8 +15,8 @@ from prefect.runtime import flow_run
 from flows.alerts import on_flow_failure
 from flows.ingest import ingest
 from flows.contract import (DEFAULT_FLOOR, DEFAULT_NAME, DEFAULT_TOLERANCE, Overrides, Preset, hyperparameters,
-                            overrides_dict)
-from flows.pipeline import publish_and_gate, run_tags, update_run
+                            overrides_dict, with_hyperparameters)
+from flows.pipeline import publish_trained, run_tags, update_run
 from storage import DigitflowError
 from storage.atomic import write_bytes, write_json
 from storage.config import DEFAULT_RETRIES, DEFAULT_ROWS_PER_SHARD, DEFAULT_TIMEOUT, resolve_home
@@ -79,12 +79,12 @@ def sweep_name() -> str:
 
 
 @flow(name="mnist-sweep", flow_run_name=sweep_name, on_failure=[on_flow_failure])
+@with_hyperparameters
 def sweep(
     grid: list[Overrides],
     home: str | None = None,
     mirrors: list[str] | None = None,
     preset: Preset = "default",
-    overrides: Overrides | None = None,
     model_name: str = DEFAULT_NAME,
     tolerance: float = DEFAULT_TOLERANCE,
     floor: float = DEFAULT_FLOOR,
@@ -92,8 +92,13 @@ def sweep(
     timeout: float = DEFAULT_TIMEOUT,
     retries: int = DEFAULT_RETRIES,
     webhook_url: str | None = None,
+    **overrides,
 ) -> dict:
-    """Train every grid point (each on top of preset + overrides), compare, publish the best."""
+    """Train every grid point (each on top of preset + the hyperparameters given), compare, publish the best.
+
+    Args:
+        grid: The grid points: each sets some hyperparameters on top of the preset and those given below.
+    """
     log = get_run_logger()
     base = overrides_dict(overrides)
     points = [overrides_dict(point) for point in grid]
@@ -122,10 +127,11 @@ def sweep(
             results.append({"point": point, "model": model, "metrics": metrics,
                             "val_accuracy": last.get("val_accuracy"), "val_loss": last.get("val_loss")})
 
-        # Select on validation accuracy (the test split only reports), then the shared tail.
+        # Select on validation accuracy (the test split only reports), then the shared tail
+        # (a subflow: its evaluation is the cached one above).
         best = max(results, key=lambda r: (r["val_accuracy"] or 0.0, -(r["val_loss"] or 0.0)))
-        outcome = publish_and_gate(best["model"], best["metrics"], data, home, model_name, tolerance, floor,
-                                   webhook_url)
+        outcome = publish_trained(best["model"], home=str(home), model_name=model_name, tolerance=tolerance,
+                                  floor=floor, webhook_url=webhook_url)
     rows = [{"grid point": json.dumps(r["point"]), "val_accuracy": round(r["val_accuracy"] or 0, 4),
              "test_accuracy": round(r["metrics"].test_accuracy, 4), "train_seconds": r["model"].train_seconds,
              "best": r is best} for r in results]

@@ -11,14 +11,20 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowR
 
 
 def task_runs(flow_run_id, *, settle: float = 15.0) -> dict:
-    """``{task run name: task run}`` of one flow run, once every state is final."""
+    """``{task run name: task run}`` of one flow run and its subflows, once every state is final."""
     deadline = time.monotonic() + settle
     with get_client(sync_client=True) as client:
         while True:
             runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
             if runs and all(r.state and r.state.is_final() for r in runs) or time.monotonic() > deadline:
-                return {r.name: r for r in runs}
+                break
             time.sleep(0.2)
+        children = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            parent_task_run_id=FlowRunFilterParentTaskRunId(any_=[r.id for r in runs]))) if runs else []
+    found = {r.name: r for r in runs}
+    for child in children:
+        found.update(task_runs(child.id, settle=settle))
+    return found
 
 
 def state_names(flow_run_id, **kw) -> dict[str, str]:

@@ -43,6 +43,12 @@ def task_runs(client, flow_run_id):
         time.sleep(0.3)
 
 
+def subflow(client, flow_name, parent):
+    """The run of ``flow_name`` that is a subflow of ``parent``."""
+    return next(r for r in flow_runs(client, flow_name)
+                if r.parent_task_run_id and client.read_task_run(r.parent_task_run_id).flow_run_id == parent.id)
+
+
 def wait_for_run(client, flow_run_id, timeout=240):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -62,7 +68,12 @@ def test_operator_sees_runs_retries_cache_and_artifacts(server, faulty, tmp_path
         assert parent.state.is_completed() and parent.name == "retrain-fast → v1 promoted"
         assert {"digitflow", "preset:fast", "model:mnist-mlp"} <= set(parent.tags)
         runs = task_runs(client, parent.id)
-        assert {"train [128] × 3 epochs", "gate v1"} <= set(runs)
+        assert "train [128] × 3 epochs" in runs
+        tail = subflow(client, "mnist-publish", parent)  # evaluate → publish → gate, shared with sweep
+        assert tail.state.is_completed() and tail.name == "publish → v1 promoted"
+        assert {"digitflow", "preset:fast", "model:mnist-mlp"} <= set(tail.tags)
+        runs.update(task_runs(client, tail.id))
+        assert "gate v1" in runs
         assert any(n.startswith("evaluate ") for n in runs) and any(n.startswith("publish ") for n in runs)
         assert all(r.state.is_completed() for r in runs.values())
         ingest_run = flow_runs(client, "ingest-mnist")[0]
@@ -93,7 +104,8 @@ def test_operator_sees_runs_retries_cache_and_artifacts(server, faulty, tmp_path
         assert len([a for a in client.read_artifacts() if a.key]) == versions_before
         runs = task_runs(client, parent.id)
         assert runs["train [128] × 3 epochs"].state.name == "Cached"
-        assert [r.state.name for n, r in runs.items() if n.startswith("evaluate")] == ["Cached"]
+        tail = task_runs(client, subflow(client, "mnist-publish", parent).id)
+        assert [r.state.name for n, r in tail.items() if n.startswith("evaluate")] == ["Cached"]
         ingest_tasks = task_runs(client, flow_runs(client, "ingest-mnist")[0].id)
         assert {r.state.name for r in ingest_tasks.values()} == {"Cached"} and len(ingest_tasks) == 12
 
@@ -118,14 +130,19 @@ def test_serve_schedules_and_prefect_cli_triggers(server, mnist_server, tmp_path
             assert [s.schedule.cron for s in deployment.schedules] == ["0 3 * * *"]
             assert deployment.parameters["preset"] == "fast" and deployment.parameters["home"] == home
             schema = deployment.parameter_openapi_schema
-            lr = schema["definitions"]["Overrides"]["properties"]["lr"]  # the Run form's typed field
+            lr = schema["properties"]["lr"]  # the Run form's typed field, one per hyperparameter
             assert lr["anyOf"][0] == {"type": "number", "exclusiveMinimum": 0.0, "maximum": 1e6}
             assert "Preset 'default': 0.05" in lr["description"]
+            assert schema["properties"]["hidden"]["anyOf"][0]["items"] == {"type": "integer", "minimum": 1,
+                                                                            "maximum": 16384}
             assert schema["properties"]["preset"]["enum"] == ["default", "best", "fast"]
             out = subprocess.run([PREFECT, "deployment", "run", "mnist-retrain/nightly", "--param", "preset=fast",
-                                  "--param", 'overrides={"seed": 2, "epochs": 1}', "--param", "model_name=nightly-model"],
+                                  "--param", "seed=2", "--param", "epochs=1", "--param", "model_name=nightly-model"],
                                  env=env_for(server), capture_output=True, text=True, timeout=60)
             assert out.returncode == 0, out.stdout + out.stderr
+            bad = subprocess.run([PREFECT, "deployment", "run", "mnist-retrain/nightly", "--param", "lr=-1"],
+                                 env=env_for(server), capture_output=True, text=True, timeout=60)
+            assert bad.returncode != 0 and "lr" in bad.stdout + bad.stderr  # refused: no run is created
             run = flow_runs(client, "mnist-retrain")[0]
             assert run.deployment_id == deployment.id
             run = wait_for_run(client, run.id)
@@ -133,9 +150,8 @@ def test_serve_schedules_and_prefect_cli_triggers(server, mnist_server, tmp_path
             # Tags come from the parameters the run received, however it was started.
             assert {"digitflow", "preset:fast", "model:nightly-model"} <= set(run.tags)
             assert "preset:default" not in run.tags
-            ingest_run = next(r for r in flow_runs(client, "ingest-mnist") if r.parent_task_run_id
-                              and client.read_task_run(r.parent_task_run_id).flow_run_id == run.id)
-            assert {"digitflow", "preset:fast", "model:nightly-model"} <= set(ingest_run.tags)
+            for name in ("ingest-mnist", "mnist-publish"):
+                assert {"digitflow", "preset:fast", "model:nightly-model"} <= set(subflow(client, name, run).tags)
         metrics = json.loads((Path(home) / "models/nightly-model/v1/metrics.json").read_text())
         assert len(metrics["history"]) == 1  # epochs=1 from the Run parameters
         assert (Path(home) / "models/nightly-model/v1/model.npz").is_file()

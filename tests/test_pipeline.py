@@ -95,7 +95,7 @@ def test_rerun_is_cached_and_creates_nothing(home, mnist_server):
 
 
 def test_second_model_goes_through_the_gate(published, mnist_server):
-    summary = retrain(home=str(published), mirrors=[mnist_server], preset="fast", overrides={"seed": 1})
+    summary = retrain(home=str(published), mirrors=[mnist_server], preset="fast", seed=1)
     reg = Registry(published)
     assert summary["version"] == 2 and reg.aliases()["latest"] == 2
     v1_acc = reg.metrics(1)["test_accuracy"]
@@ -109,7 +109,7 @@ def test_second_model_goes_through_the_gate(published, mnist_server):
 
 
 def test_gate_rejects_below_floor_and_keeps_version(published, mnist_server):
-    summary = retrain(home=str(published), mirrors=[mnist_server], preset="fast", overrides={"seed": 2}, floor=0.999)
+    summary = retrain(home=str(published), mirrors=[mnist_server], preset="fast", seed=2, floor=0.999)
     reg = Registry(published)
     assert summary["status"] == "rejected" and "below the floor 0.9990" in summary["reason"]
     assert reg.status(summary["version"]) == "rejected"
@@ -118,20 +118,20 @@ def test_gate_rejects_below_floor_and_keeps_version(published, mnist_server):
 
 
 @pytest.mark.parametrize("preset, overrides, message", [
-    ("default", {"lr": -0.1}, "overrides.lr: Input should be greater than 0"),
-    ("default", {"hidden": [0]}, "overrides.hidden.0: Input should be greater than or equal to 1"),
+    ("default", {"lr": -0.1}, "lr: Input should be greater than 0"),
+    ("default", {"hidden": [0]}, "hidden.0: Input should be greater than or equal to 1"),
     ("nope", {}, "preset: Input should be 'default', 'best' or 'fast'"),
-    ("default", {"activation": "swish"}, "overrides.activation: Input should be 'relu', 'sigmoid' or 'tanh'"),
-    ("default", {"colour": "red"}, "overrides.colour: Extra inputs are not permitted"),
+    ("default", {"activation": "swish"}, "activation: Input should be 'relu', 'sigmoid' or 'tanh'"),
+    ("default", {"colour": "red"}, "unexpected keyword argument 'colour'"),
     ("default", {"hidden": [16384, 16384]}, "parameters, more than the 50,000,000 allowed"),
 ])
 def test_invalid_hyperparameters_fail_before_any_work(tmp_path, preset, overrides, message):
     """The flow's typed parameters are validated at the boundary (by Prefect, from the
     contract), before the flow body runs; what the types cannot say fails first thing inside."""
-    from prefect.exceptions import ParameterTypeError
+    from prefect.exceptions import ParameterBindError, ParameterTypeError
 
-    with pytest.raises((DigitflowError, ParameterTypeError)) as e:
-        retrain(home=str(tmp_path / "h"), mirrors=["http://127.0.0.1:9/"], preset=preset, overrides=overrides)
+    with pytest.raises((DigitflowError, ParameterTypeError, ParameterBindError)) as e:
+        retrain(home=str(tmp_path / "h"), mirrors=["http://127.0.0.1:9/"], preset=preset, **overrides)
     assert message in str(e.value)
     assert not (tmp_path / "h").exists()
 
@@ -139,7 +139,7 @@ def test_invalid_hyperparameters_fail_before_any_work(tmp_path, preset, override
 def test_divergence_fails_and_publishes_nothing(published, mnist_server):
     before = Registry(published).versions()
     with pytest.raises(TrainingDiverged, match="loss became (nan|inf) at epoch 1"):
-        retrain(home=str(published), mirrors=[mnist_server], preset="fast", overrides={"lr": 1e4, "seed": 3})
+        retrain(home=str(published), mirrors=[mnist_server], preset="fast", lr=1e4, seed=3)
     assert Registry(published).versions() == before
 
 
@@ -155,7 +155,7 @@ def test_corrupt_shard_stops_training(tmp_path, mnist_server):
     with pytest.raises(DigitflowError, match="part-00003.parquet: SHA-256 .* does not match the manifest"):
         load_split(manifest_ref(str(other / "data/mnist/train")))  # what training reads: refused
     # The pipeline's ingest step finds the damage and rebuilds the split before training on it.
-    summary = retrain(home=str(other), mirrors=[mnist_server], preset="fast", overrides={"seed": 4})
+    summary = retrain(home=str(other), mirrors=[mnist_server], preset="fast", seed=4)
     assert summary["created"] and read_split(other / "data/mnist/train")[0].shape == (60000, 784)
 
 
@@ -282,12 +282,12 @@ def test_cli_train_output_can_be_evaluated_and_published(published, api_url):
 
 def test_gate_rejection_is_alerted_once(published, mnist_server, receiver):
     url, got = receiver
-    summary = retrain(home=str(published), mirrors=[mnist_server], preset="fast", overrides={"seed": 5},
+    summary = retrain(home=str(published), mirrors=[mnist_server], preset="fast", seed=5,
                       floor=0.999, webhook_url=url)
     assert summary["status"] == "rejected"
     assert len(got) == 1 and got[0]["event"] == "gate_rejected" and got[0]["source"] == "digitflow"
     assert got[0]["version"] == summary["version"] and "below the floor 0.9990" in got[0]["reason"]
-    retrain(home=str(published), mirrors=[mnist_server], preset="fast", overrides={"seed": 5}, floor=0.999,
+    retrain(home=str(published), mirrors=[mnist_server], preset="fast", seed=5, floor=0.999,
             webhook_url=url)
     assert len(got) == 1  # an unchanged rerun decides nothing new, so says nothing new
 
@@ -296,13 +296,13 @@ def test_failed_run_is_alerted_via_env(published, mnist_server, receiver, monkey
     url, got = receiver
     monkeypatch.setenv("DIGITFLOW_WEBHOOK_URL", url)
     with pytest.raises(TrainingDiverged):
-        retrain(home=str(published), mirrors=[mnist_server], preset="fast", overrides={"lr": 1e4, "seed": 6})
+        retrain(home=str(published), mirrors=[mnist_server], preset="fast", lr=1e4, seed=6)
     assert [g["event"] for g in got] == ["flow_run_failed"]
     assert got[0]["flow"] == "mnist-retrain" and "loss became" in got[0]["message"]
 
 
 def test_unreachable_webhook_is_not_fatal(published, mnist_server):
-    summary = retrain(home=str(published), mirrors=[mnist_server], preset="fast", overrides={"seed": 7},
+    summary = retrain(home=str(published), mirrors=[mnist_server], preset="fast", seed=7,
                       floor=0.999, webhook_url="http://127.0.0.1:9/nowhere")
     assert summary["status"] == "rejected"
 
