@@ -14,7 +14,7 @@ import typer
 from storage import DigitflowError
 from storage.atomic import is_disk_error
 from storage.config import DEFAULT_RETRIES, DEFAULT_ROWS_PER_SHARD, DEFAULT_TIMEOUT
-from storage.registry import DEFAULT_FLOOR, DEFAULT_NAME, DEFAULT_TOLERANCE
+from storage.registry import DEFAULT_FLOOR, DEFAULT_NAME, DEFAULT_TOLERANCE, GATE_BOUNDS
 
 HOME = typer.Option(None, "--home", help="Root directory for all state (env DIGITFLOW_HOME; default ~/.digitflow).")
 MIRRORS = typer.Option(None, "--mirror", help="Mirror base URL (http://, https://, file://); repeat to try several in order (env DIGITFLOW_MIRRORS).")
@@ -25,8 +25,8 @@ DEADLINE = typer.Option(None, "--deadline", help="Seconds one mirror may take fo
 PRESET = typer.Option("default", "--preset", help="Hyperparameter preset: default, best or fast.")
 WEBHOOK = typer.Option(None, "--webhook", help="POST failed runs and gate rejections here (env DIGITFLOW_WEBHOOK_URL).")
 MODEL_NAME = typer.Option(DEFAULT_NAME, "--model-name", help="Registry name of the model.")
-TOLERANCE = typer.Option(DEFAULT_TOLERANCE, "--tolerance", min=0.0, max=1.0, help="Promote if accuracy ≥ champion's minus this.")
-FLOOR = typer.Option(DEFAULT_FLOOR, "--floor", min=0.0, max=1.0, help="Never promote below this test accuracy.")
+TOLERANCE = typer.Option(DEFAULT_TOLERANCE, "--tolerance", min=GATE_BOUNDS[0], max=GATE_BOUNDS[1], help="Promote if accuracy ≥ champion's minus this.")
+FLOOR = typer.Option(DEFAULT_FLOOR, "--floor", min=GATE_BOUNDS[0], max=GATE_BOUNDS[1], help="Never promote below this test accuracy.")
 
 _final_words: list[str] = []
 

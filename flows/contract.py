@@ -12,9 +12,10 @@ help text, bounds). From that one declaration this module derives:
   axis of the same name (``hidden``: ``512`` or ``512x256``).
 - the CLI's hyperparameter flags (``cli_options``) and the grid's axes (``parse_grid``).
 
-The defaults of the other run settings live beside the code they govern: the gate's floor and
-tolerance and the default model name in ``storage.registry``, the ingest settings' bounds in
-``storage.config``.
+The defaults and bounds of the other run settings live beside the code they govern: the gate's
+floor and tolerance and the model name's pattern in ``storage.registry``, the ingest settings in
+``storage.config``; the typed aliases below (``RowsPerShard``, ``Accuracy``, …) carry them into
+the flows' signatures.
 """
 
 from __future__ import annotations
@@ -29,10 +30,28 @@ from pydantic import BaseModel, ConfigDict, Field, create_model
 import nn
 from nn.presets import Hyperparameters, describe_bounds
 from storage import DigitflowError
-from storage.registry import DEFAULT_FLOOR, DEFAULT_NAME, DEFAULT_TOLERANCE  # noqa: F401 (re-exported)
+from storage.config import DEFAULT_RETRIES, DEFAULT_ROWS_PER_SHARD, DEFAULT_TIMEOUT, INGEST_BOUNDS  # noqa: F401
+from storage.registry import DEFAULT_FLOOR, DEFAULT_NAME, DEFAULT_TOLERANCE, GATE_BOUNDS, MODEL_NAME  # noqa: F401
 
 PRESETS = tuple(nn.presets.PRESETS)
 Preset = Literal[PRESETS]  # type: ignore[valid-type]
+
+
+# ---- run settings: typed from the bounds declared beside the code they govern ------------
+# (the flows' signatures use these, so the Run form shows and Prefect enforces the bounds)
+
+def _bounded(name: str) -> Any:
+    low, high = INGEST_BOUNDS[name]
+    return Annotated[type(low), Field(ge=low, le=high, strict=isinstance(low, int))]
+
+
+RowsPerShard = _bounded("rows_per_shard")
+Timeout = _bounded("timeout")
+Retries = _bounded("retries")
+_DEADLINE = _bounded("deadline")
+Deadline = Optional[_DEADLINE]  # None: from the file's size
+Accuracy = Annotated[float, Field(ge=GATE_BOUNDS[0], le=GATE_BOUNDS[1])]
+ModelName = Annotated[str, Field(pattern=f"^{MODEL_NAME.pattern}$")]
 
 
 def _base(kind) -> type:

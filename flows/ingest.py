@@ -1,9 +1,9 @@
 """The ingest flow: download → verify → parse → shard, for both MNIST splits."""
-
-from __future__ import annotations
+# (No `from __future__ import annotations` here: Prefect validates flow parameters against real annotations.)
 
 from prefect import flow
 
+from flows.contract import Deadline, Retries, RowsPerShard, Timeout
 from storage.config import (DEFAULT_RETRIES, DEFAULT_ROWS_PER_SHARD, DEFAULT_TIMEOUT, check_ingest_settings,
                             resolve_home, resolve_mirrors)
 from storage.mnist import SPLITS, file_for
@@ -15,11 +15,11 @@ from tasks.refs import SplitRef
 def ingest(
     home: str | None = None,
     mirrors: list[str] | None = None,
-    rows_per_shard: int = DEFAULT_ROWS_PER_SHARD,
-    timeout: float = DEFAULT_TIMEOUT,
-    retries: int = DEFAULT_RETRIES,
+    rows_per_shard: RowsPerShard = DEFAULT_ROWS_PER_SHARD,
+    timeout: Timeout = DEFAULT_TIMEOUT,
+    retries: Retries = DEFAULT_RETRIES,
     retry_delay: float = 2.0,
-    deadline: float | None = None,
+    deadline: Deadline = None,
 ) -> dict[str, SplitRef]:
     """Make ``<home>/data/mnist/{train,test}`` hold verified, normalized Parquet shards.
 

@@ -4,11 +4,12 @@ from prefect import flow, tags
 from prefect.runtime import flow_run
 
 from flows.alerts import alert_if_rejected, on_flow_failure
-from flows.contract import (DEFAULT_FLOOR, DEFAULT_NAME, DEFAULT_TOLERANCE, Preset, hyperparameters,
-                            with_hyperparameters)
+from flows.contract import (DEFAULT_FLOOR, DEFAULT_NAME, DEFAULT_RETRIES, DEFAULT_ROWS_PER_SHARD, DEFAULT_TIMEOUT,
+                            DEFAULT_TOLERANCE, Accuracy, Deadline, ModelName, Preset, Retries, RowsPerShard, Timeout,
+                            hyperparameters, with_hyperparameters)
 from flows.ingest import ingest
 from storage import DigitflowError
-from storage.config import DEFAULT_RETRIES, DEFAULT_ROWS_PER_SHARD, DEFAULT_TIMEOUT, resolve_home
+from storage.config import resolve_home
 from storage.registry import check_name
 from tasks.ingest import manifest_ref
 from tasks.model import artifact_key, evaluate, gate, publish, train
@@ -31,13 +32,13 @@ def retrain(
     home: str | None = None,
     mirrors: list[str] | None = None,
     preset: Preset = "default",
-    model_name: str = DEFAULT_NAME,
-    tolerance: float = DEFAULT_TOLERANCE,
-    floor: float = DEFAULT_FLOOR,
-    rows_per_shard: int = DEFAULT_ROWS_PER_SHARD,
-    timeout: float = DEFAULT_TIMEOUT,
-    retries: int = DEFAULT_RETRIES,
-    deadline: float | None = None,
+    model_name: ModelName = DEFAULT_NAME,
+    tolerance: Accuracy = DEFAULT_TOLERANCE,
+    floor: Accuracy = DEFAULT_FLOOR,
+    rows_per_shard: RowsPerShard = DEFAULT_ROWS_PER_SHARD,
+    timeout: Timeout = DEFAULT_TIMEOUT,
+    retries: Retries = DEFAULT_RETRIES,
+    deadline: Deadline = None,
     webhook_url: str | None = None,
     **overrides,
 ) -> dict:
@@ -105,7 +106,7 @@ def evaluate_model(model: TrainedModel, home: str | None = None) -> Evaluation:
 
 @flow(name="mnist-publish", flow_run_name="publish {model.weights_sha256:.12}", on_failure=[on_flow_failure])
 def publish_trained(model: TrainedModel, home: str | None = None, model_name: str = DEFAULT_NAME,
-                    tolerance: float = DEFAULT_TOLERANCE, floor: float = DEFAULT_FLOOR,
+                    tolerance: Accuracy = DEFAULT_TOLERANCE, floor: float = DEFAULT_FLOOR,
                     webhook_url: str | None = None) -> dict:
     """Evaluate → publish → gate: the tail `run`, `sweep` and `digitflow publish` share (a subflow of the
     first two). Evaluates the trained model on the test split, publishes it as an immutable version

@@ -14,12 +14,13 @@ from prefect.runtime import flow_run
 
 from flows.alerts import on_flow_failure
 from flows.ingest import ingest
-from flows.contract import (DEFAULT_FLOOR, DEFAULT_NAME, DEFAULT_TOLERANCE, Overrides, Preset, hyperparameters,
-                            overrides_dict, with_hyperparameters)
+from flows.contract import (DEFAULT_FLOOR, DEFAULT_NAME, DEFAULT_RETRIES, DEFAULT_ROWS_PER_SHARD, DEFAULT_TIMEOUT,
+                            DEFAULT_TOLERANCE, Accuracy, ModelName, Overrides, Preset, Retries, RowsPerShard, Timeout,
+                            hyperparameters, overrides_dict, with_hyperparameters)
 from flows.pipeline import publish_trained, run_tags, update_run
 from storage import DigitflowError
 from storage.atomic import write_bytes, write_json
-from storage.config import DEFAULT_RETRIES, DEFAULT_ROWS_PER_SHARD, DEFAULT_TIMEOUT, resolve_home
+from storage.config import resolve_home
 from storage.registry import check_name
 from tasks.model import artifact_key, evaluate, train
 
@@ -85,12 +86,12 @@ def sweep(
     home: str | None = None,
     mirrors: list[str] | None = None,
     preset: Preset = "default",
-    model_name: str = DEFAULT_NAME,
-    tolerance: float = DEFAULT_TOLERANCE,
-    floor: float = DEFAULT_FLOOR,
-    rows_per_shard: int = DEFAULT_ROWS_PER_SHARD,
-    timeout: float = DEFAULT_TIMEOUT,
-    retries: int = DEFAULT_RETRIES,
+    model_name: ModelName = DEFAULT_NAME,
+    tolerance: Accuracy = DEFAULT_TOLERANCE,
+    floor: Accuracy = DEFAULT_FLOOR,
+    rows_per_shard: RowsPerShard = DEFAULT_ROWS_PER_SHARD,
+    timeout: Timeout = DEFAULT_TIMEOUT,
+    retries: Retries = DEFAULT_RETRIES,
     webhook_url: str | None = None,
     **overrides,
 ) -> dict:

@@ -25,6 +25,7 @@ from storage.atomic import file_lock, read_json, remove_leftovers, staged_dir, w
 DEFAULT_NAME = "mnist-mlp"
 DEFAULT_FLOOR = 0.97     # the gate never promotes below this test accuracy
 DEFAULT_TOLERANCE = 0.0  # the gate promotes when accuracy ≥ the champion's minus this
+GATE_BOUNDS = (0.0, 1.0)  # of the floor and the tolerance (accuracies)
 ALIASES = ("latest", "champion")
 _VERSION = re.compile(r"^v([1-9][0-9]*)$")
 
