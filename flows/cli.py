@@ -12,6 +12,7 @@ import typer
 
 import flows  # noqa: F401  (sets telemetry-off defaults before Prefect is imported)
 from flows import interrupt
+from flows.api import ApiSettings
 from flows.cli_common import (DEADLINE, FLOOR, HOME, MIRRORS, MODEL_NAME, PRESET, RETRIES, ROWS, TIMEOUT, TOLERANCE,
                               WEBHOOK, fail, one_line_errors, quiet_expected_failures)
 from storage import DigitflowError
@@ -391,6 +392,36 @@ def sweep(grid: List[str] = typer.Option(..., "--grid", help="name=v1,v2 (repeat
                    + ("  ← best" if row["best"] else ""))
     typer.echo(f"{result['name']} v{result['version']}: {result['status']} — {result['reason']}")
     typer.echo(f"report: {result['report']}")
+
+
+@app.command()
+def api(host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind (127.0.0.1: this machine only)."),
+        port: int = typer.Option(8000, "--port", min=0, max=65535, help="TCP port."),
+        model: str = typer.Option("champion", "--model", help="What to serve: champion, latest or vN (aliases are followed)."),
+        home: Optional[str] = HOME, model_name: str = MODEL_NAME,
+        workers: int = typer.Option(1, "--workers", min=1, max=64, help="Worker processes."),
+        token: Optional[str] = typer.Option(None, "--token", envvar="DIGITFLOW_API_TOKEN", show_envvar=True,
+                                            help="Bearer token required on every endpoint but /health."),
+        max_body: int = typer.Option(ApiSettings.max_body, "--max-body", help="Largest request body, bytes (→ 413)."),
+        max_pixels: int = typer.Option(ApiSettings.max_pixels, "--max-pixels", help="Largest image, pixels (→ 413)."),
+        max_images: int = typer.Option(ApiSettings.max_images, "--max-images", help="Most images in one request (→ 413)."),
+        poll: float = typer.Option(ApiSettings.poll, "--poll", help="Seconds between checks of the served alias."),
+        log_level: str = typer.Option("info", "--log-level", help="info: one line per request; warning: swaps and errors only."),
+        ) -> None:
+    """Serve the champion over HTTP (POST /predict, GET /model /health /ready /metrics, and a drawing page at /);
+    a promotion is picked up within --poll seconds, verified before the swap."""
+    from flows.api import serve as serve_api
+    from storage.registry import check_name
+
+    with one_line_errors():
+        check_name(model_name)
+        if log_level.lower() not in ("debug", "info", "warning", "error"):
+            raise DigitflowError(f"--log-level {log_level!r}: use info, warning or error")
+        settings = ApiSettings(home=str(resolve_home(home).root), model_name=model_name, model=model, token=token,
+                               max_body=max_body, max_pixels=max_pixels, max_images=max_images, poll=poll).check()
+        typer.echo(f"digitflow api: {model_name} {model} from {settings.home} on http://{host}:{port}/ "
+                   f"({workers} worker{'s' if workers > 1 else ''}{', token required' if token else ''})", err=True)
+        serve_api(settings, host=host, port=port, workers=workers, log_level=log_level)
 
 
 alerts_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Alerts as Prefect automations.")

@@ -25,16 +25,26 @@ MAX_PIXELS = 40_000_000      # a photo of a digit is far smaller; beyond this: a
 MAX_IDX_IMAGES = 1_000_000   # rows of one IDX input (≈ 3 GB as float32)
 
 
-def load_gray(path: str | os.PathLike) -> np.ndarray:
-    """Decode a PNG/JPEG/... into a (H, W) float32 array in [0, 1] (alpha composited on white)."""
+class ImageTooLarge(ImageError):
+    """More pixels than allowed (a decompression bomb, or simply too large): refused before decoding."""
+
+
+def load_gray(source: str | os.PathLike | bytes, *, name: str | None = None,
+              max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Decode a PNG/JPEG/... (a path, or the file's bytes) into a (H, W) float32 array in [0, 1]
+    (alpha composited on white). The size is read from the header and checked against
+    ``max_pixels`` before anything is decoded."""
+    import io
+
     from PIL import Image, UnidentifiedImageError
 
+    name = name or str(source if not isinstance(source, bytes) else "image")
     try:
-        with Image.open(path) as img:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
             width, height = img.size  # from the header: nothing decoded yet
-            if width * height > MAX_PIXELS:
-                raise ImageError(f"{path}: {width}×{height} pixels exceed the {MAX_PIXELS:,}-pixel limit "
-                                 "(a decompression bomb?); refused")
+            if width * height > max_pixels:
+                raise ImageTooLarge(f"{name}: {width}×{height} pixels exceed the {max_pixels:,}-pixel limit "
+                                    "(a decompression bomb?); refused")
             img.load()
             if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
                 rgba = img.convert("RGBA")
@@ -42,11 +52,13 @@ def load_gray(path: str | os.PathLike) -> np.ndarray:
                 img = Image.alpha_composite(background, rgba)
             return np.asarray(img.convert("L"), np.float32) / 255.0
     except FileNotFoundError:
-        raise ImageError(f"{path}: no such file") from None
+        raise ImageError(f"{name}: no such file") from None
     except Image.DecompressionBombError as e:
-        raise ImageError(f"{path}: refused as a decompression bomb ({e})") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:  # PIL raises all of these on bad files
-        raise ImageError(f"{path}: not a readable image ({e})") from None
+        raise ImageTooLarge(f"{name}: refused as a decompression bomb ({e})") from None
+    except UnidentifiedImageError:
+        raise ImageError(f"{name}: not a readable image (no PNG, JPEG, … header)") from None
+    except (OSError, ValueError, SyntaxError) as e:  # PIL raises all of these on bad files
+        raise ImageError(f"{name}: not a readable image ({e})") from None
 
 
 def mnist_style(gray: np.ndarray, *, name: str = "image") -> np.ndarray:

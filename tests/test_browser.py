@@ -57,3 +57,34 @@ def test_report_artifact_images_render_in_the_dashboard(server, mnist_server, tm
     assert sorted(w[0] for w in widths) == ["confusion matrix", "learning curves"]
     assert all(w > 100 and h > 100 for _, w, h in widths)
     assert "# browser-model v1" in artifact.data
+
+
+def test_drawing_page_predicts_a_drawn_digit(published, browser, tmp_path):
+    """`digitflow api`'s page at /: draw a 1 with mouse strokes, press Predict, read the answer."""
+    from tests.test_api import api
+
+    with api(published) as url:
+        page = browser.new_page(viewport={"width": 1000, "height": 700})
+        try:
+            page.goto(url + "/", wait_until="load", timeout=30_000)
+            box = page.locator("#canvas").bounding_box()
+            x = box["x"] + box["width"] / 2
+            page.mouse.move(x - 12, box["y"] + 70)
+            page.mouse.down()
+            page.mouse.move(x, box["y"] + 45, steps=4)      # the small flag at the top
+            page.mouse.move(x, box["y"] + 235, steps=20)    # the long stroke down
+            page.mouse.up()
+            page.click("#predict")
+            page.wait_for_function("document.getElementById('digit').textContent !== ''", timeout=15_000)
+            shown = page.inner_text("#digit")
+            widths = page.eval_on_selector_all(".bar", "bars => bars.map(b => parseFloat(b.style.width))")
+            answered_by = page.inner_text("#model")
+            page.screenshot(path=str(tmp_path / "api-page.png"))
+            page.click("#clear")
+            cleared = page.inner_text("#digit")
+        finally:
+            page.close()
+    assert shown == "1"
+    assert len(widths) == 10 and widths[1] == max(widths) and widths[1] > 50 and sum(widths) == pytest.approx(100, abs=1)
+    assert answered_by.startswith("answered by mnist-mlp v1 ")
+    assert cleared == ""

@@ -28,11 +28,11 @@ def cli(*args, check=True):
     return r
 
 
-def second_version(home: Path, accuracy_delta: float = -0.01) -> int:
+def second_version(home: Path, accuracy_delta: float = -0.01, shift: float = 0.01) -> int:
     """Publish a copy of v1 with perturbed weights (a genuinely different version)."""
     reg = Registry(home)
     model = nn.load(reg.path(1))
-    model.layers[0].params["W"] += 0.01
+    model.layers[0].params["W"] += shift
     metrics = reg.metrics(1)
     metrics = {**metrics, "test_accuracy": metrics["test_accuracy"] + accuracy_delta}
     cm = np.array(metrics["confusion_matrix"])
