@@ -76,6 +76,8 @@ class Served(NamedTuple):
     net: object
     summary: dict
     lineage: dict
+    classes: list          # class names; MNIST's are its digits
+    pixels: int            # inputs per image (MNIST: 784)
 
     def identity(self) -> dict:
         return {"name": self.name, "version": self.version, "weights_sha256": self.weights_sha256}
@@ -119,7 +121,8 @@ class Follower:
         summary = {k: metrics.get(k) for k in ("test_accuracy", "test_loss", "rows", "train_seconds",
                                                "images_per_second") if k in metrics}
         summary["per_class"] = metrics.get("per_class")
-        new = Served(self.settings.model_name, version, metadata["weights_sha256"], net, summary, lineage)
+        new = Served(self.settings.model_name, version, metadata["weights_sha256"], net, summary, lineage,
+                     self.registry.classes(version), net.dense_layers[0].n_in)
         old, self.served = self.served, new  # the swap: one reference assignment
         self.metrics.swapped(old, new)
         log.info("serving %s v%d (weights %s…)%s", new.name, version, new.weights_sha256[:12],
@@ -228,8 +231,9 @@ def multipart_files(body: bytes, content_type: str) -> list[tuple[str, bytes]]:
     return files
 
 
-def json_pixels(body: bytes, max_images: int) -> np.ndarray:
-    """{"pixels": [[784 numbers in 0..1], ...]} → (n, 784) float32, or a 422 naming the field."""
+def json_pixels(body: bytes, max_images: int, pixels: int = 784) -> np.ndarray:
+    """{"pixels": [[784 numbers in 0..1], ...]} → (n, 784) float32, or a 422 naming the field
+    (784 = MNIST's 28×28; another dataset's model takes its own image size)."""
     import orjson
 
     try:
@@ -237,7 +241,7 @@ def json_pixels(body: bytes, max_images: int) -> np.ndarray:
     except orjson.JSONDecodeError as e:
         raise ApiError(422, f"malformed JSON: {e}", "body") from None
     if not isinstance(doc, dict) or "pixels" not in doc:
-        raise ApiError(422, 'expected an object {"pixels": [[784 numbers], ...]}', "pixels")
+        raise ApiError(422, f'expected an object {{"pixels": [[{pixels} numbers], ...]}}', "pixels")
     unknown = sorted(set(doc) - {"pixels"})
     if unknown:
         raise ApiError(422, f"unknown field {unknown[0]!r}", unknown[0])
@@ -247,9 +251,9 @@ def json_pixels(body: bytes, max_images: int) -> np.ndarray:
     if len(rows) > max_images:
         raise ApiError(413, f"{len(rows):,} images exceed the {max_images:,} accepted in one request", "pixels")
     for i, row in enumerate(rows):
-        if not isinstance(row, list) or len(row) != 784:
+        if not isinstance(row, list) or len(row) != pixels:
             got = f"{len(row)} values" if isinstance(row, list) else type(row).__name__
-            raise ApiError(422, f"pixels[{i}] must be a list of 784 numbers, got {got}", f"pixels[{i}]")
+            raise ApiError(422, f"pixels[{i}] must be a list of {pixels} numbers, got {got}", f"pixels[{i}]")
     try:
         x = np.array(rows, dtype=np.float32)
     except (ValueError, TypeError):
@@ -263,13 +267,14 @@ def json_pixels(body: bytes, max_images: int) -> np.ndarray:
     return x
 
 
-def raw_pixels(body: bytes, max_images: int) -> np.ndarray:
+def raw_pixels(body: bytes, max_images: int, pixels: int = 784) -> np.ndarray:
     """n × 784 uint8 bytes (MNIST's own pixel layout) → (n, 784) float32 in 0..1."""
-    if not body or len(body) % 784:
-        raise ApiError(422, f"an octet-stream body must be n × 784 uint8 pixels, got {len(body):,} bytes", "body")
-    if len(body) // 784 > max_images:
-        raise ApiError(413, f"{len(body) // 784:,} images exceed the {max_images:,} accepted in one request", "body")
-    return np.frombuffer(body, np.uint8).reshape(-1, 784).astype(np.float32) * np.float32(1 / 255)
+    if not body or len(body) % pixels:
+        raise ApiError(422, f"an octet-stream body must be n × {pixels} uint8 pixels, got {len(body):,} bytes", "body")
+    if len(body) // pixels > max_images:
+        raise ApiError(413, f"{len(body) // pixels:,} images exceed the {max_images:,} accepted in one request",
+                       "body")
+    return np.frombuffer(body, np.uint8).reshape(-1, pixels).astype(np.float32) * np.float32(1 / 255)
 
 
 def image_pixels(files: list[tuple[str, bytes]], settings: ApiSettings) -> np.ndarray:
@@ -357,22 +362,28 @@ def create_app(settings: ApiSettings):
                 and not base.startswith("image/"):
             raise ApiError(415, f"unsupported content type {base or 'none'!r}: send multipart/form-data images, "
                                 "an image/*, application/json pixels or application/octet-stream", "content-type")
+        if served.pixels != 784 and (base == "multipart/form-data" or base.startswith("image/")):
+            raise ApiError(415, f"this model takes {served.pixels}-pixel images: send application/json pixels or "
+                                "application/octet-stream (image files are prepared as MNIST-style 28×28)",
+                           "content-type")
         body = await read_body(request, settings.max_body)
         if base == "multipart/form-data":
             x = image_pixels(multipart_files(body, kind), settings)
         elif base.startswith("image/"):
             x = image_pixels([("image", body)], settings)
         elif base == "application/json":
-            x = json_pixels(body, settings.max_images)
+            x = json_pixels(body, settings.max_images, served.pixels)
         else:
-            x = raw_pixels(body, settings.max_images)
+            x = raw_pixels(body, settings.max_images, served.pixels)
         proba = served.net.predict_proba(x)  # one batched forward pass for the whole request
         labels = proba.argmax(axis=1)
         metrics.images.inc(len(labels))
         for label, count in zip(*np.unique(labels, return_counts=True)):
             metrics.predictions.labels(str(label)).inc(int(count))
+        named = served.classes != [str(d) for d in range(len(served.classes))]  # MNIST: digits, no names
         return respond(200, {"model": served.identity(),
-                             "predictions": [{"label": int(label), "probabilities": p}
+                             "predictions": [{"label": int(label), "probabilities": p,
+                                              **({"class": served.classes[label]} if named else {})}
                                              for label, p in zip(labels, proba)]})
 
     @route("/model")

@@ -13,8 +13,8 @@ import typer
 import flows  # noqa: F401  (sets telemetry-off defaults before Prefect is imported)
 from flows import interrupt
 from flows.api import ApiSettings
-from flows.cli_common import (DEADLINE, FLOOR, HOME, MIRRORS, MODEL_NAME, PRESET, RETRIES, ROWS, TIMEOUT, TOLERANCE,
-                              WEBHOOK, fail, one_line_errors, quiet_expected_failures)
+from flows.cli_common import (ALLOW_UNPINNED, DATASET, DEADLINE, FLOOR, HOME, MIRRORS, MODEL_NAME, PRESET, RETRIES, ROWS, TIMEOUT, TOLERANCE,
+                              WEBHOOK, dataset_model, fail, one_line_errors, quiet_expected_failures)
 from storage import DigitflowError
 from storage.config import check_ingest_settings, resolve_home
 
@@ -113,26 +113,29 @@ def _mirrors(mirror: list[str] | None) -> list[str] | None:
 
 
 @app.command()
-def ingest(home: Optional[str] = HOME, mirror: Optional[List[str]] = MIRRORS,
+def ingest(home: Optional[str] = HOME, mirror: Optional[List[str]] = MIRRORS, dataset: str = DATASET,
+           allow_unpinned: bool = ALLOW_UNPINNED,
            rows_per_shard: int = ROWS, timeout: float = TIMEOUT, retries: int = RETRIES,
            deadline: Optional[float] = DEADLINE) -> None:
-    """Download, verify and shard MNIST into <home>/data/mnist/{train,test} (repairing whatever is damaged)."""
+    """Download, verify and shard a dataset (MNIST by default) into <home>/data/<dataset>/<split>
+    (repairing whatever is damaged)."""
     from flows.ingest import ingest as ingest_flow
 
     with one_line_errors():
+        dataset_model(dataset, None, allow_unpinned)  # a bad spec: one line per mistake, before any download
         check_ingest_settings(rows_per_shard=rows_per_shard, timeout=timeout, retries=retries, deadline=deadline)
         home = _start(home)
         with progress_display():
             refs = ingest_flow(home=home, mirrors=_mirrors(mirror), rows_per_shard=rows_per_shard, timeout=timeout,
-                               retries=retries, deadline=deadline)
+                               retries=retries, deadline=deadline, dataset=dataset, allow_unpinned=allow_unpinned)
     for split, ref in refs.items():
         typer.echo(f"{split}: {ref.rows} rows in {ref.shards} shards, manifest {ref.manifest} (sha256 {ref.sha256[:16]}…)")
 
 
 @app.command()
 @hp_options
-def run(home: Optional[str] = HOME, mirror: Optional[List[str]] = MIRRORS, preset: str = PRESET,
-        model_name: str = MODEL_NAME,
+def run(home: Optional[str] = HOME, mirror: Optional[List[str]] = MIRRORS, dataset: str = DATASET,
+        allow_unpinned: bool = ALLOW_UNPINNED, preset: str = PRESET, model_name: Optional[str] = MODEL_NAME,
         tolerance: float = TOLERANCE, floor: float = FLOOR,
         require_promotion: bool = typer.Option(False, "--require-promotion", help="Exit 1 unless the new version is champion."),
         json_out: bool = typer.Option(False, "--json", help="Print the run summary as JSON."),
@@ -142,15 +145,15 @@ def run(home: Optional[str] = HOME, mirror: Optional[List[str]] = MIRRORS, prese
     """Run the whole pipeline: ingest → train → evaluate → publish → promotion gate."""
     from flows.contract import hyperparameters
     from flows.pipeline import retrain
-    from storage.registry import check_name
 
     with one_line_errors():
-        check_name(model_name)  # invalid values fail before any work
+        dataset_model(dataset, model_name, allow_unpinned)  # invalid values fail before any work
         hyperparameters(preset, hp)
         check_ingest_settings(rows_per_shard=rows_per_shard, timeout=timeout, retries=retries, deadline=deadline)
         home = _start(home)
         with progress_display():
-            summary = retrain(home=home, mirrors=_mirrors(mirror), preset=preset, model_name=model_name, **hp,
+            summary = retrain(home=home, mirrors=_mirrors(mirror), dataset=dataset, allow_unpinned=allow_unpinned,
+                              preset=preset, model_name=model_name, **hp,
                               tolerance=tolerance, floor=floor, rows_per_shard=rows_per_shard, timeout=timeout,
                               retries=retries, deadline=deadline, webhook_url=webhook)
     if json_out:
@@ -166,7 +169,7 @@ def run(home: Optional[str] = HOME, mirror: Optional[List[str]] = MIRRORS, prese
 
 @app.command()
 @hp_options
-def train(home: Optional[str] = HOME, preset: str = PRESET, hp: dict = None) -> None:
+def train(home: Optional[str] = HOME, dataset: str = DATASET, preset: str = PRESET, hp: dict = None) -> None:
     """Train on the ingested shards (run `digitflow ingest` first); print the trained model's folder
     (which `digitflow evaluate --model PATH` and `digitflow publish PATH` accept)."""
     from flows.contract import hyperparameters
@@ -175,10 +178,11 @@ def train(home: Optional[str] = HOME, preset: str = PRESET, hp: dict = None) -> 
 
     with one_line_errors():
         hyperparameters(preset, hp)
+        spec, _ = dataset_model(dataset, None)
         home = _start(home)
-        load_manifest(resolve_home(home).split("train"))  # no data yet: one line now, before Prefect starts
+        load_manifest(resolve_home(home).split("train", spec.name))  # no data yet: one line now, before Prefect starts
         with progress_display():
-            result = train_only(home=home, preset=preset, **hp)
+            result = train_only(home=home, dataset=dataset, preset=preset, **hp)
     last = result.history[-1]
     typer.echo(f"trained {result.dir} (weights {result.weights_sha256[:16]}…): "
                f"val accuracy {last.get('val_accuracy', float('nan')):.4f} after {len(result.history)} epochs")
@@ -202,17 +206,18 @@ def _model_ref(model: str, home: str, model_name: str):
 
 @app.command()
 def evaluate(model: str = typer.Option("champion", "--model", help="VERSION, alias (latest, champion) or a trained model folder."),
-             home: Optional[str] = HOME, model_name: str = MODEL_NAME,
+             home: Optional[str] = HOME, dataset: str = DATASET, model_name: Optional[str] = MODEL_NAME,
              json_out: bool = typer.Option(False, "--json", help="Print the metrics as JSON.")) -> None:
-    """Evaluate a published version, or a trained model folder, on the test split."""
+    """Evaluate a published version, or a trained model folder, on the dataset's test split."""
     from flows.pipeline import evaluate_model
     from storage.shards import load_manifest
 
     with one_line_errors():
+        spec, model_name = dataset_model(dataset, model_name)
         home = _start(home)
         ref, label = _model_ref(model, home, model_name)
-        load_manifest(resolve_home(home).split("test"))  # no data yet: one line now, before Prefect starts
-        metrics = evaluate_model(ref, home=home)
+        load_manifest(resolve_home(home).split("test", spec.name))  # no data yet: one line now, before Prefect starts
+        metrics = evaluate_model(ref, home=home, dataset=dataset)
     if json_out:
         version = label.rpartition(" v")[2]
         typer.echo(json.dumps({"version": int(version) if version.isdigit() else None, "model": label,
@@ -220,26 +225,27 @@ def evaluate(model: str = typer.Option("champion", "--model", help="VERSION, ali
         return
     typer.echo(f"{label}: test accuracy {metrics.test_accuracy:.4f}, loss {metrics.test_loss:.4f}, "
                f"macro F1 {metrics.macro_f1:.4f}, {metrics.inference_images_per_second:,.0f} images/s")
+    names = [] if spec.name == "mnist" else list(spec.classes)
     for c in metrics.per_class:
-        typer.echo(f"  {c['class']}: precision {c['precision']:.4f} recall {c['recall']:.4f} f1 {c['f1']:.4f}")
+        typer.echo(f"  {c['class']}{' ' + names[c['class']] if names else ''}: precision {c['precision']:.4f} recall {c['recall']:.4f} f1 {c['f1']:.4f}")
 
 
 @app.command()
 def publish(folder: str = typer.Argument(..., help="A trained model folder, as `digitflow train` prints it."),
-            home: Optional[str] = HOME, model_name: str = MODEL_NAME, tolerance: float = TOLERANCE,
+            home: Optional[str] = HOME, dataset: str = DATASET, model_name: Optional[str] = MODEL_NAME,
+            tolerance: float = TOLERANCE,
             floor: float = FLOOR, webhook: Optional[str] = WEBHOOK,
             json_out: bool = typer.Option(False, "--json", help="Print the outcome as JSON.")) -> None:
     """Evaluate a trained model on the test split, publish it as a version and put it through the gate."""
     from flows.pipeline import publish_trained
-    from storage.registry import check_name
     from tasks.model import trained_ref
 
     with one_line_errors():
-        check_name(model_name)
+        spec, model_name = dataset_model(dataset, model_name)
         ref = trained_ref(folder)
         home = _start(home)
-        outcome = publish_trained(ref, home=home, model_name=model_name, tolerance=tolerance, floor=floor,
-                                  webhook_url=webhook)
+        outcome = publish_trained(ref, home=home, dataset=dataset, model_name=model_name, tolerance=tolerance,
+                                  floor=floor, webhook_url=webhook)
     if json_out:
         typer.echo(json.dumps(outcome))
         return
@@ -251,24 +257,32 @@ def publish(folder: str = typer.Argument(..., help="A trained model folder, as `
 @app.command()
 def predict(images: List[str] = typer.Argument(..., help="PNG/JPEG/... files of digits, or IDX image files."),
             model: str = typer.Option("champion", "--model", help="VERSION or alias (latest, champion)."),
-            home: Optional[str] = HOME, model_name: str = MODEL_NAME,
-            json_out: bool = typer.Option(False, "--json", help="Print [{path, digit, probability}, ...].")) -> None:
-    """Predict digits; images are prepared the way MNIST was (invert, crop, 20×20 box, centered)."""
+            home: Optional[str] = HOME, dataset: str = DATASET, model_name: Optional[str] = MODEL_NAME,
+            json_out: bool = typer.Option(False, "--json", help="Print [{path, digit, probability}, ...] (and class).")) -> None:
+    """Predict classes (MNIST: digits); MNIST images are prepared the way MNIST was (invert, crop,
+    20×20 box, centered); another dataset takes IDX files of its own image shape."""
     from storage.images import load_inputs
 
     with one_line_errors():
+        spec, model_name = dataset_model(dataset, model_name)
         registry = resolve_home(home).registry(model_name)
         version = registry.resolve(model)
         net = registry.load_model(version)  # verified against the digest recorded at publish time
-        names, x = load_inputs(images)
+        classes = registry.classes(version)
+        names, x = load_inputs(images, spec.image_shape)
+        if x.shape[1] != net.dense_layers[0].n_in:
+            raise DigitflowError(f"{model_name} v{version} takes {net.dense_layers[0].n_in} pixels per image, the "
+                                 f"inputs have {x.shape[1]} (another dataset's images? pass --dataset)")
     proba = net.predict_proba(x)
     digits, best = proba.argmax(axis=1), proba.max(axis=1)
+    named = classes != [str(d) for d in range(len(classes))]  # MNIST's classes are their digits
     if json_out:
-        typer.echo(json.dumps([{"path": n, "digit": int(d), "probability": round(float(p), 6)}
+        typer.echo(json.dumps([{"path": n, "digit": int(d), "probability": round(float(p), 6),
+                                **({"class": classes[d]} if named else {})}
                                for n, d, p in zip(names, digits, best)]))
         return
     for n, d, p in zip(names, digits, best):
-        typer.echo(f"{n}: {d} ({p:.1%})")
+        typer.echo(f"{n}: {d}{' ' + classes[d] if named else ''} ({p:.1%})")
 
 
 def check_cron(cron: str) -> None:
@@ -280,11 +294,17 @@ def check_cron(cron: str) -> None:
         raise DigitflowError(f"--cron {cron!r} is not a valid cron expression") from None
 
 
-def deployment_parameters(home, mirror, preset, model_name, hp, webhook) -> dict:
+def deployment_parameters(home, mirror, preset, model_name, hp, webhook, dataset="mnist",
+                          allow_unpinned=False) -> dict:
     from flows.contract import hyperparameters
 
     hyperparameters(preset, hp)  # invalid values fail now, not at 3 a.m.
+    spec, model_name = dataset_model(dataset, model_name, allow_unpinned)
     params = {"home": str(resolve_home(home)), "preset": preset, "model_name": model_name}
+    if spec.name != "mnist":
+        params["dataset"] = dataset if spec.source == "built-in" else spec.source  # a spec file: its absolute path
+    if allow_unpinned:
+        params["allow_unpinned"] = True
     if mirror:
         params["mirrors"] = list(mirror)
     if hp:
@@ -298,8 +318,9 @@ def deployment_parameters(home, mirror, preset, model_name, hp, webhook) -> dict
 @hp_options
 def serve(cron: str = typer.Option("0 3 * * *", "--cron", help="Cron schedule of the retraining runs (UTC)."),
           name: str = typer.Option("scheduled", "--name", help="Deployment name."),
-          home: Optional[str] = HOME, mirror: Optional[List[str]] = MIRRORS, preset: str = PRESET,
-          model_name: str = MODEL_NAME, webhook: Optional[str] = WEBHOOK, hp: dict = None) -> None:
+          home: Optional[str] = HOME, mirror: Optional[List[str]] = MIRRORS, dataset: str = DATASET,
+          allow_unpinned: bool = ALLOW_UNPINNED, preset: str = PRESET,
+          model_name: Optional[str] = MODEL_NAME, webhook: Optional[str] = WEBHOOK, hp: dict = None) -> None:
     """Serve the pipeline as a Prefect deployment on a cron schedule (runs until stopped).
 
     Runs appear in the dashboard on schedule and can be started from the UI or with
@@ -308,9 +329,9 @@ def serve(cron: str = typer.Option("0 3 * * *", "--cron", help="Cron schedule of
 
     with one_line_errors():
         check_cron(cron)
-        params = deployment_parameters(home, mirror, preset, model_name, hp, webhook)
+        params = deployment_parameters(home, mirror, preset, model_name, hp, webhook, dataset, allow_unpinned)
     retrain.serve(name=name, cron=cron, parameters=params, tags=["digitflow"],
-                  description=f"Retrain {model_name} with preset {preset!r} on {cron!r} (UTC)")
+                  description=f"Retrain {params['model_name']} with preset {preset!r} on {cron!r} (UTC)")
 
 
 @app.command()
@@ -318,8 +339,9 @@ def serve(cron: str = typer.Option("0 3 * * *", "--cron", help="Cron schedule of
 def deploy(pool: str = typer.Option("digitflow", "--pool", help="Process work pool (created if missing)."),
            cron: Optional[str] = typer.Option(None, "--cron", help="Cron schedule (UTC); none: run on demand."),
            name: str = typer.Option("workers", "--name", help="Deployment name."),
-           home: Optional[str] = HOME, mirror: Optional[List[str]] = MIRRORS, preset: str = PRESET,
-           model_name: str = MODEL_NAME, webhook: Optional[str] = WEBHOOK, hp: dict = None) -> None:
+           home: Optional[str] = HOME, mirror: Optional[List[str]] = MIRRORS, dataset: str = DATASET,
+           allow_unpinned: bool = ALLOW_UNPINNED, preset: str = PRESET,
+           model_name: Optional[str] = MODEL_NAME, webhook: Optional[str] = WEBHOOK, hp: dict = None) -> None:
     """Register the pipeline for a process work pool; runs execute on `prefect worker start --pool POOL`."""
     from pathlib import Path
 
@@ -331,7 +353,7 @@ def deploy(pool: str = typer.Option("digitflow", "--pool", help="Process work po
     with one_line_errors():
         if cron is not None:
             check_cron(cron)
-        params = deployment_parameters(home, mirror, preset, model_name, hp, webhook)
+        params = deployment_parameters(home, mirror, preset, model_name, hp, webhook, dataset, allow_unpinned)
         with get_client(sync_client=True) as client:
             try:
                 client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
@@ -349,8 +371,8 @@ def deploy(pool: str = typer.Option("digitflow", "--pool", help="Process work po
 @hp_options
 def sweep(grid: List[str] = typer.Option(..., "--grid", help="name=v1,v2 (repeat or list several): hidden=128,256 lr=0.05,0.1"),
           extra: Optional[List[str]] = typer.Argument(None, hidden=True),
-          home: Optional[str] = HOME, mirror: Optional[List[str]] = MIRRORS, preset: str = PRESET,
-          model_name: str = MODEL_NAME,
+          home: Optional[str] = HOME, mirror: Optional[List[str]] = MIRRORS, dataset: str = DATASET,
+          allow_unpinned: bool = ALLOW_UNPINNED, preset: str = PRESET, model_name: Optional[str] = MODEL_NAME,
           dask_address: Optional[str] = typer.Option(None, "--dask-address", help="tcp://HOST:8786 of an existing Dask scheduler; default: a temporary LocalCluster."),
           workers: int = typer.Option(2, "--workers", min=1, help="Worker processes of the temporary LocalCluster."),
           tolerance: float = TOLERANCE, floor: float = FLOOR,
@@ -363,9 +385,8 @@ def sweep(grid: List[str] = typer.Option(..., "--grid", help="name=v1,v2 (repeat
     with one_line_errors():
         points = parse_grid(list(grid) + list(extra or []))
         from flows.contract import hyperparameters
-        from storage.registry import check_name
 
-        check_name(model_name)
+        dataset_model(dataset, model_name, allow_unpinned)
         for point in points:
             hyperparameters(preset, {**hp, **point})
         check_ingest_settings(rows_per_shard=rows_per_shard, timeout=timeout, retries=retries)
@@ -381,7 +402,8 @@ def sweep(grid: List[str] = typer.Option(..., "--grid", help="name=v1,v2 (repeat
             runner = DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True,
                                                     "dashboard_address": None})
         result = sweep_flow.with_options(task_runner=runner)(
-            grid=points, home=home, mirrors=_mirrors(mirror), preset=preset, model_name=model_name, **hp,
+            grid=points, home=home, mirrors=_mirrors(mirror), dataset=dataset, allow_unpinned=allow_unpinned,
+            preset=preset, model_name=model_name, **hp,
             tolerance=tolerance, floor=floor, rows_per_shard=rows_per_shard, timeout=timeout, retries=retries,
             webhook_url=webhook)
     if json_out:
@@ -398,7 +420,7 @@ def sweep(grid: List[str] = typer.Option(..., "--grid", help="name=v1,v2 (repeat
 def api(host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind (127.0.0.1: this machine only)."),
         port: int = typer.Option(8000, "--port", min=0, max=65535, help="TCP port."),
         model: str = typer.Option("champion", "--model", help="What to serve: champion, latest or vN (aliases are followed)."),
-        home: Optional[str] = HOME, model_name: str = MODEL_NAME,
+        home: Optional[str] = HOME, dataset: str = DATASET, model_name: Optional[str] = MODEL_NAME,
         workers: int = typer.Option(1, "--workers", min=1, max=64, help="Worker processes."),
         token: Optional[str] = typer.Option(None, "--token", envvar="DIGITFLOW_API_TOKEN", show_envvar=True,
                                             help="Bearer token required on every endpoint but /health."),
@@ -411,10 +433,9 @@ def api(host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind 
     """Serve the champion over HTTP (POST /predict, GET /model /health /ready /metrics, and a drawing page at /);
     a promotion is picked up within --poll seconds, verified before the swap."""
     from flows.api import serve as serve_api
-    from storage.registry import check_name
 
     with one_line_errors():
-        check_name(model_name)
+        _, model_name = dataset_model(dataset, model_name)
         if log_level.lower() not in ("debug", "info", "warning", "error"):
             raise DigitflowError(f"--log-level {log_level!r}: use info, warning or error")
         settings = ApiSettings(home=str(resolve_home(home).root), model_name=model_name, model=model, token=token,

@@ -24,9 +24,24 @@ RETRIES = typer.Option(DEFAULT_RETRIES, "--retries", help="Retries of a download
 DEADLINE = typer.Option(None, "--deadline", help="Seconds one mirror may take for one file (default: timeout + archive size at 50 kB/s).")
 PRESET = typer.Option("default", "--preset", help="Hyperparameter preset: default, best or fast.")
 WEBHOOK = typer.Option(None, "--webhook", help="POST failed runs and gate rejections here (env DIGITFLOW_WEBHOOK_URL).")
-MODEL_NAME = typer.Option(DEFAULT_NAME, "--model-name", help="Registry name of the model.")
+MODEL_NAME = typer.Option(None, "--model-name", help=f"Registry name of the model (default: <dataset>-mlp, {DEFAULT_NAME} for MNIST).")
+DATASET = typer.Option("mnist", "--dataset", help="mnist, fashion-mnist, or the path of a dataset spec file (.toml/.json).")
+ALLOW_UNPINNED = typer.Option(False, "--allow-unpinned", help="Accept dataset files whose spec has no checksum (the provenance records the hash seen).")
 TOLERANCE = typer.Option(DEFAULT_TOLERANCE, "--tolerance", min=GATE_BOUNDS[0], max=GATE_BOUNDS[1], help="Promote if accuracy ≥ champion's minus this.")
 FLOOR = typer.Option(DEFAULT_FLOOR, "--floor", min=GATE_BOUNDS[0], max=GATE_BOUNDS[1], help="Never promote below this test accuracy.")
+
+
+
+def dataset_model(dataset: str, model_name: str | None, allow_unpinned: bool = True):
+    """(dataset spec, model name) for a command's --dataset and --model-name: the spec is
+    validated here (one line per mistake) and the name defaults to the dataset's."""
+    from storage.datasets import check_pinned, resolve
+    from storage.registry import check_name
+
+    spec = resolve(dataset)
+    check_pinned(spec, allow_unpinned)
+    return spec, check_name(model_name or spec.default_model_name)
+
 
 _final_words: list[str] = []
 

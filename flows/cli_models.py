@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from flows.cli_common import HOME, MODEL_NAME, one_line_errors
+from flows.cli_common import DATASET, HOME, MODEL_NAME, dataset_model, one_line_errors
 from storage.config import resolve_home
 from storage.registry import Registry
 
@@ -15,8 +15,9 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="List, inspec
 JSON = typer.Option(False, "--json", help="Machine-readable output.")
 
 
-def _registry(home, name) -> Registry:
-    return resolve_home(home).registry(name)
+def _registry(home, name, dataset="mnist") -> Registry:
+    """The registry of ``--model-name`` (default: the dataset's model, mnist-mlp for MNIST)."""
+    return resolve_home(home).registry(dataset_model(dataset, name)[1])
 
 
 def listing(registry: Registry) -> list[dict]:
@@ -32,10 +33,12 @@ def listing(registry: Registry) -> list[dict]:
 
 
 @app.command("list")
-def list_(home: Optional[str] = HOME, model_name: str = MODEL_NAME, json_out: bool = JSON) -> None:
+def list_(home: Optional[str] = HOME, model_name: Optional[str] = MODEL_NAME, dataset: str = DATASET, json_out: bool = JSON) -> None:
     """Versions with creation time, test accuracy, aliases and gate status."""
     with one_line_errors():
-        rows = listing(_registry(home, model_name))
+        registry = _registry(home, model_name, dataset)
+        rows = listing(registry)
+    model_name = registry.name
     if json_out:
         typer.echo(json.dumps(rows))
         return
@@ -53,7 +56,6 @@ def list_(home: Optional[str] = HOME, model_name: str = MODEL_NAME, json_out: bo
         accuracy = f"{r['test_accuracy']:.4f}" if isinstance(r["test_accuracy"], (int, float)) else "?"
         table.add_row(f"v{r['version']}", r["created"] or "", accuracy, ", ".join(r["aliases"]), status)
     Console(width=160).print(table)
-    registry = _registry(home, model_name)
     if registry.aliases_problem():
         typer.echo(f"note: {registry.aliases_problem()}; aliases shown as the versions and decisions imply "
                    "(the next publish rewrites aliases.json)")
@@ -61,10 +63,10 @@ def list_(home: Optional[str] = HOME, model_name: str = MODEL_NAME, json_out: bo
 
 @app.command()
 def show(ref: str = typer.Argument(..., help="VERSION or alias."), home: Optional[str] = HOME,
-         model_name: str = MODEL_NAME, json_out: bool = JSON) -> None:
+         model_name: Optional[str] = MODEL_NAME, dataset: str = DATASET, json_out: bool = JSON) -> None:
     """A version's metrics, lineage and gate decision."""
     with one_line_errors():
-        reg = _registry(home, model_name)
+        reg = _registry(home, model_name, dataset)
         v = reg.resolve(ref)
         metrics = reg.metrics(v)
         info = {"version": v, "path": str(reg.path(v)), "status": reg.status(v), "decision": reg.decision(v),
@@ -75,7 +77,7 @@ def show(ref: str = typer.Argument(..., help="VERSION or alias."), home: Optiona
         typer.echo(json.dumps(info))
         return
     m, meta = info["metrics"], info["metadata"]
-    typer.echo(f"{model_name} v{v} — {info['status']}  ({info['path']})")
+    typer.echo(f"{reg.name} v{v} — {info['status']}  ({info['path']})")
     typer.echo(f"  test accuracy {m['test_accuracy']:.4f}  loss {m['test_loss']:.4f}  macro F1 {m['macro_f1']:.4f}")
     if info["decision"]:
         d = info["decision"]
@@ -90,10 +92,12 @@ def show(ref: str = typer.Argument(..., help="VERSION or alias."), home: Optiona
 def promote(version: str = typer.Argument(..., help="VERSION to make champion."),
             reason: str = typer.Option(..., "--reason", help="Why the gate is overridden (recorded)."),
             by: Optional[str] = typer.Option(None, "--by", help="Who (default: the current user)."),
-            home: Optional[str] = HOME, model_name: str = MODEL_NAME) -> None:
+            home: Optional[str] = HOME, model_name: Optional[str] = MODEL_NAME, dataset: str = DATASET) -> None:
     """Manually make VERSION the champion, overriding the gate; who/when/why are recorded."""
     with one_line_errors():
-        decision = _registry(home, model_name).promote(version, reason=reason, by=by)
+        registry = _registry(home, model_name, dataset)
+        decision = registry.promote(version, reason=reason, by=by)
+    model_name = registry.name
     typer.echo(f"{model_name} v{decision['version']} is champion (was "
                f"{'v%d' % decision['champion_before'] if decision['champion_before'] else 'none'}); "
                f"recorded: by {decision['by']} at {decision['at']}")
@@ -110,10 +114,10 @@ def diff_versions(reg: Registry, a: int, b: int) -> dict:
 
 @app.command()
 def diff(a: str = typer.Argument(..., help="VERSION or alias."), b: str = typer.Argument(..., help="VERSION or alias."),
-         home: Optional[str] = HOME, model_name: str = MODEL_NAME, json_out: bool = JSON) -> None:
+         home: Optional[str] = HOME, model_name: Optional[str] = MODEL_NAME, dataset: str = DATASET, json_out: bool = JSON) -> None:
     """Metrics side by side, per-class deltas and the confusion-matrix change (B − A)."""
     with one_line_errors():
-        reg = _registry(home, model_name)
+        reg = _registry(home, model_name, dataset)
         d = diff_versions(reg, reg.resolve(a), reg.resolve(b))
     if json_out:
         typer.echo(json.dumps(d))
@@ -133,16 +137,16 @@ def diff(a: str = typer.Argument(..., help="VERSION or alias."), b: str = typer.
 @app.command()
 def export(ref: str = typer.Argument(..., help="VERSION or alias."),
            onnx_file: str = typer.Option(..., "--onnx", help="Where to write the ONNX model."),
-           home: Optional[str] = HOME, model_name: str = MODEL_NAME) -> None:
+           home: Optional[str] = HOME, model_name: Optional[str] = MODEL_NAME, dataset: str = DATASET) -> None:
     """Export a version as ONNX (Gemm/Relu/…/Softmax), verified in onnxruntime against NumPy.
 
     Needs the optional extra: pip install 'digitflow[onnx]'."""
     from storage.onnx_export import export_onnx
 
     with one_line_errors():
-        reg = _registry(home, model_name)
+        reg = _registry(home, model_name, dataset)
         v = reg.resolve(ref)
         reg.load_model(v)  # only the weights that were published are exported
         result = export_onnx(reg.path(v), onnx_file)
-    typer.echo(f"wrote {onnx_file}: {model_name} v{v}, max |onnxruntime − numpy| = {result['max_abs_diff']:.2e} "
+    typer.echo(f"wrote {onnx_file}: {reg.name} v{v}, max |onnxruntime − numpy| = {result['max_abs_diff']:.2e} "
                f"on {result['checked']} inputs")

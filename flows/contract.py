@@ -52,6 +52,9 @@ _DEADLINE = _bounded("deadline")
 Deadline = Optional[_DEADLINE]  # None: from the file's size
 Accuracy = Annotated[float, Field(ge=GATE_BOUNDS[0], le=GATE_BOUNDS[1])]
 ModelName = Annotated[str, Field(pattern=f"^{MODEL_NAME.pattern}$")]
+# A built-in dataset's name or the path of a spec file (checked when the flow resolves it).
+DatasetName = Annotated[str, Field(min_length=1, max_length=4096,
+                                   description="mnist, fashion-mnist, or the path of a dataset spec (.toml/.json)")]
 
 
 def _base(kind) -> type:

@@ -1,17 +1,27 @@
-"""The ingest flow: download → verify → parse → shard, for both MNIST splits."""
+"""The ingest flow: download → verify → parse → shard, for every split of a dataset (MNIST by default)."""
 # (No `from __future__ import annotations` here: Prefect validates flow parameters against real annotations.)
 
-from prefect import flow
+from pathlib import Path
 
-from flows.contract import Deadline, Retries, RowsPerShard, Timeout
+from prefect import flow
+from prefect.runtime import flow_run
+
+from flows.contract import DatasetName, Deadline, Retries, RowsPerShard, Timeout
 from storage.config import (DEFAULT_RETRIES, DEFAULT_ROWS_PER_SHARD, DEFAULT_TIMEOUT, check_ingest_settings,
                             resolve_home, resolve_mirrors)
-from storage.mnist import SPLITS, file_for
+from storage.datasets import check_pinned, resolve as resolve_dataset
 from tasks.ingest import download, parse, verify, write_shards
 from tasks.refs import SplitRef
 
 
-@flow(name="ingest-mnist", flow_run_name="ingest-mnist ({rows_per_shard} rows/shard)")
+def ingest_run_name() -> str:
+    params = flow_run.parameters
+    dataset = str(params.get("dataset") or "mnist")
+    return f"ingest-{Path(dataset).stem if dataset.endswith(('.toml', '.json')) else dataset} " \
+           f"({params.get('rows_per_shard', DEFAULT_ROWS_PER_SHARD)} rows/shard)"
+
+
+@flow(name="ingest-mnist", flow_run_name=ingest_run_name)
 def ingest(
     home: str | None = None,
     mirrors: list[str] | None = None,
@@ -20,26 +30,36 @@ def ingest(
     retries: Retries = DEFAULT_RETRIES,
     retry_delay: float = 2.0,
     deadline: Deadline = None,
+    dataset: DatasetName = "mnist",
+    allow_unpinned: bool = False,
 ) -> dict[str, SplitRef]:
-    """Make ``<home>/data/mnist/{train,test}`` hold verified, normalized Parquet shards.
+    """Make ``<home>/data/<dataset>/<split>`` hold verified, normalized Parquet shards, for every
+    split of the dataset (MNIST: train and test).
 
     Returns ``{split: manifest reference}`` (path, SHA-256, row count).
+
+    Args:
+        dataset: A built-in dataset (mnist, fashion-mnist) or the path of a spec file (.toml/.json).
+        allow_unpinned: Accept files the spec gives no checksum for (the provenance records the hash seen).
     """
+    spec = resolve_dataset(dataset)
+    check_pinned(spec, allow_unpinned)
     check_ingest_settings(rows_per_shard=rows_per_shard, timeout=timeout, retries=retries, deadline=deadline)
     home = resolve_home(home)
-    mirrors = resolve_mirrors(mirrors)
-    raw_dir = str(home.raw)
-    names = [file_for(split, kind).name for split in SPLITS for kind in ("images", "labels")]
+    mirrors = resolve_mirrors(mirrors, default=spec.mirrors)
+    raw_dir = str(home.raw_for(spec.name))
+    files = {f.name: f for f in spec.files}
+    shape, n_classes = spec.image_shape, len(spec.classes)
 
-    # 1. Download the four archives concurrently; a cached download whose file is missing or
+    # 1. Download the archives (MNIST: four) concurrently; a cached download whose file is missing or
     #    no longer hashes to its pin is refreshed (fetched again). Transient failures retry
     #    with exponential backoff; each mirror gets ``deadline`` seconds per file.
     fetches = {
         name: download.with_options(
             retries=retries,
             retry_delay_seconds=[retry_delay * 2**i for i in range(retries)],
-        ).submit(name, mirrors, raw_dir, timeout, deadline)
-        for name in names
+        ).submit(file, mirrors, raw_dir, timeout, deadline)
+        for name, file in files.items()
     }
     refs = {name: future.result() for name, future in fetches.items()}  # any failure stops here
 
@@ -49,16 +69,16 @@ def ingest(
     checked = {name: future.result() for name, future in checked.items()}
 
     def pair(split):
-        return checked[file_for(split, "images").name], checked[file_for(split, "labels").name]
+        return checked[spec.file_for(split, "images").name], checked[spec.file_for(split, "labels").name]
 
-    # 3. Parse and validate both splits before anything is written.
-    for split in SPLITS:
-        parse(split, *pair(split))
+    # 3. Parse and validate every split before anything is written.
+    for split in spec.splits:
+        parse(split, *pair(split), image_shape=shape, n_classes=n_classes)
 
     # 4. Write each split's shards + manifest (swapped in whole, never half-written). A cached
     #    result whose directory no longer verifies (manifest, coverage, every shard's SHA-256)
     #    is refreshed: the split is rebuilt.
-    manifests = {split: write_shards.submit(split, *pair(split), out_dir=str(home.split(split)),
-                                           rows_per_shard=rows_per_shard)
-                 for split in SPLITS}
+    manifests = {split: write_shards.submit(split, *pair(split), out_dir=str(home.split(split, spec.name)),
+                                           rows_per_shard=rows_per_shard, image_shape=shape, n_classes=n_classes)
+                 for split in spec.splits}
     return {split: future.result() for split, future in manifests.items()}

@@ -4,12 +4,13 @@ from prefect import flow, tags
 from prefect.runtime import flow_run
 
 from flows.alerts import alert_if_rejected, on_flow_failure
-from flows.contract import (DEFAULT_FLOOR, DEFAULT_NAME, DEFAULT_RETRIES, DEFAULT_ROWS_PER_SHARD, DEFAULT_TIMEOUT,
-                            DEFAULT_TOLERANCE, Accuracy, Deadline, ModelName, Preset, Retries, RowsPerShard, Timeout,
+from flows.contract import (DEFAULT_FLOOR, DEFAULT_RETRIES, DEFAULT_ROWS_PER_SHARD, DEFAULT_TIMEOUT,
+                            DEFAULT_TOLERANCE, Accuracy, DatasetName, Deadline, ModelName, Preset, Retries, RowsPerShard, Timeout,
                             hyperparameters, with_hyperparameters)
 from flows.ingest import ingest
 from storage import DigitflowError
 from storage.config import resolve_home
+from storage.datasets import check_pinned, resolve as resolve_dataset
 from storage.registry import check_name
 from tasks.ingest import manifest_ref
 from tasks.model import artifact_key, evaluate, gate, publish, train
@@ -21,9 +22,17 @@ def run_name() -> str:
     return f"retrain-{params.get('preset', 'default')}"
 
 
-def run_tags(preset: str, model_name: str) -> list[str]:
+def run_tags(preset: str, model_name: str, dataset: str = "mnist") -> list[str]:
     """The tags of a run, derived from its own parameters (however it was started)."""
-    return ["digitflow", f"preset:{preset}", f"model:{model_name}"]
+    return ["digitflow", f"dataset:{dataset}", f"preset:{preset}", f"model:{model_name}"]
+
+
+def dataset_and_model(dataset: str, model_name: str | None, allow_unpinned: bool = True):
+    """The dataset spec (validated: one line per mistake, before any work) and the model name
+    (default: the dataset's, mnist-mlp for MNIST)."""
+    spec = resolve_dataset(dataset)
+    check_pinned(spec, allow_unpinned)
+    return spec, check_name(model_name or spec.default_model_name)
 
 
 @flow(name="mnist-retrain", flow_run_name=run_name, on_failure=[on_flow_failure])
@@ -31,8 +40,10 @@ def run_tags(preset: str, model_name: str) -> list[str]:
 def retrain(
     home: str | None = None,
     mirrors: list[str] | None = None,
+    dataset: DatasetName = "mnist",
+    allow_unpinned: bool = False,
     preset: Preset = "default",
-    model_name: ModelName = DEFAULT_NAME,
+    model_name: ModelName | None = None,
     tolerance: Accuracy = DEFAULT_TOLERANCE,
     floor: Accuracy = DEFAULT_FLOOR,
     rows_per_shard: RowsPerShard = DEFAULT_ROWS_PER_SHARD,
@@ -46,10 +57,12 @@ def retrain(
 
     Args:
         home: Where digitflow keeps its state (default: $DIGITFLOW_HOME, else ~/.digitflow).
-        mirrors: Mirror base URLs, tried in order (default: $DIGITFLOW_MIRRORS, else the public ones).
+        mirrors: Mirror base URLs, tried in order (default: $DIGITFLOW_MIRRORS, else the dataset's public ones).
+        dataset: mnist, fashion-mnist, or the path of a dataset spec file (.toml/.json).
+        allow_unpinned: Accept dataset files the spec gives no checksum for (the provenance records the hash seen).
         preset: Hyperparameter preset; the hyperparameters after webhook_url change single values of it
             (an empty field keeps the preset's value).
-        model_name: Registry name of the model.
+        model_name: Registry name of the model (default: <dataset>-mlp; mnist-mlp for MNIST).
         tolerance: Promote when test accuracy ≥ the champion's minus this.
         floor: Never promote below this test accuracy.
         rows_per_shard: Rows per Parquet shard.
@@ -59,14 +72,14 @@ def retrain(
         webhook_url: POST failed runs and gate rejections here (else $DIGITFLOW_WEBHOOK_URL).
     """
     hp = hyperparameters(preset, overrides).to_dict()
-    check_name(model_name)  # before any work
+    spec, model_name = dataset_and_model(dataset, model_name, allow_unpinned)  # before any work
     home = resolve_home(home)
-    update_run(tags=run_tags(preset, model_name))
+    update_run(tags=run_tags(preset, model_name, spec.name))
 
-    with tags(*run_tags(preset, model_name)):  # the subflows and every task carry them too
+    with tags(*run_tags(preset, model_name, spec.name)):  # the subflows and every task carry them too
         # 1. Data: verified Parquet shards (a subflow; cached when nothing changed).
         data = ingest(home=str(home), mirrors=mirrors, rows_per_shard=rows_per_shard, timeout=timeout, retries=retries,
-                      deadline=deadline)
+                      deadline=deadline, dataset=dataset, allow_unpinned=allow_unpinned)
 
         # 2. Train on the train split; cached on (data, hyperparameters, seed, nn/ source).
         model = train(data["train"], hp, home, progress_key=artifact_key(model_name, "training"),
@@ -74,40 +87,44 @@ def retrain(
 
         # 3-5. Evaluate on the test split, publish an immutable version (identical weights: the
         # existing one), put it through the gate: the subflow `run`, `sweep` and `publish` share.
-        outcome = publish_trained(model, home=str(home), model_name=model_name, tolerance=tolerance, floor=floor,
-                                  webhook_url=webhook_url)
+        outcome = publish_trained(model, home=str(home), dataset=dataset, model_name=model_name, tolerance=tolerance,
+                                  floor=floor, webhook_url=webhook_url)
     update_run(name=f"retrain-{preset} → v{outcome['version']} {outcome['status']}")
-    return {**outcome, "preset": preset, "hyperparameters": hp}
+    return {**outcome, "preset": preset, "hyperparameters": hp, "dataset": spec.name}
 
 
 @flow(name="mnist-train", flow_run_name="train-{preset}")
 @with_hyperparameters
-def train_only(home: str | None = None, preset: Preset = "default", **overrides) -> TrainedModel:
+def train_only(home: str | None = None, dataset: DatasetName = "mnist", preset: Preset = "default",
+               **overrides) -> TrainedModel:
     """Train on the ingested shards (no ingest, no publish); returns the trained model's reference,
     whose folder `evaluate --model PATH` and `publish PATH` accept.
 
     Args:
         home: Where digitflow keeps its state (default: $DIGITFLOW_HOME, else ~/.digitflow).
+        dataset: mnist, fashion-mnist, or the path of a dataset spec file (.toml/.json).
         preset: Hyperparameter preset; the hyperparameters after it change single values of it.
     """
     hp = hyperparameters(preset, overrides).to_dict()
+    spec = resolve_dataset(dataset)
     home = resolve_home(home)
-    update_run(tags=["digitflow", f"preset:{preset}"])
-    ref = manifest_ref(str(home.split("train")))
+    update_run(tags=["digitflow", f"dataset:{spec.name}", f"preset:{preset}"])
+    ref = manifest_ref(str(home.split("train", spec.name)))
     return train(ref, hp, home, description=f"preset {preset}")
 
 
 @flow(name="mnist-evaluate", flow_run_name="evaluate {model.weights_sha256:.12}")
-def evaluate_model(model: TrainedModel, home: str | None = None) -> Evaluation:
-    """Evaluate a model reference (a published version or a trained folder) on the test split."""
+def evaluate_model(model: TrainedModel, home: str | None = None, dataset: DatasetName = "mnist") -> Evaluation:
+    """Evaluate a model reference (a published version or a trained folder) on the dataset's test split."""
+    spec = resolve_dataset(dataset)
     home = resolve_home(home)
-    return evaluate(model, manifest_ref(str(home.split("test"))))
+    return evaluate(model, manifest_ref(str(home.split("test", spec.name))))
 
 
 @flow(name="mnist-publish", flow_run_name="publish {model.weights_sha256:.12}", on_failure=[on_flow_failure])
-def publish_trained(model: TrainedModel, home: str | None = None, model_name: str = DEFAULT_NAME,
-                    tolerance: Accuracy = DEFAULT_TOLERANCE, floor: float = DEFAULT_FLOOR,
-                    webhook_url: str | None = None) -> dict:
+def publish_trained(model: TrainedModel, home: str | None = None, dataset: DatasetName = "mnist",
+                    model_name: ModelName | None = None, tolerance: Accuracy = DEFAULT_TOLERANCE,
+                    floor: Accuracy = DEFAULT_FLOOR, webhook_url: str | None = None) -> dict:
     """Evaluate → publish → gate: the tail `run`, `sweep` and `digitflow publish` share (a subflow of the
     first two). Evaluates the trained model on the test split, publishes it as an immutable version
     (identical weights: the existing version) and puts it through the promotion gate.
@@ -115,21 +132,23 @@ def publish_trained(model: TrainedModel, home: str | None = None, model_name: st
     Args:
         model: The trained model (its folder and weights digest).
         home: Where digitflow keeps its state (default: $DIGITFLOW_HOME, else ~/.digitflow).
-        model_name: Registry name of the model.
+        dataset: The dataset it was trained on: mnist, fashion-mnist, or a spec file's path.
+        model_name: Registry name of the model (default: <dataset>-mlp; mnist-mlp for MNIST).
         tolerance: Promote when test accuracy ≥ the champion's minus this.
         floor: Never promote below this test accuracy.
         webhook_url: POST failed runs and gate rejections here (else $DIGITFLOW_WEBHOOK_URL).
     """
-    check_name(model_name)
+    spec, model_name = dataset_and_model(dataset, model_name)
     home = resolve_home(home)
-    update_run(tags=["digitflow", f"model:{model_name}"])
-    data = {split: manifest_ref(str(home.split(split))) for split in ("train", "test")}
+    update_run(tags=["digitflow", f"dataset:{spec.name}", f"model:{model_name}"])
+    data = {split: manifest_ref(str(home.split(split, spec.name))) for split in ("train", "test")}
     if model.train_manifest_sha256 not in (None, data["train"].sha256):
         raise DigitflowError(f"{model.dir} was trained on data {model.train_manifest_sha256[:12]}…, but the "
                              f"ingested train split is {data['train'].sha256[:12]}…: retrain it, or ingest that data")
-    with tags("digitflow", f"model:{model_name}"):
+    with tags("digitflow", f"dataset:{spec.name}", f"model:{model_name}"):
         metrics = evaluate(model, data["test"])
-        published = publish(model, metrics, data["train"], data["test"], home, model_name)
+        published = publish(model, metrics, data["train"], data["test"], home, model_name,
+                            dataset={"name": spec.name, "classes": list(spec.classes), "source": spec.source})
         decision = gate(published, home, tolerance=tolerance, floor=floor)
     alert_if_rejected(webhook_url, published, decision)
     outcome = {**published.model_dump(), **outcome_of(published, decision)}

@@ -14,14 +14,13 @@ from prefect.runtime import flow_run
 
 from flows.alerts import on_flow_failure
 from flows.ingest import ingest
-from flows.contract import (DEFAULT_FLOOR, DEFAULT_NAME, DEFAULT_RETRIES, DEFAULT_ROWS_PER_SHARD, DEFAULT_TIMEOUT,
-                            DEFAULT_TOLERANCE, Accuracy, ModelName, Overrides, Preset, Retries, RowsPerShard, Timeout,
+from flows.contract import (DEFAULT_FLOOR, DEFAULT_RETRIES, DEFAULT_ROWS_PER_SHARD, DEFAULT_TIMEOUT,
+                            DEFAULT_TOLERANCE, Accuracy, DatasetName, ModelName, Overrides, Preset, Retries, RowsPerShard, Timeout,
                             hyperparameters, overrides_dict, with_hyperparameters)
-from flows.pipeline import publish_trained, run_tags, update_run
+from flows.pipeline import dataset_and_model, publish_trained, run_tags, update_run
 from storage import DigitflowError
 from storage.atomic import write_bytes, write_json
 from storage.config import resolve_home
-from storage.registry import check_name
 from tasks.model import artifact_key, evaluate, train
 
 
@@ -85,8 +84,10 @@ def sweep(
     grid: list[Overrides],
     home: str | None = None,
     mirrors: list[str] | None = None,
+    dataset: DatasetName = "mnist",
+    allow_unpinned: bool = False,
     preset: Preset = "default",
-    model_name: ModelName = DEFAULT_NAME,
+    model_name: ModelName | None = None,
     tolerance: Accuracy = DEFAULT_TOLERANCE,
     floor: Accuracy = DEFAULT_FLOOR,
     rows_per_shard: RowsPerShard = DEFAULT_ROWS_PER_SHARD,
@@ -99,6 +100,9 @@ def sweep(
 
     Args:
         grid: The grid points: each sets some hyperparameters on top of the preset and those given below.
+        dataset: mnist, fashion-mnist, or the path of a dataset spec file (.toml/.json).
+        allow_unpinned: Accept dataset files the spec gives no checksum for (the provenance records the hash seen).
+        model_name: Registry name of the model (default: <dataset>-mlp; mnist-mlp for MNIST).
     """
     log = get_run_logger()
     base = overrides_dict(overrides)
@@ -106,13 +110,14 @@ def sweep(
     configs = [hyperparameters(preset, {**base, **point}).to_dict() for point in points]
     if not configs:
         raise DigitflowError("the grid is empty")
-    check_name(model_name)
+    spec, model_name = dataset_and_model(dataset, model_name, allow_unpinned)
     home = resolve_home(home)
-    update_run(tags=[*run_tags(preset, model_name), "sweep"])
+    update_run(tags=[*run_tags(preset, model_name, spec.name), "sweep"])
     log.info("sweep of %d runs; task runner: %s", len(configs), describe_runner())
 
-    with tags(*run_tags(preset, model_name), "sweep"):
-        data = ingest(home=str(home), mirrors=mirrors, rows_per_shard=rows_per_shard, timeout=timeout, retries=retries)
+    with tags(*run_tags(preset, model_name, spec.name), "sweep"):
+        data = ingest(home=str(home), mirrors=mirrors, rows_per_shard=rows_per_shard, timeout=timeout, retries=retries,
+                      dataset=dataset, allow_unpinned=allow_unpinned)
 
         # Fan out: one training task per grid point, in parallel on the Dask workers.
         trained = [train.submit(
@@ -131,7 +136,8 @@ def sweep(
         # Select on validation accuracy (the test split only reports), then the shared tail
         # (a subflow: its evaluation is the cached one above).
         best = max(results, key=lambda r: (r["val_accuracy"] or 0.0, -(r["val_loss"] or 0.0)))
-        outcome = publish_trained(best["model"], home=str(home), model_name=model_name, tolerance=tolerance,
+        outcome = publish_trained(best["model"], home=str(home), dataset=dataset, model_name=model_name,
+                                  tolerance=tolerance,
                                   floor=floor, webhook_url=webhook_url)
     rows = [{"grid point": json.dumps(r["point"]), "val_accuracy": round(r["val_accuracy"] or 0, 4),
              "test_accuracy": round(r["metrics"].test_accuracy, 4), "train_seconds": r["model"].train_seconds,

@@ -153,15 +153,16 @@ def get(name: str, **overrides) -> Hyperparameters:
     return dataclasses.replace(PRESETS[name], **changes).validate()
 
 
-def build(hp: Hyperparameters) -> Sequential:
-    """The network these hyperparameters describe, initialized from ``hp.seed``."""
-    layers, n_in = [], 784
+def build(hp: Hyperparameters, n_in: int = 784, n_out: int = 10) -> Sequential:
+    """The network these hyperparameters describe for ``n_in`` inputs (MNIST: 28×28 = 784) and
+    ``n_out`` classes (MNIST: 10), initialized from ``hp.seed``."""
+    layers = []
     for h in hp.hidden:
         layers += [Dense(n_in, h, init="he" if hp.activation == "relu" else "xavier"), ACTIVATIONS[hp.activation]()]
         if hp.dropout:
             layers.append(Dropout(hp.dropout))
         n_in = h
-    layers.append(Dense(n_in, 10, init="xavier"))
+    layers.append(Dense(n_in, n_out, init="xavier"))
     model = Sequential(*layers, seed=hp.seed)
     if hp.standardize:
         model.preprocessing = {"mean": MNIST_MEAN, "std": MNIST_STD}
@@ -170,10 +171,12 @@ def build(hp: Hyperparameters) -> Sequential:
 
 def train(hp: Hyperparameters, x: np.ndarray, y: np.ndarray,
           on_epoch: Callable[[dict], None] | None = None, checkpoint: Callable[[dict], None] | None = None,
-          resume: dict | None = None) -> tuple[Sequential, History]:
-    """Build and train a model on (pixels/255, labels), holding out ``val_fraction``."""
+          resume: dict | None = None, n_classes: int = 10,
+          image_shape: tuple[int, int] = (28, 28)) -> tuple[Sequential, History]:
+    """Build and train a model on (pixels/255 (N, n_in), labels in 0..n_classes-1), holding out
+    ``val_fraction``."""
     hp.validate()
-    model = build(hp)
+    model = build(hp, n_in=x.shape[1], n_out=n_classes)
     optimizer = make(hp.optimizer, model.parameters(), hp.lr, momentum=hp.momentum, weight_decay=hp.l2,
                      max_norm=hp.max_norm)
     schedule = {"constant": lambda: Constant(hp.lr), "cosine": lambda: CosineLR(hp.lr, hp.epochs),
@@ -183,7 +186,7 @@ def train(hp: Hyperparameters, x: np.ndarray, y: np.ndarray,
         train_idx, val_idx = split_validation(len(x), hp.val_fraction, hp.seed)
         validation = (x[val_idx], y[val_idx])
         x, y = x[train_idx], y[train_idx]
-    augment = (lambda xs, rng: random_shift(xs, rng, hp.shift)) if hp.shift else None
+    augment = (lambda xs, rng: random_shift(xs, rng, hp.shift, tuple(image_shape))) if hp.shift else None
     history = fit(model, x, y, optimizer=optimizer, epochs=hp.epochs, batch_size=hp.batch_size,
                   validation=validation, schedule=schedule, patience=hp.patience, augment=augment,
                   seed=hp.seed, on_epoch=on_epoch, checkpoint=checkpoint, resume=resume)

@@ -16,14 +16,15 @@ def resolve_home(home: str | os.PathLike | None = None) -> Home:
     return Home.resolve(home)
 
 
-def resolve_mirrors(mirrors: Sequence[str] | None = None) -> list[str]:
-    """``--mirror`` flags in order, else ``$DIGITFLOW_MIRRORS`` (comma/space separated), else the public ones."""
+def resolve_mirrors(mirrors: Sequence[str] | None = None, default: Sequence[str] = DEFAULT_MIRRORS) -> list[str]:
+    """``--mirror`` flags in order, else ``$DIGITFLOW_MIRRORS`` (comma/space separated), else the
+    dataset's public ones (``default``; MNIST's unless given)."""
     if mirrors:
         return list(mirrors)
     env = os.environ.get("DIGITFLOW_MIRRORS", "").strip()
     if env:
         return [m for m in re.split(r"[,\s]+", env) if m]
-    return list(DEFAULT_MIRRORS)
+    return list(default)
 
 
 # Defaults and bounds of the ingest settings, checked once before any work (flag or parameter).

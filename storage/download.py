@@ -35,7 +35,7 @@ import urllib3
 
 from storage import DigitflowError
 from storage.atomic import CHUNK, atomic_path, file_lock, read_json, remove_leftovers, sha256_file, write_json
-from storage.mnist import MnistFile
+from storage.datasets import MAX_IDX_BYTES, DatasetFile as MnistFile
 
 DEFAULT_TIMEOUT = 30.0  # seconds of silence before a mirror counts as failed
 
@@ -77,17 +77,32 @@ MIN_RATE = 50_000
 
 
 def default_deadline(spec: MnistFile, timeout: float) -> float:
-    return timeout + spec.archive_size / MIN_RATE
+    return timeout + spec.expected_archive_bytes / MIN_RATE
+
+
+def expected_sha256(spec: MnistFile, path: Path) -> str | None:
+    """The SHA-256 the decompressed file must have: the pin, or for a file pinned only by its
+    archive checksum (or not at all), the digest recorded when its download was verified."""
+    if spec.idx_sha256:
+        return spec.idx_sha256
+    try:
+        recorded = read_json(path.with_name(path.name + ".json"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(recorded, dict) or recorded.get("pinned_by") != spec.pin or recorded.get("file") != spec.name:
+        return None
+    return recorded.get("sha256") if isinstance(recorded.get("sha256"), str) else None
 
 
 def is_verified(spec: MnistFile, path: Path) -> bool:
-    """True if ``path`` holds exactly the pinned decompressed content."""
+    """True if ``path`` holds exactly the pinned (or verified-and-recorded) decompressed content."""
     try:
-        if path.stat().st_size != spec.idx_size:
+        if spec.idx_size is not None and path.stat().st_size != spec.idx_size:
             return False
     except FileNotFoundError:
         return False
-    return sha256_file(path) == spec.idx_sha256
+    expected = expected_sha256(spec, path)
+    return expected is not None and sha256_file(path) == expected
 
 
 def fetch_verified(
@@ -118,7 +133,8 @@ def fetch_verified(
                 info = read_json(sidecar)
             except (OSError, ValueError):
                 info = {}
-            return _record(spec, dest, info.get("mirror"), info.get("archive_sha256"), fetched=False)
+            return _record(spec, dest, info.get("mirror"), info.get("archive_sha256"), info.get("archive_md5"),
+                           fetched=False, sha256=expected_sha256(spec, dest), size=dest.stat().st_size)
         if not mirrors:
             raise DownloadError(f"{spec.name}: no mirror configured (pass --mirror URL or set DIGITFLOW_MIRRORS)")
 
@@ -129,8 +145,10 @@ def fetch_verified(
             url = mirror_url(mirror, spec.name)
             try:
                 with atomic_path(dest) as tmp:
-                    archive_sha = _stream_into(spec, url, tmp, timeout, deadline, progress, session)
-                record = _record(spec, dest, url, archive_sha, fetched=True)
+                    archive_sha, archive_md5, idx_sha, idx_size = _stream_into(spec, url, tmp, timeout, deadline,
+                                                                               progress, session)
+                record = _record(spec, dest, url, archive_sha, archive_md5, fetched=True, sha256=idx_sha,
+                                 size=idx_size)
                 write_json(sidecar, record)
                 return record
             except _MirrorFailure as e:
@@ -141,17 +159,27 @@ def fetch_verified(
                 "try another mirror with --mirror URL or DIGITFLOW_MIRRORS")
 
 
-def _record(spec: MnistFile, dest: Path, url, archive_sha, *, fetched: bool) -> dict:
-    return {
+def _record(spec: MnistFile, dest: Path, url, archive_sha, archive_md5, *, fetched: bool, sha256: str,
+            size: int) -> dict:
+    """The provenance of a verified file; ``pinned_by`` says what its content was checked against:
+    "sha256" (the decompressed content's pin), "archive-md5"/"archive-sha256" (the published archive
+    checksum and the decompressed size), or "none" (allowed unpinned: ``sha256`` is what was seen)."""
+    record = {
         "file": spec.name,
         "path": str(dest),
-        "sha256": spec.idx_sha256,
-        "size": spec.idx_size,
+        "sha256": sha256,
+        "size": size,
         "mirror": redact(url) if url else url,
         "archive_sha256": archive_sha,
-        "archive_canonical": archive_sha == spec.archive_sha256,
+        "archive_canonical": (archive_sha == spec.archive_sha256 if spec.archive_sha256
+                              else archive_md5 == spec.archive_md5 if spec.archive_md5 else False),
         "fetched": fetched,
     }
+    if spec.archive_md5:
+        record["archive_md5"] = archive_md5
+    if spec.pin != "sha256":
+        record["pinned_by"] = spec.pin
+    return record
 
 
 class _Deadline:
@@ -176,8 +204,10 @@ class _Deadline:
 
 
 def _stream_into(spec, url, tmp: Path, timeout, deadline, progress, session) -> str:
-    """Download ``url`` into ``tmp`` (decompressed), verify, return the archive SHA-256."""
-    archive_hash, idx_hash = hashlib.sha256(), hashlib.sha256()
+    """Download ``url`` into ``tmp`` (decompressed), verify it against the file's pin; return
+    (archive SHA-256, archive MD5, decompressed SHA-256, decompressed size)."""
+    archive_hash, idx_hash, archive_md5 = hashlib.sha256(), hashlib.sha256(), hashlib.md5(usedforsecurity=False)
+    limit = spec.idx_size if spec.idx_size is not None else MAX_IDX_BYTES  # unpinned: still bounded
     inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)
     archive_bytes = idx_bytes = 0
     started = time.monotonic()
@@ -195,15 +225,15 @@ def _stream_into(spec, url, tmp: Path, timeout, deadline, progress, session) -> 
                 if archive_bytes > spec.max_archive_bytes:
                     raise _MirrorFailure(f"archive exceeds the {spec.max_archive_bytes}-byte bound", False)
                 archive_hash.update(chunk)
+                archive_md5.update(chunk)
                 data = chunk
                 while data:
                     # Never inflate more than one byte past the pinned size: a gzip bomb
                     # is stopped after at most idx_size + 1 bytes, on disk and in memory.
-                    piece = inflate.decompress(data, spec.idx_size + 1 - idx_bytes)
+                    piece = inflate.decompress(data, limit + 1 - idx_bytes)
                     idx_bytes += len(piece)
-                    if idx_bytes > spec.idx_size:
-                        raise _MirrorFailure(
-                            f"decompresses past the expected {spec.idx_size} bytes (gzip bomb?)", False)
+                    if idx_bytes > limit:
+                        raise _MirrorFailure(f"decompresses past the expected {limit} bytes (gzip bomb?)", False)
                     idx_hash.update(piece)
                     out.write(piece)
                     if inflate.eof:  # end of a gzip member; another may follow
@@ -235,12 +265,20 @@ def _stream_into(spec, url, tmp: Path, timeout, deadline, progress, session) -> 
         raise _MirrorFailure(f"truncated body: {archive_bytes} of {total} bytes", True)
     if not inflate.eof:
         raise _MirrorFailure(f"truncated gzip stream after {archive_bytes} bytes", True)
-    digest = idx_hash.hexdigest()
-    if idx_bytes != spec.idx_size or digest != spec.idx_sha256:
+    digest, archive_sha = idx_hash.hexdigest(), archive_hash.hexdigest()
+    if spec.pin == "sha256" and (idx_bytes != spec.idx_size or digest != spec.idx_sha256):
         raise _MirrorFailure(
             f"SHA-256 mismatch: got {digest[:16]}… ({idx_bytes} bytes), "
             f"want {spec.idx_sha256[:16]}… ({spec.idx_size} bytes)", False)
-    return archive_hash.hexdigest()
+    if spec.idx_size is not None and idx_bytes != spec.idx_size:
+        raise _MirrorFailure(f"decompressed size {idx_bytes} bytes, want {spec.idx_size}", False)
+    if spec.pin == "archive-sha256" and archive_sha != spec.archive_sha256:
+        raise _MirrorFailure(f"archive SHA-256 mismatch: got {archive_sha[:16]}…, want the published "
+                             f"{spec.archive_sha256[:16]}…", False)
+    if spec.pin == "archive-md5" and archive_md5.hexdigest() != spec.archive_md5:
+        raise _MirrorFailure(f"archive MD5 mismatch: got {archive_md5.hexdigest()}, want the published "
+                             f"{spec.archive_md5}", False)
+    return archive_sha, archive_md5.hexdigest(), digest, idx_bytes
 
 
 def _open(url: str, timeout: float, session: requests.Session

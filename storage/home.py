@@ -1,7 +1,7 @@
 """The home: where digitflow keeps its state, as one object.
 
-    <home>/raw/mnist/<file>-ubyte              verified IDX files (+ .json provenance)
-    <home>/data/mnist/<split>/                  Parquet shards + manifest.json
+    <home>/raw/<dataset>/<file>-ubyte          verified IDX files (+ .json provenance); dataset: mnist, …
+    <home>/data/<dataset>/<split>/              Parquet shards + manifest.json
     <home>/trained/<id>/                        trained models, content-addressed
     <home>/models/<name>/                       the registry: versions, aliases, decisions
     <home>/sweeps/<flow run id>/                sweep reports
@@ -29,10 +29,13 @@ class Home:
 
     @property
     def raw(self) -> Path:
-        return self.root / "raw" / "mnist"
+        return self.raw_for("mnist")
 
-    def split(self, split: str) -> Path:
-        return self.root / "data" / "mnist" / split
+    def raw_for(self, dataset: str) -> Path:
+        return self.root / "raw" / dataset
+
+    def split(self, split: str, dataset: str = "mnist") -> Path:
+        return self.root / "data" / dataset / split
 
     @property
     def trained(self) -> Path:

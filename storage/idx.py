@@ -105,25 +105,25 @@ def read_idx(path: str | os.PathLike, sha256: str | None = None) -> np.ndarray:
     return data.reshape(h.shape).astype(h.dtype.newbyteorder("="), copy=False)
 
 
-def check_mnist_images(images: IDXHeader, name: str | None = None) -> int:
-    """Check a header describes MNIST images, (n, 28, 28) uint8; return n."""
-    if images.dtype != np.uint8 or len(images.shape) != 3 or images.shape[1:] != (28, 28):
-        raise IDXError(f"{name or Path(images.path).name}: expected uint8 images of shape (n, 28, 28), "
+def check_mnist_images(images: IDXHeader, name: str | None = None, shape: tuple[int, int] = (28, 28)) -> int:
+    """Check a header describes images of ``shape``, (n, rows, cols) uint8 (MNIST: 28×28); return n."""
+    if images.dtype != np.uint8 or len(images.shape) != 3 or images.shape[1:] != tuple(shape):
+        raise IDXError(f"{name or Path(images.path).name}: expected uint8 images of shape (n, {shape[0]}, {shape[1]}), "
                        f"got {images.dtype} {images.shape}")
     return images.shape[0]
 
 
-def check_label_range(labels: np.ndarray, name: str) -> None:
-    """Every label must be a digit 0..9."""
-    if labels.size and labels.max() > 9:
-        bad = int(np.argmax(labels > 9))
-        raise IDXError(f"{name}: label {labels[bad]} at index {bad} is outside 0..9")
+def check_label_range(labels: np.ndarray, name: str, n_classes: int = 10) -> None:
+    """Every label must be a class index 0..n_classes-1 (MNIST: a digit 0..9)."""
+    if labels.size and labels.max() > n_classes - 1:
+        bad = int(np.argmax(labels > n_classes - 1))
+        raise IDXError(f"{name}: label {labels[bad]} at index {bad} is outside 0..{n_classes - 1}")
 
 
-def check_mnist_pair(images: IDXHeader, labels: IDXHeader) -> int:
-    """Validate an MNIST images/labels pair by their headers; return the row count."""
+def check_mnist_pair(images: IDXHeader, labels: IDXHeader, shape: tuple[int, int] = (28, 28)) -> int:
+    """Validate an images/labels pair by their headers; return the row count."""
     iname, lname = Path(images.path).name, Path(labels.path).name
-    check_mnist_images(images)
+    check_mnist_images(images, shape=shape)
     if labels.dtype != np.uint8 or len(labels.shape) != 1:
         raise IDXError(f"{lname}: expected uint8 labels of shape (n,), got {labels.dtype} {labels.shape}")
     if images.shape[0] != labels.shape[0]:
@@ -131,14 +131,15 @@ def check_mnist_pair(images: IDXHeader, labels: IDXHeader) -> int:
     return images.shape[0]
 
 
-def read_mnist(images_path, labels_path, *, images_sha256: str | None = None,
-               labels_sha256: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Read and validate an MNIST pair: (n, 28, 28) uint8 images, (n,) uint8 labels in 0..9.
+def read_mnist(images_path, labels_path, *, images_sha256: str | None = None, labels_sha256: str | None = None,
+               shape: tuple[int, int] = (28, 28), n_classes: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    """Read and validate an images/labels pair: (n, rows, cols) uint8 images, (n,) uint8 labels in
+    0..n_classes-1 (MNIST's defaults: 28×28, 0..9).
 
     With the SHA-256s, each file's bytes are verified as they are read (see ``read_idx``)."""
-    check_mnist_pair(read_header(images_path), read_header(labels_path))
+    check_mnist_pair(read_header(images_path), read_header(labels_path), shape)
     images, labels = read_idx(images_path, images_sha256), read_idx(labels_path, labels_sha256)
-    check_label_range(labels, Path(labels_path).name)
+    check_label_range(labels, Path(labels_path).name, n_classes)
     return images, labels
 
 

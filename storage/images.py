@@ -104,32 +104,37 @@ def is_idx(path: Path) -> bool:
     return len(head) == 4 and head[:2] == b"\x00\x00" and head[2] == 0x08 and head[3] == 3
 
 
-def read_idx_images(path: Path) -> np.ndarray:
-    """(n, 784) pixels/255 from an IDX3 image file (raw or gzipped). The header is checked
-    (shape, and for a raw file its exact length) before any image data is read or inflated."""
+def read_idx_images(path: Path, shape: tuple[int, int] = (28, 28)) -> np.ndarray:
+    """(n, rows·cols) pixels/255 from an IDX3 image file (raw or gzipped) of ``shape`` (MNIST:
+    28×28). The header is checked (shape, and for a raw file its exact length) before any image
+    data is read or inflated."""
+    rows, cols = shape
+    pixels = rows * cols
     with open(path, "rb") as f:
         gzipped = f.read(2) == b"\x1f\x8b"
     if not gzipped:
-        n = check_mnist_images(read_header(path), path.name)
+        n = check_mnist_images(read_header(path), path.name, shape)
         _check_count(path, n)
         images = read_idx(path)
-        return images.reshape(len(images), 784).astype(np.float32) / np.float32(255)
+        return images.reshape(len(images), pixels).astype(np.float32) / np.float32(255)
     try:
         with gzip.open(path) as src:
             head = src.read(16)
             if len(head) < 16 or head[:4] != b"\x00\x00\x08\x03":
-                raise IDXError(f"{path.name}: expected uint8 images of shape (n, 28, 28) (IDX header {head[:4].hex()})")
-            n, rows, cols = (int.from_bytes(head[i:i + 4], "big") for i in (4, 8, 12))
-            if (rows, cols) != (28, 28):
-                raise IDXError(f"{path.name}: expected uint8 images of shape (n, 28, 28), got (n, {rows}, {cols})")
+                raise IDXError(f"{path.name}: expected uint8 images of shape (n, {rows}, {cols}) "
+                               f"(IDX header {head[:4].hex()})")
+            n, got_rows, got_cols = (int.from_bytes(head[i:i + 4], "big") for i in (4, 8, 12))
+            if (got_rows, got_cols) != (rows, cols):
+                raise IDXError(f"{path.name}: expected uint8 images of shape (n, {rows}, {cols}), "
+                               f"got (n, {got_rows}, {got_cols})")
             _check_count(path, n)
-            data = src.read(n * 784 + 1)  # never inflate more than the header announces, plus one byte
+            data = src.read(n * pixels + 1)  # never inflate more than the header announces, plus one byte
     except (OSError, EOFError, gzip.BadGzipFile) as e:
         raise IDXError(f"{path.name}: damaged gzip stream ({e})") from None
-    if len(data) != n * 784:
-        what = "truncated" if len(data) < n * 784 else "has trailing bytes"
-        raise IDXError(f"{path.name}: {what}: the header announces {n} images of 28×28")
-    return np.frombuffer(data, np.uint8).reshape(n, 784).astype(np.float32) / np.float32(255)
+    if len(data) != n * pixels:
+        what = "truncated" if len(data) < n * pixels else "has trailing bytes"
+        raise IDXError(f"{path.name}: {what}: the header announces {n} images of {rows}×{cols}")
+    return np.frombuffer(data, np.uint8).reshape(n, pixels).astype(np.float32) / np.float32(255)
 
 
 def _check_count(path: Path, n: int) -> None:
@@ -137,18 +142,22 @@ def _check_count(path: Path, n: int) -> None:
         raise IDXError(f"{path.name}: {n:,} images exceed the {MAX_IDX_IMAGES:,} accepted in one input")
 
 
-def load_inputs(paths: list[str]) -> tuple[list[str], np.ndarray]:
-    """Names and (n, 784) inputs for a mix of image files and IDX files (one name per row)."""
+def load_inputs(paths: list[str], shape: tuple[int, int] = (28, 28)) -> tuple[list[str], np.ndarray]:
+    """Names and (n, rows·cols) inputs for a mix of image files and IDX files (one name per row).
+    Image files are prepared the MNIST way, so they are accepted for 28×28 datasets only."""
     names, rows = [], []
     for p in paths:
         path = Path(p)
         if not path.is_file():
             raise ImageError(f"{p}: no such file")
         if is_idx(path):
-            x = read_idx_images(path)
+            x = read_idx_images(path, tuple(shape))
             names += [f"{p}#{i}" for i in range(len(x))]
             rows.append(x)
+        elif tuple(shape) != (28, 28):
+            raise ImageError(f"{p}: images of {shape[0]}×{shape[1]} pixels are read from IDX files only "
+                             "(the PNG/JPEG preparation makes MNIST-style 28×28 inputs)")
         else:
             names.append(p)
             rows.append(mnist_style(load_gray(path), name=p)[None])
-    return names, np.concatenate(rows) if rows else np.zeros((0, 784), np.float32)
+    return names, np.concatenate(rows) if rows else np.zeros((0, shape[0] * shape[1]), np.float32)

@@ -1,4 +1,4 @@
-"""The four MNIST files: names, pinned checksums, default mirrors.
+"""MNIST, the built-in dataset: the four files, their pinned checksums, default mirrors.
 
 The identity of a file is the SHA-256 and size of its *decompressed* IDX content: it holds
 for every honest mirror, whatever gzip settings it used. The canonical archive hashes are
@@ -7,7 +7,7 @@ pinned too, so we can record whether a mirror served the original archive bytes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from storage.datasets import Dataset, DatasetFile
 
 DEFAULT_MIRRORS = (
     "https://ossci-datasets.s3.amazonaws.com/mnist/",
@@ -15,25 +15,7 @@ DEFAULT_MIRRORS = (
 )
 
 
-@dataclass(frozen=True)
-class MnistFile:
-    name: str  # archive name on the mirrors, e.g. "train-images-idx3-ubyte.gz"
-    split: str  # "train" | "test"
-    kind: str  # "images" | "labels"
-    idx_sha256: str
-    idx_size: int
-    archive_sha256: str  # canonical archive on the public mirrors
-    archive_size: int
-
-    @property
-    def idx_name(self) -> str:
-        return self.name.removesuffix(".gz")
-
-    @property
-    def max_archive_bytes(self) -> int:
-        # gzip never grows data by more than a few bytes per 32 KiB block; anything larger
-        # than the decompressed size plus slack is not an honest archive.
-        return self.idx_size + (1 << 20)
+MnistFile = DatasetFile  # the MNIST files are DatasetFiles pinned by their decompressed content
 
 
 FILES: dict[str, MnistFile] = {
@@ -65,5 +47,10 @@ FILES: dict[str, MnistFile] = {
 SPLITS = ("train", "test")
 
 
+MNIST = Dataset(name="mnist", files=tuple(FILES.values()), mirrors=DEFAULT_MIRRORS, image_shape=(28, 28),
+                classes=tuple(str(d) for d in range(10)),
+                notes={"presets": "every preset was tuned on MNIST"})
+
+
 def file_for(split: str, kind: str) -> MnistFile:
-    return next(f for f in FILES.values() if f.split == split and f.kind == kind)
+    return MNIST.file_for(split, kind)

@@ -180,6 +180,17 @@ class Registry:
             return None
         return decision if isinstance(decision, dict) and decision.get("status") in ("promoted", "rejected") else None
 
+    def classes(self, version: int) -> list[str]:
+        """The class names of a version (recorded from its dataset; MNIST's are the digits)."""
+        try:
+            lineage = self._read(version, "lineage.json")
+        except (OSError, ValueError, RegistryError):
+            lineage = {}
+        names = (lineage.get("dataset") or {}).get("classes") if isinstance(lineage, dict) else None
+        if isinstance(names, list) and names and all(isinstance(n, str) for n in names):
+            return names
+        return [str(d) for d in range(10)]
+
     def load_model(self, version: int, dtype=None):
         """The version's network, verified: its arrays must hash to the digest recorded at
         publish time (a changed or damaged model.npz/model.json is refused)."""

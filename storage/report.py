@@ -33,7 +33,7 @@ def plot_learning_curves(history: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_confusion_matrix(cm: list[list[int]], path: Path) -> None:
+def plot_confusion_matrix(cm: list[list[int]], path: Path, classes: list[str] | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -50,6 +50,9 @@ def plot_confusion_matrix(cm: list[list[int]], path: Path) -> None:
                     color="white" if shown[i, j] > shown.max() * 0.6 else "black")
     ax.set(xticks=range(cm.shape[1]), yticks=range(cm.shape[0]), xlabel="predicted", ylabel="true",
            title="Confusion matrix (test)")
+    if classes:
+        ax.set_xticklabels(classes, rotation=45, ha="right", fontsize=7)
+        ax.set_yticklabels(classes, fontsize=7)
     fig.colorbar(im, ax=ax, label="log(1 + count)")
     fig.tight_layout()
     fig.savefig(path)
@@ -57,8 +60,12 @@ def plot_confusion_matrix(cm: list[list[int]], path: Path) -> None:
 
 
 def render_markdown(*, name: str, version: int, metrics: dict, hyperparameters: dict, lineage: dict,
-                    champion: dict | None) -> str:
-    """report.md: what was trained on what, how it did, and how it compares with the champion."""
+                    champion: dict | None, classes: list[str] | None = None) -> str:
+    """report.md: what was trained on what, how it did, and how it compares with the champion.
+    ``classes`` names the classes (MNIST's are their digits: no names column)."""
+    def named(c: int) -> str:
+        return f"{c} {classes[c]}" if classes else str(c)
+
     acc = metrics["test_accuracy"]
     lines = [f"# {name} v{version}", "",
              f"Test accuracy **{acc:.4f}**, test loss {metrics['test_loss']:.4f}, "
@@ -75,7 +82,7 @@ def render_markdown(*, name: str, version: int, metrics: dict, hyperparameters: 
     lines += ["", "## Hyperparameters", "", "| name | value |", "|---|---|"]
     lines += [f"| {k} | `{v}` |" for k, v in hyperparameters.items()]
     lines += ["", "## Per class (test)", "", "| class | precision | recall | F1 | support |", "|---|---|---|---|---|"]
-    lines += [f"| {c['class']} | {c['precision']:.4f} | {c['recall']:.4f} | {c['f1']:.4f} | {c['support']} |"
+    lines += [f"| {named(c['class'])} | {c['precision']:.4f} | {c['recall']:.4f} | {c['f1']:.4f} | {c['support']} |"
               for c in metrics["per_class"]]
     lines += ["", "## Learning curves", "", "![learning curves](learning_curves.png)", "",
               "| epoch | lr | train loss | train acc | val loss | val acc | seconds |", "|---|---|---|---|---|---|---|"]
@@ -83,11 +90,13 @@ def render_markdown(*, name: str, version: int, metrics: dict, hyperparameters: 
               f"{h.get('val_loss', float('nan')):.4f} | {h.get('val_accuracy', float('nan')):.4f} | {h['seconds']:.2f} |"
               for h in metrics["history"]]
     lines += ["", "## Confusion matrix", "", "![confusion matrix](confusion_matrix.png)", "",
-              "| true \\ predicted | " + " | ".join(map(str, range(10))) + " |", "|---" * 11 + "|"]
-    lines += [f"| **{i}** | " + " | ".join(map(str, row)) + " |" for i, row in enumerate(metrics["confusion_matrix"])]
+              "| true \\ predicted | " + " | ".join(map(str, range(len(metrics["confusion_matrix"])))) + " |",
+              "|---" * (len(metrics["confusion_matrix"]) + 1) + "|"]
+    lines += [f"| **{named(i)}** | " + " | ".join(map(str, row)) + " |"
+              for i, row in enumerate(metrics["confusion_matrix"])]
     lines += ["", "## Most confidently wrong (test)", "", "| test index | label | predicted | probability |",
               "|---|---|---|---|"]
-    lines += [f"| {e['index']} | {e['label']} | {e['predicted']} | {e['probability']:.4f} |"
+    lines += [f"| {e['index']} | {named(e['label'])} | {named(e['predicted'])} | {e['probability']:.4f} |"
               for e in metrics["most_confident_errors"][:10]]
     lines += ["", "## Lineage", "", "| what | value |", "|---|---|"]
     lines += [f"| {k} | `{v}` |" for k, v in lineage.items()]

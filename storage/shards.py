@@ -26,14 +26,19 @@ from storage.idx import read_mnist
 
 FORMAT_VERSION = 1
 NORMALIZATION = "pixel / 255 as float32, in [0, 1]"
-PIXELS = 784
+PIXELS = 784  # MNIST's 28×28; another dataset's shards record their image_shape in the manifest
 MANIFEST = "manifest.json"
 
-SCHEMA = pa.schema([
-    pa.field("index", pa.int64(), nullable=False),
-    pa.field("image", pa.list_(pa.field("element", pa.float32(), nullable=False), PIXELS), nullable=False),
-    pa.field("label", pa.uint8(), nullable=False),
-])
+
+def schema_for(pixels: int) -> pa.Schema:
+    return pa.schema([
+        pa.field("index", pa.int64(), nullable=False),
+        pa.field("image", pa.list_(pa.field("element", pa.float32(), nullable=False), pixels), nullable=False),
+        pa.field("label", pa.uint8(), nullable=False),
+    ])
+
+
+SCHEMA = schema_for(PIXELS)
 
 # pixel/255 for every uint8 value, computed once in float32: the gather below is exact.
 _LUT = (np.arange(256, dtype=np.float32) / np.float32(255)).astype(np.float32)
@@ -50,7 +55,7 @@ def split_dir(home: str | os.PathLike, split: str) -> Path:
 
 
 def write_split(images_path, labels_path, out_dir, *, split: str, rows_per_shard: int = 10_000,
-                source: dict | None = None) -> dict:
+                source: dict | None = None, image_shape: tuple[int, int] = (28, 28), n_classes: int = 10) -> dict:
     """Parse a validated IDX pair and write it as shards + manifest in ``out_dir``.
 
     Returns the manifest (also written as ``out_dir/manifest.json``).
@@ -60,23 +65,27 @@ def write_split(images_path, labels_path, out_dir, *, split: str, rows_per_shard
     source = source or {}
     images, labels = read_mnist(images_path, labels_path,
                                 images_sha256=source.get("images", {}).get("sha256"),
-                                labels_sha256=source.get("labels", {}).get("sha256"))
+                                labels_sha256=source.get("labels", {}).get("sha256"),
+                                shape=tuple(image_shape), n_classes=n_classes)
     out_dir = Path(out_dir)
     # One writer per split at a time (two concurrent ingests into one home would otherwise
     # race on the directory swap); a crashed writer's leftovers are cleared under the lock.
     with staged_dir(out_dir) as staging:
-        return _write_split(images, labels, staging, split, rows_per_shard, source)
+        return _write_split(images, labels, staging, split, rows_per_shard, source, tuple(image_shape), n_classes)
 
 
-def _write_split(images, labels, staging: Path, split: str, rows_per_shard: int, source: dict | None) -> dict:
+def _write_split(images, labels, staging: Path, split: str, rows_per_shard: int, source: dict | None,
+                 image_shape: tuple[int, int] = (28, 28), n_classes: int = 10) -> dict:
     n = len(labels)
-    flat = images.reshape(n, PIXELS)
+    flat = images.reshape(n, image_shape[0] * image_shape[1])
     file_meta = {
         "format_version": FORMAT_VERSION,
         "split": split,
         "normalization": NORMALIZATION,
         "source": source or {},
     }
+    if image_shape != (28, 28):  # MNIST's shards stay byte for byte as they were
+        file_meta["image_shape"] = list(image_shape)
     starts = range(0, n, rows_per_shard)
 
     def write_one(i_start):
@@ -94,16 +103,17 @@ def _write_split(images, labels, staging: Path, split: str, rows_per_shard: int,
     with ThreadPoolExecutor(max_workers=2) as pool:
         shards = list(pool.map(write_one, enumerate(starts)))
     manifest = {**file_meta, "rows": n, "rows_per_shard": rows_per_shard, "shards": shards,
-                "class_counts": np.bincount(labels, minlength=10).tolist()}
+                "class_counts": np.bincount(labels, minlength=n_classes).tolist()}
     write_json(staging / MANIFEST, manifest)
     return manifest
 
 
 def _table(pixels: np.ndarray, labels: np.ndarray, start: int, meta: dict) -> pa.Table:
     values = pa.array(_LUT[pixels].ravel())  # (rows*784,) float32, zero-copy into Arrow
-    image = pa.FixedSizeListArray.from_arrays(values, type=SCHEMA.field("image").type)
+    schema = schema_for(pixels.shape[1])
+    image = pa.FixedSizeListArray.from_arrays(values, type=schema.field("image").type)
     index = pa.array(np.arange(start, start + len(labels), dtype=np.int64))
-    schema = SCHEMA.with_metadata({"digitflow": json.dumps(meta, sort_keys=True)})
+    schema = schema.with_metadata({"digitflow": json.dumps(meta, sort_keys=True)})
     return pa.Table.from_arrays([index, image, pa.array(labels, pa.uint8())], schema=schema)
 
 
@@ -189,6 +199,12 @@ def source_of(images: dict, labels: dict) -> dict:
             for kind, ref in (("images", images), ("labels", labels))}
 
 
+def image_pixels(manifest: dict) -> int:
+    """Pixels per image of a split (MNIST's manifests predate the key: 28×28)."""
+    rows, cols = manifest.get("image_shape", (28, 28))
+    return int(rows) * int(cols)
+
+
 def read_split(directory) -> tuple[np.ndarray, np.ndarray, dict]:
     """Read a split into ``(images (n, 784) float32, labels (n,) int64, manifest)``.
 
@@ -210,17 +226,19 @@ def read_split(directory) -> tuple[np.ndarray, np.ndarray, dict]:
     with ThreadPoolExecutor(max_workers=2) as pool:
         buffers = list(pool.map(load_one, manifest["shards"]))
     n = manifest["rows"]
-    images = np.empty((n, PIXELS), np.float32)
+    pixels = image_pixels(manifest)
+    schema = schema_for(pixels)
+    images = np.empty((n, pixels), np.float32)
     labels = np.empty(n, np.int64)
 
     def decode(shard, buffer):
         path = directory / shard["file"]
         table = pq.read_table(pa.BufferReader(buffer))
         rows, start = shard["rows"], shard["first_index"]
-        if table.schema.remove_metadata() != SCHEMA:
-            raise ShardError(f"{path}: schema {table.schema.types} is not digitflow's {SCHEMA.types}")
+        if table.schema.remove_metadata() != schema:
+            raise ShardError(f"{path}: schema {table.schema.types} is not digitflow's {schema.types}")
         column = table.column("image").combine_chunks()
-        images[start:start + rows] = column.values.to_numpy().reshape(rows, PIXELS)
+        images[start:start + rows] = column.values.to_numpy().reshape(rows, pixels)
         labels[start:start + rows] = table.column("label").to_numpy()
 
     with ThreadPoolExecutor(max_workers=2) as pool:

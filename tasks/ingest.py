@@ -11,7 +11,7 @@ from storage import shards
 from storage.atomic import sha256_file
 from storage.download import DEFAULT_TIMEOUT, TransientDownloadError, fetch_verified, is_verified
 from storage.idx import IDXError, check_label_range, check_mnist_pair, read_header, read_idx
-from storage.mnist import FILES
+from storage.datasets import DatasetFile
 from tasks import progress
 from tasks.common import CACHED, content_key, verified_task
 from tasks.refs import RawFile, SplitRef, VerifiedFile
@@ -23,36 +23,41 @@ def _retry_if_transient(task, task_run, state) -> bool:
 
 
 @verified_task(
-    intact=lambda a: download_is_intact(a["name"], a["raw_dir"]),  # else fetched again
-    task_run_name="download {name}",
+    intact=lambda a: download_is_intact(a["file"], a["raw_dir"]),  # else fetched again
+    task_run_name="download {file.name}",
     retries=3,
     retry_delay_seconds=[2, 4, 8],
     retry_jitter_factor=0.2,
     retry_condition_fn=_retry_if_transient,
     # Mirrors are not in the key: any honest mirror yields the same pinned content. The cache is
     # refreshed unless the file on disk hashes to the pin (download_is_intact).
-    cache_key_fn=content_key(lambda p: (p["name"], FILES[p["name"]].idx_sha256, p["raw_dir"])),
+    cache_key_fn=content_key(lambda p: (p["file"].name, p["file"].pin, p["file"].idx_sha256, p["file"].idx_size,
+                                        p["file"].archive_md5, p["file"].archive_sha256, p["raw_dir"])),
     **CACHED,
 )
-def download(name: str, mirrors: list[str], raw_dir: str, timeout: float = DEFAULT_TIMEOUT,
+def download(file: DatasetFile, mirrors: list[str], raw_dir: str, timeout: float = DEFAULT_TIMEOUT,
              deadline: float | None = None) -> RawFile:
     """Fetch one archive from the first mirror that serves verified bytes; return a reference."""
     log = get_run_logger()
     t0 = time.perf_counter()
-    ref = RawFile(**fetch_verified(FILES[name], mirrors, raw_dir, timeout=timeout, deadline=deadline,
+    name = file.name
+    ref = RawFile(**fetch_verified(file, mirrors, raw_dir, timeout=timeout, deadline=deadline,
                                    progress=progress.report))
     if ref.fetched:
-        log.info("%s: fetched from %s in %.2f s (archive %s the canonical one)", name, ref.mirror,
-                 time.perf_counter() - t0, "is" if ref.archive_canonical else "is not")
+        log.info("%s: fetched from %s in %.2f s (%s)", name, ref.mirror, time.perf_counter() - t0,
+                 {"sha256": f"archive {'is' if ref.archive_canonical else 'is not'} the canonical one",
+                  "archive-md5": "verified against the published archive MD5 and size",
+                  "archive-sha256": "verified against the published archive SHA-256 and size",
+                  "none": f"UNPINNED: accepted as seen, SHA-256 {ref.sha256[:16]}… recorded"}[file.pin])
     else:
         log.info("%s: already present and verified, not fetched", name)
     return ref
 
 
-def download_is_intact(name: str, raw_dir: str) -> bool:
+def download_is_intact(file: DatasetFile, raw_dir: str) -> bool:
     """The raw file is there with exactly the pinned content (hashed: a byte flipped in place,
     same size and mtime, is caught; 55 MB hash in about 0.1 s)."""
-    return is_verified(FILES[name], Path(raw_dir) / FILES[name].idx_name)
+    return is_verified(file, Path(raw_dir) / file.idx_name)
 
 
 def _content_now(path: str) -> str:
@@ -83,14 +88,17 @@ def verify(ref: RawFile) -> VerifiedFile:
 
 @task(
     task_run_name="parse {split}",
-    cache_key_fn=content_key(lambda p: (p["split"], p["images"].sha256, p["labels"].sha256)),
+    cache_key_fn=content_key(lambda p: (p["split"], p["images"].sha256, p["labels"].sha256, p["image_shape"],
+                                        p["n_classes"])),
     **CACHED,
 )
-def parse(split: str, images: VerifiedFile, labels: VerifiedFile) -> dict:
+def parse(split: str, images: VerifiedFile, labels: VerifiedFile, image_shape: tuple[int, int] = (28, 28),
+          n_classes: int = 10) -> dict:
     """Validate a verified images/labels pair: headers, shapes, counts, label range."""
-    rows = check_mnist_pair(read_header(images.path), read_header(labels.path))
-    check_label_range(read_idx(labels.path, labels.sha256), Path(labels.path).name)
-    get_run_logger().info("%s: %d images of 28×28 with labels, valid", split, rows)
+    rows = check_mnist_pair(read_header(images.path), read_header(labels.path), tuple(image_shape))
+    check_label_range(read_idx(labels.path, labels.sha256), Path(labels.path).name, n_classes)
+    get_run_logger().info("%s: %d images of %d×%d with labels in 0..%d, valid", split, rows, *image_shape,
+                          n_classes - 1)
     return {"split": split, "rows": rows}
 
 
@@ -100,14 +108,16 @@ def parse(split: str, images: VerifiedFile, labels: VerifiedFile) -> dict:
                                        source=source_of(a["images"], a["labels"])),
     task_run_name="shard {split}",
     cache_key_fn=content_key(lambda p: (p["split"], p["images"].sha256, p["labels"].sha256,
-                                        p["rows_per_shard"], p["out_dir"])),
+                                        p["rows_per_shard"], p["out_dir"], p["image_shape"], p["n_classes"])),
     **CACHED,
 )
-def write_shards(split: str, images: VerifiedFile, labels: VerifiedFile, out_dir: str, rows_per_shard: int) -> SplitRef:
+def write_shards(split: str, images: VerifiedFile, labels: VerifiedFile, out_dir: str, rows_per_shard: int,
+                 image_shape: tuple[int, int] = (28, 28), n_classes: int = 10) -> SplitRef:
     """Write the split as normalized Parquet shards + manifest; return a reference to it."""
     t0 = time.perf_counter()
     manifest = shards.write_split(images.path, labels.path, out_dir, split=split, rows_per_shard=rows_per_shard,
-                                  source=source_of(images, labels))
+                                  source=source_of(images, labels), image_shape=tuple(image_shape),
+                                  n_classes=n_classes)
     get_run_logger().info("%s: %d rows in %d shards written to %s in %.2f s", split, manifest["rows"],
                           len(manifest["shards"]), out_dir, time.perf_counter() - t0)
     return manifest_ref(out_dir)

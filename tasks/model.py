@@ -43,14 +43,14 @@ def artifact_key(model_name: str, what: str) -> str:
     return re.sub(r"[^a-z0-9-]+", "-", f"{model_name}-{what}".lower()).strip("-")
 
 
-def load_split(ref: SplitRef) -> tuple[np.ndarray, np.ndarray]:
-    """Read a split's shards, after checking its manifest is the one the reference names."""
+def load_split(ref: SplitRef) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Read a split's shards, after checking its manifest is the one the reference names:
+    (pixels/255 (N, rows·cols), labels (N,), manifest)."""
     digest = sha256_file(ref.manifest)
     if digest != ref.sha256:
         raise DigitflowError(f"{ref.manifest}: SHA-256 {digest[:16]}… is not the {ref.sha256[:16]}… "
                              "this run ingested (rerun `digitflow ingest`)")
-    x, y, _ = read_split(ref.dir)
-    return x, y
+    return read_split(ref.dir)
 
 
 def training_id(train_ref: SplitRef, hyperparameters: dict) -> str:
@@ -88,10 +88,11 @@ def train(train: SplitRef, hyperparameters: dict, home: Home, progress_key: str 
 def _train(train: SplitRef, hyperparameters: dict, home: Home, progress_key: str, description: str) -> TrainedModel:
     log = get_run_logger()
     hp = nn.presets.Hyperparameters(**{**hyperparameters, "hidden": tuple(hyperparameters["hidden"])}).validate()
-    x, y = load_split(train)
+    x, y, manifest = load_split(train)
+    n_classes, image_shape = len(manifest["class_counts"]), tuple(manifest.get("image_shape", (28, 28)))
     log.info("training %s on %d images (%d held out for validation), seed %d", hp.hidden, len(y),
              round(len(y) * hp.val_fraction), hp.seed)
-    architecture = "-".join(map(str, (784, *hp.hidden, 10)))
+    architecture = "-".join(map(str, (x.shape[1], *hp.hidden, n_classes)))
     out = training_dir(home, train, hyperparameters)
     # A checkpoint after every epoch, beside the (not yet existing) model folder: a killed
     # training resumes where it stopped, bit for bit; removed once the model is complete.
@@ -119,7 +120,8 @@ def _train(train: SplitRef, hyperparameters: dict, home: Home, progress_key: str
     t0 = time.perf_counter()
     try:
         with np.errstate(over="ignore", invalid="ignore"):
-            model, history = nn.presets.train(hp, x, y, on_epoch=on_epoch, checkpoint=checkpoint, resume=resume)
+            model, history = nn.presets.train(hp, x, y, on_epoch=on_epoch, checkpoint=checkpoint, resume=resume,
+                                              n_classes=n_classes, image_shape=image_shape)
     except nn.NonFiniteLossError as e:
         checkpoint_path.unlink(missing_ok=True)
         raise TrainingDiverged(f"{e}; nothing was published") from None
@@ -208,7 +210,10 @@ def files_digest(model_dir: str) -> str:
 def measure(model: TrainedModel, test: SplitRef) -> Evaluation:
     """Evaluate a saved, verified model on the test split (pure; used by the task and the CLI)."""
     model = load_verified(model)
-    x, y = load_split(test)
+    x, y, _ = load_split(test)
+    if x.shape[1] != model.dense_layers[0].n_in:
+        raise DigitflowError(f"{test.dir}: images of {x.shape[1]} pixels, but the model takes "
+                             f"{model.dense_layers[0].n_in} inputs (a model of another dataset?)")
     model.predict_proba(x[:1000])  # warm up buffers
     t0 = time.perf_counter()
     proba = model.predict_proba(x)
@@ -263,8 +268,9 @@ def package_version() -> str | None:
 
 @task(task_run_name="publish {model.weights_sha256:.12}")
 def publish(model: TrainedModel, metrics: Evaluation, train: SplitRef, test: SplitRef, home: Home,
-            model_name: str = DEFAULT_NAME) -> Published:
-    """Publish a new immutable version (or find the one with these exact weights)."""
+            model_name: str = DEFAULT_NAME, dataset: dict | None = None) -> Published:
+    """Publish a new immutable version (or find the one with these exact weights). ``dataset``
+    ({name, classes, source}) is recorded in the lineage; predictions name classes from it."""
     log = get_run_logger()
     registry = Home(home).registry(model_name)
 
@@ -281,12 +287,15 @@ def publish(model: TrainedModel, metrics: Evaluation, train: SplitRef, test: Spl
                 "train_seconds": model.train_seconds}
         write_json(folder / "metrics.json", full)
         info = {**lineage(train, test, model.hyperparameters), "created": now()}
+        if dataset and dataset.get("name") != "mnist":  # MNIST's lineage stays as it was: digits
+            info["dataset"] = dataset
         write_json(folder / "lineage.json", info)
         report_files.plot_learning_curves(model.history, folder / "learning_curves.png")
-        report_files.plot_confusion_matrix(metrics.confusion_matrix, folder / "confusion_matrix.png")
+        classes = (info.get("dataset") or {}).get("classes")
+        report_files.plot_confusion_matrix(metrics.confusion_matrix, folder / "confusion_matrix.png", classes)
         (folder / "report.md").write_text(report_files.render_markdown(
             name=model_name, version=version, metrics=full, hyperparameters=model.hyperparameters,
-            lineage=info, champion=champion))
+            lineage=info, champion=champion, classes=classes))
         return {"created": info["created"], "test_accuracy": metrics.test_accuracy,
                 "hyperparameters": model.hyperparameters, "lineage": info}
 

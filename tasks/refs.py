@@ -26,12 +26,15 @@ class RawFile(Ref):
 
     file: str                      # archive name on the mirrors, e.g. train-images-idx3-ubyte.gz
     path: str
-    sha256: str                    # pinned SHA-256 of the decompressed content
+    sha256: str                    # SHA-256 of the decompressed content (pinned, or verified and recorded)
     size: int
     mirror: Optional[str] = None
     archive_sha256: Optional[str] = None
     archive_canonical: bool = False
     fetched: bool = False
+    archive_md5: Optional[str] = None  # where the dataset publishes archive MD5s (Fashion-MNIST)
+    pinned_by: Optional[str] = None    # how the content was checked when not by its own SHA-256 pin:
+                                       # "archive-md5", "archive-sha256", or "none" (allowed unpinned)
 
 
 class VerifiedFile(Ref):

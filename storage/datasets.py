@@ -1,0 +1,277 @@
+"""Datasets as specs: which IDX files, where to fetch them, how each is pinned, what the images
+and classes are. No Prefect.
+
+MNIST and Fashion-MNIST are built in; a user's own dataset is a small TOML or JSON file:
+
+    name = "shapes"                      # letters, digits, ._- : the home's data/<name>/ folder
+    image_shape = [16, 16]               # rows, columns of each image (uint8 IDX)
+    classes = ["circle", "square", "triangle"]
+    mirrors = ["https://example.org/shapes/"]   # tried in order
+
+    [[files]]
+    name = "train-images-idx3-ubyte.gz"  # the archive's name on the mirrors
+    split = "train"                      # any split names; "train" and "test" are required
+    kind = "images"                      # images | labels
+    sha256 = "…"                         # SHA-256 of the decompressed IDX file, and
+    size = 65552                         # its size in bytes (pins the content), or else
+    # archive_md5 = "…" / archive_sha256 = "…"  plus size: the published archive checksum
+
+A file's identity is the SHA-256 and size of its decompressed content where known (it holds
+for every honest mirror, whatever gzip settings it used). Where only the archive's published
+checksum is known, the archive bytes are verified against it and the decompressed size
+against ``size``; the provenance says so. A spec without any checksum is refused unless the
+user allows unpinned files, and then the provenance records the hash that was seen.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from storage import DigitflowError
+
+NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+KINDS = ("images", "labels")
+MAX_ARCHIVE_BYTES = 1 << 31  # bound on an archive whose decompressed size is not pinned
+MAX_IDX_BYTES = 1 << 32      # bound on what such an archive may inflate to
+MAX_CLASSES = 1000
+MAX_SIDE = 1024
+
+
+class SpecError(DigitflowError):
+    pass
+
+
+@dataclass(frozen=True)
+class DatasetFile:
+    name: str                            # archive name on the mirrors, e.g. "train-images-idx3-ubyte.gz"
+    split: str                           # "train" | "test" | …
+    kind: str                            # "images" | "labels"
+    idx_sha256: str | None = None        # SHA-256 of the decompressed IDX content (the strongest pin)
+    idx_size: int | None = None          # its size in bytes
+    archive_sha256: str | None = None    # the canonical archive's SHA-256 (MNIST: recorded, not required)
+    archive_size: int | None = None
+    archive_md5: str | None = None       # a published archive checksum (Fashion-MNIST publishes MD5)
+
+    @property
+    def idx_name(self) -> str:
+        return self.name.removesuffix(".gz")
+
+    @property
+    def pin(self) -> str:
+        """How the content is pinned: "sha256" (decompressed content), "archive-sha256",
+        "archive-md5" (archive bytes + decompressed size), or "none"."""
+        if self.idx_sha256:
+            return "sha256"
+        if self.archive_sha256 and self.idx_size is not None:
+            return "archive-sha256"
+        if self.archive_md5 and self.idx_size is not None:
+            return "archive-md5"
+        return "none"
+
+    @property
+    def max_archive_bytes(self) -> int:
+        # gzip never grows data by more than a few bytes per 32 KiB block; anything larger
+        # than the decompressed size plus slack is not an honest archive.
+        return self.idx_size + (1 << 20) if self.idx_size is not None else MAX_ARCHIVE_BYTES
+
+    @property
+    def expected_archive_bytes(self) -> int:
+        """For the default per-mirror deadline: the archive's size where known."""
+        return self.archive_size or self.idx_size or 50 << 20
+
+
+@dataclass(frozen=True)
+class Dataset:
+    name: str
+    files: tuple[DatasetFile, ...]
+    mirrors: tuple[str, ...]
+    image_shape: tuple[int, int] = (28, 28)
+    classes: tuple[str, ...] = tuple(str(d) for d in range(10))
+    source: str = "built-in"             # "built-in" or the spec file's path
+    notes: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def pixels(self) -> int:
+        return self.image_shape[0] * self.image_shape[1]
+
+    @property
+    def splits(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(f.split for f in self.files))
+
+    @property
+    def default_model_name(self) -> str:
+        return "mnist-mlp" if self.name == "mnist" else f"{self.name}-mlp"
+
+    @property
+    def unpinned(self) -> list[str]:
+        return [f.name for f in self.files if f.pin == "none"]
+
+    def file(self, name: str) -> DatasetFile:
+        for f in self.files:
+            if f.name == name:
+                return f
+        raise SpecError(f"dataset {self.name!r} has no file {name!r}")
+
+    def file_for(self, split: str, kind: str) -> DatasetFile:
+        return next(f for f in self.files if f.split == split and f.kind == kind)
+
+    def to_dict(self) -> dict:
+        """The spec as plain data (recorded in lineage; ``from_dict`` reads it back)."""
+        return {"name": self.name, "image_shape": list(self.image_shape), "classes": list(self.classes),
+                "mirrors": list(self.mirrors), "source": self.source,
+                "files": [{k: v for k, v in f.__dict__.items() if v is not None} for f in self.files]}
+
+
+# ---- validation: every mistake, one clear line each ---------------------------------------
+
+_TOP = {"name", "image_shape", "classes", "mirrors", "files", "notes"}
+_FILE = {"name": "name", "split": "split", "kind": "kind", "sha256": "idx_sha256", "size": "idx_size",
+         "archive_sha256": "archive_sha256", "archive_size": "archive_size", "archive_md5": "archive_md5"}
+_HEX = {"sha256": 64, "archive_sha256": 64, "archive_md5": 32}
+
+
+def from_dict(data, source: str = "built-in") -> Dataset:
+    """Validate a spec (as parsed from TOML/JSON); raise SpecError listing every mistake."""
+    where = Path(source).name if source != "built-in" else "spec"
+    errors: list[str] = []
+
+    def bad(msg: str) -> None:
+        errors.append(f"{where}: {msg}")
+
+    if not isinstance(data, dict):
+        raise SpecError(f"{where}: a dataset spec is a table/object with name, image_shape, classes, mirrors, files")
+    for key in sorted(set(data) - _TOP):
+        bad(f"unknown key {key!r} (known: {', '.join(sorted(_TOP))})")
+    name = data.get("name")
+    if not isinstance(name, str) or not NAME.fullmatch(name):
+        bad(f"name must be 1–64 lowercase letters, digits, '.', '_' or '-', got {name!r}")
+    shape = data.get("image_shape")
+    if not (isinstance(shape, list) and len(shape) == 2 and all(type(v) is int and 1 <= v <= MAX_SIDE for v in shape)):
+        bad(f"image_shape must be [rows, columns], each an integer in 1..{MAX_SIDE}, got {shape!r}")
+        shape = None
+    classes = data.get("classes")
+    if not (isinstance(classes, list) and 2 <= len(classes) <= MAX_CLASSES
+            and all(isinstance(c, str) and c.strip() for c in classes)):
+        bad(f"classes must be a list of 2..{MAX_CLASSES} non-empty names, got {classes!r}")
+        classes = None
+    elif len(set(classes)) != len(classes):
+        bad("classes must be distinct names")
+    mirrors = data.get("mirrors", [])
+    if not (isinstance(mirrors, list) and all(isinstance(m, str) and m for m in mirrors)):
+        bad(f"mirrors must be a list of base URLs, got {mirrors!r}")
+        mirrors = []
+    files_in = data.get("files")
+    files: list[DatasetFile] = []
+    if not isinstance(files_in, list) or not files_in:
+        bad("files must list the IDX archives ([[files]] tables with name, split, kind and a checksum)")
+        files_in = []
+    seen: set[str] = set()
+    for i, f in enumerate(files_in):
+        errors_before = len(errors)
+        label = f"files[{i}]"
+        if not isinstance(f, dict):
+            bad(f"{label} must be a table with name, split, kind, sha256/size or archive_md5/size")
+            continue
+        label = f"files[{i}] ({f.get('name')!r})" if isinstance(f.get("name"), str) else label
+        for key in sorted(set(f) - set(_FILE)):
+            bad(f"{label}: unknown key {key!r} (known: {', '.join(_FILE)})")
+        fname = f.get("name")
+        if not isinstance(fname, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,200}", fname):
+            bad(f"{label}: name must be a plain file name, got {fname!r}")
+        elif fname in seen:
+            bad(f"{label}: {fname!r} is listed twice")
+        else:
+            seen.add(fname)
+        if not isinstance(f.get("split"), str) or not NAME.fullmatch(f.get("split") or ""):
+            bad(f"{label}: split must be a lowercase name such as train or test, got {f.get('split')!r}")
+        if f.get("kind") not in KINDS:
+            bad(f"{label}: kind must be images or labels, got {f.get('kind')!r}")
+        for key, length in _HEX.items():
+            value = f.get(key)
+            if value is not None and not (isinstance(value, str) and re.fullmatch(f"[0-9a-f]{{{length}}}", value)):
+                bad(f"{label}: {key} must be {length} lowercase hex digits, got {value!r}")
+        for key in ("size", "archive_size"):
+            value = f.get(key)
+            if value is not None and not (type(value) is int and 0 < value <= 1 << 40):
+                bad(f"{label}: {key} must be a positive number of bytes, got {value!r}")
+        if (f.get("sha256") or f.get("archive_md5") or f.get("archive_sha256")) and f.get("size") is None:
+            bad(f"{label}: a checksum needs the decompressed size too (size = bytes)")
+        if shape and f.get("kind") in KINDS and type(f.get("size")) is int:
+            item = shape[0] * shape[1] if f["kind"] == "images" else 1
+            header = 16 if f["kind"] == "images" else 8
+            if (f["size"] - header) % item or f["size"] < header:
+                bad(f"{label}: size {f['size']} is not a {f['kind']} IDX file of "
+                    f"{'×'.join(map(str, shape)) if f['kind'] == 'images' else 'one byte'} per item "
+                    f"({header} + n × {item} bytes)")
+        if len(errors) == errors_before:
+            files.append(DatasetFile(**{_FILE[k]: v for k, v in f.items() if k in _FILE}))
+    if not errors:
+        pairs = {(f.split, f.kind) for f in files}
+        splits = dict.fromkeys(f.split for f in files)
+        for split in splits:
+            for kind in KINDS:
+                if (split, kind) not in pairs:
+                    bad(f"split {split!r} has no {kind} file")
+                elif sum(1 for f in files if (f.split, f.kind) == (split, kind)) > 1:
+                    bad(f"split {split!r} has more than one {kind} file")
+        for split in ("train", "test"):
+            if split not in splits:
+                bad(f"a {split!r} split is required")
+        for split in splits:
+            sizes = {f.kind: f.idx_size for f in files if f.split == split}
+            if sizes.get("images") and sizes.get("labels") and shape:
+                n_images, n_labels = (sizes["images"] - 16) // (shape[0] * shape[1]), sizes["labels"] - 8
+                if n_images != n_labels:
+                    bad(f"split {split!r}: the images file holds {n_images} items, the labels file {n_labels}")
+    if errors:
+        raise SpecError("\n".join(errors))
+    return Dataset(name=name, files=tuple(files), mirrors=tuple(mirrors), image_shape=tuple(shape),
+                   classes=tuple(classes), source=source, notes=data.get("notes") or {})
+
+
+def load_spec(path: str | Path) -> Dataset:
+    """A user's dataset spec from a TOML or JSON file, validated."""
+    import tomllib
+
+    path = Path(path)
+    try:
+        text = path.read_bytes()
+    except FileNotFoundError:
+        raise SpecError(f"{path}: no such dataset spec file") from None
+    except OSError as e:
+        raise SpecError(f"{path}: cannot read the dataset spec ({e.strerror})") from None
+    if len(text) > 1 << 20:
+        raise SpecError(f"{path}: a dataset spec over 1 MiB is not a spec")
+    try:
+        data = json.loads(text) if path.suffix.lower() == ".json" else tomllib.loads(text.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise SpecError(f"{path}: not valid {'JSON' if path.suffix.lower() == '.json' else 'TOML'} ({e})") from None
+    return from_dict(data, source=str(path.resolve()))
+
+
+def resolve(dataset: "str | Dataset | None" = None) -> Dataset:
+    """A built-in dataset by name (default mnist), or a spec file by path."""
+    from storage.fashion_mnist import FASHION_MNIST
+    from storage.mnist import MNIST
+
+    if isinstance(dataset, Dataset):
+        return dataset
+    builtins = {d.name: d for d in (MNIST, FASHION_MNIST)}
+    if dataset in (None, ""):
+        return MNIST
+    if dataset in builtins:
+        return builtins[dataset]
+    if dataset.endswith((".toml", ".json")) or "/" in dataset or Path(dataset).is_file():
+        return load_spec(dataset)
+    raise SpecError(f"unknown dataset {dataset!r}: use {', '.join(builtins)} or a spec file (.toml or .json)")
+
+
+def check_pinned(dataset: Dataset, allow_unpinned: bool) -> None:
+    if dataset.unpinned and not allow_unpinned:
+        raise SpecError(f"dataset {dataset.name!r}: {', '.join(dataset.unpinned)} "
+                        f"{'has' if len(dataset.unpinned) == 1 else 'have'} no checksum; add sha256 + size "
+                        "(or the published archive_md5/archive_sha256 + size), or pass --allow-unpinned to accept "
+                        "whatever the mirror serves (the provenance then records the hash seen)")
