@@ -1,9 +1,11 @@
-"""Normalized Parquet shards of an MNIST split, with a manifest.
+"""Normalized Parquet shards of a dataset's split (MNIST by default), with a manifest.
 
-    <home>/data/mnist/<split>/part-00000.parquet ...   columns: index, image, label
-    <home>/data/mnist/<split>/manifest.json            shards, row counts, SHA-256
+    <home>/data/<dataset>/<split>/part-00000.parquet ...   columns: index, image, label
+    <home>/data/<dataset>/<split>/manifest.json            shards, row counts, SHA-256
 
-``image`` is a fixed-size list of 784 float32 values pixel/255 in [0, 1]. A split is
+``image`` is a fixed-size list of rows × cols float32 values pixel/255 in [0, 1] (MNIST: 784;
+another shape is recorded as ``image_shape`` in the manifest and each shard's metadata, so
+MNIST's shards are byte for byte what they were before datasets were specs). A split is
 written into a staging directory and swapped in whole, so readers see the old split or the
 new one, never a mix and never a half-written file.
 """

@@ -66,7 +66,7 @@ def test_operator_sees_runs_retries_cache_and_artifacts(server, faulty, tmp_path
     with client_for(server) as client:
         parent = flow_runs(client, "mnist-retrain")[0]
         assert parent.state.is_completed() and parent.name == "retrain-fast → v1 promoted"
-        assert {"digitflow", "preset:fast", "model:mnist-mlp"} <= set(parent.tags)
+        assert {"digitflow", "dataset:mnist", "preset:fast", "model:mnist-mlp"} <= set(parent.tags)
         runs = task_runs(client, parent.id)
         assert "train [128] × 3 epochs" in runs
         tail = subflow(client, "mnist-publish", parent)  # evaluate → publish → gate, shared with sweep
