@@ -112,9 +112,10 @@ def test_operator_sees_runs_retries_cache_and_artifacts(server, faulty, tmp_path
 
 def test_serve_schedules_and_prefect_cli_triggers(server, mnist_server, tmp_path):
     home = str(tmp_path / "home")
+    log = open(tmp_path / "serve.log", "w")  # a file, not a pipe nobody drains (a full pipe blocks the runner)
     serve = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--cron", "0 3 * * *", "--home", home,
                               "--mirror", mnist_server, "--preset", "fast", "--name", "nightly"],
-                             cwd=REPO, env=env_for(server), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             cwd=REPO, env=env_for(server), stdout=log, stderr=subprocess.STDOUT,
                              text=True, start_new_session=True)
     try:
         with client_for(server) as client:
@@ -158,6 +159,7 @@ def test_serve_schedules_and_prefect_cli_triggers(server, mnist_server, tmp_path
     finally:
         os.killpg(serve.pid, signal.SIGINT)
         serve.wait(30)
+        log.close()
 
 
 def test_deploy_to_process_pool_and_worker_runs_it(server, mnist_server, tmp_path):
