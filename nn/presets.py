@@ -185,13 +185,12 @@ def train(hp: Hyperparameters, x: np.ndarray, y: np.ndarray,
                      max_norm=hp.max_norm)
     schedule = {"constant": lambda: Constant(hp.lr), "cosine": lambda: CosineLR(hp.lr, hp.epochs),
                 "step": lambda: StepLR(hp.lr, max(1, hp.epochs // 3), 0.1)}[hp.schedule]()
-    validation = None
+    validation, rows = None, None
     if hp.val_fraction > 0:
-        train_idx, val_idx = split_validation(len(x), hp.val_fraction, hp.seed)
-        validation = (x[val_idx], y[val_idx])
-        x, y = x[train_idx], y[train_idx]
+        rows, val_idx = split_validation(len(x), hp.val_fraction, hp.seed)
+        validation = (x[val_idx], y[val_idx])  # small; the training rows are read in place (no copy)
     augment = (lambda xs, rng: random_shift(xs, rng, hp.shift, tuple(image_shape))) if hp.shift else None
     history = fit(model, x, y, optimizer=optimizer, epochs=hp.epochs, batch_size=hp.batch_size,
                   validation=validation, schedule=schedule, patience=hp.patience, augment=augment,
-                  seed=hp.seed, on_epoch=on_epoch, checkpoint=checkpoint, resume=resume)
+                  seed=hp.seed, on_epoch=on_epoch, checkpoint=checkpoint, resume=resume, rows=rows)
     return model, history

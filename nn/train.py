@@ -74,6 +74,7 @@ def fit(
     on_epoch: Callable[[dict], None] | None = None,
     checkpoint: Callable[[dict], None] | None = None,
     resume: dict | None = None,
+    rows: np.ndarray | None = None,
 ) -> History:
     """Train ``model`` in place with mini-batch gradient descent; return the history.
 
@@ -85,6 +86,9 @@ def fit(
     ``checkpoint(state)`` is called after every epoch with everything needed to continue
     (weights, optimizer state, random generator states, history); ``resume=state`` continues
     from it, and the result is bit-identical to a run that was never interrupted.
+
+    ``rows`` (indices into x) trains on those rows only, without copying them out of x: each
+    epoch's shuffled gather reads them in place (peak memory: x plus one epoch buffer).
     """
     if epochs < 1 or batch_size < 1:
         raise ValueError(f"epochs and batch_size must be positive, got {epochs} and {batch_size}")
@@ -92,8 +96,9 @@ def fit(
     if validation is None and val_fraction > 0:
         train_idx, val_idx = split_validation(len(x), val_fraction, seed)
         validation = (x[val_idx], y[val_idx])
-        x, y = x[train_idx], y[train_idx]
-    n = len(x)
+        rows = train_idx
+    rows = np.arange(len(x)) if rows is None else np.asarray(rows, np.intp)
+    n = len(rows)
     schedule = schedule or Constant(optimizer.lr)
     rng = np.random.default_rng([seed, 2])
     loss_fn = SoftmaxCrossEntropy()
@@ -119,9 +124,9 @@ def fit(
     for epoch in range(first, epochs):
         t0 = time.perf_counter()
         optimizer.lr = lr = schedule(epoch)
-        perm = rng.permutation(n)
-        np.take(x, perm, axis=0, out=xs, mode="clip")  # one gather per epoch, not per batch
-        np.take(y, perm, out=ys, mode="clip")
+        order = rows[rng.permutation(n)]
+        np.take(x, order, axis=0, out=xs, mode="clip")  # one gather per epoch, not per batch
+        np.take(y, order, out=ys, mode="clip")
         if augment is not None:
             augment(xs, rng)
         if not identity:
