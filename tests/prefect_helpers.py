@@ -57,3 +57,14 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def newest_run_states(url: str, flow_name: str) -> dict[str, str]:
+    """``{task run name: state name}`` of the newest run of ``flow_name`` (and its subflows) on
+    the server at ``url``: what an operator sees in the dashboard."""
+    with client_for(url) as client:
+        run = flow_runs(client, flow_name)[0]
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: url}):
+        return {name: r.state.name for name, r in task_runs(run.id).items()}

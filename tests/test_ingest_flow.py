@@ -12,7 +12,7 @@ import pytest
 from flows.ingest import ingest
 from storage.download import DownloadError
 from storage.shards import read_split
-from tests.prefect_helpers import flow_run_id, state_names, task_runs
+from tests.prefect_helpers import flow_run_id, newest_run_states, state_names, task_runs
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -124,8 +124,8 @@ def test_cli_ingest_and_cached_rerun(tmp_path, mnist_server, api_url):
     assert "train: 60000 rows in 6 shards" in r.stdout and "test: 10000 rows in 1 shards" in r.stdout
     r = cli("ingest", "--mirror", mnist_server, "--home", str(tmp_path), api_url=api_url)
     assert r.returncode == 0, r.stderr
-    logs = r.stdout + r.stderr
-    assert logs.count("Finished in state Cached") == 12
+    states = newest_run_states(api_url, "ingest-mnist")
+    assert len(states) == 12 and set(states.values()) == {"Cached"}
 
 
 def test_cli_bad_mirror_alone_exits_nonzero_with_one_line(tmp_path, faulty, api_url):
