@@ -22,7 +22,7 @@ ROWS = typer.Option(DEFAULT_ROWS_PER_SHARD, "--rows-per-shard", help="Rows per P
 TIMEOUT = typer.Option(DEFAULT_TIMEOUT, "--timeout", help="Seconds before a silent mirror counts as failed (0.1..3600).")
 RETRIES = typer.Option(DEFAULT_RETRIES, "--retries", help="Retries of a download after transient failures, backoff 2 s, 4 s, 8 s, ... (0..10).")
 DEADLINE = typer.Option(None, "--deadline", help="Seconds one mirror may take for one file (default: timeout + archive size at 50 kB/s).")
-PRESET = typer.Option("default", "--preset", help="Hyperparameter preset: default, best or fast (all tuned on MNIST).")
+PRESET = typer.Option("default", "--preset", help="Hyperparameter preset: default, best, balanced or fast (all tuned on MNIST).")
 WEBHOOK = typer.Option(None, "--webhook", help="POST failed runs and gate rejections here (env DIGITFLOW_WEBHOOK_URL).")
 MODEL_NAME = typer.Option(None, "--model-name", help=f"Registry name of the model (default: <dataset>-mlp, {DEFAULT_NAME} for MNIST).")
 DATASET = typer.Option("mnist", "--dataset", help="mnist, fashion-mnist, or the path of a dataset spec file (.toml/.json).")

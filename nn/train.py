@@ -43,7 +43,7 @@ def split_validation(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np
     return np.sort(perm[k:]), np.sort(perm[:k])
 
 
-def evaluate(model: Sequential, x: np.ndarray, y: np.ndarray, batch_size: int = 8192) -> tuple[float, float]:
+def evaluate(model: Sequential, x: np.ndarray, y: np.ndarray, batch_size: int = 2048) -> tuple[float, float]:
     """Mean cross-entropy and accuracy of ``model`` on (x, y); x before preprocessing."""
     loss_fn = SoftmaxCrossEntropy()
     total_loss, correct = 0.0, 0
@@ -55,6 +55,9 @@ def evaluate(model: Sequential, x: np.ndarray, y: np.ndarray, batch_size: int = 
         loss, _ = loss_fn(logits, yb)
         total_loss += loss * len(xb)
     return total_loss / len(x), correct / len(x)
+
+
+CHUNK_ROWS = 8192  # rows of an epoch gathered at a time (memory beyond the data: this many rows)
 
 
 def fit(
@@ -87,8 +90,9 @@ def fit(
     (weights, optimizer state, random generator states, history); ``resume=state`` continues
     from it, and the result is bit-identical to a run that was never interrupted.
 
-    ``rows`` (indices into x) trains on those rows only, without copying them out of x: each
-    epoch's shuffled gather reads them in place (peak memory: x plus one epoch buffer).
+    ``rows`` (indices into x) trains on those rows only, without copying them out of x. Each
+    epoch's shuffled rows are gathered, augmented and preprocessed a chunk (~8192 rows, whole
+    batches) at a time, so memory beyond x stays bounded whatever the number of rows.
     """
     if epochs < 1 or batch_size < 1:
         raise ValueError(f"epochs and batch_size must be positive, got {epochs} and {batch_size}")
@@ -102,8 +106,9 @@ def fit(
     schedule = schedule or Constant(optimizer.lr)
     rng = np.random.default_rng([seed, 2])
     loss_fn = SoftmaxCrossEntropy()
-    xs = np.empty((n, x.shape[1]), model.dtype)  # this epoch's shuffled (augmented) inputs
-    ys = np.empty(n, np.intp)
+    chunk = batch_size * max(1, CHUNK_ROWS // batch_size)  # whole batches: the same batches as one big gather
+    xs = np.empty((min(n, chunk), x.shape[1]), model.dtype)  # a chunk of this epoch's shuffled inputs
+    ys = np.empty(min(n, chunk), np.intp)
     identity = model.preprocessing == {"mean": 0.0, "std": 1.0}
     history = History()
     best_loss, best_params, waited = math.inf, None, 0
@@ -125,25 +130,28 @@ def fit(
         t0 = time.perf_counter()
         optimizer.lr = lr = schedule(epoch)
         order = rows[rng.permutation(n)]
-        np.take(x, order, axis=0, out=xs, mode="clip")  # one gather per epoch, not per batch
-        np.take(y, order, out=ys, mode="clip")
-        if augment is not None:
-            augment(xs, rng)
-        if not identity:
-            model.preprocess(xs, out=xs)
         loss_sum, correct = 0.0, 0
-        for start in range(0, n, batch_size):
-            xb, yb = xs[start:start + batch_size], ys[start:start + batch_size]
-            logits = model.forward(xb, training=True)
-            correct += int(np.count_nonzero(logits.argmax(axis=1) == yb))
-            loss, dlogits = loss_fn(logits, yb)
-            if not math.isfinite(loss):
-                raise NonFiniteLossError(
-                    f"loss became {loss} at epoch {epoch + 1}, batch {start // batch_size + 1} "
-                    f"(learning rate {lr:g}): training diverged")
-            loss_sum += loss * len(yb)
-            model.backward(dlogits)
-            optimizer.step()
+        for c0 in range(0, n, chunk):
+            part = order[c0:c0 + chunk]
+            xc, yc = xs[:len(part)], ys[:len(part)]
+            np.take(x, part, axis=0, out=xc, mode="clip")  # one gather per chunk, not per batch
+            np.take(y, part, out=yc, mode="clip")
+            if augment is not None:
+                augment(xc, rng)
+            if not identity:
+                model.preprocess(xc, out=xc)
+            for start in range(0, len(part), batch_size):
+                xb, yb = xc[start:start + batch_size], yc[start:start + batch_size]
+                logits = model.forward(xb, training=True)
+                correct += int(np.count_nonzero(logits.argmax(axis=1) == yb))
+                loss, dlogits = loss_fn(logits, yb)
+                if not math.isfinite(loss):
+                    raise NonFiniteLossError(
+                        f"loss became {loss} at epoch {epoch + 1}, batch {(c0 + start) // batch_size + 1} "
+                        f"(learning rate {lr:g}): training diverged")
+                loss_sum += loss * len(yb)
+                model.backward(dlogits)
+                optimizer.step()
         record = {"epoch": epoch + 1, "lr": lr, "train_loss": loss_sum / n, "train_accuracy": correct / n}
         if validation is not None:
             record["val_loss"], record["val_accuracy"] = evaluate(model, *validation)

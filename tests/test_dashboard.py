@@ -136,7 +136,7 @@ def test_serve_schedules_and_prefect_cli_triggers(server, mnist_server, tmp_path
             assert "Preset 'default': 0.05" in lr["description"]
             assert schema["properties"]["hidden"]["anyOf"][0]["items"] == {"type": "integer", "minimum": 1,
                                                                             "maximum": 16384}
-            assert schema["properties"]["preset"]["enum"] == ["default", "best", "fast"]
+            assert schema["properties"]["preset"]["enum"] == ["default", "best", "balanced", "fast"]
             out = subprocess.run([PREFECT, "deployment", "run", "mnist-retrain/nightly", "--param", "preset=fast",
                                   "--param", "seed=2", "--param", "epochs=1", "--param", "model_name=nightly-model"],
                                  env=env_for(server), capture_output=True, text=True, timeout=60)

@@ -120,7 +120,7 @@ def test_gate_rejects_below_floor_and_keeps_version(published, mnist_server):
 @pytest.mark.parametrize("preset, overrides, message", [
     ("default", {"lr": -0.1}, "lr: Input should be greater than 0"),
     ("default", {"hidden": [0]}, "hidden.0: Input should be greater than or equal to 1"),
-    ("nope", {}, "preset: Input should be 'default', 'best' or 'fast'"),
+    ("nope", {}, "preset: Input should be 'default', 'best', 'balanced' or 'fast'"),
     ("default", {"activation": "swish"}, "activation: Input should be 'relu', 'sigmoid' or 'tanh'"),
     ("default", {"colour": "red"}, "unexpected keyword argument 'colour'"),
     ("default", {"hidden": [16384, 16384]}, "parameters, more than the 50,000,000 allowed"),
