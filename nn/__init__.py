@@ -13,7 +13,7 @@ cross-entropy), model.py (the chain rule over a list of layers), optim.py, train
 io.py (saving without pickle). No Prefect, no autograd: NumPy only.
 """
 
-from nn.augment import random_shift
+from nn.augment import random_distort, random_shift
 from nn.io import (ModelFormatError, describe, digest, load, load_arrays, load_checkpoint, save,
                    save_checkpoint)
 from nn.layers import ACTIVATIONS, Dense, Dropout, Layer, ReLU, Sigmoid, Tanh
@@ -29,5 +29,5 @@ __all__ = [
     "NonFiniteLossError", "Optimizer", "Param", "RMSprop", "ReLU", "SGD", "Sequential", "Sigmoid", "SoftmaxCrossEntropy",
     "StepLR", "Tanh", "clip_grad_norm", "describe", "digest", "evaluate", "fit", "load", "load_arrays",
     "load_checkpoint", "save_checkpoint", "make_optimizer",
-    "max_norm_", "presets", "random_shift", "save", "softmax", "softmax_cross_entropy", "split_validation",
+    "max_norm_", "presets", "random_distort", "random_shift", "save", "softmax", "softmax_cross_entropy", "split_validation",
 ]

@@ -12,7 +12,7 @@ from typing import Callable
 
 import numpy as np
 
-from nn.augment import random_shift
+from nn.augment import random_distort, random_shift
 from nn.layers import ACTIVATIONS, Dense, Dropout
 from nn.model import Sequential
 from nn.optim import OPTIMIZERS, SCHEDULES, Constant, CosineLR, StepLR, make
@@ -48,6 +48,10 @@ class Hyperparameters:
     max_norm: float | None = hp(None, "Max-norm bound of each unit's incoming weights (none: off).", low=0.0,
                                 low_open=True, high=1e6)
     shift: int = hp(0, "Random translations of up to ±N pixels.", low=0, high=4)
+    elastic: float = hp(0.0, "Elastic distortion strength in pixels (0: off; Simard et al. used 34 with σ = 4).",
+                        low=0.0, high=64.0)
+    rotate: float = hp(0.0, "Random rotations of up to ±N degrees.", low=0.0, high=45.0)
+    scale: float = hp(0.0, "Random scaling by up to ±this fraction.", low=0.0, high=0.5)
     standardize: bool = hp(True, "Standardize inputs: (pixels/255 − 0.1307) / 0.3081.")
     val_fraction: float = hp(5000 / 60000, "Fraction of train held out for validation (seeded).", low=0.0, high=0.9)
     patience: int | None = hp(None, "Early-stopping patience in epochs (none: off).", low=1, high=10_000)
@@ -191,7 +195,14 @@ def train(hp: Hyperparameters, x: np.ndarray, y: np.ndarray,
     if hp.val_fraction > 0:
         rows, val_idx = split_validation(len(x), hp.val_fraction, hp.seed)
         validation = (x[val_idx], y[val_idx])  # small; the training rows are read in place (no copy)
-    augment = (lambda xs, rng: random_shift(xs, rng, hp.shift, tuple(image_shape))) if hp.shift else None
+    augment = None
+    if hp.elastic or hp.rotate or hp.scale:
+        def augment(xs, rng):
+            random_distort(xs, rng, elastic=hp.elastic, rotate=hp.rotate, scale=hp.scale, shape=tuple(image_shape))
+            if hp.shift:
+                random_shift(xs, rng, hp.shift, tuple(image_shape))
+    elif hp.shift:
+        augment = lambda xs, rng: random_shift(xs, rng, hp.shift, tuple(image_shape))  # noqa: E731
     history = fit(model, x, y, optimizer=optimizer, epochs=hp.epochs, batch_size=hp.batch_size,
                   validation=validation, schedule=schedule, patience=hp.patience, augment=augment,
                   seed=hp.seed, on_epoch=on_epoch, checkpoint=checkpoint, resume=resume, rows=rows)
