@@ -135,9 +135,10 @@ def check_value(name: str, kind, meta, value) -> str | None:
 PRESETS: dict[str, Hyperparameters] = {
     # ≥ 98 % in well under 30 s on 2 cores.
     "default": Hyperparameters(),
-    # ≥ 98.8 %: a wider, deeper net with dropout, max-norm and ±2-pixel translations.
-    "best": Hyperparameters(hidden=(1024, 1024), dropout=0.3, max_norm=3.5, shift=2, epochs=30,
-                            val_fraction=2000 / 60000),
+    # ≥ 99.3 % in ≤ 15 min: a wider, deeper net with dropout and max-norm, trained on elastic and
+    # affine distortions (Simard et al. 2003: an 800-unit MLP with elastic distortions, 99.3 %).
+    "best": Hyperparameters(hidden=(1024, 1024), dropout=0.2, max_norm=3.5, elastic=34.0, rotate=10.0, scale=0.1,
+                            epochs=100, val_fraction=2000 / 60000),
     # ≥ 98.6 % in ≤ 60 s with peak RSS ≤ 500 MiB: one wide layer and ±1-pixel translations.
     "balanced": Hyperparameters(hidden=(1024,), shift=1, epochs=20),
     # A few seconds: for tests and smoke runs (≈ 97.5 %).
