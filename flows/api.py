@@ -109,7 +109,7 @@ class Follower:
             return
         try:
             net = self.registry.load_model(version)  # verified: weights must hash to the recorded digest
-            metadata, metrics = self.registry.metadata(version), self.registry.metrics(version)
+            metrics = self.registry.metrics(version)
             lineage_path = self.registry.path(version) / "lineage.json"
             lineage = json.loads(lineage_path.read_text()) if lineage_path.is_file() else {}
         except (OSError, ValueError, KeyError, DigitflowError) as e:
@@ -121,7 +121,10 @@ class Follower:
         summary = {k: metrics.get(k) for k in ("test_accuracy", "test_loss", "rows", "train_seconds",
                                                "images_per_second") if k in metrics}
         summary["per_class"] = metrics.get("per_class")
-        new = Served(self.settings.model_name, version, metadata["weights_sha256"], net, summary, lineage,
+        import nn
+
+        # The identity served is the digest of the very weights in memory (verified by load_model).
+        new = Served(self.settings.model_name, version, nn.digest(net), net, summary, lineage,
                      self.registry.classes(version), net.dense_layers[0].n_in)
         old, self.served = self.served, new  # the swap: one reference assignment
         self.metrics.swapped(old, new)
@@ -130,7 +133,10 @@ class Follower:
 
     async def follow(self) -> None:
         while True:
-            await asyncio.to_thread(self.check)
+            try:
+                await asyncio.to_thread(self.check)
+            except Exception:  # a bug must not stop the following: say so, keep serving, try again
+                log.exception("checking for a new %s version failed", self.settings.model)
             await asyncio.sleep(self.settings.poll)
 
 
