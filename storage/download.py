@@ -203,7 +203,7 @@ class _Deadline:
         return _MirrorFailure(f"too slow: not done within the {self.total:g}s deadline for this file", True)
 
 
-def _stream_into(spec, url, tmp: Path, timeout, deadline, progress, session) -> str:
+def _stream_into(spec, url, tmp: Path, timeout, deadline, progress, session) -> tuple[str, str, str, int]:
     """Download ``url`` into ``tmp`` (decompressed), verify it against the file's pin; return
     (archive SHA-256, archive MD5, decompressed SHA-256, decompressed size)."""
     archive_hash, idx_hash, archive_md5 = hashlib.sha256(), hashlib.sha256(), hashlib.md5(usedforsecurity=False)
