@@ -179,12 +179,13 @@ def from_dict(data, source: str = "built-in") -> Dataset:
         for key in sorted(set(f) - set(_FILE)):
             bad(f"{label}: unknown key {key!r} (known: {', '.join(_FILE)})")
         fname = f.get("name")
-        if not isinstance(fname, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,200}", fname):
-            bad(f"{label}: name must be a plain file name, got {fname!r}")
-        elif fname in seen:
+        if not isinstance(fname, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,200}", fname) \
+                or fname.removesuffix(".gz").endswith(".json"):
+            bad(f"{label}: name must be a plain file name (not ending in .json), got {fname!r}")
+        elif fname.removesuffix(".gz") in seen:  # "x.gz" and "x" would land on the same raw file
             bad(f"{label}: {fname!r} is listed twice")
         else:
-            seen.add(fname)
+            seen.add(fname.removesuffix(".gz"))
         if not isinstance(f.get("split"), str) or not NAME.fullmatch(f.get("split") or ""):
             bad(f"{label}: split must be a lowercase name such as train or test, got {f.get('split')!r}")
         if f.get("kind") not in KINDS:

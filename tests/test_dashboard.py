@@ -144,7 +144,11 @@ def test_serve_schedules_and_prefect_cli_triggers(server, mnist_server, tmp_path
             bad = subprocess.run([PREFECT, "deployment", "run", "mnist-retrain/nightly", "--param", "lr=-1"],
                                  env=env_for(server), capture_output=True, text=True, timeout=60)
             assert bad.returncode != 0 and "lr" in bad.stdout + bad.stderr  # refused: no run is created
-            run = flow_runs(client, "mnist-retrain")[0]
+            # The run this command created (not the schedule's future runs, which have no start time yet).
+            import re
+
+            run_id = re.search(r"UUID: ([0-9a-f-]{36})", out.stdout).group(1)
+            run = client.read_flow_run(run_id)
             assert run.deployment_id == deployment.id
             run = wait_for_run(client, run.id)
             assert run.state.is_completed(), run.state
