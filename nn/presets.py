@@ -196,15 +196,16 @@ def train(hp: Hyperparameters, x: np.ndarray, y: np.ndarray,
     if hp.val_fraction > 0:
         rows, val_idx = split_validation(len(x), hp.val_fraction, hp.seed)
         validation = (x[val_idx], y[val_idx])  # small; the training rows are read in place (no copy)
-    augment = None
-    if hp.elastic or hp.rotate or hp.scale:
-        def augment(xs, rng):
-            random_distort(xs, rng, elastic=hp.elastic, rotate=hp.rotate, scale=hp.scale, shape=tuple(image_shape))
-            if hp.shift:
-                random_shift(xs, rng, hp.shift, tuple(image_shape))
-    elif hp.shift:
-        augment = lambda xs, rng: random_shift(xs, rng, hp.shift, tuple(image_shape))  # noqa: E731
+    shape, distort = tuple(image_shape), bool(hp.elastic or hp.rotate or hp.scale)
+
+    def augment(xs: np.ndarray, rng: np.random.Generator) -> None:  # distortions first, then translations
+        if distort:
+            random_distort(xs, rng, elastic=hp.elastic, rotate=hp.rotate, scale=hp.scale, shape=shape)
+        if hp.shift:
+            random_shift(xs, rng, hp.shift, shape)
+
     history = fit(model, x, y, optimizer=optimizer, epochs=hp.epochs, batch_size=hp.batch_size,
-                  validation=validation, schedule=schedule, patience=hp.patience, augment=augment,
+                  validation=validation, schedule=schedule, patience=hp.patience,
+                  augment=augment if distort or hp.shift else None,
                   seed=hp.seed, on_epoch=on_epoch, checkpoint=checkpoint, resume=resume, rows=rows)
     return model, history
