@@ -14,9 +14,10 @@ import flows  # noqa: F401  (sets telemetry-off defaults before Prefect is impor
 from flows import interrupt
 from flows.api import ApiSettings
 from flows.cli_common import (ALLOW_UNPINNED, DATASET, DEADLINE, FLOOR, HOME, MIRRORS, MODEL_NAME, PRESET, RETRIES, ROWS, TIMEOUT, TOLERANCE,
-                              WEBHOOK, dataset_model, fail, one_line_errors, quiet_expected_failures)
+                              WEBHOOK, fail, one_line_errors, quiet_expected_failures)
 from storage import DigitflowError
 from storage.config import check_ingest_settings, resolve_home
+from storage.datasets import dataset_and_model
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="digitflow: the MNIST retraining pipeline (Prefect 3 + a pure-NumPy network).")
@@ -122,7 +123,7 @@ def ingest(home: Optional[str] = HOME, mirror: Optional[List[str]] = MIRRORS, da
     from flows.ingest import ingest as ingest_flow
 
     with one_line_errors():
-        dataset_model(dataset, None, allow_unpinned)  # a bad spec: one line per mistake, before any download
+        dataset_and_model(dataset, None, allow_unpinned)  # a bad spec: one line per mistake, before any download
         check_ingest_settings(rows_per_shard=rows_per_shard, timeout=timeout, retries=retries, deadline=deadline)
         home = _start(home)
         with progress_display():
@@ -147,7 +148,7 @@ def run(home: Optional[str] = HOME, mirror: Optional[List[str]] = MIRRORS, datas
     from flows.pipeline import retrain
 
     with one_line_errors():
-        dataset_model(dataset, model_name, allow_unpinned)  # invalid values fail before any work
+        dataset_and_model(dataset, model_name, allow_unpinned)  # invalid values fail before any work
         hyperparameters(preset, hp)
         check_ingest_settings(rows_per_shard=rows_per_shard, timeout=timeout, retries=retries, deadline=deadline)
         home = _start(home)
@@ -178,7 +179,7 @@ def train(home: Optional[str] = HOME, dataset: str = DATASET, preset: str = PRES
 
     with one_line_errors():
         hyperparameters(preset, hp)
-        spec, _ = dataset_model(dataset, None)
+        spec, _ = dataset_and_model(dataset, None)
         home = _start(home)
         load_manifest(resolve_home(home).split("train", spec.name))  # no data yet: one line now, before Prefect starts
         with progress_display():
@@ -213,7 +214,7 @@ def evaluate(model: str = typer.Option("champion", "--model", help="VERSION, ali
     from storage.shards import load_manifest
 
     with one_line_errors():
-        spec, model_name = dataset_model(dataset, model_name)
+        spec, model_name = dataset_and_model(dataset, model_name)
         home = _start(home)
         ref, label = _model_ref(model, home, model_name)
         load_manifest(resolve_home(home).split("test", spec.name))  # no data yet: one line now, before Prefect starts
@@ -241,7 +242,7 @@ def publish(folder: str = typer.Argument(..., help="A trained model folder, as `
     from tasks.model import trained_ref
 
     with one_line_errors():
-        spec, model_name = dataset_model(dataset, model_name)
+        spec, model_name = dataset_and_model(dataset, model_name)
         ref = trained_ref(folder)
         home = _start(home)
         outcome = publish_trained(ref, home=home, dataset=dataset, model_name=model_name, tolerance=tolerance,
@@ -264,7 +265,7 @@ def predict(images: List[str] = typer.Argument(..., help="PNG/JPEG/... files of 
     from storage.images import load_inputs
 
     with one_line_errors():
-        spec, model_name = dataset_model(dataset, model_name)
+        spec, model_name = dataset_and_model(dataset, model_name)
         registry = resolve_home(home).registry(model_name)
         version = registry.resolve(model)
         net = registry.load_model(version)  # verified against the digest recorded at publish time
@@ -299,7 +300,7 @@ def deployment_parameters(home, mirror, preset, model_name, hp, webhook, dataset
     from flows.contract import hyperparameters
 
     hyperparameters(preset, hp)  # invalid values fail now, not at 3 a.m.
-    spec, model_name = dataset_model(dataset, model_name, allow_unpinned)
+    spec, model_name = dataset_and_model(dataset, model_name, allow_unpinned)
     params = {"home": str(resolve_home(home)), "preset": preset, "model_name": model_name}
     if spec.name != "mnist":
         params["dataset"] = dataset if spec.source == "built-in" else spec.source  # a spec file: its absolute path
@@ -386,7 +387,7 @@ def sweep(grid: List[str] = typer.Option(..., "--grid", help="name=v1,v2 (repeat
         points = parse_grid(list(grid) + list(extra or []))
         from flows.contract import hyperparameters
 
-        dataset_model(dataset, model_name, allow_unpinned)
+        dataset_and_model(dataset, model_name, allow_unpinned)
         for point in points:
             hyperparameters(preset, {**hp, **point})
         check_ingest_settings(rows_per_shard=rows_per_shard, timeout=timeout, retries=retries)
@@ -435,7 +436,7 @@ def api(host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind 
     from flows.api import serve as serve_api
 
     with one_line_errors():
-        _, model_name = dataset_model(dataset, model_name)
+        _, model_name = dataset_and_model(dataset, model_name)
         if log_level.lower() not in ("debug", "info", "warning", "error"):
             raise DigitflowError(f"--log-level {log_level!r}: use info, warning or error")
         settings = ApiSettings(home=str(resolve_home(home).root), model_name=model_name, model=model, token=token,

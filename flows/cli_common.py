@@ -31,18 +31,6 @@ TOLERANCE = typer.Option(DEFAULT_TOLERANCE, "--tolerance", min=GATE_BOUNDS[0], m
 FLOOR = typer.Option(DEFAULT_FLOOR, "--floor", min=GATE_BOUNDS[0], max=GATE_BOUNDS[1], help="Never promote below this test accuracy.")
 
 
-
-def dataset_model(dataset: str, model_name: str | None, allow_unpinned: bool = True):
-    """(dataset spec, model name) for a command's --dataset and --model-name: the spec is
-    validated here (one line per mistake) and the name defaults to the dataset's."""
-    from storage.datasets import check_pinned, resolve
-    from storage.registry import check_name
-
-    spec = resolve(dataset)
-    check_pinned(spec, allow_unpinned)
-    return spec, check_name(model_name or spec.default_model_name)
-
-
 _final_words: list[str] = []
 
 

@@ -7,8 +7,9 @@ from typing import Optional
 
 import typer
 
-from flows.cli_common import DATASET, HOME, MODEL_NAME, dataset_model, one_line_errors
+from flows.cli_common import DATASET, HOME, MODEL_NAME, one_line_errors
 from storage.config import resolve_home
+from storage.datasets import dataset_and_model
 from storage.registry import Registry
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="List, inspect, compare, promote and export versions.")
@@ -17,7 +18,7 @@ JSON = typer.Option(False, "--json", help="Machine-readable output.")
 
 def _registry(home, name, dataset="mnist") -> Registry:
     """The registry of ``--model-name`` (default: the dataset's model, mnist-mlp for MNIST)."""
-    return resolve_home(home).registry(dataset_model(dataset, name)[1])
+    return resolve_home(home).registry(dataset_and_model(dataset, name)[1])
 
 
 def listing(registry: Registry) -> list[dict]:

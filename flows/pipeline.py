@@ -10,8 +10,7 @@ from flows.contract import (DEFAULT_FLOOR, DEFAULT_RETRIES, DEFAULT_ROWS_PER_SHA
 from flows.ingest import ingest
 from storage import DigitflowError
 from storage.config import resolve_home
-from storage.datasets import check_pinned, resolve as resolve_dataset
-from storage.registry import check_name
+from storage.datasets import dataset_and_model, resolve as resolve_dataset
 from tasks.ingest import manifest_ref
 from tasks.model import artifact_key, evaluate, gate, publish, train
 from tasks.refs import Decision, Evaluation, Published, TrainedModel
@@ -25,14 +24,6 @@ def run_name() -> str:
 def run_tags(preset: str, model_name: str, dataset: str = "mnist") -> list[str]:
     """The tags of a run, derived from its own parameters (however it was started)."""
     return ["digitflow", f"dataset:{dataset}", f"preset:{preset}", f"model:{model_name}"]
-
-
-def dataset_and_model(dataset: str, model_name: str | None, allow_unpinned: bool = True):
-    """The dataset spec (validated: one line per mistake, before any work) and the model name
-    (default: the dataset's, mnist-mlp for MNIST)."""
-    spec = resolve_dataset(dataset)
-    check_pinned(spec, allow_unpinned)
-    return spec, check_name(model_name or spec.default_model_name)
 
 
 @flow(name="mnist-retrain", flow_run_name=run_name, on_failure=[on_flow_failure])

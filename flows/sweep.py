@@ -17,10 +17,11 @@ from flows.ingest import ingest
 from flows.contract import (DEFAULT_FLOOR, DEFAULT_RETRIES, DEFAULT_ROWS_PER_SHARD, DEFAULT_TIMEOUT,
                             DEFAULT_TOLERANCE, Accuracy, DatasetName, ModelName, Overrides, Preset, Retries, RowsPerShard, Timeout,
                             hyperparameters, overrides_dict, with_hyperparameters)
-from flows.pipeline import dataset_and_model, publish_trained, run_tags, update_run
+from flows.pipeline import publish_trained, run_tags, update_run
 from storage import DigitflowError
 from storage.atomic import write_bytes, write_json
 from storage.config import resolve_home
+from storage.datasets import dataset_and_model
 from tasks.model import artifact_key, evaluate, train
 
 

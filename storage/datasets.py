@@ -270,6 +270,17 @@ def resolve(dataset: "str | Dataset | None" = None) -> Dataset:
     raise SpecError(f"unknown dataset {dataset!r}: use {', '.join(builtins)} or a spec file (.toml or .json)")
 
 
+def dataset_and_model(dataset: "str | Dataset | None", model_name: str | None,
+                      allow_unpinned: bool = True) -> tuple[Dataset, str]:
+    """The dataset spec (validated: one line per mistake, before any work; pinned unless
+    ``allow_unpinned``) and the model name (default: the dataset's, mnist-mlp for MNIST)."""
+    from storage.registry import check_name
+
+    spec = resolve(dataset)
+    check_pinned(spec, allow_unpinned)
+    return spec, check_name(model_name or spec.default_model_name)
+
+
 def check_pinned(dataset: Dataset, allow_unpinned: bool) -> None:
     if dataset.unpinned and not allow_unpinned:
         raise SpecError(f"dataset {dataset.name!r}: {', '.join(dataset.unpinned)} "
