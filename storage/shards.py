@@ -201,10 +201,10 @@ def source_of(images: dict, labels: dict) -> dict:
             for kind, ref in (("images", images), ("labels", labels))}
 
 
-def image_pixels(manifest: dict) -> int:
-    """Pixels per image of a split (MNIST's manifests predate the key: 28×28)."""
+def image_shape(manifest: dict) -> tuple[int, int]:
+    """(rows, cols) of a split's images (MNIST's manifests do not record it: 28×28)."""
     rows, cols = manifest.get("image_shape", (28, 28))
-    return int(rows) * int(cols)
+    return int(rows), int(cols)
 
 
 def read_split(directory) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -228,7 +228,8 @@ def read_split(directory) -> tuple[np.ndarray, np.ndarray, dict]:
     with ThreadPoolExecutor(max_workers=2) as pool:
         buffers = list(pool.map(load_one, manifest["shards"]))
     n = manifest["rows"]
-    pixels = image_pixels(manifest)
+    height, width = image_shape(manifest)
+    pixels = height * width
     schema = schema_for(pixels)
     images = np.empty((n, pixels), np.float32)
     labels = np.empty(n, np.int64)

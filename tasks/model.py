@@ -25,7 +25,7 @@ from storage import report as report_files
 from storage.atomic import read_json, sha256_file, staged_dir, write_json, writing
 from storage.home import Home
 from storage.registry import DEFAULT_FLOOR, DEFAULT_NAME, DEFAULT_TOLERANCE, now
-from storage.shards import read_split
+from storage.shards import image_shape, read_split
 from tasks import progress
 from tasks.common import CACHED, code_version, content_key, verified_task
 from tasks.refs import Decision, Evaluation, Published, SplitRef, TrainedModel
@@ -89,7 +89,7 @@ def _train(train: SplitRef, hyperparameters: dict, home: Home, progress_key: str
     log = get_run_logger()
     hp = nn.presets.Hyperparameters(**{**hyperparameters, "hidden": tuple(hyperparameters["hidden"])}).validate()
     x, y, manifest = load_split(train)
-    n_classes, image_shape = len(manifest["class_counts"]), tuple(manifest.get("image_shape", (28, 28)))
+    n_classes, shape = len(manifest["class_counts"]), image_shape(manifest)
     log.info("training %s on %d images (%d held out for validation), seed %d", hp.hidden, len(y),
              round(len(y) * hp.val_fraction), hp.seed)
     architecture = "-".join(map(str, (x.shape[1], *hp.hidden, n_classes)))
@@ -121,7 +121,7 @@ def _train(train: SplitRef, hyperparameters: dict, home: Home, progress_key: str
     try:
         with np.errstate(over="ignore", invalid="ignore"):
             model, history = nn.presets.train(hp, x, y, on_epoch=on_epoch, checkpoint=checkpoint, resume=resume,
-                                              n_classes=n_classes, image_shape=image_shape)
+                                              n_classes=n_classes, image_shape=shape)
     except nn.NonFiniteLossError as e:
         checkpoint_path.unlink(missing_ok=True)
         raise TrainingDiverged(f"{e}; nothing was published") from None
