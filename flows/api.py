@@ -34,6 +34,7 @@ from typing import NamedTuple
 import numpy as np
 
 from storage import DigitflowError
+from storage.datasets import class_names
 from storage.images import ImageError, ImageTooLarge, load_gray, mnist_style
 from storage.registry import ALIASES, DEFAULT_NAME, Registry, RegistryError
 
@@ -76,7 +77,7 @@ class Served(NamedTuple):
     net: object
     summary: dict
     lineage: dict
-    classes: list          # class names; MNIST's are its digits
+    names: list | None     # class names shown beside labels (None for MNIST's digits)
     pixels: int            # inputs per image (MNIST: 784)
 
     def identity(self) -> dict:
@@ -118,14 +119,13 @@ class Follower:
             log.error("refused to serve %s v%d: %s; %s", self.settings.model_name, version, e,
                       f"still serving v{self.served.version}" if self.served else "nothing served")
             return
-        summary = {k: metrics.get(k) for k in ("test_accuracy", "test_loss", "rows", "train_seconds",
-                                               "images_per_second") if k in metrics}
-        summary["per_class"] = metrics.get("per_class")
+        summary = {k: metrics[k] for k in ("test_accuracy", "test_loss", "macro_f1", "test_images", "train_seconds",
+                                           "inference_images_per_second", "per_class") if k in metrics}
         import nn
 
         # The identity served is the digest of the very weights in memory (verified by load_model).
         new = Served(self.settings.model_name, version, nn.digest(net), net, summary, lineage,
-                     self.registry.classes(version), net.dense_layers[0].n_in)
+                     class_names(self.registry.classes(version)), net.dense_layers[0].n_in)
         old, self.served = self.served, new  # the swap: one reference assignment
         self.metrics.swapped(old, new)
         log.info("serving %s v%d (weights %s…)%s", new.name, version, new.weights_sha256[:12],
@@ -386,10 +386,9 @@ def create_app(settings: ApiSettings):
         metrics.images.inc(len(labels))
         for label, count in zip(*np.unique(labels, return_counts=True)):
             metrics.predictions.labels(str(label)).inc(int(count))
-        named = served.classes != [str(d) for d in range(len(served.classes))]  # MNIST: digits, no names
         return respond(200, {"model": served.identity(),
                              "predictions": [{"label": int(label), "probabilities": p,
-                                              **({"class": served.classes[label]} if named else {})}
+                                              **({"class": served.names[label]} if served.names else {})}
                                              for label, p in zip(labels, proba)]})
 
     @route("/model")

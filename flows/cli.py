@@ -17,7 +17,7 @@ from flows.cli_common import (ALLOW_UNPINNED, DATASET, DEADLINE, FLOOR, HOME, MI
                               WEBHOOK, fail, one_line_errors, quiet_expected_failures)
 from storage import DigitflowError
 from storage.config import check_ingest_settings, resolve_home
-from storage.datasets import dataset_and_model
+from storage.datasets import class_names, dataset_and_model
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="digitflow: the MNIST retraining pipeline (Prefect 3 + a pure-NumPy network).")
@@ -226,7 +226,7 @@ def evaluate(model: str = typer.Option("champion", "--model", help="VERSION, ali
         return
     typer.echo(f"{label}: test accuracy {metrics.test_accuracy:.4f}, loss {metrics.test_loss:.4f}, "
                f"macro F1 {metrics.macro_f1:.4f}, {metrics.inference_images_per_second:,.0f} images/s")
-    names = [] if spec.name == "mnist" else list(spec.classes)
+    names = class_names(spec.classes)
     for c in metrics.per_class:
         typer.echo(f"  {c['class']}{' ' + names[c['class']] if names else ''}: precision {c['precision']:.4f} recall {c['recall']:.4f} f1 {c['f1']:.4f}")
 
@@ -269,21 +269,20 @@ def predict(images: List[str] = typer.Argument(..., help="PNG/JPEG/... files of 
         registry = resolve_home(home).registry(model_name)
         version = registry.resolve(model)
         net = registry.load_model(version)  # verified against the digest recorded at publish time
-        classes = registry.classes(version)
+        classes = class_names(registry.classes(version))  # None for MNIST's digits
         names, x = load_inputs(images, spec.image_shape)
         if x.shape[1] != net.dense_layers[0].n_in:
             raise DigitflowError(f"{model_name} v{version} takes {net.dense_layers[0].n_in} pixels per image, the "
                                  f"inputs have {x.shape[1]} (another dataset's images? pass --dataset)")
     proba = net.predict_proba(x)
     digits, best = proba.argmax(axis=1), proba.max(axis=1)
-    named = classes != [str(d) for d in range(len(classes))]  # MNIST's classes are their digits
     if json_out:
         typer.echo(json.dumps([{"path": n, "digit": int(d), "probability": round(float(p), 6),
-                                **({"class": classes[d]} if named else {})}
+                                **({"class": classes[d]} if classes else {})}
                                for n, d, p in zip(names, digits, best)]))
         return
     for n, d, p in zip(names, digits, best):
-        typer.echo(f"{n}: {d}{' ' + classes[d] if named else ''} ({p:.1%})")
+        typer.echo(f"{n}: {d}{' ' + classes[d] if classes else ''} ({p:.1%})")
 
 
 def check_cron(cron: str) -> None:

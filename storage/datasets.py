@@ -270,6 +270,13 @@ def resolve(dataset: "str | Dataset | None" = None) -> Dataset:
     raise SpecError(f"unknown dataset {dataset!r}: use {', '.join(builtins)} or a spec file (.toml or .json)")
 
 
+def class_names(classes) -> list[str] | None:
+    """The names worth showing beside a predicted label: None when they are just the label
+    numbers (MNIST's digits)."""
+    classes = list(classes)
+    return None if classes == [str(i) for i in range(len(classes))] else classes
+
+
 def dataset_and_model(dataset: "str | Dataset | None", model_name: str | None,
                       allow_unpinned: bool = True) -> tuple[Dataset, str]:
     """The dataset spec (validated: one line per mistake, before any work; pinned unless
