@@ -36,6 +36,7 @@ import numpy as np
 from storage import DigitflowError
 from storage.datasets import class_names
 from storage.images import ImageError, ImageTooLarge, load_gray, mnist_style
+from storage.home import Home
 from storage.registry import ALIASES, DEFAULT_NAME, Registry, RegistryError
 
 log = logging.getLogger("digitflow.api")
@@ -89,13 +90,14 @@ class Follower:
 
     def __init__(self, settings: ApiSettings, metrics: "Metrics"):
         self.settings, self.metrics = settings, metrics
-        self.registry = Registry(Path(settings.home), settings.model_name)
+        self.registry = Registry(Home.resolve(settings.home), settings.model_name)
         self.served: Served | None = None
         self.refused: dict[int, str] = {}  # version → why (refused once, not retried every poll)
 
     def target(self) -> int | None:
         ref = self.settings.model
         if ref in ALIASES:
+            self.registry.sync()  # a remote home: a fresh snapshot of the bucket (no-op locally)
             return self.registry.aliases().get(ref)
         return int(ref[1:])
 
@@ -443,7 +445,7 @@ def serve(settings: ApiSettings, host: str = "127.0.0.1", port: int = 8000, work
     import uvicorn
 
     settings.check()
-    registry = Registry(Path(settings.home), settings.model_name)
+    registry = Registry(Home.resolve(settings.home), settings.model_name)
     if not registry.root.is_dir():
         raise RegistryError(f"no model {settings.model_name!r} under {settings.home} (publish one first)")
     if settings.model not in ALIASES:

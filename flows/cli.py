@@ -181,12 +181,21 @@ def train(home: Optional[str] = HOME, dataset: str = DATASET, preset: str = PRES
         hyperparameters(preset, hp)
         spec, _ = dataset_and_model(dataset, None)
         home = _start(home)
-        load_manifest(resolve_home(home).split("train", spec.name))  # no data yet: one line now, before Prefect starts
+        load_manifest(_split_here(home, "train", spec.name))  # no data yet: one line now, before Prefect starts
         with progress_display():
             result = train_only(home=home, dataset=dataset, preset=preset, **hp)
     last = result.history[-1]
     typer.echo(f"trained {result.dir} (weights {result.weights_sha256[:16]}…): "
                f"val accuracy {last.get('val_accuracy', float('nan')):.4f} after {len(result.history)} epochs")
+
+
+def _split_here(home: str, split: str, dataset: str):
+    """This machine's folder of a split (its manifest fetched first, in a remote home)."""
+    from storage import remote
+
+    h = resolve_home(home)
+    remote.pull_file(h.address(h.split(split, dataset) / "manifest.json"))
+    return h.split(split, dataset)
 
 
 def _model_ref(model: str, home: str, model_name: str):
@@ -197,7 +206,7 @@ def _model_ref(model: str, home: str, model_name: str):
     from tasks.refs import TrainedModel
 
     if "/" in model or Path(model).is_dir():
-        return trained_ref(model), str(Path(model))
+        return trained_ref(model), model if "://" in model else str(Path(model))
     registry = resolve_home(home).registry(model_name)
     version = registry.resolve(model)
     registry.load_model(version)  # a changed or damaged version: one line now, before Prefect starts
@@ -217,7 +226,7 @@ def evaluate(model: str = typer.Option("champion", "--model", help="VERSION, ali
         spec, model_name = dataset_and_model(dataset, model_name)
         home = _start(home)
         ref, label = _model_ref(model, home, model_name)
-        load_manifest(resolve_home(home).split("test", spec.name))  # no data yet: one line now, before Prefect starts
+        load_manifest(_split_here(home, "test", spec.name))  # no data yet: one line now, before Prefect starts
         metrics = evaluate_model(ref, home=home, dataset=dataset)
     if json_out:
         version = label.rpartition(" v")[2]
@@ -438,7 +447,7 @@ def api(host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind 
         _, model_name = dataset_and_model(dataset, model_name)
         if log_level.lower() not in ("debug", "info", "warning", "error"):
             raise DigitflowError(f"--log-level {log_level!r}: use info, warning or error")
-        settings = ApiSettings(home=str(resolve_home(home).root), model_name=model_name, model=model, token=token,
+        settings = ApiSettings(home=str(resolve_home(home)), model_name=model_name, model=model, token=token,
                                max_body=max_body, max_pixels=max_pixels, max_images=max_images, poll=poll).check()
         typer.echo(f"digitflow api: {model_name} {model} from {settings.home} on http://{host}:{port}/ "
                    f"({workers} worker{'s' if workers > 1 else ''}{', token required' if token else ''})", err=True)

@@ -8,8 +8,9 @@ from prefect.runtime import flow_run
 
 from flows.contract import DatasetName, Deadline, Retries, RowsPerShard, Timeout
 from storage.config import (DEFAULT_RETRIES, DEFAULT_ROWS_PER_SHARD, DEFAULT_TIMEOUT, check_ingest_settings,
-                            resolve_home, resolve_mirrors)
+                            resolve_mirrors)
 from storage.datasets import check_pinned, resolve as resolve_dataset
+from tasks.common import home_for_run
 from tasks.ingest import download, parse, verify, write_shards
 from tasks.refs import SplitRef
 
@@ -45,9 +46,9 @@ def ingest(
     spec = resolve_dataset(dataset)
     check_pinned(spec, allow_unpinned)
     check_ingest_settings(rows_per_shard=rows_per_shard, timeout=timeout, retries=retries, deadline=deadline)
-    home = resolve_home(home)
+    home = home_for_run(home)
     mirrors = resolve_mirrors(mirrors, default=spec.mirrors)
-    raw_dir = str(home.raw_for(spec.name))
+    raw_dir = home.address(home.raw_for(spec.name))
     files = {f.name: f for f in spec.files}
     shape, n_classes = spec.image_shape, len(spec.classes)
 
@@ -78,7 +79,7 @@ def ingest(
     # 4. Write each split's shards + manifest (swapped in whole, never half-written). A cached
     #    result whose directory no longer verifies (manifest, coverage, every shard's SHA-256)
     #    is refreshed: the split is rebuilt.
-    manifests = {split: write_shards.submit(split, *pair(split), out_dir=str(home.split(split, spec.name)),
+    manifests = {split: write_shards.submit(split, *pair(split), out_dir=home.address(home.split(split, spec.name)),
                                            rows_per_shard=rows_per_shard, image_shape=shape, n_classes=n_classes)
                  for split in spec.splits}
     return {split: future.result() for split, future in manifests.items()}

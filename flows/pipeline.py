@@ -9,7 +9,7 @@ from flows.contract import (DEFAULT_FLOOR, DEFAULT_RETRIES, DEFAULT_ROWS_PER_SHA
                             hyperparameters, with_hyperparameters)
 from flows.ingest import ingest
 from storage import DigitflowError
-from storage.config import resolve_home
+from tasks.common import home_for_run
 from storage.datasets import dataset_and_model, resolve as resolve_dataset
 from tasks.ingest import manifest_ref
 from tasks.model import artifact_key, evaluate, gate, publish, train
@@ -64,7 +64,7 @@ def retrain(
     """
     hp = hyperparameters(preset, overrides).to_dict()
     spec, model_name = dataset_and_model(dataset, model_name, allow_unpinned)  # before any work
-    home = resolve_home(home)
+    home = home_for_run(home)
     update_run(tags=run_tags(preset, model_name, spec.name))
 
     with tags(*run_tags(preset, model_name, spec.name)):  # the subflows and every task carry them too
@@ -98,9 +98,9 @@ def train_only(home: str | None = None, dataset: DatasetName = "mnist", preset: 
     """
     hp = hyperparameters(preset, overrides).to_dict()
     spec = resolve_dataset(dataset)
-    home = resolve_home(home)
+    home = home_for_run(home)
     update_run(tags=["digitflow", f"dataset:{spec.name}", f"preset:{preset}"])
-    ref = manifest_ref(str(home.split("train", spec.name)))
+    ref = manifest_ref(home.address(home.split("train", spec.name)))
     return train(ref, hp, home, description=f"preset {preset}")
 
 
@@ -108,8 +108,8 @@ def train_only(home: str | None = None, dataset: DatasetName = "mnist", preset: 
 def evaluate_model(model: TrainedModel, home: str | None = None, dataset: DatasetName = "mnist") -> Evaluation:
     """Evaluate a model reference (a published version or a trained folder) on the dataset's test split."""
     spec = resolve_dataset(dataset)
-    home = resolve_home(home)
-    return evaluate(model, manifest_ref(str(home.split("test", spec.name))))
+    home = home_for_run(home)
+    return evaluate(model, manifest_ref(home.address(home.split("test", spec.name))))
 
 
 @flow(name="mnist-publish", flow_run_name="publish {model.weights_sha256:.12}", on_failure=[on_flow_failure])
@@ -130,9 +130,9 @@ def publish_trained(model: TrainedModel, home: str | None = None, dataset: Datas
         webhook_url: POST failed runs and gate rejections here (else $DIGITFLOW_WEBHOOK_URL).
     """
     spec, model_name = dataset_and_model(dataset, model_name)
-    home = resolve_home(home)
+    home = home_for_run(home)
     update_run(tags=["digitflow", f"dataset:{spec.name}", f"model:{model_name}"])
-    data = {split: manifest_ref(str(home.split(split, spec.name))) for split in ("train", "test")}
+    data = {split: manifest_ref(home.address(home.split(split, spec.name))) for split in ("train", "test")}
     if model.train_manifest_sha256 not in (None, data["train"].sha256):
         raise DigitflowError(f"{model.dir} was trained on data {model.train_manifest_sha256[:12]}…, but the "
                              f"ingested train split is {data['train'].sha256[:12]}…: retrain it, or ingest that data")

@@ -18,9 +18,9 @@ from flows.contract import (DEFAULT_FLOOR, DEFAULT_RETRIES, DEFAULT_ROWS_PER_SHA
                             DEFAULT_TOLERANCE, Accuracy, DatasetName, ModelName, Overrides, Preset, Retries, RowsPerShard, Timeout,
                             hyperparameters, overrides_dict, with_hyperparameters)
 from flows.pipeline import publish_trained, run_tags, update_run
-from storage import DigitflowError
+from storage import DigitflowError, remote
 from storage.atomic import write_bytes, write_json
-from storage.config import resolve_home
+from tasks.common import home_for_run
 from storage.datasets import dataset_and_model
 from tasks.model import artifact_key, evaluate, train
 
@@ -112,7 +112,7 @@ def sweep(
     if not configs:
         raise DigitflowError("the grid is empty")
     spec, model_name = dataset_and_model(dataset, model_name, allow_unpinned)
-    home = resolve_home(home)
+    home = home_for_run(home)
     update_run(tags=[*run_tags(preset, model_name, spec.name), "sweep"])
     log.info("sweep of %d runs; task runner: %s", len(configs), describe_runner())
 
@@ -147,12 +147,13 @@ def sweep(
     folder = home.sweep(str(flow_run.id) if flow_run.id else "latest")
     write_bytes(folder / "report.md", report.encode())
     write_json(folder / "results.json", {"rows": rows, "outcome": outcome})
+    remote.push_dir(home.address(folder), "results.json")  # a remote home: into the bucket, results last
     create_table_artifact(rows, key=artifact_key(model_name, "sweep"), description="Sweep comparison")
     create_markdown_artifact(report, key=artifact_key(model_name, "sweep-report"), description="Sweep report")
     log.info("best %s: val %.4f, test %.4f → v%d %s", best["point"], best["val_accuracy"] or 0,
              best["metrics"].test_accuracy, outcome["version"], outcome["status"])
     update_run(name=f"sweep-{len(configs)}-runs → v{outcome['version']} {outcome['status']}")
-    return {"rows": rows, "report": str(folder / "report.md"), **outcome}
+    return {"rows": rows, "report": home.address(folder / "report.md"), **outcome}
 
 
 def _report(rows: list[dict], outcome: dict) -> str:

@@ -6,8 +6,14 @@
     <home>/models/<name>/                       the registry: versions, aliases, decisions
     <home>/sweeps/<flow run id>/                sweep reports
 
-The layout is written here and nowhere else. A ``Home`` is also a path (``os.fspath``,
-``str``), so it can be handed to anything that takes one.
+The layout is written here and nowhere else. A ``Home`` is also a path (``os.fspath``), so it
+can be handed to anything that takes one.
+
+A home may live in object storage (``s3://bucket/prefix``): then the same layout is kept under
+that prefix, and ``root`` is this machine's working copy of it (``$DIGITFLOW_CACHE/s3/bucket/
+prefix``), filled and published by ``storage.remote``. ``str(home)`` and ``address(path)`` give
+the names every machine shares (the URL), which is what cache keys and references hold;
+``storage.remote.local`` turns such a name back into this machine's path.
 """
 
 from __future__ import annotations
@@ -17,15 +23,42 @@ from pathlib import Path
 
 
 class Home:
-    def __init__(self, root: str | os.PathLike):
+    def __init__(self, root: "str | os.PathLike | Home", store=None):
+        if isinstance(root, Home):
+            root, store = root.root, root.store
         self.root = Path(root).expanduser()
+        self.store = store  # an object store (storage.objects) when the home is remote, else None
 
     @classmethod
     def resolve(cls, home: str | os.PathLike | None = None) -> "Home":
-        """``home``, else ``$DIGITFLOW_HOME``, else ``~/.digitflow``: created and proven writable."""
+        """``home``, else ``$DIGITFLOW_HOME``, else ``~/.digitflow``: created and proven writable
+        (for ``s3://…``: the bucket proven reachable, and a local working copy made)."""
+        from storage import objects
         from storage.atomic import ensure_writable_dir
 
-        return cls(ensure_writable_dir(home or os.environ.get("DIGITFLOW_HOME") or DEFAULT_HOME))
+        if isinstance(home, Home):
+            return home
+        where = os.fspath(home or os.environ.get("DIGITFLOW_HOME") or DEFAULT_HOME)
+        if "://" in where:
+            store = objects.open_store(where)
+            store.check()
+            return cls(ensure_writable_dir(objects.local_path(store.url())), store)
+        return cls(ensure_writable_dir(where))
+
+    @property
+    def url(self) -> str:
+        """The name every machine knows this home by: the store URL, or the local path."""
+        return self.store.url() if self.store is not None else str(self.root)
+
+    def address(self, path: str | os.PathLike) -> str:
+        """The shared name of ``path`` (under ``root``): its object URL in a remote home."""
+        if self.store is None:
+            return str(path)
+        return self.store.url(Path(path).relative_to(self.root).as_posix())
+
+    def key(self, path: str | os.PathLike) -> str:
+        """``path`` relative to the home: its object key below the store's prefix."""
+        return Path(path).relative_to(self.root).as_posix()
 
     @property
     def raw(self) -> Path:
@@ -57,16 +90,16 @@ class Home:
         return str(self.root)
 
     def __str__(self) -> str:
-        return str(self.root)
+        return self.url
 
     def __repr__(self) -> str:
-        return f"Home({str(self.root)!r})"
+        return f"Home({self.url!r})"
 
     def __eq__(self, other) -> bool:
-        return isinstance(other, Home) and other.root == self.root
+        return isinstance(other, Home) and other.url == self.url
 
     def __hash__(self) -> int:
-        return hash(self.root)
+        return hash(self.url)
 
 
 DEFAULT_HOME = "~/.digitflow"

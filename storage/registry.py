@@ -8,6 +8,15 @@ A version folder is assembled in a staging folder and renamed into place while h
 exclusive lock (flock, released by the kernel even on kill -9), so versions are allocated
 atomically: two publishers at once get two versions and neither overwrites the other. A
 crash leaves at most a hidden staging folder, which the next publish clears away.
+
+In a remote home (``s3://…``) the same folders live in the bucket and ``root`` is this
+machine's working copy. Every Registry reads a fresh snapshot of the bucket (``sync``); writes
+take, besides the flock, a ``Lease`` in the bucket (``models/<name>/.lock``, created with
+``If-None-Match: *``), re-read the snapshot, make their change locally and publish it: a new
+version's files first and its ``metadata.json`` last, created with ``If-None-Match: *`` (the
+commit point: a version without it is invisible and is overwritten by the next publish);
+decisions and ``aliases.json`` with ``If-Match`` on the ETag read. Two machines publishing at
+once get two versions and one champion.
 """
 
 from __future__ import annotations
@@ -20,6 +29,9 @@ from pathlib import Path
 from typing import Callable
 
 from storage import DigitflowError
+import contextlib
+import shutil
+
 from storage.atomic import file_lock, read_json, remove_leftovers, staged_dir, write_json, writing
 
 DEFAULT_NAME = "mnist-mlp"
@@ -32,6 +44,12 @@ _VERSION = re.compile(r"^v([1-9][0-9]*)$")
 
 class RegistryError(DigitflowError):
     pass
+
+
+def _info(rel: str, path: Path, etag: str):
+    from storage.objects import ObjectInfo
+
+    return ObjectInfo(rel, path.stat().st_size, etag, None)
 
 
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
@@ -67,6 +85,80 @@ class Registry:
     def __init__(self, home: str | os.PathLike, name: str = DEFAULT_NAME):
         self.name = check_name(name)
         self.root = Path(home) / "models" / name  # Home.models(name), for a Home or a plain path
+        self.store = getattr(home, "store", None)  # the bucket of a remote home
+        self.key = f"models/{name}"
+        self._remote: dict[str, str] = {}  # remote key (below self.key) -> ETag, as last read
+        if self.store is not None:
+            self.sync()
+
+    # ---- a remote home's bucket ---------------------------------------------------------
+
+    def sync(self) -> None:
+        """Make the working copy what the bucket holds: its committed versions (immutable:
+        fetched once, re-fetched if changed here), decisions and aliases. Uncommitted versions
+        (no metadata.json: a publisher died mid-upload) are invisible."""
+        from storage.remote import _same
+
+        if self.store is None:
+            return
+        listing = {k[len(self.key) + 1:]: info for k, info in self.store.list(self.key).items()}
+        committed = {int(m.group(1)) for rel in listing if (m := re.fullmatch(r"v([1-9][0-9]*)/metadata\.json", rel))}
+        self._remote = {}
+        self.root.mkdir(parents=True, exist_ok=True)
+        for rel, info in sorted(listing.items(), key=lambda kv: kv[0].endswith("/metadata.json")):
+            m = re.match(r"v([1-9][0-9]*)/", rel)
+            if rel.startswith(".") or (m and int(m.group(1)) not in committed):
+                continue
+            self._remote[rel] = info.etag
+            if not _same(self.root / rel, info, self.store, f"{self.key}/{rel}"):
+                self.store.download(f"{self.key}/{rel}", self.root / rel)
+        for p in self.root.iterdir():  # what the bucket does not have is not in the registry
+            m = _VERSION.match(p.name)
+            if m and p.is_dir() and int(m.group(1)) not in committed:
+                shutil.rmtree(p, ignore_errors=True)
+        for p in [self.root / "aliases.json", *(self.root / "decisions").glob("*.json")]:
+            if p.is_file() and p.relative_to(self.root).as_posix() not in self._remote:
+                p.unlink()
+
+    def _push(self) -> None:
+        """Publish what this working copy changed (under the lease): new versions (files, then
+        metadata.json with If-None-Match), then decisions and aliases with If-Match."""
+        from storage.atomic import sha256_file
+        from storage.objects import Conflict
+        from storage.remote import _same
+
+        for version in self.versions():
+            rel = f"v{version}/metadata.json"
+            if rel in self._remote or not (self.root / rel).is_file():
+                continue
+            prefix = f"{self.key}/v{version}"
+            files = sorted(p for p in self.path(version).iterdir() if p.is_file())
+            for p in sorted(files, key=lambda p: p.name == "metadata.json"):
+                if p.name == "metadata.json":
+                    try:
+                        self._remote[rel] = self.store.put(f"{prefix}/metadata.json", p.read_bytes(),
+                                                           if_none_match=True)
+                    except Conflict:
+                        raise RegistryError(f"{self.store.url(prefix)}: another machine published v{version} "
+                                            "first; publish again") from None
+                else:
+                    self.store.upload(f"{prefix}/{p.name}", p, sha256_file(p))
+            for stray in set(self.store.list(prefix)) - {f"{prefix}/{p.name}" for p in files}:
+                self.store.delete(stray)  # left by a publisher that died before its commit
+        mutable = [*(self.root / "decisions").glob("v*.json"), self.root / "aliases.json"]  # aliases last
+        for p in mutable:
+            rel = p.relative_to(self.root).as_posix()
+            if not p.is_file():
+                continue
+            etag = self._remote.get(rel)
+            if etag is not None and _same(p, _info(rel, p, etag), self.store, f"{self.key}/{rel}"):
+                continue
+            try:
+                self._remote[rel] = self.store.put(f"{self.key}/{rel}", p.read_bytes(), if_none_match=etag is None,
+                                                   if_match=etag)
+            except Conflict:
+                raise RegistryError(f"{self.store.url(self.key + '/' + rel)} changed under the registry lease "
+                                    "(its holder was too slow?); nothing was overwritten, try again") from None
 
     # ---- reading ----------------------------------------------------------------------
     # Every read tolerates damage (a stray or empty vN/ folder, truncated JSON): a damaged
@@ -211,8 +303,20 @@ class Registry:
 
     # ---- writing ----------------------------------------------------------------------
 
+    @contextlib.contextmanager
     def lock(self):
-        return file_lock(self.root / ".lock")
+        """This machine's flock; in a remote home also the bucket's lease, with a fresh snapshot
+        on entry and the changes published on a clean exit."""
+        with file_lock(self.root / ".lock"):
+            if self.store is None:
+                yield
+                return
+            from storage.objects import Lease
+
+            with Lease(self.store, f"{self.key}/.lock"):
+                self.sync()
+                yield
+                self._push()
 
     def publish(self, digest: str, build: Callable[[Path, int], dict]) -> tuple[int, bool]:
         """Publish a new version unless one with the same weights digest exists.

@@ -1,12 +1,16 @@
-"""What every digitflow task shares: content-addressed cache keys and JSON results."""
+"""What every digitflow task shares: content-addressed cache keys, JSON results, and where
+those results live (the home's object store, when the home is remote)."""
 
 from __future__ import annotations
 
 import functools
 import inspect
+from contextvars import ContextVar
 from typing import Any, Callable
 
 from prefect import Task, task
+from prefect._internal.compatibility.async_dispatch import async_dispatch
+from prefect.filesystems import WritableFileSystem
 from prefect.utilities.hashing import hash_objects
 
 from storage import code_digest
@@ -40,8 +44,78 @@ def content_key(fields: Callable[[dict], Any], *, code: tuple[str, ...] = ("stor
     return key
 
 
+RESULTS_PREFIX = "prefect-results"  # below a remote home: Prefect's task results and cache records
+
+
+class ObjectResults(WritableFileSystem):
+    """Prefect result storage in a remote home's bucket (``<home>/prefect-results/``): the cache
+    records every machine sharing the home reads, so a run on machine B reuses what machine A
+    computed. Credentials come from the environment, never from this block."""
+
+    _block_type_name = "Digitflow Object Results"
+    url: str
+
+    def _store(self):
+        from storage.objects import open_store
+
+        if getattr(self, "_cached_store", None) is None:
+            object.__setattr__(self, "_cached_store", open_store(self.url))
+        return self._cached_store
+
+    def _read(self, path: str) -> bytes:
+        got = self._store().get(path, limit=256 << 20)
+        if got is None:
+            raise ValueError(f"{self.url}/{path} does not exist")
+        return got[0]
+
+    async def aread_path(self, path: str) -> bytes:
+        import anyio
+
+        return await anyio.to_thread.run_sync(self._read, path)
+
+    @async_dispatch(aread_path)
+    def read_path(self, path: str) -> bytes:
+        return self._read(path)
+
+    async def awrite_path(self, path: str, content: bytes) -> str:
+        import anyio
+
+        return await anyio.to_thread.run_sync(self.write_path_sync, path, content)
+
+    def write_path_sync(self, path: str, content: bytes) -> str:
+        self._store().put(path, content)
+        return path
+
+    @async_dispatch(awrite_path)
+    def write_path(self, path: str, content: bytes) -> str:
+        return self.write_path_sync(path, content)
+
+
+_RESULTS: ContextVar[ObjectResults | None] = ContextVar("digitflow_results", default=None)
+
+
+def keep_results_in(home) -> None:
+    """Every flow calls this with its resolved home: in a remote home the cached results of the
+    tasks it runs (and submits, to threads or Dask) go to the home's bucket; else Prefect's
+    local result storage, as before."""
+    store = getattr(home, "store", None)
+    _RESULTS.set(_results_block(store.url(RESULTS_PREFIX)) if store is not None else None)
+
+
+@functools.lru_cache(maxsize=None)
+def _results_block(url: str) -> ObjectResults:
+    """The result storage block of ``url``, saved server-side once per process (Prefect only
+    accepts saved blocks; the block holds the URL, never a credential)."""
+    import hashlib
+
+    block = ObjectResults(url=url)
+    block.save(f"digitflow-results-{hashlib.sha256(url.encode()).hexdigest()[:16]}", overwrite=True)
+    return block
+
+
 class VerifiedTask(Task):
-    """A task whose cached result is reused only while what it produced still verifies.
+    """A task whose cached result is reused only while what it produced still verifies, and
+    whose results are kept where the running flow's home says (``keep_results_in``).
 
     ``intact(arguments)`` (the call's bound arguments) says whether the file or folder the task
     writes is there and hashes to what it should; when it is not, the cache is refreshed and the
@@ -49,12 +123,17 @@ class VerifiedTask(Task):
     an overwrite, so the check lives here, with the task, instead of at every call site.
     """
 
-    intact: Callable[[dict], bool]
+    intact: Callable[[dict], bool] | None
 
     def _fresh(self, args, kwargs) -> Task:
-        bound = inspect.signature(self.fn).bind(*args, **kwargs)
-        bound.apply_defaults()
-        return Task.with_options(self, refresh_cache=not self.intact(bound.arguments))
+        options = {}
+        if (results := _RESULTS.get()) is not None:
+            options["result_storage"] = results
+        if self.intact is not None:
+            bound = inspect.signature(self.fn).bind(*args, **kwargs)
+            bound.apply_defaults()
+            options["refresh_cache"] = not self.intact(bound.arguments)
+        return Task.with_options(self, **options) if options else self
 
     def __call__(self, *args, **kwargs):
         return self._fresh(args, kwargs)(*args, **kwargs)
@@ -66,8 +145,9 @@ class VerifiedTask(Task):
         return _verified(Task.with_options(self, **options), self.intact)
 
 
-def verified_task(*, intact: Callable[[dict], bool], **task_options):
-    """``@task(**task_options)`` whose cache is refreshed whenever ``intact(arguments)`` is False."""
+def verified_task(*, intact: Callable[[dict], bool] | None = None, **task_options):
+    """``@task(**task_options)`` whose cache is refreshed whenever ``intact(arguments)`` is False
+    (no ``intact``: a plain cached task), its results kept where the flow's home says."""
 
     def decorate(fn) -> VerifiedTask:
         return _verified(task(**task_options)(fn), intact)
@@ -75,7 +155,17 @@ def verified_task(*, intact: Callable[[dict], bool], **task_options):
     return decorate
 
 
-def _verified(plain: Task, intact: Callable[[dict], bool]) -> VerifiedTask:
+def _verified(plain: Task, intact: Callable[[dict], bool] | None) -> VerifiedTask:
     plain.__class__ = VerifiedTask
     plain.intact = intact
     return plain
+
+
+def home_for_run(home):
+    """The home a flow run works in (``storage.config.resolve_home``), with the results of the
+    tasks it runs kept there (``keep_results_in``)."""
+    from storage.config import resolve_home
+
+    resolved = resolve_home(home)
+    keep_results_in(resolved)
+    return resolved

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
 from prefect import get_run_logger, task
 
-from storage import shards
+from storage import remote, shards
 from storage.atomic import sha256_file
 from storage.download import DEFAULT_TIMEOUT, TransientDownloadError, fetch_verified, is_verified
 from storage.idx import IDXError, check_label_range, check_mnist_pair, read_header, read_idx
@@ -41,8 +42,20 @@ def download(file: DatasetFile, mirrors: list[str], raw_dir: str, timeout: float
     log = get_run_logger()
     t0 = time.perf_counter()
     name = file.name
-    ref = RawFile(**fetch_verified(file, mirrors, raw_dir, timeout=timeout, deadline=deadline,
+    target = remote.join(raw_dir, file.idx_name)  # in a remote home: its object URL
+    if remote.is_url(raw_dir) and not is_verified(file, remote.local(target)):
+        remote.pull_file(target + ".json")  # the record first: it holds the SHA-256 of archive-pinned files
+        remote.pull_file(target, file.idx_sha256)  # then fetch_verified checks it like any local file
+    ref = RawFile(**fetch_verified(file, mirrors, remote.local(raw_dir), timeout=timeout, deadline=deadline,
                                    progress=progress.report))
+    if remote.is_url(raw_dir):
+        if ref.fetched or remote.remote_file(target + ".json") is None:
+            remote.push_file(target, ref.sha256)  # the file, then its record (the commit point)
+            remote.push_file(target + ".json")
+            log.info("%s: published to %s", name, target)
+        elif not ref.fetched:
+            log.info("%s: taken from %s, verified", name, target)
+        ref = ref.model_copy(update={"path": target})
     if ref.fetched:
         log.info("%s: fetched from %s in %.2f s (%s)", name, ref.mirror, time.perf_counter() - t0,
                  {"sha256": f"archive {'is' if ref.archive_canonical else 'is not'} the canonical one",
@@ -56,19 +69,24 @@ def download(file: DatasetFile, mirrors: list[str], raw_dir: str, timeout: float
 
 def download_is_intact(file: DatasetFile, raw_dir: str) -> bool:
     """The raw file is there with exactly the pinned content (hashed: a byte flipped in place,
-    same size and mtime, is caught; 55 MB hash in about 0.1 s)."""
+    same size and mtime, is caught; 55 MB hash in about 0.1 s). In a remote home: its object and
+    record are in the bucket with the pinned SHA-256 (hashed again by ``verify`` when used)."""
+    if remote.is_url(raw_dir):
+        target = remote.join(raw_dir, file.idx_name)
+        info = remote.remote_file(target)
+        return (info is not None and info.sha256 is not None and remote.remote_file(target + ".json") is not None
+                and (file.idx_sha256 is None or info.sha256 == file.idx_sha256)
+                and (file.idx_size is None or info.size == file.idx_size))
     return is_verified(file, Path(raw_dir) / file.idx_name)
 
 
 def _content_now(path: str) -> str:
-    """SHA-256 of the file as it is now: computing the key is the verification."""
-    try:
-        return sha256_file(path)
-    except OSError:
-        return "missing"
+    """SHA-256 of the file as it is now: computing the key is the verification (for an object:
+    its ETag and recorded SHA-256 now; ``verify`` then hashes what it downloads)."""
+    return remote.fingerprint(path)
 
 
-@task(
+@verified_task(
     task_run_name="verify {ref.file}",
     # Keyed on the file's content hashed now, whatever its size or mtime: a file changed in
     # place can never return the cached verdict on its old content.
@@ -77,16 +95,16 @@ def _content_now(path: str) -> str:
 )
 def verify(ref: RawFile) -> VerifiedFile:
     """Hash the local IDX file and compare with the pin."""
-    path = Path(ref.path)
+    path = remote.pull_file(ref.path, ref.sha256)
     digest = sha256_file(path)
     if digest != ref.sha256:
         raise IDXError(f"{path}: SHA-256 {digest[:16]}… is not the pinned {ref.sha256[:16]}… "
                        "(changed since it was downloaded; rerun `digitflow ingest` to fetch it again)")
     get_run_logger().info("%s: SHA-256 %s… verified", path.name, digest[:16])
-    return VerifiedFile(path=str(path), sha256=digest, file=ref.file)
+    return VerifiedFile(path=ref.path, sha256=digest, file=ref.file)
 
 
-@task(
+@verified_task(
     task_run_name="parse {split}",
     cache_key_fn=content_key(lambda p: (p["split"], p["images"].sha256, p["labels"].sha256, p["image_shape"],
                                         p["n_classes"])),
@@ -95,8 +113,9 @@ def verify(ref: RawFile) -> VerifiedFile:
 def parse(split: str, images: VerifiedFile, labels: VerifiedFile, image_shape: tuple[int, int] = (28, 28),
           n_classes: int = 10) -> dict:
     """Validate a verified images/labels pair: headers, shapes, counts, label range."""
-    rows = check_mnist_pair(read_header(images.path), read_header(labels.path), tuple(image_shape))
-    check_label_range(read_idx(labels.path, labels.sha256), Path(labels.path).name, n_classes)
+    images_path, labels_path = remote.pull_file(images.path, images.sha256), remote.pull_file(labels.path, labels.sha256)
+    rows = check_mnist_pair(read_header(images_path), read_header(labels_path), tuple(image_shape))
+    check_label_range(read_idx(labels_path, labels.sha256), labels_path.name, n_classes)
     get_run_logger().info("%s: %d images of %d×%d with labels in 0..%d, valid", split, rows, *image_shape,
                           n_classes - 1)
     return {"split": split, "rows": rows}
@@ -104,8 +123,7 @@ def parse(split: str, images: VerifiedFile, labels: VerifiedFile, image_shape: t
 
 @verified_task(
     # The split is rebuilt unless its folder verifies: manifest, coverage, every shard's SHA-256.
-    intact=lambda a: shards.is_current(a["out_dir"], rows_per_shard=a["rows_per_shard"],
-                                       source=source_of(a["images"], a["labels"])),
+    intact=lambda a: split_is_current(a["out_dir"], a["rows_per_shard"], source_of(a["images"], a["labels"])),
     task_run_name="shard {split}",
     cache_key_fn=content_key(lambda p: (p["split"], p["images"].sha256, p["labels"].sha256,
                                         p["rows_per_shard"], p["out_dir"], p["image_shape"], p["n_classes"])),
@@ -115,12 +133,32 @@ def write_shards(split: str, images: VerifiedFile, labels: VerifiedFile, out_dir
                  image_shape: tuple[int, int] = (28, 28), n_classes: int = 10) -> SplitRef:
     """Write the split as normalized Parquet shards + manifest; return a reference to it."""
     t0 = time.perf_counter()
-    manifest = shards.write_split(images.path, labels.path, out_dir, split=split, rows_per_shard=rows_per_shard,
-                                  source=source_of(images, labels), image_shape=tuple(image_shape),
-                                  n_classes=n_classes)
+    manifest = shards.write_split(remote.pull_file(images.path, images.sha256),
+                                  remote.pull_file(labels.path, labels.sha256), remote.local(out_dir), split=split,
+                                  rows_per_shard=rows_per_shard, source=source_of(images, labels),
+                                  image_shape=tuple(image_shape), n_classes=n_classes)
+    remote.push_dir(out_dir, shards.MANIFEST)  # shards first, the manifest last: the commit point
     get_run_logger().info("%s: %d rows in %d shards written to %s in %.2f s", split, manifest["rows"],
                           len(manifest["shards"]), out_dir, time.perf_counter() - t0)
     return manifest_ref(out_dir)
+
+
+def split_is_current(out_dir: str, rows_per_shard: int, source: dict) -> bool:
+    """The split these settings would write is there and verifies (every shard hashed). In a
+    remote home: its manifest is committed in the bucket with these settings, and every shard
+    it lists is there with the SHA-256 it records (hashed again when training reads them)."""
+    if not remote.is_url(out_dir):
+        return shards.is_current(out_dir, rows_per_shard=rows_per_shard, source=source)
+    try:
+        manifest = json.loads(remote.get_commit(out_dir, shards.MANIFEST) or b"null")
+        if (not isinstance(manifest, dict) or manifest.get("rows_per_shard") != rows_per_shard
+                or manifest.get("source") != source):
+            return False
+        shards.check_coverage(manifest, remote.join(out_dir, shards.MANIFEST))
+        return all((info := remote.remote_file(remote.join(out_dir, s["file"]))) is not None
+                   and info.sha256 == s["sha256"] for s in manifest["shards"])
+    except (ValueError, shards.ShardError):
+        return False
 
 
 def source_of(images: VerifiedFile, labels: VerifiedFile) -> dict:
@@ -129,7 +167,9 @@ def source_of(images: VerifiedFile, labels: VerifiedFile) -> dict:
 
 
 def manifest_ref(out_dir: str) -> SplitRef:
-    path = Path(out_dir) / shards.MANIFEST
-    manifest = shards.load_manifest(out_dir)
-    return SplitRef(split=manifest["split"], dir=str(out_dir), manifest=str(path), sha256=sha256_file(path),
+    """The reference of a split folder (by address: in a remote home, its manifest is fetched)."""
+    address = remote.join(str(out_dir), shards.MANIFEST)
+    path = remote.pull_file(address)
+    manifest = shards.load_manifest(path.parent)
+    return SplitRef(split=manifest["split"], dir=str(out_dir), manifest=address, sha256=sha256_file(path),
                     rows=manifest["rows"], shards=len(manifest["shards"]))

@@ -20,7 +20,7 @@ from prefect.artifacts import (create_markdown_artifact, create_progress_artifac
 
 import nn
 from nn.metrics import classification_report
-from storage import DigitflowError
+from storage import DigitflowError, remote
 from storage import report as report_files
 from storage.atomic import read_json, sha256_file, staged_dir, write_json, writing
 from storage.home import Home
@@ -46,11 +46,12 @@ def artifact_key(model_name: str, what: str) -> str:
 def load_split(ref: SplitRef) -> tuple[np.ndarray, np.ndarray, dict]:
     """Read a split's shards, after checking its manifest is the one the reference names:
     (pixels/255 (N, rows·cols), labels (N,), manifest)."""
-    digest = sha256_file(ref.manifest)
+    folder = remote.pull_dir(ref.dir, "manifest.json")  # a remote home's split: fetched, then verified here
+    digest = sha256_file(folder / "manifest.json")
     if digest != ref.sha256:
         raise DigitflowError(f"{ref.manifest}: SHA-256 {digest[:16]}… is not the {ref.sha256[:16]}… "
                              "this run ingested (rerun `digitflow ingest`)")
-    return read_split(ref.dir)
+    return read_split(folder)
 
 
 def training_id(train_ref: SplitRef, hyperparameters: dict) -> str:
@@ -88,6 +89,14 @@ def train(train: SplitRef, hyperparameters: dict, home: Home, progress_key: str 
 def _train(train: SplitRef, hyperparameters: dict, home: Home, progress_key: str, description: str) -> TrainedModel:
     log = get_run_logger()
     hp = nn.presets.Hyperparameters(**{**hyperparameters, "hidden": tuple(hyperparameters["hidden"])}).validate()
+    home = Home(home)
+    address = home.address(training_dir(home, train, hyperparameters))
+    if remote.is_url(address) and remote.committed(address, TRAINING_RECORD):
+        # Trained before, on this or another machine: fetched and verified, not trained again.
+        ref = trained_ref(remote.pull_dir(address, TRAINING_RECORD), address=address)
+        log.info("already trained by another run: %s (weights %s…), fetched and verified", address,
+                 ref.weights_sha256[:16])
+        return ref
     x, y, manifest = load_split(train)
     n_classes, shape = len(manifest["class_counts"]), image_shape(manifest)
     log.info("training %s on %d images (%d held out for validation), seed %d", hp.hidden, len(y),
@@ -136,8 +145,9 @@ def _train(train: SplitRef, hyperparameters: dict, home: Home, progress_key: str
                                                "stopped_early": history.stopped_early,
                                                "train_seconds": round(seconds, 2)})
     checkpoint_path.unlink(missing_ok=True)  # the model is complete
+    remote.push_dir(address, TRAINING_RECORD)  # the model files, then training.json: the commit point
     log.info("trained in %.1f s%s; weights %s…", seconds, resumed, digest[:16])
-    return TrainedModel(dir=str(out), weights_sha256=digest, history=history.epochs, best_epoch=history.best_epoch,
+    return TrainedModel(dir=address, weights_sha256=digest, history=history.epochs, best_epoch=history.best_epoch,
                         stopped_early=history.stopped_early, train_seconds=round(seconds, 2),
                         hyperparameters=hp.to_dict(), train_manifest_sha256=train.sha256)
 
@@ -157,9 +167,15 @@ def _resume_from(path: Path, training: str, log) -> dict | None:
     return state
 
 
+TRAINING_RECORD = "training.json"  # written last into a trained folder: its commit point
+
+
 def training_is_intact(home: Home, train_ref: SplitRef, hyperparameters: dict) -> bool:
-    """The trained model is there and its arrays hash to the digest recorded when it was made."""
+    """The trained model is there and its arrays hash to the digest recorded when it was made
+    (in a remote home: it is committed in the bucket; verified when fetched for use)."""
     d = training_dir(home, train_ref, hyperparameters)
+    if Home(home).store is not None:
+        return remote.committed(Home(home).address(d), TRAINING_RECORD)
     try:
         nn.load(d, expect_digest=read_json(d / "training.json")["weights_sha256"])
         return True
@@ -167,9 +183,12 @@ def training_is_intact(home: Home, train_ref: SplitRef, hyperparameters: dict) -
         return False
 
 
-def trained_ref(folder: str | Path) -> TrainedModel:
+def trained_ref(folder: str | Path, address: str | None = None) -> TrainedModel:
     """The reference of a trained model folder (``<home>/trained/<id>``, as `digitflow train`
-    prints it), verified: its arrays must hash to the digest recorded in its training.json."""
+    prints it, or its object URL), verified: its arrays must hash to the digest recorded in its
+    training.json. ``address``: the shared name the reference should carry (default: the folder)."""
+    if remote.is_url(str(folder)):
+        folder, address = remote.pull_dir(str(folder), TRAINING_RECORD), str(folder)
     folder = Path(folder).expanduser().resolve()
     try:
         info = read_json(folder / "training.json")
@@ -179,7 +198,7 @@ def trained_ref(folder: str | Path) -> TrainedModel:
                              "prints one)") from None
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise DigitflowError(f"{folder / 'training.json'}: damaged ({type(e).__name__})") from None
-    ref = TrainedModel(dir=str(folder), weights_sha256=digest, history=info.get("history", []),
+    ref = TrainedModel(dir=address or str(folder), weights_sha256=digest, history=info.get("history", []),
                        best_epoch=info.get("best_epoch"), stopped_early=info.get("stopped_early", False),
                        train_seconds=info.get("train_seconds", 0.0), hyperparameters=info.get("hyperparameters", {}),
                        train_manifest_sha256=info.get("train_manifest_sha256"))
@@ -190,7 +209,7 @@ def trained_ref(folder: str | Path) -> TrainedModel:
 def load_verified(model: TrainedModel) -> nn.Sequential:
     """The network a model reference names, refused unless it hashes to the reference's digest."""
     try:
-        return nn.load(model.dir, expect_digest=model.weights_sha256)
+        return nn.load(remote.pull_dir(model.dir, TRAINING_RECORD), expect_digest=model.weights_sha256)
     except nn.ModelFormatError as e:
         raise DigitflowError(str(e)) from None
 
@@ -199,11 +218,8 @@ def files_digest(model_dir: str) -> str:
     """SHA-256 over the bytes of model.json and model.npz as they are now (cache-key material:
     a file changed behind our back can never return a result computed from the old one)."""
     h = hashlib.sha256()
-    for name in ("model.json", "model.npz"):
-        try:
-            h.update(sha256_file(Path(model_dir) / name).encode())
-        except OSError:
-            h.update(b"missing")
+    for name in ("model.json", "model.npz"):  # (objects of a remote home: their ETag and SHA-256 now)
+        h.update(remote.fingerprint(remote.join(str(model_dir), name)).encode())
     return h.hexdigest()
 
 
@@ -225,7 +241,7 @@ def measure(model: TrainedModel, test: SplitRef) -> Evaluation:
                       inference_images_per_second=round(len(y) / seconds, 1), test_manifest_sha256=test.sha256)
 
 
-@task(
+@verified_task(
     task_run_name="evaluate {model.weights_sha256:.12}",
     cache_key_fn=content_key(lambda p: (p["model"].weights_sha256, files_digest(p["model"].dir), p["test"].sha256),
                              code=("nn",)),
@@ -281,8 +297,8 @@ def publish(model: TrainedModel, metrics: Evaluation, train: SplitRef, test: Spl
         champion = None
         if champion_version is not None and registry.problem(champion_version) is None:
             champion = {"version": champion_version, **registry.metrics(champion_version)}
-        for name in ("model.npz", "model.json"):
-            shutil.copyfile(Path(model.dir) / name, folder / name)
+        for name in ("model.npz", "model.json"):  # (load_verified fetched them in a remote home)
+            shutil.copyfile(remote.local(model.dir) / name, folder / name)
         full = {**metrics.model_dump(), "history": model.history, "best_epoch": model.best_epoch,
                 "train_seconds": model.train_seconds}
         write_json(folder / "metrics.json", full)
@@ -301,8 +317,9 @@ def publish(model: TrainedModel, metrics: Evaluation, train: SplitRef, test: Spl
 
     version, created = registry.publish(model.weights_sha256, build)
     path = registry.path(version)
+    address = Home(home).address(path)  # in a remote home: the version's URL in the bucket
     if created:
-        log.info("published %s v%d at %s", model_name, version, path)
+        log.info("published %s v%d at %s", model_name, version, address)
     else:
         log.info("these weights are already %s v%d: nothing new published", model_name, version)
     if created:  # an unchanged rerun adds no new artifact versions
@@ -315,7 +332,7 @@ def publish(model: TrainedModel, metrics: Evaluation, train: SplitRef, test: Spl
             f"# {model_name} v{version}\n\nFolder: `{path}`\n\n(on the machine that published it: [{path.as_uri()}]"
             f"({path.as_uri()}); `digitflow models show v{version}` prints it)\n",
             key=artifact_key(model_name, "version"), description=f"Folder of {model_name} v{version}: {path}")
-    return Published(name=model_name, version=version, created=created, path=str(path),
+    return Published(name=model_name, version=version, created=created, path=address,
                      test_accuracy=metrics.test_accuracy)
 
 
