@@ -351,27 +351,31 @@ def deploy(pool: str = typer.Option("digitflow", "--pool", help="Process work po
            home: Optional[str] = HOME, mirror: Optional[List[str]] = MIRRORS, dataset: str = DATASET,
            allow_unpinned: bool = ALLOW_UNPINNED, preset: str = PRESET,
            model_name: Optional[str] = MODEL_NAME, webhook: Optional[str] = WEBHOOK, hp: dict = None) -> None:
-    """Register the pipeline for a process work pool; runs execute on `prefect worker start --pool POOL`."""
-    from pathlib import Path
-
-    from prefect import flow as prefect_flow
+    """Register the pipeline for a process work pool; runs execute on `prefect worker start --pool POOL`
+    on any machine with digitflow installed (the entrypoint is the module, not this checkout). The
+    home is --home / $DIGITFLOW_HOME when given here, else the worker's $DIGITFLOW_HOME."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.deployments.runner import EntrypointType, deploy as prefect_deploy
     from prefect.exceptions import ObjectAlreadyExists
+
+    from flows.pipeline import retrain
 
     with one_line_errors():
         if cron is not None:
             check_cron(cron)
         params = deployment_parameters(home, mirror, preset, model_name, hp, webhook, dataset, allow_unpinned)
+        if not (home or os.environ.get("DIGITFLOW_HOME")):
+            del params["home"]  # the worker's $DIGITFLOW_HOME decides (a path here means nothing there)
         with get_client(sync_client=True) as client:
             try:
                 client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
             except ObjectAlreadyExists:
                 pass
-        source = str(Path(__file__).resolve().parents[1])
-        remote = prefect_flow.from_source(source=source, entrypoint="flows/pipeline.py:retrain")
-        deployment_id = remote.deploy(name=name, work_pool_name=pool, cron=cron, parameters=params,
-                                      tags=["digitflow"], print_next_steps=False)
+        deployment = retrain.to_deployment(name=name, cron=cron, parameters=params, tags=["digitflow"],
+                                           entrypoint_type=EntrypointType.MODULE_PATH)
+        [deployment_id] = prefect_deploy(deployment, work_pool_name=pool, build=False, push=False,
+                                         print_next_steps_message=False)
     typer.echo(f"deployment mnist-retrain/{name} ({deployment_id}) on work pool {pool!r}"
                + (f", schedule {cron!r}" if cron else "") + f"; start a worker: prefect worker start --pool {pool}")
 

@@ -1,0 +1,383 @@
+"""The home in object storage: a real S3 endpoint over HTTP (moto_server, or the endpoint in
+DIGITFLOW_TEST_S3_ENDPOINT), "machines" that share no local path, and faults."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.s3_helpers import FaultProxy, boto3_client, free_port, machine, s3_endpoint, unique_prefix
+
+DIGITFLOW = str(Path(sys.executable).with_name("digitflow"))
+PREFECT = str(Path(sys.executable).with_name("prefect"))
+DEAD_MIRROR = "http://127.0.0.1:9/"  # nothing listens: a download attempt would fail the run
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    with s3_endpoint(tmp_path_factory.mktemp("s3")) as (endpoint, bucket, env):
+        yield endpoint, bucket, env
+
+
+def run(work: Path, env: dict, *args, timeout: float = 300) -> subprocess.CompletedProcess:
+    out, err = work / f"out-{time.monotonic_ns()}.txt", work / f"err-{time.monotonic_ns()}.txt"
+    with open(out, "w") as o, open(err, "w") as e:
+        rc = subprocess.run([DIGITFLOW, *args], cwd=work, env=env, stdout=o, stderr=e, timeout=timeout).returncode
+    return subprocess.CompletedProcess(args, rc, out.read_text(), err.read_text())
+
+
+def ok(r: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r
+
+
+def listing(env: dict, bucket: str, prefix: str) -> dict[str, int]:
+    client = boto3_client(env)
+    keys = {}
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/"):
+        keys.update({o["Key"][len(prefix) + 1:]: o["Size"] for o in page.get("Contents", [])})
+    return keys
+
+
+# ---- the store's primitives ----------------------------------------------------------------
+
+def test_conditional_writes_and_lease(s3, monkeypatch):
+    from storage.objects import Conflict, Lease, open_store
+
+    endpoint, bucket, env = s3
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    store = open_store(f"s3://{bucket}/{unique_prefix('prim')}")
+    etag = store.put("x", b"1", if_none_match=True)
+    with pytest.raises(Conflict):
+        store.put("x", b"2", if_none_match=True)  # exists
+    store.put("x", b"3", if_match=etag)
+    with pytest.raises(Conflict):
+        store.put("x", b"4", if_match=etag)  # changed since
+    assert store.get("x")[0] == b"3"
+
+    # A read-modify-write under the lease, from 4 threads with separate clients: no lost update.
+    store.put("counter", b"0")
+
+    def bump():
+        s = open_store(store.url())
+        for _ in range(5):
+            with Lease(s, "lock", wait=60):
+                value = int(s.get("counter")[0])
+                time.sleep(0.01)
+                s.put("counter", str(value + 1).encode())
+
+    threads = [threading.Thread(target=bump) for _ in range(4)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert store.get("counter")[0] == b"20"
+    assert store.head("lock") is None  # released
+
+    # A holder that died: its lease expires and exactly one waiter takes it over.
+    store.put("lock", json.dumps({"owner": "dead:1", "expires": time.time() - 1}).encode())
+    with Lease(store, "lock", wait=5) as lease:
+        assert json.loads(store.get("lock")[0])["owner"] == lease.owner
+    store.put("lock", json.dumps({"owner": "alive:2", "expires": time.time() + 60}).encode())
+    with pytest.raises(Exception, match="held by alive:2"):
+        with Lease(store, "lock", wait=1):
+            pass
+
+
+def _publish_one(args):
+    """One "machine" publishing one model into the shared registry, then asking the gate."""
+    home_url, cache, env, seed, accuracy = args
+    os.environ.update(env, DIGITFLOW_CACHE=cache)
+    import nn
+    from storage.atomic import write_json
+    from storage.home import Home
+
+    home = Home.resolve(home_url)
+    registry = home.registry("shared")
+    model = nn.presets.build(nn.presets.Hyperparameters(hidden=(8,), seed=seed), 16, 3)
+
+    def build(folder, version):
+        nn.save(model, folder)
+        write_json(folder / "metrics.json", {"test_accuracy": accuracy})
+        return {}
+
+    version, created = registry.publish(nn.digest(model), build)
+    decision, _ = registry.decide(version, tolerance=0.0, floor=0.0)
+    return version, created, nn.digest(model), decision["status"]
+
+
+def test_publishers_on_four_machines_get_distinct_versions_and_one_champion(s3, tmp_path):
+    endpoint, bucket, env = s3
+    home = f"s3://{bucket}/{unique_prefix('registry')}"
+    jobs = [(home, str(tmp_path / f"m{i}"), env, i, 0.9 + i / 100) for i in range(4)]
+    with multiprocessing.get_context("spawn").Pool(4) as pool:
+        results = pool.map(_publish_one, jobs)
+    versions = sorted(v for v, created, _, _ in results)
+    assert versions == [1, 2, 3, 4] and all(created for _, created, _, _ in results)
+    assert len({d for _, _, d, _ in results}) == 4
+
+    os.environ.update(env)
+    os.environ["DIGITFLOW_CACHE"] = str(tmp_path / "reader")
+    from storage.home import Home
+
+    registry = Home.resolve(home).registry("shared")
+    aliases = registry.aliases()
+    assert aliases["latest"] == 4 and registry.aliases_problem() is None
+    # Each gate decision saw the champion of its moment: the champion is the best one promoted,
+    # and every version promoted after another was at least as good as the one it replaced.
+    promoted = sorted((registry.decision(v) for v in versions if registry.decision(v)["status"] == "promoted"),
+                      key=lambda d: d["at"])
+    assert aliases["champion"] == max(promoted, key=lambda d: d["test_accuracy"])["version"]
+    for d in promoted:
+        before = d["champion_before"]
+        assert before is None or registry.metrics(before)["test_accuracy"] <= d["test_accuracy"]
+    # A publisher that re-publishes the same weights finds them (no new version).
+    again = _publish_one((home, str(tmp_path / "m0"), env, 0, 0.9))
+    assert again[:2] == (next(v for v, _, dg, _ in results if dg == again[2]), False)
+
+
+# ---- two machines, one bucket, one Prefect server ----------------------------------------
+
+@pytest.fixture(scope="module")
+def team(s3, server, mnist_server, tmp_path_factory):
+    """Machine A ran the pipeline into a fresh prefix of the bucket."""
+    endpoint, bucket, env = s3
+    root = tmp_path_factory.mktemp("machines")
+    home = f"s3://{bucket}/{unique_prefix('team')}"
+    env = {**env, "PREFECT_API_URL": server}
+    work_a, env_a = machine(root, "a", env)
+    r = ok(run(work_a, env_a, "run", "--home", home, "--mirror", mnist_server, "--preset", "fast"))
+    assert "v1 (published now)" in r.stdout
+    return {"home": home, "bucket": bucket, "env": env, "root": root, "a": (work_a, env_a), "endpoint": endpoint}
+
+
+@pytest.mark.e2e
+def test_machine_b_reuses_everything_machine_a_did(team, server):
+    from tests.prefect_helpers import newest_run_states
+
+    work_b, env_b = machine(team["root"], "b", team["env"])
+    r = ok(run(work_b, env_b, "run", "--home", team["home"], "--mirror", DEAD_MIRROR, "--preset", "fast"))
+    assert "v1 (published before)" in r.stdout and "unchanged" in r.stdout
+    states = newest_run_states(server, "mnist-retrain")
+    cached = {name for name, state in states.items() if state == "Cached"}
+    assert {n for n in states if n.startswith(("download", "verify", "parse", "shard", "train", "evaluate"))} <= cached
+    assert len([n for n in cached if n.startswith("download")]) == 4 and any(n.startswith("train") for n in cached)
+    cache = Path(env_b["DIGITFLOW_CACHE"])
+    assert not list(cache.rglob("*-ubyte")), "machine B fetched raw files it did not need"
+    assert not list(cache.rglob("*.parquet")), "machine B fetched shards it did not need"
+
+    listed = json.loads(ok(run(work_b, env_b, "models", "list", "--home", team["home"], "--json")).stdout)
+    assert [(v["version"], v["status"]) for v in listed] == [(1, "champion")]
+    keys = listing(team["env"], team["bucket"], team["home"].split("/", 3)[3])
+    assert "models/mnist-mlp/v2/metadata.json" not in keys and any(k.startswith("prefect-results/") for k in keys)
+
+    shown = json.loads(ok(run(work_b, env_b, "models", "show", "champion", "--home", team["home"], "--json")).stdout)
+    assert shown["version"] == 1 and shown["path"].startswith(str(cache))  # fetched to B's working copy
+
+
+@pytest.mark.e2e
+def test_shards_and_model_read_back_without_digitflow(team):
+    """pyarrow and polars read the shards straight from the bucket; the published model.npz,
+    downloaded with boto3, gives the recorded accuracy with a plain NumPy forward pass."""
+    import io
+
+    import polars as pl
+    import pyarrow.dataset as ds
+    import pyarrow.fs as pafs
+
+    env, bucket = team["env"], team["bucket"]
+    prefix = team["home"].split("/", 3)[3]
+    client = boto3_client(env)
+    manifest = json.loads(client.get_object(Bucket=bucket, Key=f"{prefix}/data/mnist/test/manifest.json")["Body"].read())
+    fs = pafs.S3FileSystem(endpoint_override=env["AWS_ENDPOINT_URL"], access_key=env.get("AWS_ACCESS_KEY_ID"),
+                           secret_key=env.get("AWS_SECRET_ACCESS_KEY"), region=env.get("AWS_REGION", "us-east-1"))
+    files = [f"{bucket}/{prefix}/data/mnist/test/{s['file']}" for s in manifest["shards"]]
+    table = ds.dataset(files, format="parquet", filesystem=fs).to_table()
+    assert table.num_rows == 10_000
+    labels = table.column("label").to_numpy()
+    assert np.bincount(labels).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+
+    options = {"aws_endpoint_url": env["AWS_ENDPOINT_URL"], "aws_access_key_id": env.get("AWS_ACCESS_KEY_ID", ""),
+               "aws_secret_access_key": env.get("AWS_SECRET_ACCESS_KEY", ""), "aws_region": env.get("AWS_REGION", "us-east-1"),
+               "aws_allow_http": "true"}
+    frame = pl.read_parquet(f"s3://{bucket}/{prefix}/data/mnist/train/*.parquet", storage_options=options)
+    assert frame.height == 60_000 and frame["label"].head(5).to_list() == [5, 0, 4, 1, 9]
+
+    metrics = json.loads(client.get_object(Bucket=bucket, Key=f"{prefix}/models/mnist-mlp/v1/metrics.json")["Body"].read())
+    weights = np.load(io.BytesIO(client.get_object(Bucket=bucket, Key=f"{prefix}/models/mnist-mlp/v1/model.npz")["Body"].read()),
+                      allow_pickle=False)
+    layers = json.loads(client.get_object(Bucket=bucket, Key=f"{prefix}/models/mnist-mlp/v1/model.json")["Body"].read())
+    x = np.stack(table.column("image").to_numpy(zero_copy_only=False)).astype(np.float32) / 255.0
+    h = x
+    n_dense = len([n for n in weights.files if n.startswith("W")])
+    for i in range(n_dense):  # Dense i: h @ W{i} + b{i}, ReLU between (the layout model.json describes)
+        h = h @ weights[f"W{i}"] + weights[f"b{i}"]
+        if i < n_dense - 1:
+            h = np.maximum(h, 0)
+    accuracy = float((h.argmax(1) == labels).mean())
+    assert abs(accuracy - metrics["test_accuracy"]) < 1e-4, (accuracy, metrics["test_accuracy"], layers)
+
+
+@pytest.mark.e2e
+def test_two_machines_publishing_at_once_get_two_versions_and_one_champion(s3, server, mnist_server, tmp_path):
+    endpoint, bucket, env = s3
+    env = {**env, "PREFECT_API_URL": server}
+    home = f"s3://{bucket}/{unique_prefix('race')}"
+    work_a, env_a = machine(tmp_path, "a", env)
+    ok(run(work_a, env_a, "ingest", "--home", home, "--mirror", mnist_server))
+    work_b, env_b = machine(tmp_path, "b", env)
+    procs = []
+    for (work, e), seed in (((work_a, env_a), 1), ((work_b, env_b), 2)):
+        out = open(work / "race.txt", "w")
+        procs.append((subprocess.Popen([DIGITFLOW, "run", "--home", home, "--mirror", DEAD_MIRROR, "--preset", "fast",
+                                        "--seed", str(seed)], cwd=work, env=e, stdout=out, stderr=subprocess.STDOUT),
+                      work / "race.txt"))
+    for p, log in procs:
+        assert p.wait(300) == 0, log.read_text()[-3000:]
+    outs = [log.read_text() for _, log in procs]
+    assert sorted(int(o.split(" v")[1].split()[0]) for o in outs if "(published now)" in o) == [1, 2], outs
+
+    listed = json.loads(ok(run(work_b, env_b, "models", "list", "--home", home, "--json")).stdout)
+    statuses = {v["version"]: v["status"] for v in listed}
+    assert sorted(statuses) == [1, 2] and list(statuses.values()).count("champion") == 1, statuses
+    shown = [json.loads(ok(run(work_a, env_a, "models", "show", str(v), "--home", home, "--json")).stdout)
+             for v in (1, 2)]
+    assert shown[0]["metadata"]["weights_sha256"] != shown[1]["metadata"]["weights_sha256"]
+
+
+@pytest.mark.e2e
+def test_worker_on_another_machine_runs_a_deployment_made_on_a(s3, server, mnist_server, tmp_path):
+    endpoint, bucket, env = s3
+    env = {**env, "PREFECT_API_URL": server}
+    home = f"s3://{bucket}/{unique_prefix('pool')}"
+    work_a, env_a = machine(tmp_path, "a", env)
+    r = ok(run(work_a, env_a, "deploy", "--pool", "s3-pool", "--name", "s3-workers", "--mirror", mnist_server,
+               "--preset", "fast", "--epochs", "1"))
+    assert "mnist-retrain/s3-workers" in r.stdout
+    from tests.prefect_helpers import client_for
+
+    with client_for(server) as client:
+        deployment = client.read_deployment_by_name("mnist-retrain/s3-workers")
+        assert "home" not in deployment.parameters and deployment.entrypoint == "flows.pipeline.retrain"
+        flow_run = client.create_flow_run_from_deployment(deployment.id)
+    work_b, env_b = machine(tmp_path, "b", env, DIGITFLOW_HOME=home)  # the worker's machine names the home
+    with open(work_b / "worker.txt", "w") as out:
+        worker = subprocess.run([PREFECT, "worker", "start", "--pool", "s3-pool", "--run-once"], cwd=work_b, env=env_b,
+                                stdout=out, stderr=subprocess.STDOUT, timeout=300)
+    assert worker.returncode == 0, (work_b / "worker.txt").read_text()[-3000:]
+    with client_for(server) as client:
+        deadline = time.monotonic() + 120
+        while not (state := client.read_flow_run(flow_run.id).state).is_final() and time.monotonic() < deadline:
+            time.sleep(1)
+        assert state.is_completed(), (work_b / "worker.txt").read_text()[-3000:]
+    keys = listing(env, bucket, home.split("/", 3)[3])
+    assert "models/mnist-mlp/v1/metadata.json" in keys and "data/mnist/train/manifest.json" in keys
+
+
+# ---- faults ----------------------------------------------------------------------------
+
+def test_store_down_at_start_is_one_line(s3, tmp_path):
+    endpoint, bucket, env = s3
+    work, e = machine(tmp_path, "a", {**env, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}"})
+    t0 = time.monotonic()
+    r = run(work, e, "models", "list", "--home", f"s3://{bucket}/x")
+    assert r.returncode == 1 and time.monotonic() - t0 < 60
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"digitflow: error: s3://{bucket}") and "unreachable" in lines[0], r.stderr
+
+
+def test_wrong_credentials_are_one_line_without_the_secret(tmp_path):
+    """moto with authentication on (INITIAL_NO_AUTH_ACTION_COUNT): a key it does not know is
+    refused with 403; the line names the bucket and never the secret."""
+    port = free_port()
+    log = open(tmp_path / "moto.log", "w")
+    proc = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
+                            env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"}, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        import requests
+
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                requests.get(url, timeout=1)
+                break
+            except requests.RequestException:
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+        secret = "wrong-secret-never-printed"
+        work, e = machine(tmp_path, "a", {"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "AKIAWRONG",
+                                          "AWS_SECRET_ACCESS_KEY": secret, "AWS_REGION": "us-east-1"})
+        r = run(work, e, "models", "list", "--home", "s3://private-bucket/team")
+        assert r.returncode == 1
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("digitflow: error: s3://private-bucket: access denied"), r.stderr
+        assert secret not in r.stdout + r.stderr and "AKIAWRONG" not in r.stdout + r.stderr
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        log.close()
+
+
+@pytest.mark.e2e
+def test_503s_are_retried_and_a_store_gone_mid_upload_leaves_nothing_visible(s3, server, mnist_server, tmp_path):
+    endpoint, bucket, env = s3
+    proxy = FaultProxy(endpoint)
+    try:
+        env = {**env, "AWS_ENDPOINT_URL": proxy.url, "PREFECT_API_URL": server}
+        home = f"s3://{bucket}/{unique_prefix('faults')}"
+        prefix = home.split("/", 3)[3]
+        work, e = machine(tmp_path, "a", env)
+
+        # The store goes away after 30 MB of uploads: ingest fails with one line; no split is visible.
+        proxy.down_after_bytes = 30 << 20
+        r = run(work, e, "ingest", "--home", home, "--mirror", mnist_server, "--retries", "0")
+        assert r.returncode == 1 and "object store unreachable" in r.stderr.strip().splitlines()[-1], r.stderr[-2000:]
+        proxy.down, proxy.down_after_bytes = False, None
+        keys = listing(env, bucket, prefix)
+        assert "data/mnist/train/manifest.json" not in keys, "a half-uploaded split is visible"
+
+        # 503 SlowDown on 6 requests along the way: retried with backoff, the run completes, and the
+        # next run found and removed what the failed one left.
+        proxy.fail_next = 6
+        ok(run(work, e, "ingest", "--home", home, "--mirror", mnist_server))
+        assert proxy.fail_next == 0
+        keys = listing(env, bucket, prefix)
+        manifest = json.loads(boto3_client(env, endpoint).get_object(
+            Bucket=bucket, Key=f"{prefix}/data/mnist/train/manifest.json")["Body"].read())
+        assert {k.split("/")[-1] for k in keys if k.startswith("data/mnist/train/")} == \
+            {s["file"] for s in manifest["shards"]} | {"manifest.json"}
+    finally:
+        proxy.close()
+
+
+@pytest.mark.e2e
+def test_a_killed_writers_half_split_is_invisible_and_cleaned(team, tmp_path):
+    """What a writer killed mid-push leaves (commit object deleted, one shard replaced by a
+    partial upload, a stray part) is not a split to readers; the next run rebuilds and cleans."""
+    env, bucket, home = team["env"], team["bucket"], team["home"]
+    prefix = home.split("/", 3)[3]
+    client = boto3_client(env)
+    split = f"{prefix}/data/mnist/test"
+    manifest = client.get_object(Bucket=bucket, Key=f"{split}/manifest.json")["Body"].read()
+    first = json.loads(manifest)["shards"][0]["file"]
+    client.delete_object(Bucket=bucket, Key=f"{split}/manifest.json")
+    client.put_object(Bucket=bucket, Key=f"{split}/{first}", Body=b"PAR1 partial")
+    client.put_object(Bucket=bucket, Key=f"{split}/part-99999.parquet", Body=b"stray")
+
+    work, e = machine(tmp_path, "c", env)
+    r = run(work, e, "evaluate", "--home", home)
+    assert r.returncode == 1 and "no manifest" in r.stderr.strip().splitlines()[-1], r.stderr[-2000:]
+    ok(run(work, e, "ingest", "--home", home, "--mirror", DEAD_MIRROR))  # raw files come from the bucket
+    keys = listing(env, bucket, prefix)
+    assert "data/mnist/test/part-99999.parquet" not in keys
+    assert client.get_object(Bucket=bucket, Key=f"{split}/manifest.json")["Body"].read() == manifest
+    ok(run(work, e, "evaluate", "--home", home))
