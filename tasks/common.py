@@ -133,7 +133,7 @@ class VerifiedTask(Task):
             bound = inspect.signature(self.fn).bind(*args, **kwargs)
             bound.apply_defaults()
             options["refresh_cache"] = not self.intact(bound.arguments)
-        return Task.with_options(self, **options) if options else self
+        return Task.with_options(self, **options)  # a plain Task: never recurses into _fresh
 
     def __call__(self, *args, **kwargs):
         return self._fresh(args, kwargs)(*args, **kwargs)

@@ -161,12 +161,19 @@ def team(s3, server, mnist_server, tmp_path_factory):
 
 @pytest.mark.e2e
 def test_machine_b_reuses_everything_machine_a_did(team, server):
-    from tests.prefect_helpers import newest_run_states
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from tests.prefect_helpers import client_for, flow_runs, state_names
 
     work_b, env_b = machine(team["root"], "b", team["env"])
     r = ok(run(work_b, env_b, "run", "--home", team["home"], "--mirror", DEAD_MIRROR, "--preset", "fast"))
     assert "v1 (published before)" in r.stdout and "unchanged" in r.stdout
-    states = newest_run_states(server, "mnist-retrain")
+    with client_for(server) as client:  # B's run: the newer of the two runs on this home
+        runs = [r for r in flow_runs(client, "mnist-retrain") if r.parameters.get("home") == team["home"]
+                and r.start_time is not None]
+    assert len(runs) == 2
+    with temporary_settings(updates={PREFECT_API_URL: server}):
+        states = state_names(max(runs, key=lambda r: r.start_time).id)
     cached = {name for name, state in states.items() if state == "Cached"}
     assert {n for n in states if n.startswith(("download", "verify", "parse", "shard", "train", "evaluate"))} <= cached
     assert len([n for n in cached if n.startswith("download")]) == 4 and any(n.startswith("train") for n in cached)
