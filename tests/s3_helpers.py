@@ -47,11 +47,22 @@ def s3_endpoint(log_dir: Path):
         _create_bucket(bucket, env)
         yield given, bucket, env
         return
+    with moto_server(log_dir) as url:
+        env = {"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing-secret",
+               "AWS_REGION": "us-east-1"}
+        _create_bucket(bucket, env)
+        yield url, bucket, env
+
+
+@contextlib.contextmanager
+def moto_server(log_dir: Path, **env):
+    """The `moto_server` command on a random 127.0.0.1 port (``env``: e.g. authentication on with
+    INITIAL_NO_AUTH_ACTION_COUNT=0); yields its URL, stops it after."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = open(log_dir / "moto.log", "w")
     proc = subprocess.Popen([MOTO, "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+                            env={**os.environ, **env}, start_new_session=True)
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -62,10 +73,7 @@ def s3_endpoint(log_dir: Path):
                 if time.monotonic() > deadline or proc.poll() is not None:
                     raise RuntimeError("moto_server did not start:\n" + (log_dir / "moto.log").read_text())
                 time.sleep(0.2)
-        env = {"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing-secret",
-               "AWS_REGION": "us-east-1"}
-        _create_bucket(bucket, env)
-        yield url, bucket, env
+        yield url
     finally:
         proc.terminate()
         proc.wait(10)
@@ -161,7 +169,9 @@ class FaultProxy:
                 for k, v in r.getheaders():
                     if k.lower() not in ("transfer-encoding", "connection", "content-length", "server", "date"):
                         self.send_header(k, v)
-                self.send_header("Content-Length", str(len(data)))
+                # A HEAD's Content-Length is the object's size (there is no body to count).
+                self.send_header("Content-Length", r.getheader("Content-Length", "0") if self.command == "HEAD"
+                                 else str(len(data)))
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(data)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.s3_helpers import FaultProxy, boto3_client, free_port, machine, s3_endpoint, unique_prefix
+from tests.s3_helpers import FaultProxy, boto3_client, free_port, machine, moto_server, s3_endpoint, unique_prefix
 
 DIGITFLOW = str(Path(sys.executable).with_name("digitflow"))
 PREFECT = str(Path(sys.executable).with_name("prefect"))
@@ -307,22 +307,7 @@ def test_store_down_at_start_is_one_line(s3, tmp_path):
 def test_wrong_credentials_are_one_line_without_the_secret(tmp_path):
     """moto with authentication on (INITIAL_NO_AUTH_ACTION_COUNT): a key it does not know is
     refused with 403; the line names the bucket and never the secret."""
-    port = free_port()
-    log = open(tmp_path / "moto.log", "w")
-    proc = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
-                            env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"}, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        import requests
-
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                requests.get(url, timeout=1)
-                break
-            except requests.RequestException:
-                assert time.monotonic() < deadline
-                time.sleep(0.2)
+    with moto_server(tmp_path, INITIAL_NO_AUTH_ACTION_COUNT="0") as url:
         secret = "wrong-secret-never-printed"
         work, e = machine(tmp_path, "a", {"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "AKIAWRONG",
                                           "AWS_SECRET_ACCESS_KEY": secret, "AWS_REGION": "us-east-1"})
@@ -331,10 +316,6 @@ def test_wrong_credentials_are_one_line_without_the_secret(tmp_path):
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("digitflow: error: s3://private-bucket: access denied"), r.stderr
         assert secret not in r.stdout + r.stderr and "AKIAWRONG" not in r.stdout + r.stderr
-    finally:
-        proc.terminate()
-        proc.wait(10)
-        log.close()
 
 
 @pytest.mark.e2e
