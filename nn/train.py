@@ -60,6 +60,14 @@ def evaluate(model: Sequential, x: np.ndarray, y: np.ndarray, batch_size: int = 
 CHUNK_ROWS = 8192  # rows of an epoch gathered at a time (memory beyond the data: this many rows)
 
 
+def take_rows(x, idx: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """Rows ``idx`` of ``x`` into ``out``. ``x`` is an array, or anything with ``take_rows`` (and
+    ``len``, ``shape``, ``x[index array]``), e.g. a memory-mapped split that reads only those rows."""
+    if hasattr(x, "take_rows"):
+        return x.take_rows(idx, out)
+    return np.take(x, idx, axis=0, out=out, mode="clip")
+
+
 def fit(
     model: Sequential,
     x: np.ndarray,
@@ -92,7 +100,8 @@ def fit(
 
     ``rows`` (indices into x) trains on those rows only, without copying them out of x. Each
     epoch's shuffled rows are gathered, augmented and preprocessed a chunk (~8192 rows, whole
-    batches) at a time, so memory beyond x stays bounded whatever the number of rows.
+    batches) at a time, so memory beyond x stays bounded whatever the number of rows. ``x`` may
+    also be a row source (see ``take_rows``) that is never in memory whole.
     """
     if epochs < 1 or batch_size < 1:
         raise ValueError(f"epochs and batch_size must be positive, got {epochs} and {batch_size}")
@@ -134,7 +143,7 @@ def fit(
         for c0 in range(0, n, chunk):
             part = order[c0:c0 + chunk]
             xc, yc = xs[:len(part)], ys[:len(part)]
-            np.take(x, part, axis=0, out=xc, mode="clip")  # one gather per chunk, not per batch
+            take_rows(x, part, xc)  # one gather per chunk, not per batch
             np.take(y, part, out=yc, mode="clip")
             if augment is not None:
                 augment(xc, rng)

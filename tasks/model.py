@@ -54,6 +54,19 @@ def load_split(ref: SplitRef) -> tuple[np.ndarray, np.ndarray, dict]:
     return read_split(folder)
 
 
+def load_rows(ref: SplitRef):
+    """Like ``load_split``, but the images stay in a memory-mapped row file (storage.rowstore):
+    training reads the rows it needs, so memory does not grow with the split."""
+    from storage.rowstore import open_rows
+
+    folder = remote.pull_dir(ref.dir, "manifest.json")
+    digest = sha256_file(folder / "manifest.json")
+    if digest != ref.sha256:
+        raise DigitflowError(f"{ref.manifest}: SHA-256 {digest[:16]}… is not the {ref.sha256[:16]}… "
+                             "this run ingested (rerun `digitflow ingest`)")
+    return open_rows(folder, digest)
+
+
 def training_id(train_ref: SplitRef, hyperparameters: dict) -> str:
     """What identifies a training run: data, hyperparameters (with seed) and the nn/ source."""
     material = json.dumps([train_ref.sha256, hyperparameters, code_version("nn")], sort_keys=True)
@@ -97,7 +110,7 @@ def _train(train: SplitRef, hyperparameters: dict, home: Home, progress_key: str
         log.info("already trained by another run: %s (weights %s…), fetched and verified", address,
                  ref.weights_sha256[:16])
         return ref
-    x, y, manifest = load_split(train)
+    x, y, manifest = load_rows(train)  # memory-mapped: the split is never in memory whole
     n_classes, shape = len(manifest["class_counts"]), image_shape(manifest)
     log.info("training %s on %d images (%d held out for validation), seed %d", hp.hidden, len(y),
              round(len(y) * hp.val_fraction), hp.seed)
