@@ -146,3 +146,68 @@ def test_concurrent_writers_of_one_split(tmp_path, pair):
     final = load_manifest(tmp_path / "s")["rows_per_shard"]
     assert len(list((tmp_path / "s").glob("*.parquet"))) == {5: 5, 10: 3}[final]  # one layout, not a mix
     read_split(tmp_path / "s")  # consistent: every shard matches the manifest
+
+
+# ---- the memory-mapped row file training reads (storage.rowstore) ---------------------------
+
+def _rows_split(tmp_path, n=2000, rows_per_shard=300):
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
+    x[0], x[1] = 0, 255  # every uint8 value's pixel/255 round-trips exactly
+    y = (np.arange(n) % 10).astype(np.uint8)
+    write_idx(tmp_path / "imgs", x)
+    write_idx(tmp_path / "lbls", y)
+    write_split(tmp_path / "imgs", tmp_path / "lbls", tmp_path / "split", split="train", rows_per_shard=rows_per_shard)
+    return tmp_path / "split"
+
+
+@pytest.mark.parametrize("in_memory", [True, False], ids=["held-in-memory", "read-by-pread"])
+def test_row_file_gives_the_rows_read_split_gives_and_the_same_training(tmp_path, monkeypatch, in_memory):
+    import nn
+    from storage import rowstore
+    from storage.rowstore import open_rows
+
+    if not in_memory:
+        monkeypatch.setattr(rowstore, "IN_MEMORY_BYTES", 0)  # as a split too large to hold is read
+
+    split = _rows_split(tmp_path)
+    x, y, _ = read_split(split)
+    rows, labels, manifest = open_rows(split, sha256_file(split / "manifest.json"))
+    assert len(manifest["shards"]) == 7 and rows.shape == x.shape and (rows._fd is None) == in_memory
+    np.testing.assert_array_equal(labels, y)
+    idx = np.random.default_rng(2).permutation(len(y))[:700]
+    got = rows.take_rows(idx, np.empty((700, 784), np.float32))
+    assert np.array_equal(got, x[idx])  # bit for bit, in the order asked
+    assert np.array_equal(rows[100:250], x[100:250]) and np.array_equal(rows[idx][3:9], x[idx][3:9])
+
+    # Training over the multi-shard row file = training on the split in memory, bit for bit
+    # (with shifts, dropout and a held-out validation split in play).
+    hp = nn.presets.get("fast", hidden=(32,), epochs=2, shift=1, dropout=0.1, batch_size=64)
+    a, ha = nn.presets.train(hp, x, y)
+    b, hb = nn.presets.train(hp, rows, labels)
+    assert nn.digest(a) == nn.digest(b) and ha.epochs[-1]["val_loss"] == hb.epochs[-1]["val_loss"]
+
+
+def test_row_file_changed_behind_our_back_is_rebuilt_and_a_bad_shard_refused(tmp_path):
+    from storage.rowstore import open_rows
+
+    split = _rows_split(tmp_path, n=600)
+    digest = sha256_file(split / "manifest.json")
+    rows, _, _ = open_rows(split, digest)
+    first = rows[0:1].copy()
+    del rows
+    [row_file] = split.glob(".rows-*.u8")
+    data = bytearray(row_file.read_bytes())
+    data[5] ^= 0xFF  # same size, same name: only the hash can tell
+    row_file.write_bytes(bytes(data))
+    rows, _, _ = open_rows(split, digest)
+    assert np.array_equal(rows[0:1], first)  # rebuilt from the verified shards, not read as changed
+
+    row_file.unlink()
+    shard = split / "part-00000.parquet"
+    raw = bytearray(shard.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+    with pytest.raises(ShardError, match="part-00000.parquet: SHA-256"):
+        open_rows(split, digest)
+    assert not list(split.glob(".rows-*.u8"))  # nothing half-built left behind
