@@ -45,6 +45,19 @@ class Home:
             return cls(ensure_writable_dir(objects.local_path(store.url())), store)
         return cls(ensure_writable_dir(where))
 
+    # A remote home crossing to another process (a Dask worker, maybe another machine) takes
+    # that machine's working copy ($DIGITFLOW_CACHE there), not the path it had here.
+    def __getstate__(self):
+        return {"root": None if self.store is not None else self.root, "store": self.store}
+
+    def __setstate__(self, state):
+        from storage import objects
+
+        self.store = state["store"]
+        self.root = state["root"] if self.store is None else objects.local_path(self.store.url())
+        if self.store is not None:
+            self.root.mkdir(parents=True, exist_ok=True)
+
     @property
     def url(self) -> str:
         """The name every machine knows this home by: the store URL, or the local path."""

@@ -292,6 +292,33 @@ def test_worker_on_another_machine_runs_a_deployment_made_on_a(s3, server, mnist
     assert "models/mnist-mlp/v1/metadata.json" in keys and "data/mnist/train/manifest.json" in keys
 
 
+@pytest.mark.e2e
+def test_sweep_with_dask_workers_on_another_machine_writes_to_the_bucket(s3, server, mnist_server, tmp_path):
+    """Machine A runs the sweep; the Dask scheduler and workers run as machine B (own HOME,
+    working copy, cwd): B's workers read the shards from the bucket and write the trained models
+    there; A publishes the best; the report lands in the bucket."""
+    from tests.test_sweep import dask_processes
+
+    endpoint, bucket, env = s3
+    env = {**env, "PREFECT_API_URL": server}
+    home = f"s3://{bucket}/{unique_prefix('sweep')}"
+    work_a, env_a = machine(tmp_path, "a", env)
+    work_b, env_b = machine(tmp_path, "b", env)
+    with dask_processes(work_b, work_b, env_b) as (address, _):
+        r = ok(run(work_a, env_a, "sweep", "--grid", "hidden=24,40", "--epochs", "1", "--home", home, "--mirror",
+                   mnist_server, "--dask-address", address, "--floor", "0.5", "--json", timeout=600))
+    result = json.loads([line for line in r.stdout.splitlines() if line.startswith("{")][-1])
+    assert len(result["rows"]) == 2 and result["status"] == "promoted" and result["report"].startswith(home)
+    keys = listing(env, bucket, home.split("/", 3)[3])
+    trained = {k.split("/")[1] for k in keys if k.startswith("trained/") and k.endswith("/training.json")}
+    assert len(trained) == 2  # both grid points, committed by the workers on B
+    assert any(k.startswith("sweeps/") and k.endswith("/results.json") for k in keys)
+    assert "models/mnist-mlp/v1/metadata.json" in keys
+    b_cache = Path(env_b["DIGITFLOW_CACHE"])
+    assert len({p.parent.name for p in b_cache.rglob("trained/*/model.npz")}) == 2  # trained on B
+    assert not list(Path(env_a["DIGITFLOW_CACHE"]).rglob("trained/*/.*.checkpoint.npz"))
+
+
 # ---- faults ----------------------------------------------------------------------------
 
 def test_store_down_at_start_is_one_line(s3, tmp_path):

@@ -1,5 +1,6 @@
 """The sweep: a grid trained in parallel on a real Dask cluster, best one through the gate."""
 
+import contextlib
 import json
 import os
 import signal
@@ -62,6 +63,16 @@ def dask_cluster(tmp_path):
     """A real cluster started the way users start one: `dask scheduler` and `dask worker`
     processes, the worker in a directory that holds a `storage/` folder (and Dask puts its own
     spill folder `storage/` in its local directory, first on its sys.path)."""
+    workdir = tmp_path / "worker-dir"
+    (workdir / "storage").mkdir(parents=True)
+    with dask_processes(tmp_path, workdir, os.environ) as cluster:
+        yield cluster
+
+
+@contextlib.contextmanager
+def dask_processes(scheduler_dir: Path, worker_dir: Path, env: dict):
+    """`dask scheduler` + `dask worker --nworkers 2` processes (the worker in ``worker_dir``, with
+    ``env``: e.g. another "machine"); yields (address, processes)."""
     import socket
     import time
 
@@ -70,27 +81,27 @@ def dask_cluster(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     address = f"tcp://127.0.0.1:{port}"
-    workdir = tmp_path / "worker-dir"
-    (workdir / "storage").mkdir(parents=True)
-    env = {**os.environ, "DASK_DISTRIBUTED__WORKER__DAEMON": "False"}
+    env = {**env, "DASK_DISTRIBUTED__WORKER__DAEMON": "False"}
     procs = [subprocess.Popen([str(bin_dir / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port),
-                               "--no-dashboard"], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                               "--no-dashboard"], cwd=scheduler_dir, env=env, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL, start_new_session=True)]
     procs.append(subprocess.Popen([str(bin_dir / "dask"), "worker", address, "--nworkers", "2", "--nthreads", "1",
-                                   "--no-dashboard"], cwd=workdir, env=env, stdout=subprocess.DEVNULL,
+                                   "--no-dashboard"], cwd=worker_dir, env=env, stdout=subprocess.DEVNULL,
                                   stderr=subprocess.DEVNULL, start_new_session=True))
     from distributed import Client
 
-    deadline = time.monotonic() + 60
-    with Client(address, timeout=30) as client:
-        while len(client.scheduler_info()["workers"]) < 2:
-            assert time.monotonic() < deadline, "the dask workers did not start"
-            time.sleep(0.5)
-    yield address, procs
-    for p in procs:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGKILL)
-        p.wait(10)
+    try:
+        deadline = time.monotonic() + 60
+        with Client(address, timeout=30) as client:
+            while len(client.scheduler_info()["workers"]) < 2:
+                assert time.monotonic() < deadline, "the dask workers did not start"
+                time.sleep(0.5)
+        yield address, procs
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+            p.wait(10)
 
 
 @pytest.mark.e2e
