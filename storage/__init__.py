@@ -6,6 +6,9 @@
 - ``idx``      a validating IDX reader
 - ``shards``   normalized Parquet shards and their manifests
 - ``registry`` the versioned model registry (versions, aliases)
+- ``rowstore`` a split as one uint8 row file that training reads rows from (memory bounded)
+- ``objects``  object storage behind an ``s3://`` home: conditional writes, a lease
+- ``remote``   a remote home's working copy and its bucket, kept in step at commit points
 """
 
 from pathlib import Path
