@@ -235,10 +235,12 @@ class Lease:
     The holder's record says who and until when. An expired lease (its holder died) is taken
     over with ``If-Match`` on the ETag seen, so of two machines taking it over only one wins.
     Released by a delete conditional on our own ETag: a lease that expired and was taken over is
-    never deleted from under its new holder.
+    never deleted from under its new holder. ``ttl`` (60 s) bounds how long a dead holder blocks
+    the others; a waiter gives up after ``wait`` (180 s, longer than ``ttl``: it always outlives a
+    dead holder's lease). Registry writes under it take well under a second.
     """
 
-    def __init__(self, store: S3Store, rel: str, *, ttl: float = 120.0, wait: float = 120.0):
+    def __init__(self, store: S3Store, rel: str, *, ttl: float = 60.0, wait: float = 180.0):
         self.store, self.rel, self.ttl, self.wait = store, rel, ttl, wait
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.etag: str | None = None
