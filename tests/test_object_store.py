@@ -192,8 +192,9 @@ def test_machine_b_reuses_everything_machine_a_did(team, server):
 
 @pytest.mark.e2e
 def test_shards_and_model_read_back_without_digitflow(team):
-    """pyarrow and polars read the shards straight from the bucket; the published model.npz,
-    downloaded with boto3, gives the recorded accuracy with a plain NumPy forward pass."""
+    """pyarrow, polars, pandas and DuckDB read the shards straight from the bucket with the same
+    credentials; the published model.npz, downloaded with boto3, gives the recorded accuracy with
+    a plain NumPy forward pass."""
     import io
 
     import polars as pl
@@ -217,6 +218,26 @@ def test_shards_and_model_read_back_without_digitflow(team):
                "aws_allow_http": "true"}
     frame = pl.read_parquet(f"s3://{bucket}/{prefix}/data/mnist/train/*.parquet", storage_options=options)
     assert frame.height == 60_000 and frame["label"].head(5).to_list() == [5, 0, 4, 1, 9]
+
+    # pandas, through pyarrow's S3 filesystem; DuckDB through its httpfs extension (the signed
+    # official binary from PyPI's duckdb-extension-httpfs: DuckDB checks the signature on LOAD).
+    import duckdb
+    import duckdb_extension_httpfs
+    import pandas as pd
+
+    df = pd.concat(pd.read_parquet(f, filesystem=fs) for f in files)  # the manifest's shards
+    assert len(df) == 10_000 and df["label"].value_counts().sort_index().tolist()[:3] == [980, 1135, 1032]
+    extension = (Path(duckdb_extension_httpfs.__file__).parent / "extensions" / f"v{duckdb.__version__}"
+                 / "httpfs.duckdb_extension")
+    con = duckdb.connect()
+    con.execute(f"LOAD '{extension}'")
+    host = env["AWS_ENDPOINT_URL"].split("://", 1)[1]
+    con.execute(f"CREATE SECRET (TYPE s3, KEY_ID '{env.get('AWS_ACCESS_KEY_ID', '')}', "
+                f"SECRET '{env.get('AWS_SECRET_ACCESS_KEY', '')}', REGION '{env.get('AWS_REGION', 'us-east-1')}', "
+                f"ENDPOINT '{host}', URL_STYLE 'path', USE_SSL {str(env['AWS_ENDPOINT_URL'].startswith('https')).lower()})")
+    rows, first = con.execute(f"SELECT count(*), min(label) FILTER (WHERE \"index\" = 0) FROM "
+                              f"read_parquet('s3://{bucket}/{prefix}/data/mnist/train/*.parquet')").fetchone()
+    assert (rows, first) == (60_000, 5)
 
     metrics = json.loads(client.get_object(Bucket=bucket, Key=f"{prefix}/models/mnist-mlp/v1/metrics.json")["Body"].read())
     weights = np.load(io.BytesIO(client.get_object(Bucket=bucket, Key=f"{prefix}/models/mnist-mlp/v1/model.npz")["Body"].read()),
