@@ -5,7 +5,7 @@
 For each size, a synthetic train split is written through the normal shard writer
 (``storage.shards.write_split``) from shifted copies of the real MNIST training images (±2 px,
 each shift a whole copy; labels kept), then a fresh process opens it the way `digitflow train`
-does (``storage.rowstore``: a verified, memory-mapped uint8 row file built from the shards) and
+does (``storage.rowstore``: a verified uint8 row file built from the shards, read row by row) and
 trains one epoch of the preset. Printed per size: rows, row-file build seconds, epoch seconds,
 microseconds per row, and the process's peak RSS. The splits are kept in --workdir (default: a
 temp dir) so a rerun skips writing them.

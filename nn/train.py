@@ -62,7 +62,7 @@ CHUNK_ROWS = 8192  # rows of an epoch gathered at a time (memory beyond the data
 
 def take_rows(x, idx: np.ndarray, out: np.ndarray) -> np.ndarray:
     """Rows ``idx`` of ``x`` into ``out``. ``x`` is an array, or anything with ``take_rows`` (and
-    ``len``, ``shape``, ``x[index array]``), e.g. a memory-mapped split that reads only those rows."""
+    ``len``, ``shape``, ``x[index array]``), e.g. a split on disk that reads only those rows."""
     if hasattr(x, "take_rows"):
         return x.take_rows(idx, out)
     return np.take(x, idx, axis=0, out=out, mode="clip")

@@ -43,28 +43,28 @@ def artifact_key(model_name: str, what: str) -> str:
     return re.sub(r"[^a-z0-9-]+", "-", f"{model_name}-{what}".lower()).strip("-")
 
 
-def load_split(ref: SplitRef) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Read a split's shards, after checking its manifest is the one the reference names:
-    (pixels/255 (N, rows·cols), labels (N,), manifest)."""
-    folder = remote.pull_dir(ref.dir, "manifest.json")  # a remote home's split: fetched, then verified here
-    digest = sha256_file(folder / "manifest.json")
-    if digest != ref.sha256:
-        raise DigitflowError(f"{ref.manifest}: SHA-256 {digest[:16]}… is not the {ref.sha256[:16]}… "
-                             "this run ingested (rerun `digitflow ingest`)")
-    return read_split(folder)
-
-
-def load_rows(ref: SplitRef):
-    """Like ``load_split``, but the images stay in a memory-mapped row file (storage.rowstore):
-    training reads the rows it needs, so memory does not grow with the split."""
-    from storage.rowstore import open_rows
-
+def split_folder(ref: SplitRef) -> Path:
+    """This machine's folder of a split (fetched, in a remote home), after checking its manifest
+    is the one the reference names."""
     folder = remote.pull_dir(ref.dir, "manifest.json")
     digest = sha256_file(folder / "manifest.json")
     if digest != ref.sha256:
         raise DigitflowError(f"{ref.manifest}: SHA-256 {digest[:16]}… is not the {ref.sha256[:16]}… "
                              "this run ingested (rerun `digitflow ingest`)")
-    return open_rows(folder, digest)
+    return folder
+
+
+def load_split(ref: SplitRef) -> tuple[np.ndarray, np.ndarray, dict]:
+    """A split's shards read whole: (pixels/255 (N, rows·cols), labels (N,), manifest)."""
+    return read_split(split_folder(ref))
+
+
+def load_rows(ref: SplitRef):
+    """Like ``load_split``, but the images stay in the split's uint8 row file (storage.rowstore),
+    read a chunk of rows at a time: memory does not grow with the split."""
+    from storage.rowstore import open_rows
+
+    return open_rows(split_folder(ref), ref.sha256)
 
 
 def training_id(train_ref: SplitRef, hyperparameters: dict) -> str:
@@ -110,7 +110,7 @@ def _train(train: SplitRef, hyperparameters: dict, home: Home, progress_key: str
         log.info("already trained by another run: %s (weights %s…), fetched and verified", address,
                  ref.weights_sha256[:16])
         return ref
-    x, y, manifest = load_rows(train)  # memory-mapped: the split is never in memory whole
+    x, y, manifest = load_rows(train)  # row by row: the split is never in memory as float32
     n_classes, shape = len(manifest["class_counts"]), image_shape(manifest)
     log.info("training %s on %d images (%d held out for validation), seed %d", hp.hidden, len(y),
              round(len(y) * hp.val_fraction), hp.seed)
