@@ -25,7 +25,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 @contextlib.contextmanager
 def progress_display():
-    """Progress bars for downloads (bytes) and training (epochs), on stderr when it is a terminal."""
+    """Progress bars for downloads and bucket transfers (bytes) and training (epochs), on stderr
+    when it is a terminal."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 

@@ -21,11 +21,12 @@ import contextlib
 import json
 import os
 import socket
+import threading
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from storage import DigitflowError
 
@@ -188,23 +189,27 @@ class S3Store:
         with self._errors(rel):
             return self.client.put_object(**args)["ETag"]
 
-    def upload(self, rel: str, path: str | os.PathLike, sha256: str) -> None:
-        """Stream a file up in 8 MiB parts, 4 at a time; the object appears only when complete."""
+    def upload(self, rel: str, path: str | os.PathLike, sha256: str, progress: Progress | None = None) -> None:
+        """Stream a file up in 8 MiB parts, 4 at a time; the object appears only when complete.
+        ``progress(label, bytes done, total)`` is told as parts go."""
         from boto3.s3.transfer import TransferConfig
 
         with self._errors(rel):
             self.client.upload_file(str(path), self.bucket, self._key(rel), ExtraArgs={"Metadata": {"sha256": sha256}},
                                     Config=TransferConfig(multipart_threshold=PART, multipart_chunksize=PART,
-                                                          max_concurrency=TRANSFER_THREADS, use_threads=True))
+                                                          max_concurrency=TRANSFER_THREADS, use_threads=True),
+                                    Callback=_counter(f"upload {Path(rel).name}", os.path.getsize(path), progress))
 
-    def download(self, rel: str, path: str | os.PathLike) -> None:
+    def download(self, rel: str, path: str | os.PathLike, progress: Progress | None = None,
+                 size: int | None = None) -> None:
         """Stream an object down in ranged parts to a temp file beside ``path``, then rename it."""
         from boto3.s3.transfer import TransferConfig
         from storage.atomic import atomic_path
 
         with atomic_path(path) as tmp, self._errors(rel):
             self.client.download_file(self.bucket, self._key(rel), str(tmp), Config=TransferConfig(
-                multipart_threshold=PART, multipart_chunksize=PART, max_concurrency=TRANSFER_THREADS))
+                multipart_threshold=PART, multipart_chunksize=PART, max_concurrency=TRANSFER_THREADS),
+                Callback=_counter(f"download {Path(rel).name}", size, progress))
 
     def list(self, rel_prefix: str) -> dict[str, ObjectInfo]:
         """Every object under ``rel_prefix`` (a folder), keyed relative to the store's prefix."""
@@ -227,6 +232,23 @@ class S3Store:
 
 
 SCHEMES["s3"] = S3Store
+
+Progress = Callable[[str, int, "int | None"], None]  # (label, bytes done, total bytes or None)
+
+
+def _counter(label: str, total: int | None, progress: Progress | None):
+    """A transfer callback (called from the transfer threads with byte increments) that reports
+    running totals to ``progress``; None when nobody listens."""
+    if progress is None:
+        return None
+    done, lock = [0], threading.Lock()
+
+    def add(n: int) -> None:
+        with lock:
+            done[0] += n
+            progress(label, done[0], total)
+
+    return add
 
 
 class Lease:

@@ -101,7 +101,7 @@ def remote_file(address: str) -> objects.ObjectInfo | None:
     return store.head(key)
 
 
-def pull_file(address: str, sha256: str | None = None) -> Path:
+def pull_file(address: str, sha256: str | None = None, progress: objects.Progress | None = None) -> Path:
     """This machine's copy of a file, fetched when missing or different from the object (a
     local copy that already hashes to ``sha256`` is used without asking the store)."""
     path = local(address)
@@ -112,17 +112,17 @@ def pull_file(address: str, sha256: str | None = None) -> Path:
     store, key = store_of(address)
     info = store.head(key)
     if info is not None and not _same(path, info, store, key):
-        store.download(key, path)
+        store.download(key, path, progress, info.size)
     return path
 
 
-def push_file(address: str, sha256: str | None = None) -> None:
+def push_file(address: str, sha256: str | None = None, progress: objects.Progress | None = None) -> None:
     """Publish this machine's copy of a file as one object (streamed in parts when large)."""
     if not is_url(address):
         return
     store, key = store_of(address)
     path = local(address)
-    store.upload(key, path, sha256 or sha256_file(path))
+    store.upload(key, path, sha256 or sha256_file(path), progress)
 
 
 # ---- folders ---------------------------------------------------------------------------
@@ -143,7 +143,7 @@ def get_commit(address: str, commit: str) -> bytes | None:
     return got[0] if got else None
 
 
-def pull_dir(address: str, commit: str) -> Path:
+def pull_dir(address: str, commit: str, progress: objects.Progress | None = None) -> Path:
     """This machine's copy of a published folder: every object that differs is fetched, the
     commit file last; local files the folder no longer has are removed. A folder that is not
     published (no commit object) is left as it is locally (the caller's checks decide)."""
@@ -160,14 +160,14 @@ def pull_dir(address: str, commit: str) -> Path:
         if name.startswith("."):
             continue
         if not _same(path / name, top[name], store, f"{key}/{name}"):
-            store.download(f"{key}/{name}", path / name)
+            store.download(f"{key}/{name}", path / name, progress, top[name].size)
     for p in path.iterdir():
         if p.is_file() and not p.name.startswith(".") and p.name not in top:
             p.unlink(missing_ok=True)
     return path
 
 
-def push_dir(address: str, commit: str) -> None:
+def push_dir(address: str, commit: str, progress: objects.Progress | None = None) -> None:
     """Publish this machine's copy of a folder: un-commit the old one (if different), upload
     what differs, write the commit object last, then delete objects the folder no longer has
     (e.g. what a killed writer left). Hidden files (locks, checkpoints) stay local."""
@@ -185,7 +185,7 @@ def push_dir(address: str, commit: str) -> None:
         remote.pop(commit)
     for name in [n for n in names if n != commit] + [commit]:
         if name not in remote or not _same(path / name, remote[name], store, f"{key}/{name}"):
-            store.upload(f"{key}/{name}", path / name, sha256_file(path / name))
+            store.upload(f"{key}/{name}", path / name, sha256_file(path / name), progress)
     for name in remote:
         if name not in names:
             store.delete(f"{key}/{name}")

@@ -45,12 +45,12 @@ def download(file: DatasetFile, mirrors: list[str], raw_dir: str, timeout: float
     target = remote.join(raw_dir, file.idx_name)  # in a remote home: its object URL
     if remote.is_url(raw_dir) and not is_verified(file, remote.local(target)):
         remote.pull_file(target + ".json")  # the record first: it holds the SHA-256 of archive-pinned files
-        remote.pull_file(target, file.idx_sha256)  # then fetch_verified checks it like any local file
+        remote.pull_file(target, file.idx_sha256, progress.report)  # then checked like any local file
     ref = RawFile(**fetch_verified(file, mirrors, remote.local(raw_dir), timeout=timeout, deadline=deadline,
                                    progress=progress.report))
     if remote.is_url(raw_dir):
         if ref.fetched or remote.remote_file(target + ".json") is None:
-            remote.push_file(target, ref.sha256)  # the file, then its record (the commit point)
+            remote.push_file(target, ref.sha256, progress.report)  # the file, then its record (the commit point)
             remote.push_file(target + ".json")
             log.info("%s: published to %s", name, target)
         elif not ref.fetched:
@@ -95,7 +95,7 @@ def _content_now(path: str) -> str:
 )
 def verify(ref: RawFile) -> VerifiedFile:
     """Hash the local IDX file and compare with the pin."""
-    path = remote.pull_file(ref.path, ref.sha256)
+    path = remote.pull_file(ref.path, ref.sha256, progress.report)
     digest = sha256_file(path)
     if digest != ref.sha256:
         raise IDXError(f"{path}: SHA-256 {digest[:16]}… is not the pinned {ref.sha256[:16]}… "
@@ -137,7 +137,7 @@ def write_shards(split: str, images: VerifiedFile, labels: VerifiedFile, out_dir
                                   remote.pull_file(labels.path, labels.sha256), remote.local(out_dir), split=split,
                                   rows_per_shard=rows_per_shard, source=source_of(images, labels),
                                   image_shape=tuple(image_shape), n_classes=n_classes)
-    remote.push_dir(out_dir, shards.MANIFEST)  # shards first, the manifest last: the commit point
+    remote.push_dir(out_dir, shards.MANIFEST, progress.report)  # shards first, the manifest last: the commit point
     get_run_logger().info("%s: %d rows in %d shards written to %s in %.2f s", split, manifest["rows"],
                           len(manifest["shards"]), out_dir, time.perf_counter() - t0)
     return manifest_ref(out_dir)

@@ -46,7 +46,7 @@ def artifact_key(model_name: str, what: str) -> str:
 def split_folder(ref: SplitRef) -> Path:
     """This machine's folder of a split (fetched, in a remote home), after checking its manifest
     is the one the reference names."""
-    folder = remote.pull_dir(ref.dir, "manifest.json")
+    folder = remote.pull_dir(ref.dir, "manifest.json", progress.report)
     digest = sha256_file(folder / "manifest.json")
     if digest != ref.sha256:
         raise DigitflowError(f"{ref.manifest}: SHA-256 {digest[:16]}… is not the {ref.sha256[:16]}… "
@@ -158,7 +158,7 @@ def _train(train: SplitRef, hyperparameters: dict, home: Home, progress_key: str
                                                "stopped_early": history.stopped_early,
                                                "train_seconds": round(seconds, 2)})
     checkpoint_path.unlink(missing_ok=True)  # the model is complete
-    remote.push_dir(address, TRAINING_RECORD)  # the model files, then training.json: the commit point
+    remote.push_dir(address, TRAINING_RECORD, progress.report)  # the model files, then training.json: the commit point
     log.info("trained in %.1f s%s; weights %s…", seconds, resumed, digest[:16])
     return TrainedModel(dir=address, weights_sha256=digest, history=history.epochs, best_epoch=history.best_epoch,
                         stopped_early=history.stopped_early, train_seconds=round(seconds, 2),

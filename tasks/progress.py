@@ -1,4 +1,5 @@
-"""A process-wide hook for download progress, so the CLI can draw bars for tasks.
+"""A process-wide hook for progress (mirror downloads, bucket transfers, training epochs), so
+the CLI can draw bars for tasks.
 
 Tasks run in this process (threads), so a plain callback suffices. No hook: no output.
 """
