@@ -69,10 +69,6 @@ class Home:
             return str(path)
         return self.store.url(Path(path).relative_to(self.root).as_posix())
 
-    def key(self, path: str | os.PathLike) -> str:
-        """``path`` relative to the home: its object key below the store's prefix."""
-        return Path(path).relative_to(self.root).as_posix()
-
     @property
     def raw(self) -> Path:
         return self.raw_for("mnist")

@@ -21,17 +21,16 @@ once get two versions and one champion.
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import os
 import re
+import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
 from storage import DigitflowError
-import contextlib
-import shutil
-
 from storage.atomic import file_lock, read_json, remove_leftovers, staged_dir, write_json, writing
 
 DEFAULT_NAME = "mnist-mlp"
@@ -132,19 +131,17 @@ class Registry:
             if rel in self._remote or not (self.root / rel).is_file():
                 continue
             prefix = f"{self.key}/v{version}"
-            files = sorted(p for p in self.path(version).iterdir() if p.is_file())
-            for p in sorted(files, key=lambda p: p.name == "metadata.json"):
-                if p.name == "metadata.json":
-                    try:
-                        self._remote[rel] = self.store.put(f"{prefix}/metadata.json", p.read_bytes(),
-                                                           if_none_match=True)
-                    except Conflict:
-                        raise RegistryError(f"{self.store.url(prefix)}: another machine published v{version} "
-                                            "first; publish again") from None
-                else:
-                    self.store.upload(f"{prefix}/{p.name}", p, sha256_file(p))
+            files = sorted(p for p in self.path(version).iterdir() if p.is_file() and p.name != "metadata.json")
+            for p in files:
+                self.store.upload(f"{prefix}/{p.name}", p, sha256_file(p))
             for stray in set(self.store.list(prefix)) - {f"{prefix}/{p.name}" for p in files}:
                 self.store.delete(stray)  # left by a publisher that died before its commit
+            try:  # the commit point, last
+                self._remote[rel] = self.store.put(f"{prefix}/metadata.json", (self.root / rel).read_bytes(),
+                                                   if_none_match=True)
+            except Conflict:
+                raise RegistryError(f"{self.store.url(prefix)}: another machine published v{version} "
+                                    "first; publish again") from None
         mutable = [*(self.root / "decisions").glob("v*.json"), self.root / "aliases.json"]  # aliases last
         for p in mutable:
             rel = p.relative_to(self.root).as_posix()
