@@ -446,7 +446,7 @@ def serve(settings: ApiSettings, host: str = "127.0.0.1", port: int = 8000, work
 
     settings.check()
     registry = Registry(Home.resolve(settings.home), settings.model_name)
-    if not registry.root.is_dir():
+    if not registry.versions():
         raise RegistryError(f"no model {settings.model_name!r} under {settings.home} (publish one first)")
     if settings.model not in ALIASES:
         registry.resolve(settings.model)  # a fixed version that does not exist: one line now

@@ -9,8 +9,8 @@ from flows.contract import (DEFAULT_FLOOR, DEFAULT_RETRIES, DEFAULT_ROWS_PER_SHA
                             hyperparameters, with_hyperparameters)
 from flows.ingest import ingest
 from storage import DigitflowError
-from tasks.common import home_for_run
 from storage.datasets import dataset_and_model, resolve as resolve_dataset
+from tasks.common import home_for_run
 from tasks.ingest import manifest_ref
 from tasks.model import artifact_key, evaluate, gate, publish, train
 from tasks.refs import Decision, Evaluation, Published, TrainedModel

@@ -20,8 +20,8 @@ from flows.contract import (DEFAULT_FLOOR, DEFAULT_RETRIES, DEFAULT_ROWS_PER_SHA
 from flows.pipeline import publish_trained, run_tags, update_run
 from storage import DigitflowError, remote
 from storage.atomic import write_bytes, write_json
-from tasks.common import home_for_run
 from storage.datasets import dataset_and_model
+from tasks.common import home_for_run
 from tasks.model import artifact_key, evaluate, train
 
 
