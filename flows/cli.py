@@ -176,13 +176,12 @@ def train(home: Optional[str] = HOME, dataset: str = DATASET, preset: str = PRES
     (which `digitflow evaluate --model PATH` and `digitflow publish PATH` accept)."""
     from flows.contract import hyperparameters
     from flows.pipeline import train_only
-    from storage.shards import load_manifest
 
     with one_line_errors():
         hyperparameters(preset, hp)
         spec, _ = dataset_and_model(dataset, None)
         home = _start(home)
-        load_manifest(_split_here(home, "train", spec.name))  # no data yet: one line now, before Prefect starts
+        _require_split(home, "train", spec.name)
         with progress_display():
             result = train_only(home=home, dataset=dataset, preset=preset, **hp)
     last = result.history[-1]
@@ -190,13 +189,12 @@ def train(home: Optional[str] = HOME, dataset: str = DATASET, preset: str = PRES
                f"val accuracy {last.get('val_accuracy', float('nan')):.4f} after {len(result.history)} epochs")
 
 
-def _split_here(home: str, split: str, dataset: str):
-    """This machine's folder of a split (its manifest fetched first, in a remote home)."""
-    from storage import remote
+def _require_split(home: str, split: str, dataset: str) -> None:
+    """No data yet: one line now, before Prefect starts (a remote home's manifest is fetched)."""
+    from tasks.ingest import manifest_ref
 
     h = resolve_home(home)
-    remote.pull_file(h.address(h.split(split, dataset) / "manifest.json"))
-    return h.split(split, dataset)
+    manifest_ref(h.address(h.split(split, dataset)))
 
 
 def _model_ref(model: str, home: str, model_name: str):
@@ -221,13 +219,12 @@ def evaluate(model: str = typer.Option("champion", "--model", help="VERSION, ali
              json_out: bool = typer.Option(False, "--json", help="Print the metrics as JSON.")) -> None:
     """Evaluate a published version, or a trained model folder, on the dataset's test split."""
     from flows.pipeline import evaluate_model
-    from storage.shards import load_manifest
 
     with one_line_errors():
         spec, model_name = dataset_and_model(dataset, model_name)
         home = _start(home)
         ref, label = _model_ref(model, home, model_name)
-        load_manifest(_split_here(home, "test", spec.name))  # no data yet: one line now, before Prefect starts
+        _require_split(home, "test", spec.name)
         metrics = evaluate_model(ref, home=home, dataset=dataset)
     if json_out:
         version = label.rpartition(" v")[2]

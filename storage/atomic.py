@@ -116,7 +116,12 @@ def read_json(path: str | os.PathLike):
 
 
 def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
+    return file_digest(path)
+
+
+def file_digest(path: str | os.PathLike, algorithm: str = "sha256") -> str:
+    """Hex digest of a file, read 1 MiB at a time (MD5 only to compare with S3 ETags)."""
+    h = hashlib.new(algorithm, usedforsecurity=algorithm != "md5")
     with open(path, "rb") as f:
         while chunk := f.read(CHUNK):
             h.update(chunk)

@@ -147,16 +147,13 @@ class S3Store:
     def head(self, rel: str) -> ObjectInfo | None:
         from botocore.exceptions import ClientError
 
-        try:
-            with self._errors(rel):
-                try:
-                    r = self.client.head_object(Bucket=self.bucket, Key=self._key(rel))
-                except ClientError as e:
-                    if e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
-                        return None
-                    raise
-        except Conflict:
-            return None
+        with self._errors(rel):
+            try:
+                r = self.client.head_object(Bucket=self.bucket, Key=self._key(rel))
+            except ClientError as e:
+                if e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
+                    return None
+                raise
         return ObjectInfo(rel, r["ContentLength"], r["ETag"], r.get("Metadata", {}).get("sha256"))
 
     def get(self, rel: str, limit: int = SMALL_LIMIT) -> tuple[bytes, str] | None:

@@ -23,11 +23,10 @@ What is atomic, and how (an object store has no rename):
 from __future__ import annotations
 
 import functools
-import hashlib
 from pathlib import Path
 
 from storage import objects
-from storage.atomic import CHUNK, sha256_file
+from storage.atomic import file_digest, sha256_file
 
 
 def is_url(address) -> bool:
@@ -68,14 +67,6 @@ def fingerprint(address: str) -> str:
     return f"{info.etag}:{info.sha256}" if info else "missing"
 
 
-def _md5(path: Path) -> str:
-    h = hashlib.md5(usedforsecurity=False)
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _same(path: Path, info: objects.ObjectInfo, store, key: str) -> bool:
     """Does the local file hold what the object holds (size, then MD5 = single-part ETag, or
     the recorded SHA-256 of a multipart object)?"""
@@ -86,7 +77,7 @@ def _same(path: Path, info: objects.ObjectInfo, store, key: str) -> bool:
         return False
     etag = info.etag.strip('"')
     if "-" not in etag:
-        return _md5(path) == etag
+        return file_digest(path, "md5") == etag
     sha = info.sha256 or (h.sha256 if (h := store.head(key)) else None)
     return sha is not None and sha256_file(path) == sha
 

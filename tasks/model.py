@@ -106,7 +106,7 @@ def _train(train: SplitRef, hyperparameters: dict, home: Home, progress_key: str
     address = home.address(training_dir(home, train, hyperparameters))
     if remote.is_url(address) and remote.committed(address, TRAINING_RECORD):
         # Trained before, on this or another machine: fetched and verified, not trained again.
-        ref = trained_ref(remote.pull_dir(address, TRAINING_RECORD), address=address)
+        ref = trained_ref(address)
         log.info("already trained by another run: %s (weights %s…), fetched and verified", address,
                  ref.weights_sha256[:16])
         return ref
@@ -196,12 +196,13 @@ def training_is_intact(home: Home, train_ref: SplitRef, hyperparameters: dict) -
         return False
 
 
-def trained_ref(folder: str | Path, address: str | None = None) -> TrainedModel:
+def trained_ref(folder: str | Path) -> TrainedModel:
     """The reference of a trained model folder (``<home>/trained/<id>``, as `digitflow train`
-    prints it, or its object URL), verified: its arrays must hash to the digest recorded in its
-    training.json. ``address``: the shared name the reference should carry (default: the folder)."""
-    if remote.is_url(str(folder)):
-        folder, address = remote.pull_dir(str(folder), TRAINING_RECORD), str(folder)
+    prints it, or its object URL: fetched, and named by the URL), verified: its arrays must hash
+    to the digest recorded in its training.json."""
+    address = str(folder) if remote.is_url(str(folder)) else None
+    if address:
+        folder = remote.pull_dir(address, TRAINING_RECORD)
     folder = Path(folder).expanduser().resolve()
     try:
         info = read_json(folder / "training.json")
