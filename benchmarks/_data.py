@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from _mirror import MNIST_DIR
-from storage.idx import read_mnist
+from storage.idx import pixels01, read_mnist
 from storage.mnist import file_for
 
 
@@ -27,8 +27,7 @@ def load_mnist(directory: Path = MNIST_DIR):
                     shutil.copyfileobj(src, dst)
                 paths.append(path)
             images, labels = read_mnist(*paths)
-            x = np.empty((len(images), 784), np.float32)  # one float32 copy, no transient second one
-            np.multiply(images.reshape(len(images), 784), np.float32(1 / 255), out=x, casting="unsafe")
+            x = pixels01(images.reshape(len(images), 784))  # the pipeline's exact pixel/255
             del images
             out.append((x, labels.astype(np.int64)))
     return out

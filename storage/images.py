@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from storage import DigitflowError
-from storage.idx import IDXError, check_mnist_images, read_header, read_idx
+from storage.idx import IDXError, check_mnist_images, pixels01, read_header, read_idx
 
 
 class ImageError(DigitflowError):
@@ -116,7 +116,7 @@ def read_idx_images(path: Path, shape: tuple[int, int] = (28, 28)) -> np.ndarray
         n = check_mnist_images(read_header(path), path.name, shape)
         _check_count(path, n)
         images = read_idx(path)
-        return images.reshape(len(images), pixels).astype(np.float32) / np.float32(255)
+        return pixels01(images.reshape(len(images), pixels))
     try:
         with gzip.open(path) as src:
             head = src.read(16)
@@ -134,7 +134,7 @@ def read_idx_images(path: Path, shape: tuple[int, int] = (28, 28)) -> np.ndarray
     if len(data) != n * pixels:
         what = "truncated" if len(data) < n * pixels else "has trailing bytes"
         raise IDXError(f"{path.name}: {what}: the header announces {n} images of {rows}×{cols}")
-    return np.frombuffer(data, np.uint8).reshape(n, pixels).astype(np.float32) / np.float32(255)
+    return pixels01(np.frombuffer(data, np.uint8).reshape(n, pixels))
 
 
 def _check_count(path: Path, n: int) -> None:

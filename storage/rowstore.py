@@ -26,7 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from storage.atomic import atomic_path, read_json, sha256_file, write_json
-from storage.shards import _LUT, MANIFEST, ShardError, check_coverage, image_shape, load_manifest, read_shard
+from storage.idx import pixels01
+from storage.shards import MANIFEST, ShardError, check_coverage, image_shape, load_manifest, read_shard
 
 
 IN_MEMORY_BYTES = 256 << 20  # a row file up to this size is read whole (MNIST's train split: 47 MB)
@@ -71,8 +72,7 @@ class SplitRows:
             for view, offset in zip(self._views, (np.asarray(idx, np.int64) * width).tolist()):
                 if pread(fd, [view], offset) != width:
                     raise OSError(f"{self.path}: short read (changed while training?)")
-        np.take(_LUT, u8, out=out)
-        return out
+        return pixels01(u8, out=out)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -144,7 +144,7 @@ def _build(directory: Path, manifest: dict, path: Path, pixels: int) -> str:
                 raise ShardError(f"{directory / shard['file']}: {table.num_rows} rows, the manifest says {shard['rows']}")
             values = table.column("image").combine_chunks().values.to_numpy().reshape(-1, pixels)
             u8 = np.rint(values * np.float32(255)).clip(0, 255).astype(np.uint8)
-            if not np.array_equal(_LUT[u8], values):
+            if not np.array_equal(pixels01(u8), values):
                 raise ShardError(f"{directory / shard['file']}: pixels are not pixel/255 values")
             data = u8.tobytes()
             f.write(data)

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 
 from storage import DigitflowError
 from storage.atomic import read_json, sha256_file, staged_dir, write_json
-from storage.idx import read_mnist
+from storage.idx import pixels01, read_mnist
 
 FORMAT_VERSION = 1
 NORMALIZATION = "pixel / 255 as float32, in [0, 1]"
@@ -41,10 +41,6 @@ def schema_for(pixels: int) -> pa.Schema:
 
 
 SCHEMA = schema_for(PIXELS)
-
-# pixel/255 for every uint8 value, computed once in float32: the gather below is exact.
-_LUT = (np.arange(256, dtype=np.float32) / np.float32(255)).astype(np.float32)
-
 
 class ShardError(DigitflowError):
     pass
@@ -111,7 +107,7 @@ def _write_split(images, labels, staging: Path, split: str, rows_per_shard: int,
 
 
 def _table(pixels: np.ndarray, labels: np.ndarray, start: int, meta: dict) -> pa.Table:
-    values = pa.array(_LUT[pixels].ravel())  # (rows*784,) float32, zero-copy into Arrow
+    values = pa.array(pixels01(pixels).ravel())  # (rows*784,) float32, zero-copy into Arrow
     schema = schema_for(pixels.shape[1])
     image = pa.FixedSizeListArray.from_arrays(values, type=schema.field("image").type)
     index = pa.array(np.arange(start, start + len(labels), dtype=np.int64))
