@@ -19,7 +19,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
 import nn  # noqa: E402
 from _mirror import MNIST_DIR  # noqa: E402

@@ -5,6 +5,5 @@ import os
 # This machine (and many users' CI) is offline: no telemetry, before Prefect is imported.
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-# Idle OpenBLAS workers spin for ~2^28 cycles by default; on 2 cores that spinning slows the
-# training loop's element-wise work by up to a third. Only effective before NumPy loads.
-os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+
+import nn  # noqa: E402,F401  (first: it sets OpenBLAS's thread timeout before NumPy loads)

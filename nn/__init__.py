@@ -13,6 +13,15 @@ cross-entropy), model.py (the chain rule over a list of layers), optim.py, train
 io.py (saving without pickle). No Prefect, no autograd: NumPy only.
 """
 
+import os
+
+# OpenBLAS's idle workers spin for 2^n cycles before sleeping (default n = 28, ~0.1 s): on two
+# cores that spinning slows the element-wise work of a training step by up to a third. With n = 4
+# they sleep at once and every product pays to wake them (~15 % of the products' time). 2^20
+# cycles (~0.3 ms) keeps them awake across the gaps between one step's products, and no longer.
+# Only effective before NumPy loads: import nn first (flows/ and the benchmarks do).
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "20")
+
 from nn.augment import random_distort, random_shift
 from nn.io import (ModelFormatError, describe, digest, load, load_arrays, load_checkpoint, save,
                    save_checkpoint)
