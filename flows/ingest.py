@@ -6,6 +6,7 @@ from pathlib import Path
 from prefect import flow
 from prefect.runtime import flow_run
 
+import flows.engine  # noqa: F401  (flow runs end without waiting for their heartbeat thread)
 from flows.contract import DatasetName, Deadline, Retries, RowsPerShard, Timeout
 from storage.config import (DEFAULT_RETRIES, DEFAULT_ROWS_PER_SHARD, DEFAULT_TIMEOUT, check_ingest_settings,
                             resolve_mirrors)

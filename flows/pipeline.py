@@ -3,6 +3,7 @@
 from prefect import flow, tags
 from prefect.runtime import flow_run
 
+import flows.engine  # noqa: F401  (flow runs end without waiting for their heartbeat thread)
 from flows.alerts import alert_if_rejected, on_flow_failure
 from flows.contract import (DEFAULT_FLOOR, DEFAULT_RETRIES, DEFAULT_ROWS_PER_SHARD, DEFAULT_TIMEOUT,
                             DEFAULT_TOLERANCE, Accuracy, DatasetName, Deadline, ModelName, Preset, Retries, RowsPerShard, Timeout,
@@ -67,7 +68,7 @@ def retrain(
     home = home_for_run(home)
     update_run(tags=run_tags(preset, model_name, spec.name))
 
-    with tags(*run_tags(preset, model_name, spec.name)):  # the subflows and every task carry them too
+    with tags(*run_tags(preset, model_name, spec.name)):  # the subflows carry them too (tasks do not: tasks/common.py)
         # 1. Data: verified Parquet shards (a subflow; cached when nothing changed).
         data = ingest(home=str(home), mirrors=mirrors, rows_per_shard=rows_per_shard, timeout=timeout, retries=retries,
                       deadline=deadline, dataset=dataset, allow_unpinned=allow_unpinned)
@@ -136,11 +137,10 @@ def publish_trained(model: TrainedModel, home: str | None = None, dataset: Datas
     if model.train_manifest_sha256 not in (None, data["train"].sha256):
         raise DigitflowError(f"{model.dir} was trained on data {model.train_manifest_sha256[:12]}…, but the "
                              f"ingested train split is {data['train'].sha256[:12]}…: retrain it, or ingest that data")
-    with tags("digitflow", f"dataset:{spec.name}", f"model:{model_name}"):
-        metrics = evaluate(model, data["test"])
-        published = publish(model, metrics, data["train"], data["test"], home, model_name,
-                            dataset={"name": spec.name, "classes": list(spec.classes), "source": spec.source})
-        decision = gate(published, home, tolerance=tolerance, floor=floor)
+    metrics = evaluate(model, data["test"])
+    published = publish(model, metrics, data["train"], data["test"], home, model_name,
+                        dataset={"name": spec.name, "classes": list(spec.classes), "source": spec.source})
+    decision = gate(published, home, tolerance=tolerance, floor=floor)
     alert_if_rejected(webhook_url, published, decision)
     outcome = {**published.model_dump(), **outcome_of(published, decision)}
     update_run(name=f"publish → v{outcome['version']} {outcome['status']}")

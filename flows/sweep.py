@@ -12,6 +12,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.context import FlowRunContext
 from prefect.runtime import flow_run
 
+import flows.engine  # noqa: F401  (flow runs end without waiting for their heartbeat thread)
 from flows.alerts import on_flow_failure
 from flows.ingest import ingest
 from flows.contract import (DEFAULT_FLOOR, DEFAULT_RETRIES, DEFAULT_ROWS_PER_SHARD, DEFAULT_TIMEOUT,

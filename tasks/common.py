@@ -11,6 +11,7 @@ from typing import Any, Callable
 from prefect import Task, task
 from prefect._internal.compatibility.async_dispatch import async_dispatch
 from prefect.filesystems import WritableFileSystem
+from prefect.context import TagsContext
 from prefect.utilities.hashing import hash_objects
 
 from storage import code_digest
@@ -136,10 +137,12 @@ class VerifiedTask(Task):
         return Task.with_options(self, **options)  # a plain Task: never recurses into _fresh
 
     def __call__(self, *args, **kwargs):
-        return self._fresh(args, kwargs)(*args, **kwargs)
+        with TagsContext(current_tags=set()):
+            return self._fresh(args, kwargs)(*args, **kwargs)
 
     def submit(self, *args, **kwargs):
-        return self._fresh(args, kwargs).submit(*args, **kwargs)
+        with TagsContext(current_tags=set()):
+            return self._fresh(args, kwargs).submit(*args, **kwargs)
 
     def with_options(self, **options) -> "VerifiedTask":
         return _verified(Task.with_options(self, **options), self.intact)
@@ -147,7 +150,7 @@ class VerifiedTask(Task):
 
 def verified_task(*, intact: Callable[[dict], bool] | None = None, **task_options):
     """``@task(**task_options)`` whose cache is refreshed whenever ``intact(arguments)`` is False
-    (no ``intact``: a plain cached task), its results kept where the flow's home says."""
+    (no ``intact``: a plain task), its results kept where the flow's home says, its runs untagged."""
 
     def decorate(fn) -> VerifiedTask:
         return _verified(task(**task_options)(fn), intact)

@@ -13,7 +13,7 @@ from importlib import metadata as importlib_metadata
 from pathlib import Path
 
 import numpy as np
-from prefect import get_run_logger, task
+from prefect import get_run_logger
 from prefect.events import emit_event
 from prefect.artifacts import (create_markdown_artifact, create_progress_artifact,
                                create_table_artifact, update_progress_artifact)
@@ -296,7 +296,7 @@ def package_version() -> str | None:
         return None
 
 
-@task(task_run_name="publish {model.weights_sha256:.12}")
+@verified_task(task_run_name="publish {model.weights_sha256:.12}")
 def publish(model: TrainedModel, metrics: Evaluation, train: SplitRef, test: SplitRef, home: Home,
             model_name: str = DEFAULT_NAME, dataset: dict | None = None) -> Published:
     """Publish a new immutable version (or find the one with these exact weights). ``dataset``
@@ -359,7 +359,7 @@ def metrics_table(metrics: Evaluation) -> list[dict]:
                         for c in metrics.per_class]
 
 
-@task(task_run_name="gate v{published.version}")
+@verified_task(task_run_name="gate v{published.version}")
 def gate(published: Published, home: Home, tolerance: float = DEFAULT_TOLERANCE, floor: float = DEFAULT_FLOOR) -> Decision:
     """Promote the version to champion if it is at least as good; else mark it rejected.
 

@@ -76,6 +76,10 @@ def test_operator_sees_runs_retries_cache_and_artifacts(server, faulty, tmp_path
         assert "gate v1" in runs
         assert any(n.startswith("evaluate ") for n in runs) and any(n.startswith("publish ") for n in runs)
         assert all(r.state.is_completed() for r in runs.values())
+        # Runs and subflows carry the tags, task runs none: each tag would cost every task run a
+        # concurrency-slot round trip to the server (tasks/common.py).
+        assert not [n for n, r in {**runs, **task_runs(client, subflow(client, "ingest-mnist", parent).id)}.items()
+                    if " " in n and r.tags]  # our task runs' names have spaces; subflow trackers do not
         ingest_run = flow_runs(client, "ingest-mnist")[0]
         assert ingest_run.parent_task_run_id is not None and ingest_run.state.is_completed()
         ingest_tasks = task_runs(client, ingest_run.id)

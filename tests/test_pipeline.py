@@ -29,6 +29,29 @@ def home(first_run):
     return first_run[0]
 
 
+def test_a_finished_flow_run_does_not_wait_for_its_heartbeat_thread():
+    """flows/engine.py: a flow run ends without joining its heartbeat thread (Prefect's sync engine
+    would wait out the thread's current 1-second sleep, ~2 s of a warm `digitflow run`). The
+    thread still starts (it emits the run's first heartbeat) and is left to notice the stop flag."""
+    import threading
+
+    from prefect import flow, flow_engine
+
+    import flows.engine
+
+    assert flows.engine.INSTALLED and flow_engine._send_heartbeats.keywords == {"join_on_exit": False}
+
+    def heartbeat_threads():
+        return [t for t in threading.enumerate()
+                if any(getattr(a, "__name__", "") == "heartbeat_loop" for a in getattr(t, "_args", ()))]
+
+    @flow
+    def quick():
+        return len(heartbeat_threads())
+
+    assert quick() == 1  # its heartbeat thread runs while it does
+    assert heartbeat_threads(), "the flow run joined its heartbeat thread on exit"
+
 def test_first_run_publishes_v1(home, first_run):
     summary = first_run[1]
     assert summary["version"] == 1 and summary["created"] and summary["status"] == "promoted"
