@@ -17,6 +17,10 @@ process where it matters:
   difference to the first is its start-up (ephemeral: its temporary API server);
 - verification: what a warm run re-checks on use, in-process: hashing the four raw files,
   verifying both splits' shards, the trained model's and the published version's weights;
+- prefect_client_backoff_after_server_busy: the seconds the Prefect client slept before retrying
+  requests the server answered with a retryable status (Prefect's SQLite server answers 503,
+  "database is locked", when a request's write collides with its own recording of the run's
+  events; the client then waits 2**n s, jittered);
 - the rest: digitflow's own flow bodies beyond those (cache-key computation, reads, API calls).
 """
 
@@ -25,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -38,7 +43,14 @@ from _mirror import local_mirror  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run(home: str, mirror: str, preset: str, env: dict) -> tuple[float, dict]:
+BACKOFF = re.compile(r"retryable status code (\d+)\. Another attempt will be made in ([0-9.]+)s")
+
+
+def run(home: str, mirror: str, preset: str, env: dict) -> tuple[float, dict, float]:
+    """(seconds, the run's JSON summary, seconds the Prefect client slept before retrying
+    requests the server answered with a retryable status, e.g. 503 for SQLite's "database is
+    locked") of one fresh `digitflow run` process."""
+    env = {**env, "PREFECT_LOGGING_LOGGERS_PREFECT_CLIENT_LEVEL": "DEBUG"}  # its retry lines
     t = time.perf_counter()
     out = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--mirror", mirror, "--home", home,
                           "--preset", preset, "--json"], cwd=REPO, env=env, capture_output=True, text=True)
@@ -46,15 +58,26 @@ def run(home: str, mirror: str, preset: str, env: dict) -> tuple[float, dict]:
     if out.returncode != 0:
         sys.exit(f"digitflow run failed:\n{out.stdout}\n{out.stderr}")
     summary = json.loads([line for line in out.stdout.splitlines() if line.startswith("{")][-1])
-    return seconds, summary
+    return seconds, summary, sum(float(m.group(2)) for m in BACKOFF.finditer(out.stderr))
 
 
 FLOOR_SCRIPT = """
-import time, sys
+import logging, re, time
 t0 = time.perf_counter()
+import flows.engine  # the same adjustment to Prefect's engine as digitflow's flows
 from prefect import flow, task
 from prefect.cache_policies import INPUTS
 t1 = time.perf_counter()
+
+backoffs = []  # seconds the client slept before retrying a request the server called busy
+
+class Backoff(logging.Handler):
+    def emit(self, record):
+        if m := re.search(r"Another attempt will be made in ([0-9.]+)s", record.getMessage()):
+            backoffs.append(float(m.group(1)))
+
+logging.getLogger("prefect.client").setLevel(logging.DEBUG)
+logging.getLogger("prefect.client").addHandler(Backoff())
 
 @task(cache_policy=INPUTS)
 def work(i):
@@ -71,21 +94,22 @@ def outer():
     inner(2)
 
 outer()  # the first call also starts Prefect (ephemeral: its temporary API server)
-t2 = time.perf_counter()
+t2, b2 = time.perf_counter(), sum(backoffs)
 outer()  # the second call: every task cached, as in a warm run
-t3 = time.perf_counter()
-print(t1 - t0, (t2 - t1) - (t3 - t2), t3 - t2)
+t3, b3 = time.perf_counter(), sum(backoffs)
+print(t1 - t0, (t2 - t1) - (t3 - t2), t3 - t2, b3 - b2)
 """
 
 
-def prefect_floor(env: dict) -> tuple[float, float, float]:
+def prefect_floor(env: dict) -> tuple[float, float, float, float]:
     """(Prefect import seconds, start-up seconds, seconds of the pipeline-shaped empty flows with
-    every task cached) in a fresh process. Start-up = first call − second call."""
+    every task cached, the client's back-off seconds within those) in a fresh process. Start-up =
+    first call − second call."""
     out = subprocess.run([sys.executable, "-c", FLOOR_SCRIPT], cwd=REPO, env=env, capture_output=True, text=True)
     if out.returncode != 0:
         sys.exit(f"the Prefect floor script failed:\n{out.stderr}")
-    imports, startup, flows = map(float, out.stdout.split()[-3:])
-    return imports, startup, flows
+    imports, startup, flows, backoff = map(float, out.stdout.split()[-4:])
+    return imports, startup, flows, backoff
 
 
 def imports_seconds(env: dict) -> float:
@@ -134,23 +158,26 @@ def main() -> None:
             env["PREFECT_HOME"] = str(Path(tmp) / "prefect")
         env["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] = str(Path(tmp) / "results")
         home = str(Path(tmp) / "home")
-        cold, first = run(home, mirror, args.preset, env)
+        cold, first, _ = run(home, mirror, args.preset, env)
         warms = [run(home, mirror, args.preset, env) for _ in range(args.warm_runs)]
-        warm, second = min(warms, key=lambda w: w[0])
+        warm, second, backoff = min(warms, key=lambda w: w[0])
         imports = imports_seconds(env)
-        prefect_imports, startup, flows = prefect_floor(env)
+        prefect_imports, startup, flows, floor_backoff = prefect_floor(env)
         checks = verification_seconds(home)
-    rest = warm - imports - startup - flows - sum(checks.values())
+    rest = warm - imports - startup - flows - backoff - sum(checks.values())
     result = {"preset": args.preset, "prefect": "server " + args.api_url if args.api_url else "ephemeral",
               "cold_seconds": round(cold, 1), "warm_seconds": round(warm, 1),
               "warm_runs_seconds": [round(w[0], 1) for w in warms],
+              "warm_runs_server_busy_backoff_seconds": [round(w[2], 1) for w in warms],
               "warm_breakdown_seconds": {
                   "imports": round(imports, 2),
                   "prefect_startup": round(startup, 2),
                   "prefect_flow_and_task_overhead_3_flows_16_cached_tasks": round(flows, 2),
+                  "prefect_client_backoff_after_server_busy": round(backoff, 2),
                   **checks,
                   "digitflow_flow_bodies_and_rest": round(rest, 2)},
               "prefect_import_seconds": round(prefect_imports, 2),
+              "prefect_floor_backoff_seconds (within its overhead figure)": round(floor_backoff, 2),
               "test_accuracy": round(first["test_accuracy"], 4), "version": first["version"],
               "warm_created_new_version": any(w[1]["created"] for w in warms), "cores": os.cpu_count()}
     print(json.dumps(result) if args.json else "\n".join(f"{k:26s} {v}" for k, v in result.items()))

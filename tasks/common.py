@@ -122,6 +122,10 @@ class VerifiedTask(Task):
     writes is there and hashes to what it should; when it is not, the cache is refreshed and the
     task runs again (repairing it). Prefect's cache policies can compute a key but cannot ask for
     an overwrite, so the check lives here, with the task, instead of at every call site.
+
+    Its runs carry no tags (flow runs and subflows do, from ``with tags(...)``): Prefect 3.9
+    acquires and releases a concurrency slot on the server for every tag of every task run,
+    which made a warm ``digitflow run`` up to 2.6 s slower against a server.
     """
 
     intact: Callable[[dict], bool] | None
