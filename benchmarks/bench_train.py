@@ -1,6 +1,6 @@
 """Training speed of nn/ on the real MNIST, and a plain PyTorch loop for reference.
 
-    python benchmarks/bench_train.py --hidden 256 --batch-size 128 --epochs 5 --json
+    python benchmarks/bench_train.py --hidden 256 --batch-size 128 --epochs 6 --json
 
 Trains a 784-H-10 ReLU MLP with SGD + momentum and prints one JSON object with
 ``epoch_seconds`` (a list), ``steady_epoch_seconds`` (median of the epochs after the first),
@@ -24,7 +24,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 
 import nn  # noqa: E402  (before NumPy: it sets OpenBLAS's thread timeout)
 import numpy as np  # noqa: E402
