@@ -37,13 +37,14 @@ class SplitRows:
     """Rows of a split as float32 pixel/255, from its uint8 row file: held in memory when the file
     is small (``IN_MEMORY_BYTES``), else read row by row with ``pread`` when asked for."""
 
-    def __init__(self, path: Path, rows: int, pixels: int):
+    def __init__(self, path: Path, rows: int, pixels: int, data: np.ndarray | None = None):
+        """``data``: the whole file's bytes, already read (and verified) by the caller; without
+        it the file is opened and read row by row."""
         self.path, self.rows, self.pixels = path, rows, pixels
         self._buf = np.empty((0, pixels), np.uint8)
         self._views: list = []
         size = rows * pixels
-        if size <= IN_MEMORY_BYTES:
-            data = np.fromfile(path, np.uint8, size + rows)
+        if data is not None:
             self._u8, self._fd = data[:size].reshape(rows, pixels), None
             self.labels = data[size:].astype(np.int64)
         else:
@@ -119,15 +120,32 @@ def open_rows(directory, manifest_sha256: str) -> tuple[SplitRows, np.ndarray, d
     record_path = path.with_suffix(".json")
     try:
         record = read_json(record_path)
-        ok = (record.get("rows"), record.get("pixels")) == (n, pixels) and sha256_file(path) == record.get("sha256")
-    except (OSError, ValueError, AttributeError):
-        ok = False
-    if not ok:
+        rows = _verified(path, n, pixels, record["sha256"]) if (record.get("rows"), record.get("pixels")) == (n, pixels) else None
+    except (OSError, ValueError, AttributeError, KeyError, TypeError):
+        rows = None
+    if rows is None:
         for stale in directory.glob(".rows-*"):
             stale.unlink(missing_ok=True)  # row files of earlier manifests of this folder
-        write_json(record_path, {"rows": n, "pixels": pixels, "sha256": _build(directory, manifest, path, pixels)})
-    rows = SplitRows(path, n, pixels)
+        sha256 = _build(directory, manifest, path, pixels)
+        write_json(record_path, {"rows": n, "pixels": pixels, "sha256": sha256})
+        rows = _verified(path, n, pixels, sha256)
+        if rows is None:
+            raise ShardError(f"{path}: changed while it was being built")
     return rows, rows.labels, manifest
+
+
+def _verified(path: Path, n: int, pixels: int, sha256: str) -> SplitRows | None:
+    """The row file opened if it hashes to ``sha256``, else None. A file held in memory is read
+    once and the bytes hashed are the bytes used; a larger one is hashed, then read by row."""
+    size = n * pixels + n
+    if size - n <= IN_MEMORY_BYTES:
+        data = np.fromfile(path, np.uint8)
+        if len(data) != size or hashlib.sha256(data).hexdigest() != sha256:
+            return None
+        return SplitRows(path, n, pixels, data)
+    if sha256_file(path) != sha256:
+        return None
+    return SplitRows(path, n, pixels)
 
 
 def _build(directory: Path, manifest: dict, path: Path, pixels: int) -> str:

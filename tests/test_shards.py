@@ -148,7 +148,7 @@ def test_concurrent_writers_of_one_split(tmp_path, pair):
     read_split(tmp_path / "s")  # consistent: every shard matches the manifest
 
 
-# ---- the memory-mapped row file training reads (storage.rowstore) ---------------------------
+# ---- the uint8 row file training reads (storage.rowstore) ----------------------------------
 
 def _rows_split(tmp_path, n=2000, rows_per_shard=300):
     rng = np.random.default_rng(1)
