@@ -181,7 +181,7 @@ def train(home: Optional[str] = HOME, dataset: str = DATASET, preset: str = PRES
         hyperparameters(preset, hp)
         spec, _ = dataset_and_model(dataset, None)
         home = _start(home)
-        _require_split(home, "train", spec.name)
+        _require_split(home, "train", spec.key)
         with progress_display():
             result = train_only(home=home, dataset=dataset, preset=preset, **hp)
     last = result.history[-1]
@@ -224,7 +224,7 @@ def evaluate(model: str = typer.Option("champion", "--model", help="VERSION, ali
         spec, model_name = dataset_and_model(dataset, model_name)
         home = _start(home)
         ref, label = _model_ref(model, home, model_name)
-        _require_split(home, "test", spec.name)
+        _require_split(home, "test", spec.key)
         metrics = evaluate_model(ref, home=home, dataset=dataset)
     if json_out:
         version = label.rpartition(" v")[2]

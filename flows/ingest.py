@@ -49,7 +49,7 @@ def ingest(
     check_ingest_settings(rows_per_shard=rows_per_shard, timeout=timeout, retries=retries, deadline=deadline)
     home = home_for_run(home)
     mirrors = resolve_mirrors(mirrors, default=spec.mirrors)
-    raw_dir = home.address(home.raw_for(spec.name))
+    raw_dir = home.address(home.raw_for(spec.key))
     files = {f.name: f for f in spec.files}
     shape, n_classes = spec.image_shape, len(spec.classes)
 
@@ -80,7 +80,7 @@ def ingest(
     # 4. Write each split's shards + manifest (swapped in whole, never half-written). A cached
     #    result whose directory no longer verifies (manifest, coverage, every shard's SHA-256)
     #    is refreshed: the split is rebuilt.
-    manifests = {split: write_shards.submit(split, *pair(split), out_dir=home.address(home.split(split, spec.name)),
+    manifests = {split: write_shards.submit(split, *pair(split), out_dir=home.address(home.split(split, spec.key)),
                                            rows_per_shard=rows_per_shard, image_shape=shape, n_classes=n_classes)
                  for split in spec.splits}
     return {split: future.result() for split, future in manifests.items()}

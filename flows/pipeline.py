@@ -66,6 +66,7 @@ def retrain(
     hp = hyperparameters(preset, overrides).to_dict()
     spec, model_name = dataset_and_model(dataset, model_name, allow_unpinned)  # before any work
     home = home_for_run(home)
+    home.registry(model_name).check_dataset(spec.key)  # another dataset's registry: one line, nothing written
     update_run(tags=run_tags(preset, model_name, spec.name))
 
     with tags(*run_tags(preset, model_name, spec.name)):  # the subflows carry them too (tasks do not: tasks/common.py)
@@ -101,7 +102,7 @@ def train_only(home: str | None = None, dataset: DatasetName = "mnist", preset: 
     spec = resolve_dataset(dataset)
     home = home_for_run(home)
     update_run(tags=["digitflow", f"dataset:{spec.name}", f"preset:{preset}"])
-    ref = manifest_ref(home.address(home.split("train", spec.name)))
+    ref = manifest_ref(home.address(home.split("train", spec.key)))
     return train(ref, hp, home, description=f"preset {preset}")
 
 
@@ -110,7 +111,7 @@ def evaluate_model(model: TrainedModel, home: str | None = None, dataset: Datase
     """Evaluate a model reference (a published version or a trained folder) on the dataset's test split."""
     spec = resolve_dataset(dataset)
     home = home_for_run(home)
-    return evaluate(model, manifest_ref(home.address(home.split("test", spec.name))))
+    return evaluate(model, manifest_ref(home.address(home.split("test", spec.key))))
 
 
 @flow(name="mnist-publish", flow_run_name="publish {model.weights_sha256:.12}", on_failure=[on_flow_failure])
@@ -132,14 +133,15 @@ def publish_trained(model: TrainedModel, home: str | None = None, dataset: Datas
     """
     spec, model_name = dataset_and_model(dataset, model_name)
     home = home_for_run(home)
+    home.registry(model_name).check_dataset(spec.key)
     update_run(tags=["digitflow", f"dataset:{spec.name}", f"model:{model_name}"])
-    data = {split: manifest_ref(home.address(home.split(split, spec.name))) for split in ("train", "test")}
+    data = {split: manifest_ref(home.address(home.split(split, spec.key))) for split in ("train", "test")}
     if model.train_manifest_sha256 not in (None, data["train"].sha256):
         raise DigitflowError(f"{model.dir} was trained on data {model.train_manifest_sha256[:12]}…, but the "
                              f"ingested train split is {data['train'].sha256[:12]}…: retrain it, or ingest that data")
     metrics = evaluate(model, data["test"])
     published = publish(model, metrics, data["train"], data["test"], home, model_name,
-                        dataset={"name": spec.name, "classes": list(spec.classes), "source": spec.source})
+                        dataset=spec.lineage())
     decision = gate(published, home, tolerance=tolerance, floor=floor)
     alert_if_rejected(webhook_url, published, decision)
     outcome = {**published.model_dump(), **outcome_of(published, decision)}

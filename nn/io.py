@@ -247,15 +247,30 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
     _replace(path, lambda f: np.savez(f, **arrays))
 
 
+MAX_CHECKPOINT_ARRAYS = 4 * MAX_LAYERS * 8  # params, best params and a few optimizer buffers per layer
+
+
 def load_checkpoint(path: str | os.PathLike) -> dict:
-    """The state ``save_checkpoint`` wrote (without pickle); ModelFormatError if unreadable."""
+    """The state ``save_checkpoint`` wrote (without pickle); ModelFormatError if unreadable.
+    Only its form is checked here (sizes, JSON); whether it fits a run is ``nn.train.check_resume``'s."""
     import zipfile
 
     path = Path(path)
     try:
+        with zipfile.ZipFile(path) as archive:  # bound the work before reading: member count and sizes
+            infos = archive.infolist()
+            if len(infos) > MAX_CHECKPOINT_ARRAYS or sum(i.file_size for i in infos) > 4 * 4 * MAX_PARAMETERS:
+                raise ModelFormatError(f"{path}: larger than any checkpoint of a model within bounds; refused")
         with np.load(path, allow_pickle=False) as npz:
             arrays = {k: npz[k] for k in npz.files}
-        meta = json.loads(arrays.pop("meta").tobytes())
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        meta_bytes = arrays.pop("meta")
+        if meta_bytes.dtype != np.uint8 or meta_bytes.ndim != 1 or meta_bytes.size > MAX_SPEC_BYTES * 64:
+            raise ValueError("meta is not a bounded byte string")
+        meta = json.loads(meta_bytes.tobytes())
+        if not isinstance(meta, dict) or "arrays" in meta:
+            raise ValueError("meta is not an object")
+    except ModelFormatError:
+        raise
+    except (OSError, ValueError, KeyError, EOFError, RecursionError, zipfile.BadZipFile) as e:
         raise ModelFormatError(f"{path}: unreadable checkpoint ({type(e).__name__})") from None
     return {**meta, "arrays": arrays}

@@ -24,6 +24,10 @@ class NonFiniteLossError(FloatingPointError):
     """Training diverged: the loss became NaN or infinite."""
 
 
+class CheckpointMismatch(ValueError):
+    """A checkpoint that does not fit this run (shapes, dtypes, names, counters): not resumed."""
+
+
 @dataclass
 class History:
     epochs: list[dict] = field(default_factory=list)  # one record per epoch
@@ -121,9 +125,12 @@ def fit(
     identity = model.preprocessing == {"mean": 0.0, "std": 1.0}
     history = History()
     best_loss, best_params, waited = math.inf, None, 0
-    generators = [rng] + [layer.rng for layer in model.layers if hasattr(layer, "rng")]  # shuffles, dropout
+    # Random generators by name (shuffles, then each dropout layer's), saved and restored by name.
+    generators = {"shuffle": rng, **{f"layer{i}": layer.rng for i, layer in enumerate(model.layers)
+                                     if hasattr(layer, "rng")}}
     first = 0
     if resume is not None:
+        check_resume(resume, model, optimizer, generators, epochs)  # everything checked before anything is set
         first, best_loss, waited = resume["epoch"], resume["best_loss"], resume["waited"]
         history.epochs, history.best_epoch = list(resume["history"]), resume["best_epoch"]
         arrays = resume["arrays"]
@@ -132,8 +139,8 @@ def fit(
         optimizer.load_state({k[len("optim."):]: v for k, v in arrays.items() if k.startswith("optim.")})
         if any(k.startswith("best.") for k in arrays):
             best_params = [arrays[f"best.{name}"].copy() for name, _, _ in model.parameters()]
-        for generator, state in zip(generators, resume["generators"]):
-            generator.bit_generator.state = state
+        for name, generator in generators.items():
+            generator.bit_generator.state = resume["generators"][name]
 
     for epoch in range(first, epochs):
         t0 = time.perf_counter()
@@ -184,9 +191,63 @@ def fit(
             if best_params is not None:
                 arrays.update({f"best.{name}": b for (name, _, _), b in zip(model.parameters(), best_params)})
             checkpoint({"epoch": epoch + 1, "best_loss": best_loss, "waited": waited, "history": history.epochs,
-                        "best_epoch": history.best_epoch, "generators": [g.bit_generator.state for g in generators],
+                        "best_epoch": history.best_epoch,
+                        "generators": {name: g.bit_generator.state for name, g in generators.items()},
                         "arrays": arrays})
     if history.stopped_early and best_params is not None:
         for (_, value, _), best in zip(model.parameters(), best_params):
             value[...] = best
     return history
+
+
+def check_resume(state, model: Sequential, optimizer: Optimizer, generators: dict, epochs: int) -> None:
+    """Raise CheckpointMismatch unless ``state`` is exactly what this run's ``checkpoint`` would
+    write: the same array names, each of the shape and dtype of the array it is copied into,
+    counters in range, a history as long as its epoch, and generator states of the right kind.
+    Checked against the model and optimizer built from the run's own hyperparameters, which
+    the checkpoint file cannot rewrite."""
+    def bad(why: str):
+        raise CheckpointMismatch(f"checkpoint does not fit this run: {why}")
+
+    if not isinstance(state, dict):
+        bad("not a training state")
+    epoch, arrays = state.get("epoch"), state.get("arrays")
+    if type(epoch) is not int or not 1 <= epoch < epochs:
+        bad(f"epoch {epoch!r} is not in 1..{epochs - 1}")
+    if type(state.get("waited")) is not int or not 0 <= state["waited"] <= epoch:
+        bad(f"waited {state.get('waited')!r}")
+    if type(state.get("best_loss")) not in (int, float):
+        bad(f"best_loss {state.get('best_loss')!r}")
+    history, best = state.get("history"), state.get("best_epoch")
+    if not (isinstance(history, list) and len(history) == epoch and all(isinstance(r, dict) for r in history)):
+        bad(f"a history of {len(history) if isinstance(history, list) else 'no'} epochs at epoch {epoch}")
+    if best is not None and (type(best) is not int or not 1 <= best <= epoch):
+        bad(f"best_epoch {best!r}")
+    expected = {f"param.{name}": value for name, value, _ in model.parameters()}
+    expected.update({f"optim.{k}": v for k, v in optimizer.state().items()})
+    if not isinstance(arrays, dict):
+        bad("no arrays")
+    best_arrays = {f"best.{name}": value for name, value, _ in model.parameters()}
+    names = set(arrays)
+    if names != set(expected) and names != set(expected) | set(best_arrays):
+        missing, extra = sorted(set(expected) - names), sorted(names - set(expected) - set(best_arrays))
+        bad(f"arrays missing {missing[:3]}" if missing else f"unexpected arrays {extra[:3] or sorted(best_arrays)[:3]}")
+    for name, got in arrays.items():
+        want = {**expected, **best_arrays}[name]
+        if not isinstance(got, np.ndarray) or got.shape != np.shape(want) or got.dtype != np.asarray(want).dtype:
+            bad(f"{name} is {getattr(got, 'dtype', type(got).__name__)} {getattr(got, 'shape', '')}, this run's is "
+                f"{np.asarray(want).dtype} {np.shape(want)}")
+        if got.dtype.kind == "f" and not np.isfinite(got).all():
+            bad(f"{name} holds NaN or infinite values")
+    saved = state.get("generators")
+    if not isinstance(saved, dict) or set(saved) != set(generators):
+        bad(f"random generators {sorted(saved) if isinstance(saved, dict) else saved!r}, this run has "
+            f"{sorted(generators)}")
+    for name, generator in generators.items():
+        g = saved[name]
+        if not isinstance(g, dict) or g.get("bit_generator") != type(generator.bit_generator).__name__:
+            bad(f"generator {name} is not a {type(generator.bit_generator).__name__} state")
+        try:  # the bit generator checks its own state's fields; tried on a copy
+            type(generator.bit_generator)().state = g
+        except (TypeError, ValueError, KeyError, OverflowError) as e:
+            bad(f"generator {name}: {e}")

@@ -25,6 +25,7 @@ user allows unpinned files, and then the provenance records the hash that was se
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ MAX_ARCHIVE_BYTES = 1 << 31  # bound on an archive whose decompressed size is no
 MAX_IDX_BYTES = 1 << 32      # bound on what such an archive may inflate to
 MAX_CLASSES = 1000
 MAX_SIDE = 1024
+BUILTIN_NAMES = ("mnist", "fashion-mnist")  # a spec may not call itself one of these
 
 
 class SpecError(DigitflowError):
@@ -102,8 +104,34 @@ class Dataset:
         return tuple(dict.fromkeys(f.split for f in self.files))
 
     @property
+    def builtin(self) -> bool:
+        return self.source == "built-in"
+
+    @property
+    def identity(self) -> str:
+        """SHA-256 of what makes the data what it is: image shape, classes, and every file's
+        split, kind, name and pins (for a file without a pin: the mirrors it comes from)."""
+        material = {"image_shape": list(self.image_shape), "classes": list(self.classes),
+                    "files": sorted([f.split, f.kind, f.name, f.idx_sha256, f.idx_size, f.archive_sha256,
+                                     f.archive_md5] for f in self.files),
+                    "mirrors": list(self.mirrors) if self.unpinned else []}
+        return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
+
+    @property
+    def key(self) -> str:
+        """The name its raw files, shards and default model live under: a built-in's own name;
+        for a spec, its name plus 12 hex digits of its identity. Two different datasets never
+        share a folder or a registry, whatever they call themselves."""
+        return self.name if self.builtin else f"{self.name}-{self.identity[:12]}"
+
+    @property
     def default_model_name(self) -> str:
-        return "mnist-mlp" if self.name == "mnist" else f"{self.name}-mlp"
+        return f"{self.key}-mlp"  # mnist-mlp, fashion-mnist-mlp, shapes-1a2b3c4d5e6f-mlp
+
+    def lineage(self) -> dict:
+        """What a published version records of its data (MNIST's lineage stays without it)."""
+        return {"name": self.name, "key": self.key, "identity": self.identity, "classes": list(self.classes),
+                "source": self.source}
 
     @property
     def unpinned(self) -> list[str]:
@@ -148,6 +176,8 @@ def from_dict(data, source: str = "built-in") -> Dataset:
     name = data.get("name")
     if not isinstance(name, str) or not NAME.fullmatch(name):
         bad(f"name must be 1–64 lowercase letters, digits, '.', '_' or '-', got {name!r}")
+    elif source != "built-in" and name in BUILTIN_NAMES:
+        bad(f"name {name!r} is the built-in dataset's; give your dataset a name of its own")
     shape = data.get("image_shape")
     if not (isinstance(shape, list) and len(shape) == 2 and all(type(v) is int and 1 <= v <= MAX_SIDE for v in shape)):
         bad(f"image_shape must be [rows, columns], each an integer in 1..{MAX_SIDE}, got {shape!r}")

@@ -21,6 +21,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from storage.paths import inside
+
 
 class Home:
     def __init__(self, root: "str | os.PathLike | Home", store=None):
@@ -73,18 +75,19 @@ class Home:
     def raw(self) -> Path:
         return self.raw_for("mnist")
 
+    # Names below come from spec files, flags and URLs: each path is proven to stay in the home.
     def raw_for(self, dataset: str) -> Path:
-        return self.root / "raw" / dataset
+        return inside(self.root, f"raw/{dataset}", "dataset")
 
     def split(self, split: str, dataset: str = "mnist") -> Path:
-        return self.root / "data" / dataset / split
+        return inside(self.root, f"data/{dataset}/{split}", "dataset split")
 
     @property
     def trained(self) -> Path:
         return self.root / "trained"
 
     def models(self, name: str) -> Path:
-        return self.root / "models" / name
+        return inside(self.root, f"models/{name}", "model name")
 
     def registry(self, name: str | None = None):
         """The model registry of ``name`` (default: mnist-mlp) in this home."""
@@ -93,7 +96,7 @@ class Home:
         return Registry(self, name or DEFAULT_NAME)
 
     def sweep(self, run_id: str) -> Path:
-        return self.root / "sweeps" / run_id
+        return inside(self.root, f"sweeps/{run_id}", "sweep")
 
     def __fspath__(self) -> str:
         return str(self.root)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import socket
 import threading
 import time
@@ -29,8 +30,10 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from storage import DigitflowError
+from storage.paths import PathError, check_rel, inside
 
 SCHEMES: dict[str, type] = {}  # filled below: "s3" -> S3Store
+BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")  # S3's and Azure's container names fit in this
 PART = 8 << 20                  # multipart chunk: what one transfer thread holds in memory
 TRANSFER_THREADS = 4            # parallel parts per upload or download
 SMALL_LIMIT = 16 << 20          # the most ``get`` reads into memory (manifests, records, results)
@@ -65,7 +68,15 @@ def open_store(url: str) -> "S3Store":
     bucket, _, prefix = rest.partition("/")
     if not bucket:
         raise ObjectStoreError(f"{url}: no bucket name (use {scheme}://bucket/prefix)")
-    return SCHEMES[scheme](bucket, prefix.strip("/"))
+    if not BUCKET.fullmatch(bucket) or ".." in bucket:
+        raise ObjectStoreError(f"{url}: {bucket!r} is not a bucket name (3–63 lowercase letters, digits, '.', '-')")
+    prefix = prefix.strip("/")
+    if prefix:
+        try:
+            check_rel(prefix, "prefix")
+        except PathError as e:
+            raise ObjectStoreError(f"{url}: {e}") from None
+    return SCHEMES[scheme](bucket, prefix)
 
 
 class S3Store:
@@ -307,6 +318,9 @@ def cache_root() -> Path:
 
 
 def local_path(url: str) -> Path:
-    """This machine's working-copy path of an object URL: ``<cache>/<scheme>/<bucket>/<key>``."""
+    """This machine's working-copy path of an object URL: ``<cache>/<scheme>/<bucket>/<key>``,
+    proven to stay inside ``<cache>/<scheme>`` (a key may hold anything, ``..`` included)."""
     scheme, _, rest = url.partition("://")
-    return cache_root().resolve() / scheme / rest
+    if scheme not in SCHEMES:
+        raise ObjectStoreError(f"{url}: not an object URL")
+    return inside(cache_root().resolve() / scheme, rest.rstrip("/"), "object URL")

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import getpass
+import logging
 import os
 import re
 import shutil
@@ -32,6 +33,9 @@ from typing import Callable
 
 from storage import DigitflowError
 from storage.atomic import file_lock, read_json, remove_leftovers, staged_dir, write_json, writing
+from storage.paths import PathError, inside
+
+log = logging.getLogger("digitflow.registry")
 
 DEFAULT_NAME = "mnist-mlp"
 DEFAULT_FLOOR = 0.97     # the gate never promotes below this test accuracy
@@ -83,7 +87,7 @@ def gate(candidate: float, champion: float | None, *, tolerance: float = DEFAULT
 class Registry:
     def __init__(self, home: str | os.PathLike, name: str = DEFAULT_NAME):
         self.name = check_name(name)
-        self.root = Path(home) / "models" / name  # Home.models(name), for a Home or a plain path
+        self.root = inside(Path(home), f"models/{name}", "model name")  # Home.models(name), for a Home or a path
         self.store = getattr(home, "store", None)  # the bucket of a remote home
         self.key = f"models/{name}"
         self._remote: dict[str, str] = {}  # remote key (below self.key) -> ETag, as last read
@@ -108,9 +112,14 @@ class Registry:
             m = re.match(r"v([1-9][0-9]*)/", rel)
             if rel.startswith(".") or (m and int(m.group(1)) not in committed):
                 continue
+            try:
+                path = inside(self.root, rel, "registry object")  # a key may hold anything, '..' too
+            except PathError as e:
+                log.warning("%s/%s: %s; ignored", self.store.url(self.key), rel, e)
+                continue
             self._remote[rel] = info.etag
-            if not _same(self.root / rel, info, self.store, f"{self.key}/{rel}"):
-                self.store.download(f"{self.key}/{rel}", self.root / rel)
+            if not _same(path, info, self.store, f"{self.key}/{rel}"):
+                self.store.download(f"{self.key}/{rel}", path)
         for p in self.root.iterdir():  # what the bucket does not have is not in the registry
             m = _VERSION.match(p.name)
             if m and p.is_dir() and int(m.group(1)) not in committed:
@@ -280,6 +289,27 @@ class Registry:
             return names
         return [str(d) for d in range(10)]
 
+    def dataset_of(self, version: int) -> str | None:
+        """The key of the dataset a version was trained on (``Dataset.key``; MNIST's versions
+        record none), or None when its lineage cannot be read."""
+        try:
+            lineage = read_json(self.path(version) / "lineage.json")  # (a version damaged elsewhere still counts)
+        except (OSError, ValueError, RecursionError):
+            return None
+        data = lineage.get("dataset") if isinstance(lineage, dict) else None
+        if not data:
+            return "mnist"
+        key = data.get("key") or data.get("name") if isinstance(data, dict) else None
+        return key if isinstance(key, str) else None
+
+    def check_dataset(self, key: str) -> None:
+        """Refuse, in one line, to put a model of dataset ``key`` into a registry whose versions
+        were trained on another dataset (a name is not an identity: see ``Dataset.key``)."""
+        owners = {k for v in self.versions() if (k := self.dataset_of(v)) is not None}
+        if owners and owners != {key}:
+            raise RegistryError(f"model {self.name!r} holds versions trained on dataset {sorted(owners)[0]!r}, not "
+                                f"{key!r}: publish this one under another --model-name")
+
     def load_model(self, version: int, dtype=None):
         """The version's network, verified: its arrays must hash to the digest recorded at
         publish time (a changed or damaged model.npz/model.json is refused)."""
@@ -315,14 +345,16 @@ class Registry:
                 yield
                 self._push()
 
-    def publish(self, digest: str, build: Callable[[Path, int], dict]) -> tuple[int, bool]:
+    def publish(self, digest: str, build: Callable[[Path, int], dict], dataset: str = "mnist") -> tuple[int, bool]:
         """Publish a new version unless one with the same weights digest exists.
 
         ``build(folder, version)`` writes the version's files into ``folder`` and returns its
         metadata (``weights_sha256`` and ``version`` are added). Returns (version, created).
-        Damaged aliases are repaired either way.
+        Damaged aliases are repaired either way. A registry holding another ``dataset``'s
+        versions is refused before anything is written.
         """
         with writing(self.root), self.lock():
+            self.check_dataset(dataset)
             existing = self.find_digest(digest)
             if existing is not None:
                 self._repair_aliases()

@@ -2,10 +2,11 @@
 No Prefect in here.
 
     <split dir>/.rows-<manifest sha256[:16]>.u8     N × pixels uint8 (image i = row i), then N labels
-    <split dir>/.rows-<manifest sha256[:16]>.json   {"rows", "pixels", "sha256"} of that file
 
 Built once per manifest from the verified shards, one shard at a time (memory: one shard), and
-hashed again each time it is opened. Pixels are stored as the uint8 values the shards normalized
+hashed again each time it is opened, against the ``rows_sha256`` the verified manifest records
+(nothing beside the file vouches for it: a file that does not match is rebuilt; a manifest
+written before that field existed gets its row file rebuilt from the shards on every open). Pixels are stored as the uint8 values the shards normalized
 (shards hold ``pixel/255`` as float32: the build checks the round trip is exact), so a gathered
 row is bit-identical to the row ``read_split`` returns, and training gives the same weights.
 
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from storage.atomic import atomic_path, read_json, sha256_file, write_json
+from storage.atomic import atomic_path, sha256_file
 from storage.idx import pixels01
 from storage.shards import MANIFEST, ShardError, check_coverage, image_shape, load_manifest, read_shard
 
@@ -117,17 +118,18 @@ def open_rows(directory, manifest_sha256: str) -> tuple[SplitRows, np.ndarray, d
     height, width = image_shape(manifest)
     n, pixels = int(manifest["rows"]), height * width
     path = directory / f".rows-{manifest_sha256[:16]}.u8"
-    record_path = path.with_suffix(".json")
+    expected = manifest.get("rows_sha256")
     try:
-        record = read_json(record_path)
-        rows = _verified(path, n, pixels, record["sha256"]) if (record.get("rows"), record.get("pixels")) == (n, pixels) else None
-    except (OSError, ValueError, AttributeError, KeyError, TypeError):
+        rows = _verified(path, n, pixels, expected) if isinstance(expected, str) else None
+    except OSError:
         rows = None
     if rows is None:
         for stale in directory.glob(".rows-*"):
-            stale.unlink(missing_ok=True)  # row files of earlier manifests of this folder
+            stale.unlink(missing_ok=True)  # row files of earlier manifests of this folder, or a bad one
         sha256 = _build(directory, manifest, path, pixels)
-        write_json(record_path, {"rows": n, "pixels": pixels, "sha256": sha256})
+        if isinstance(expected, str) and sha256 != expected:
+            raise ShardError(f"{directory / MANIFEST}: the verified shards give rows {sha256[:16]}…, the manifest "
+                             f"records {expected[:16]}…")
         rows = _verified(path, n, pixels, sha256)
         if rows is None:
             raise ShardError(f"{path}: changed while it was being built")

@@ -100,8 +100,12 @@ def _write_split(images, labels, staging: Path, split: str, rows_per_shard: int,
     # Parquet encoding and zstd release the GIL: two threads use both cores.
     with ThreadPoolExecutor(max_workers=2) as pool:
         shards = list(pool.map(write_one, enumerate(starts)))
+    # The row file training reads (storage.rowstore: every image's uint8 pixels, then the labels)
+    # is checked against this digest, which only the verified manifest carries.
+    rows = hashlib.sha256(np.ascontiguousarray(flat, np.uint8))
+    rows.update(np.ascontiguousarray(labels, np.uint8))
     manifest = {**file_meta, "rows": n, "rows_per_shard": rows_per_shard, "shards": shards,
-                "class_counts": np.bincount(labels, minlength=n_classes).tolist()}
+                "class_counts": np.bincount(labels, minlength=n_classes).tolist(), "rows_sha256": rows.hexdigest()}
     write_json(staging / MANIFEST, manifest)
     return manifest
 

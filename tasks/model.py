@@ -142,8 +142,15 @@ def _train(train: SplitRef, hyperparameters: dict, home: Home, progress_key: str
     t0 = time.perf_counter()
     try:
         with np.errstate(over="ignore", invalid="ignore"):
-            model, history = nn.presets.train(hp, x, y, on_epoch=on_epoch, checkpoint=checkpoint, resume=resume,
-                                              n_classes=n_classes, image_shape=shape)
+            try:
+                model, history = nn.presets.train(hp, x, y, on_epoch=on_epoch, checkpoint=checkpoint, resume=resume,
+                                                  n_classes=n_classes, image_shape=shape)
+            except nn.CheckpointMismatch as e:  # checked before anything was set: start again, never stuck
+                log.warning("%s: %s; discarded, starting from epoch 1", checkpoint_path, e)
+                checkpoint_path.unlink(missing_ok=True)
+                resumed = ""
+                model, history = nn.presets.train(hp, x, y, on_epoch=on_epoch, checkpoint=checkpoint,
+                                                  n_classes=n_classes, image_shape=shape)
     except nn.NonFiniteLossError as e:
         checkpoint_path.unlink(missing_ok=True)
         raise TrainingDiverged(f"{e}; nothing was published") from None
@@ -300,7 +307,8 @@ def package_version() -> str | None:
 def publish(model: TrainedModel, metrics: Evaluation, train: SplitRef, test: SplitRef, home: Home,
             model_name: str = DEFAULT_NAME, dataset: dict | None = None) -> Published:
     """Publish a new immutable version (or find the one with these exact weights). ``dataset``
-    ({name, classes, source}) is recorded in the lineage; predictions name classes from it."""
+    (``Dataset.lineage()``: name, key, identity, classes, source) is recorded in the lineage;
+    predictions name classes from it; a registry of another dataset's models is refused."""
     log = get_run_logger()
     registry = Home(home).registry(model_name)
 
@@ -329,7 +337,7 @@ def publish(model: TrainedModel, metrics: Evaluation, train: SplitRef, test: Spl
         return {"created": info["created"], "test_accuracy": metrics.test_accuracy,
                 "hyperparameters": model.hyperparameters, "lineage": info}
 
-    version, created = registry.publish(model.weights_sha256, build)
+    version, created = registry.publish(model.weights_sha256, build, (dataset or {}).get("key", "mnist"))
     path = registry.path(version)
     address = Home(home).address(path)  # in a remote home: the version's URL in the bucket
     if created:

@@ -131,25 +131,27 @@ def test_fashion_through_the_pipeline_with_class_names(fashion, tmp_path):
     url, spec, labels, folder = fashion
     home = tmp_path / "home"
     summary = retrain(home=str(home), mirrors=[url], dataset=str(spec), preset="fast", epochs=2)
-    assert summary["dataset"] == "fashion-synthetic" and summary["name"] == "fashion-synthetic-mlp"
+    key = load_spec(spec).key  # a spec's files and models live under its name + identity
+    assert key.startswith("fashion-synthetic-") and len(key) == len("fashion-synthetic-") + 12
+    assert summary["dataset"] == "fashion-synthetic" and summary["name"] == f"{key}-mlp"
     assert summary["version"] == 1 and summary["test_accuracy"] > 0.9  # the synthetic classes are learnable
 
     # The label facts of the real Fashion-MNIST, read back from the shards.
     for split, per_class in (("train", 6000), ("test", 1000)):
-        x, y, manifest = read_split(home / "data" / "fashion-synthetic" / split)
+        x, y, manifest = read_split(home / "data" / key / split)
         assert manifest["class_counts"] == [per_class] * 10 and x.shape == (per_class * 10, 784)
-    _, y_train, _ = read_split(home / "data" / "fashion-synthetic" / "train")
-    _, y_test, _ = read_split(home / "data" / "fashion-synthetic" / "test")
+    _, y_train, _ = read_split(home / "data" / key / "train")
+    _, y_test, _ = read_split(home / "data" / key / "test")
     assert y_train[:10].tolist() == [9, 0, 0, 3, 0, 2, 7, 2, 5, 5]
     assert y_test[:10].tolist() == [9, 2, 1, 1, 6, 1, 4, 6, 5, 7]
 
     # Provenance says how each file was pinned.
-    raw = home / "raw" / "fashion-synthetic"
+    raw = home / "raw" / key
     provenance = json.loads((raw / "train-labels-idx1-ubyte.json").read_text())
     assert provenance["pinned_by"] == "archive-md5" and provenance["archive_canonical"]
     assert "pinned_by" not in json.loads((raw / "train-images-idx3-ubyte.json").read_text())
 
-    registry = Registry(home, "fashion-synthetic-mlp")
+    registry = Registry(home, f"{key}-mlp")
     assert registry.classes(1) == FASHION_CLASSES
     assert "| 9 Ankle boot |" in (registry.path(1) / "report.md").read_text()
 
@@ -189,8 +191,9 @@ def test_user_spec_16x16_three_classes_runs_the_whole_pipeline(tmp_path):
         out = cli("run", "--dataset", str(spec), "--mirror", server.url, "--home", str(home), "--preset", "fast",
                   "--json")
         summary = json.loads(out.stdout.strip().splitlines()[-1])
-        assert summary["name"] == "shapes-mlp" and summary["dataset"] == "shapes" and summary["test_accuracy"] > 0.9
-        registry = Registry(home, "shapes-mlp")
+        name = f"{load_spec(spec).key}-mlp"  # shapes-<12 hex digits of its identity>-mlp
+        assert summary["name"] == name and summary["dataset"] == "shapes" and summary["test_accuracy"] > 0.9
+        registry = Registry(home, name)
         net = registry.load_model(1)
         assert net.dense_layers[0].n_in == 256 and net.dense_layers[-1].n_out == 3
         assert registry.classes(1) == ["circle", "square", "triangle"]

@@ -1,0 +1,211 @@
+"""Every input checked where it enters (the README's threat table): namespaces tied to a
+dataset's identity, paths that stay inside their root, state read back checked against what it
+cannot rewrite. Fast tests: no Prefect, no network."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import nn
+from storage import objects
+from storage.atomic import sha256_file, write_json
+from storage.datasets import SpecError, from_dict, resolve
+from storage.home import Home
+from storage.idx import write_idx
+from storage.paths import PathError, inside
+from storage.registry import Registry, RegistryError
+from storage.shards import write_split
+
+
+def _spec(name="shapes", sha="a" * 64, **extra) -> dict:
+    files = [{"name": f"{split}-{kind}.gz", "split": split, "kind": kind,
+              "size": 16 + 10 * 4 if kind == "images" else 8 + 10, "sha256": sha}
+             for split in ("train", "test") for kind in ("images", "labels")]
+    return {"name": name, "image_shape": [2, 2], "classes": ["a", "b"], "files": files, **extra}
+
+
+# ---- 1. namespaces: a dataset's folders and models are tied to its identity -------------------
+
+@pytest.mark.parametrize("name", ["mnist", "fashion-mnist"])
+def test_a_spec_may_not_call_itself_a_builtin(name):
+    with pytest.raises(SpecError, match=f"name '{name}' is the built-in dataset's"):
+        from_dict(_spec(name), source="/tmp/spec.toml")
+
+
+def test_two_specs_with_one_name_never_share_folders_or_models():
+    a, b = from_dict(_spec(sha="a" * 64), "/x/a.toml"), from_dict(_spec(sha="b" * 64), "/y/b.toml")
+    assert a.name == b.name == "shapes" and a.key != b.key
+    assert a.key == f"shapes-{a.identity[:12]}" and a.default_model_name == f"{a.key}-mlp"
+    same = from_dict(_spec(sha="a" * 64), "/elsewhere/copy.json")  # where the spec file lives does not matter
+    assert same.key == a.key
+    home = Home("/h")
+    assert home.split("train", a.key) != home.split("train", b.key) and home.raw_for(a.key) != home.raw_for(b.key)
+    mnist = resolve("mnist")  # built-ins keep their names: MNIST's home layout is unchanged
+    assert (mnist.key, mnist.default_model_name, resolve("fashion-mnist").key) == ("mnist", "mnist-mlp",
+                                                                                  "fashion-mnist")
+
+
+def _publish(registry: Registry, digest: str, dataset_key: str, lineage: dict | None = None) -> int:
+    def build(folder, version):
+        write_json(folder / "lineage.json", lineage if lineage is not None else {})
+        return {}
+    return registry.publish(digest, build, dataset_key)[0]
+
+
+def test_a_registry_of_another_dataset_is_refused_before_anything_is_written(tmp_path):
+    registry = Registry(tmp_path, "mnist-mlp")
+    assert _publish(registry, "1" * 64, "mnist") == 1  # MNIST's versions record no dataset in their lineage
+    with pytest.raises(RegistryError, match="model 'mnist-mlp' holds versions trained on dataset 'mnist', not "
+                                            "'shapes-0123456789ab': publish this one under another --model-name"):
+        _publish(registry, "2" * 64, "shapes-0123456789ab", {"dataset": {"key": "shapes-0123456789ab"}})
+    assert registry.versions() == [1] and not list(tmp_path.glob("models/mnist-mlp/.v*"))
+    registry.check_dataset("mnist")  # the owner may publish
+    other = Registry(tmp_path, "shapes-mlp")
+    _publish(other, "3" * 64, "shapes-0123456789ab", {"dataset": {"key": "shapes-0123456789ab"}})
+    with pytest.raises(RegistryError, match="holds versions trained on dataset 'shapes-0123456789ab'"):
+        other.check_dataset("shapes-ffffffffffff")
+
+
+# ---- 2. paths built from untrusted text stay inside their root ---------------------------------
+
+@pytest.mark.parametrize("url", ["s3://bucket/../../etc", "s3://bucket/a/../../b", "s3://bucket/a//b",
+                                 "s3://bucket/./a", "s3://../x", "s3://Bucket/x", "s3://b/x", "s3://bucket/a\\..\\b"])
+def test_a_bucket_home_whose_prefix_climbs_is_refused(url):
+    with pytest.raises(objects.ObjectStoreError):
+        objects.open_store(url)
+
+
+def test_a_hostile_models_list_on_a_climbing_home_touches_nothing(tmp_path, monkeypatch):
+    """The attack: `models list --home s3://bucket/../../<local home>` used to resolve its working
+    copy to a local home and delete that home's versions as 'not in the bucket'."""
+    from tests.test_operate import cli
+
+    victim = tmp_path / "victim"
+    _publish(Registry(victim, "mnist-mlp"), "1" * 64, "mnist")
+    monkeypatch.setenv("DIGITFLOW_CACHE", str(tmp_path / "cache"))
+    r = cli("models", "list", "--home", "s3://bucket/../../../victim", check=False)  # <cache>/s3/bucket/../../../
+    assert r.returncode == 1 and r.stderr.strip().count("\n") == 0, r.stderr
+    assert "'..' segments are not allowed" in r.stderr
+    assert (victim / "models/mnist-mlp/v1/metadata.json").is_file()
+
+
+@pytest.mark.parametrize("rel", ["../x", "a/../../x", "/etc/passwd", "a//b", "", ".", "a/./b", "a\\b", "a\0b"])
+def test_inside_refuses_every_way_out(tmp_path, rel):
+    with pytest.raises(PathError):
+        inside(tmp_path, rel)
+    assert inside(tmp_path, "a/b.c") == tmp_path / "a" / "b.c"
+
+
+def test_object_keys_from_the_bucket_cannot_climb_out_of_the_working_copy(tmp_path, monkeypatch):
+    monkeypatch.setenv("DIGITFLOW_CACHE", str(tmp_path))
+    with pytest.raises(PathError):
+        objects.local_path("s3://bucket/models/../../../../etc/passwd")
+    assert objects.local_path("s3://bucket/models/m/v1/x") == tmp_path.resolve() / "s3/bucket/models/m/v1/x"
+
+
+# ---- 3. state read back is checked against what it cannot rewrite ------------------------------
+
+def _fit(epochs=3, checkpoint=None, resume=None, seed=0, hidden=(8,)):
+    rng = np.random.default_rng(0)
+    x, y = rng.random((256, 16), np.float32), rng.integers(0, 3, 256)
+    hp = nn.presets.get("fast", hidden=hidden, epochs=epochs, batch_size=32, dropout=0.1, seed=seed)
+    return nn.presets.train(hp, x, y, checkpoint=checkpoint, resume=resume, n_classes=3, image_shape=(4, 4))
+
+
+def _state_after_one_epoch(tmp_path, **kw):
+    path = tmp_path / "c.npz"
+
+    def save_first(state):  # (the state holds the live arrays: saved at once, as the train task does)
+        if not path.exists():
+            nn.save_checkpoint(path, state)
+    _fit(checkpoint=save_first, **kw)
+    return nn.load_checkpoint(path)
+
+
+def _scalar(s):
+    s["arrays"]["param.0.W"] = np.float32(0.5) * np.ones((), np.float32)
+
+
+def _missing(s):
+    s["arrays"].pop(sorted(k for k in s["arrays"] if k.startswith("optim."))[0])
+
+
+def _wrong_dtype(s):
+    s["arrays"]["param.0.b"] = s["arrays"]["param.0.b"].astype(np.float64)
+
+
+def _nan(s):
+    s["arrays"]["param.0.W"][0, 0] = np.nan
+
+
+@pytest.mark.parametrize("damage, why", [
+    (_scalar, "param.0.W is float32 ()"),
+    (_missing, "arrays missing"),
+    (_wrong_dtype, "param.0.b is float64"),
+    (_nan, "NaN"),
+    (lambda s: s.update(epoch=7), "epoch 7 is not in 1..2"),
+    (lambda s: s.update(epoch="1"), "epoch '1'"),
+    (lambda s: s.update(history=[]), "a history of 0 epochs"),
+    (lambda s: s.update(generators=[{}, {}]), "random generators"),
+    (lambda s: s["generators"].update(shuffle={"bit_generator": "MT19937"}), "generator shuffle is not a PCG64"),
+    (lambda s: s["generators"]["shuffle"].update(state={"state": -1, "inc": "x"}), "generator shuffle"),
+])
+def test_a_checkpoint_that_does_not_fit_the_run_is_refused_before_anything_is_set(tmp_path, damage, why):
+    state = _state_after_one_epoch(tmp_path)
+    damage(state)
+    with pytest.raises(nn.CheckpointMismatch, match=why):
+        _fit(resume=state)
+
+
+def test_another_runs_weights_are_refused_and_a_good_checkpoint_still_resumes_bit_for_bit(tmp_path):
+    (tmp_path / "other").mkdir()
+    other = _state_after_one_epoch(tmp_path / "other", hidden=(12,))  # another architecture's checkpoint
+    with pytest.raises(nn.CheckpointMismatch, match="param.0.W is float32 \\(16, 12\\), this run's is float32 "
+                                                    "\\(16, 8\\)"):
+        _fit(resume=other)
+    full, _ = _fit()
+    resumed, _ = _fit(resume=_state_after_one_epoch(tmp_path))
+    assert nn.digest(full) == nn.digest(resumed)
+
+
+@pytest.mark.parametrize("content", [b"", b"PK\x05\x06" + bytes(18), b"not a zip"])
+def test_an_unreadable_checkpoint_is_one_model_format_error(tmp_path, content):
+    (tmp_path / "c.npz").write_bytes(content)
+    with pytest.raises(nn.ModelFormatError, match="unreadable checkpoint"):
+        nn.load_checkpoint(tmp_path / "c.npz")
+
+
+def test_a_deeply_nested_checkpoint_meta_is_one_model_format_error(tmp_path):
+    path = tmp_path / "c.npz"
+    np.savez(path, meta=np.frombuffer(b"[" * 100_000 + b"]" * 100_000, np.uint8))
+    with pytest.raises(nn.ModelFormatError, match="unreadable checkpoint"):
+        nn.load_checkpoint(path)
+
+
+def test_a_row_file_rewritten_with_a_matching_sidecar_is_still_rebuilt(tmp_path):
+    """The row file is checked against the manifest's rows_sha256 (the manifest is verified against
+    the digest its reference carries), never against anything written beside it."""
+    import hashlib
+
+    from storage.rowstore import open_rows
+
+    rng = np.random.default_rng(1)
+    x, y = rng.integers(0, 256, (300, 28, 28), dtype=np.uint8), (np.arange(300) % 10).astype(np.uint8)
+    write_idx(tmp_path / "i", x)
+    write_idx(tmp_path / "l", y)
+    split = tmp_path / "split"
+    manifest = write_split(tmp_path / "i", tmp_path / "l", split, split="train", rows_per_shard=100)
+    assert manifest["rows_sha256"] == hashlib.sha256(x.tobytes() + y.tobytes()).hexdigest()
+    digest = sha256_file(split / "manifest.json")
+    rows, labels, _ = open_rows(split, digest)
+    del rows
+    [row_file] = split.glob(".rows-*.u8")
+    forged = np.zeros(300 * 784 + 300, np.uint8).tobytes()  # all-black images, all labels 0
+    row_file.write_bytes(forged)
+    row_file.with_suffix(".json").write_text(json.dumps({"rows": 300, "pixels": 784,
+                                                         "sha256": hashlib.sha256(forged).hexdigest()}))
+    rows, labels, _ = open_rows(split, digest)
+    assert np.array_equal(labels, y) and np.array_equal(rows[0:300], x.reshape(300, 784) / np.float32(255))
