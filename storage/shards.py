@@ -187,8 +187,9 @@ def is_current(directory, *, rows_per_shard: int, source: dict) -> bool:
     this layout and source, covers every row once, and every shard hashes to its record."""
     try:
         manifest = load_manifest(directory)
-        if manifest.get("rows_per_shard") != rows_per_shard or manifest.get("source") != source:
-            return False  # other settings: no need to hash anything
+        if manifest.get("rows_per_shard") != rows_per_shard or manifest.get("source") != source \
+                or not isinstance(manifest.get("rows_sha256"), str):
+            return False  # other settings, or written before rows_sha256: no need to hash anything
         verify_split(directory, manifest)
         return True
     except (ShardError, OSError):

@@ -268,8 +268,9 @@ def test_a_checksum_that_does_not_match_is_refused_and_nothing_is_kept(tmp_path)
         server.close()
     assert r.returncode == 1
     assert "train-images.idx.gz: no mirror served verified bytes" in r.stderr and "SHA-256 mismatch" in r.stderr
-    assert not (tmp_path / "home" / "data" / "shapes").exists()
-    assert not (tmp_path / "home" / "raw" / "shapes" / "train-images.idx").exists()
+    key = load_spec(spec).key
+    assert not (tmp_path / "home" / "data" / key).exists()
+    assert not (tmp_path / "home" / "raw" / key / "train-images.idx").exists()
 
 
 def test_unpinned_files_need_allow_unpinned_and_record_what_was_seen(tmp_path):
@@ -284,21 +285,23 @@ def test_unpinned_files_need_allow_unpinned_and_record_what_was_seen(tmp_path):
         cli("ingest", "--dataset", str(spec), "--mirror", server.url, "--home", str(home), "--allow-unpinned")
     finally:
         server.close()
-    provenance = json.loads((home / "raw" / "shapes" / "train-images.idx.json").read_text())
-    content = (home / "raw" / "shapes" / "train-images.idx").read_bytes()
+    raw = home / "raw" / load_spec(spec).key
+    provenance = json.loads((raw / "train-images.idx.json").read_text())
+    content = (raw / "train-images.idx").read_bytes()
     assert provenance["pinned_by"] == "none" and provenance["sha256"] == hashlib.sha256(content).hexdigest()
 
 
 def test_mnist_is_unchanged(first_run):
-    """Same shards (their manifest hashes to what the MNIST-only code wrote) and, on this CI's
-    forced Haswell kernels, the same weights for the same seed."""
+    """Same shards (their manifest hashes to what the MNIST-only code wrote plus the row-file
+    digest ``rows_sha256``) and, on this CI's forced Haswell kernels, the same weights for the
+    same seed."""
     home, summary = first_run
     from storage.atomic import sha256_file
 
     assert sha256_file(home / "data/mnist/train/manifest.json") == \
-        "848c9fe0ed49fc6b168634ba811a6a6c38a531fbfa21754b052c9c5bf7c52faf"
+        "d6434a54565527ed335597647b20a24ddcd19d9c460ff78803b0147ebf0e38a8"
     assert sha256_file(home / "data/mnist/test/manifest.json") == \
-        "f14dc1afb73d2196eb748ce3cde90c8efa69663f48e8c0ad71d0bb41ed2080c5"
+        "7e165c7280129290dd7b7f43231ca417ff7d46c49aaab23852e56607a20153e7"
     assert summary["name"] == "mnist-mlp" and summary["dataset"] == "mnist"
     assert "dataset" not in json.loads((home / "models/mnist-mlp/v1/lineage.json").read_text())
     if os.environ.get("OPENBLAS_CORETYPE") == "Haswell":
