@@ -1,47 +1,113 @@
 """Alerts: a failed run or a gate rejection is POSTed as JSON to a webhook.
 
-The URL is the flow's ``webhook_url`` parameter, else ``$DIGITFLOW_WEBHOOK_URL``; without
-one, nothing is sent. A webhook that cannot be reached is logged, never fatal.
+A webhook URL usually *is* a secret (a token in its path or query), and flow-run parameters
+are shown to every dashboard user; so the flows' ``webhook`` parameter never holds a URL, only
+where to find one: ``env:NAME`` (an environment variable of the process running the flow) or
+``secret:NAME`` (a Prefect Secret block). Without it, ``$DIGITFLOW_WEBHOOK_URL`` is used; with
+neither, nothing is sent. ``digitflow run --webhook URL`` hands a URL to its own flow run
+through its environment. Logs name only the receiver's host.
+
+The POST has one total deadline (``DEADLINE`` seconds, however slowly the receiver answers),
+follows no redirect, reads no response body, and is never fatal: a failure is one warning.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
+import threading
 from datetime import datetime, timezone
+from urllib.parse import urlsplit
 
 import requests
 
+from storage import DigitflowError
 from tasks.refs import Decision, Published  # noqa: F401 (types)
 
 log = logging.getLogger("digitflow.alerts")
 
+ENV = "DIGITFLOW_WEBHOOK_URL"
+REFERENCE = re.compile(r"(env|secret):([A-Za-z0-9_][A-Za-z0-9_-]{0,127})")
+DEADLINE = 10.0  # seconds for the whole POST: connect, send, the receiver's answer
 
-def webhook_url(parameters: dict | None = None) -> str | None:
-    return (parameters or {}).get("webhook_url") or os.environ.get("DIGITFLOW_WEBHOOK_URL") or None
+
+def check_reference(webhook: str | None) -> str | None:
+    """The ``webhook`` parameter: None, ``env:NAME`` or ``secret:NAME``; a URL is refused (it
+    would be recorded in the flow run's parameters for every dashboard user to read)."""
+    if webhook is None or REFERENCE.fullmatch(webhook):
+        return webhook
+    what = "a URL" if "://" in str(webhook) else repr(str(webhook)[:40])
+    raise DigitflowError(f"webhook: {what} is not accepted as a flow parameter (parameters are shown in the "
+                         f"dashboard); store the URL in a Prefect Secret block and pass secret:NAME, or in an "
+                         f"environment variable of the workers and pass env:NAME (or set {ENV} there)")
+
+
+def webhook_url(webhook: str | None = None) -> str | None:
+    """The URL a ``webhook`` reference names (else ``$DIGITFLOW_WEBHOOK_URL``), or None."""
+    if webhook is None:
+        return os.environ.get(ENV) or None
+    kind, name = REFERENCE.fullmatch(webhook).groups()
+    if kind == "env":
+        return os.environ.get(name) or None
+    from prefect.blocks.system import Secret
+
+    try:
+        return str(Secret.load(name).get()) or None
+    except (ValueError, RuntimeError) as e:
+        log.warning("webhook: Prefect Secret block %r cannot be read (%s); no alert sent", name, type(e).__name__)
+        return None
+
+
+def where(url: str) -> str:
+    """What a log may say about a webhook URL: its scheme and host, never its path or credentials."""
+    try:
+        parts = urlsplit(url)
+        return f"{parts.scheme}://{parts.hostname}/…"
+    except ValueError:
+        return "(an unparsable URL)"
 
 
 def notify(url: str | None, event: str, **details) -> bool:
-    """POST {"event", "at", ...details} to ``url``; True when the receiver accepted it."""
+    """POST {"event", "at", ...details} to ``url`` within ``DEADLINE`` seconds in all; True when
+    the receiver accepted it (2xx)."""
     if not url:
         return False
-    payload = {"source": "digitflow", "event": event, "at": datetime.now(timezone.utc).isoformat(), **details}
-    try:
-        r = requests.post(url, json=payload, timeout=10)
-        r.raise_for_status()
-        return True
-    except requests.RequestException as e:
-        log.warning("could not deliver %s alert to %s: %s", event, url, e)
+    if urlsplit(url).scheme not in ("http", "https"):
+        log.warning("could not deliver %s alert: the webhook must be an http(s) URL", event)
         return False
+    payload = {"source": "digitflow", "event": event, "at": datetime.now(timezone.utc).isoformat(), **details}
+    outcome: list = []
+
+    def post() -> None:
+        try:
+            with requests.post(url, json=payload, timeout=(DEADLINE, DEADLINE), allow_redirects=False,
+                               stream=True) as r:  # stream: the body is never read
+                outcome.append(r.status_code)
+        except requests.RequestException as e:
+            outcome.append(type(e).__name__)
+
+    # requests' timeouts are per socket read: a receiver trickling a byte at a time would hold
+    # the run for as long as it likes. The POST runs on a daemon thread we stop waiting for.
+    thread = threading.Thread(target=post, name="digitflow-webhook", daemon=True)
+    thread.start()
+    thread.join(DEADLINE)
+    status = outcome[0] if outcome else f"no answer within {DEADLINE:g} s"
+    if isinstance(status, int) and 200 <= status < 300:
+        return True
+    why = (f"answered HTTP {status}" + (" (a redirect: not followed)" if 300 <= status < 400 else "")
+           if isinstance(status, int) else status)
+    log.warning("could not deliver %s alert to %s: %s", event, where(url), why)
+    return False
 
 
-def alert_if_rejected(url: str | None, published: "Published", decision: "Decision") -> None:
+def alert_if_rejected(webhook: str | None, published: "Published", decision: "Decision") -> None:
     """POST a gate_rejected alert when this run's gate decision was a rejection (once: an
     unchanged rerun that finds the decision already made says nothing new)."""
     if decision.status == "rejected" and decision.decided_now:
         from prefect.runtime import flow_run
 
-        notify(url or webhook_url(), "gate_rejected", model=published.name, version=published.version,
+        notify(webhook_url(webhook), "gate_rejected", model=published.name, version=published.version,
                test_accuracy=published.test_accuracy, reason=decision.reason,
                flow_run_id=str(flow_run.id) if flow_run.id else None)
 
@@ -51,8 +117,10 @@ def on_flow_failure(flow, flow_run, state) -> None:
     reported by the run it belongs to."""
     if getattr(flow_run, "parent_task_run_id", None):
         return
-    notify(webhook_url(flow_run.parameters), "flow_run_failed", flow=flow.name, flow_run=flow_run.name,
-           flow_run_id=str(flow_run.id), message=state.message or "")
+    webhook = (flow_run.parameters or {}).get("webhook")
+    notify(webhook_url(webhook if isinstance(webhook, str) and REFERENCE.fullmatch(webhook) else None),
+           "flow_run_failed", flow=flow.name, flow_run=flow_run.name, flow_run_id=str(flow_run.id),
+           message=state.message or "")
 
 
 # ---- the same alerts as Prefect automations (server side) ------------------------------

@@ -18,6 +18,7 @@ from flows.cli_common import (ALLOW_UNPINNED, DATASET, DEADLINE, FLOOR, HOME, MI
 from storage import DigitflowError
 from storage.config import check_ingest_settings, resolve_home
 from storage.datasets import class_names, dataset_and_model
+from storage.text import terminal
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="digitflow: the MNIST retraining pipeline (Prefect 3 + a pure-NumPy network).")
@@ -103,15 +104,37 @@ def _start(home):
     return home
 
 
-def _mirrors(mirror: list[str] | None) -> list[str] | None:
+def _mirrors(mirror: list[str] | None, here: bool = True) -> list[str] | None:
     """The mirrors as a flow parameter, unless one carries credentials (user:secret@): flow
-    parameters are recorded by Prefect, so those travel in this process's environment instead."""
+    parameters are recorded by Prefect, so those travel in this process's environment instead
+    (``here``: the flow runs are this process or its children; a deployment's are not)."""
     from storage.download import redact
 
     if mirror and any(redact(m) != m for m in mirror):
+        if not here:
+            raise DigitflowError("--mirror with credentials cannot be recorded in a deployment (its parameters are "
+                                 "shown in the dashboard): set DIGITFLOW_MIRRORS on the workers instead")
         os.environ["DIGITFLOW_MIRRORS"] = " ".join(mirror)
         return None
     return list(mirror) if mirror else None
+
+
+def _webhook(webhook: str | None, here: bool = True) -> str | None:
+    """The flows' ``webhook`` parameter for ``--webhook``: ``env:NAME``/``secret:NAME`` as they
+    are; a URL (often a secret itself) reaches this process's flow runs through its environment,
+    never a parameter, and a deployment (``here=False``) refuses it in one line."""
+    from urllib.parse import urlsplit
+
+    from flows.alerts import ENV, REFERENCE, check_reference
+
+    if webhook is None or REFERENCE.fullmatch(webhook):
+        return webhook
+    if not here:
+        check_reference(webhook)
+    if urlsplit(webhook).scheme not in ("http", "https"):
+        raise DigitflowError("--webhook must be an http(s) URL, env:VARIABLE or secret:PREFECT_SECRET_BLOCK")
+    os.environ[ENV] = webhook
+    return None
 
 
 @app.command()
@@ -149,15 +172,15 @@ def run(home: Optional[str] = HOME, mirror: Optional[List[str]] = MIRRORS, datas
     from flows.pipeline import retrain
 
     with one_line_errors():
-        dataset_and_model(dataset, model_name, allow_unpinned)  # invalid values fail before any work
-        hyperparameters(preset, hp)
+        spec, _ = dataset_and_model(dataset, model_name, allow_unpinned)  # invalid values fail before any work
+        hyperparameters(preset, hp, spec)
         check_ingest_settings(rows_per_shard=rows_per_shard, timeout=timeout, retries=retries, deadline=deadline)
         home = _start(home)
         with progress_display():
             summary = retrain(home=home, mirrors=_mirrors(mirror), dataset=dataset, allow_unpinned=allow_unpinned,
                               preset=preset, model_name=model_name, **hp,
                               tolerance=tolerance, floor=floor, rows_per_shard=rows_per_shard, timeout=timeout,
-                              retries=retries, deadline=deadline, webhook_url=webhook)
+                              retries=retries, deadline=deadline, webhook=_webhook(webhook))
     if json_out:
         typer.echo(json.dumps(summary))
     else:
@@ -178,8 +201,8 @@ def train(home: Optional[str] = HOME, dataset: str = DATASET, preset: str = PRES
     from flows.pipeline import train_only
 
     with one_line_errors():
-        hyperparameters(preset, hp)
         spec, _ = dataset_and_model(dataset, None)
+        hyperparameters(preset, hp, spec)
         home = _start(home)
         _require_split(home, "train", spec.key)
         with progress_display():
@@ -235,7 +258,7 @@ def evaluate(model: str = typer.Option("champion", "--model", help="VERSION, ali
                f"macro F1 {metrics.macro_f1:.4f}, {metrics.inference_images_per_second:,.0f} images/s")
     names = class_names(spec.classes)
     for c in metrics.per_class:
-        typer.echo(f"  {c['class']}{' ' + names[c['class']] if names else ''}: precision {c['precision']:.4f} recall {c['recall']:.4f} f1 {c['f1']:.4f}")
+        typer.echo(f"  {c['class']}{' ' + terminal(names[c['class']]) if names else ''}: precision {c['precision']:.4f} recall {c['recall']:.4f} f1 {c['f1']:.4f}")
 
 
 @app.command()
@@ -253,7 +276,7 @@ def publish(folder: str = typer.Argument(..., help="A trained model folder, as `
         ref = trained_ref(folder)
         home = _start(home)
         outcome = publish_trained(ref, home=home, dataset=dataset, model_name=model_name, tolerance=tolerance,
-                                  floor=floor, webhook_url=webhook)
+                                  floor=floor, webhook=_webhook(webhook))
     if json_out:
         typer.echo(json.dumps(outcome))
         return
@@ -288,8 +311,8 @@ def predict(images: List[str] = typer.Argument(..., help="PNG/JPEG/... files of 
                                 **({"class": classes[d]} if classes else {})}
                                for n, d, p in zip(names, digits, best)]))
         return
-    for n, d, p in zip(names, digits, best):
-        typer.echo(f"{n}: {d}{' ' + classes[d] if classes else ''} ({p:.1%})")
+    for n, d, p in zip(names, digits, best):  # names and classes shown, never acting on the terminal
+        typer.echo(f"{terminal(n)}: {d}{' ' + terminal(classes[d]) if classes else ''} ({p:.1%})")
 
 
 def check_cron(cron: str) -> None:
@@ -302,22 +325,25 @@ def check_cron(cron: str) -> None:
 
 
 def deployment_parameters(home, mirror, preset, model_name, hp, webhook, dataset="mnist",
-                          allow_unpinned=False) -> dict:
+                          allow_unpinned=False, here: bool = True) -> dict:
+    """The deployment's parameters (shown to every dashboard user: no secret goes in; ``here``:
+    its runs are children of this process (``serve``), else of workers elsewhere (``deploy``))."""
     from flows.contract import hyperparameters
 
-    hyperparameters(preset, hp)  # invalid values fail now, not at 3 a.m.
     spec, model_name = dataset_and_model(dataset, model_name, allow_unpinned)
+    hyperparameters(preset, hp, spec)  # invalid values fail now, not at 3 a.m.
     params = {"home": str(resolve_home(home)), "preset": preset, "model_name": model_name}
     if spec.name != "mnist":
         params["dataset"] = dataset if spec.source == "built-in" else spec.source  # a spec file: its absolute path
     if allow_unpinned:
         params["allow_unpinned"] = True
-    if mirror:
-        params["mirrors"] = list(mirror)
+    mirrors, webhook = _mirrors(mirror, here), _webhook(webhook, here)
+    if mirrors:
+        params["mirrors"] = mirrors
     if hp:
         params.update(hp)
     if webhook:
-        params["webhook_url"] = webhook
+        params["webhook"] = webhook
     return params
 
 
@@ -362,7 +388,8 @@ def deploy(pool: str = typer.Option("digitflow", "--pool", help="Process work po
     with one_line_errors():
         if cron is not None:
             check_cron(cron)
-        params = deployment_parameters(home, mirror, preset, model_name, hp, webhook, dataset, allow_unpinned)
+        params = deployment_parameters(home, mirror, preset, model_name, hp, webhook, dataset, allow_unpinned,
+                                       here=False)
         if not (home or os.environ.get("DIGITFLOW_HOME")):
             del params["home"]  # the worker's $DIGITFLOW_HOME decides (a path here means nothing there)
         with get_client(sync_client=True) as client:
@@ -397,9 +424,9 @@ def sweep(grid: List[str] = typer.Option(..., "--grid", help="name=v1,v2 (repeat
         points = parse_grid(list(grid) + list(extra or []))
         from flows.contract import hyperparameters
 
-        dataset_and_model(dataset, model_name, allow_unpinned)
+        spec, _ = dataset_and_model(dataset, model_name, allow_unpinned)
         for point in points:
-            hyperparameters(preset, {**hp, **point})
+            hyperparameters(preset, {**hp, **point}, spec)
         check_ingest_settings(rows_per_shard=rows_per_shard, timeout=timeout, retries=retries)
         home = _start(home)
         import logging
@@ -416,7 +443,7 @@ def sweep(grid: List[str] = typer.Option(..., "--grid", help="name=v1,v2 (repeat
             grid=points, home=home, mirrors=_mirrors(mirror), dataset=dataset, allow_unpinned=allow_unpinned,
             preset=preset, model_name=model_name, **hp,
             tolerance=tolerance, floor=floor, rows_per_shard=rows_per_shard, timeout=timeout, retries=retries,
-            webhook_url=webhook)
+            webhook=_webhook(webhook))
     if json_out:
         typer.echo(json.dumps(result))
         return
@@ -465,10 +492,10 @@ def alerts_install(webhook: str = typer.Option(..., "--webhook", help="URL that 
                    block_name: str = typer.Option("digitflow-alerts", "--block-name")) -> None:
     """Create Prefect automations on the server (PREFECT_API_URL): a failed run or a gate
     rejection sends a notification to WEBHOOK, even when the run's own process is gone."""
-    from flows.alerts import install_automations
+    from flows.alerts import install_automations, where
 
     for name in install_automations(webhook, block_name):
-        typer.echo(f"automation {name!r} → {webhook}")
+        typer.echo(f"automation {name!r} → {where(webhook)}")
 
 
 from flows.cli_models import app as models_app  # noqa: E402

@@ -23,7 +23,9 @@ TIMEOUT = typer.Option(DEFAULT_TIMEOUT, "--timeout", help="Seconds before a sile
 RETRIES = typer.Option(DEFAULT_RETRIES, "--retries", help="Retries of a download after transient failures, backoff 2 s, 4 s, 8 s, ... (0..10).")
 DEADLINE = typer.Option(None, "--deadline", help="Seconds one mirror may take for one file (default: timeout + archive size at 50 kB/s).")
 PRESET = typer.Option("default", "--preset", help="Hyperparameter preset: default, best, balanced or fast (all tuned on MNIST).")
-WEBHOOK = typer.Option(None, "--webhook", help="POST failed runs and gate rejections here (env DIGITFLOW_WEBHOOK_URL).")
+WEBHOOK = typer.Option(None, "--webhook", help="POST failed runs and gate rejections to this URL (never recorded "
+                       "in the run's parameters), or env:VARIABLE / secret:PREFECT_SECRET_BLOCK holding it "
+                       "(default: env DIGITFLOW_WEBHOOK_URL).")
 MODEL_NAME = typer.Option(None, "--model-name", help=f"Registry name of the model (default: <dataset>-mlp, {DEFAULT_NAME} for MNIST).")
 DATASET = typer.Option("mnist", "--dataset", help="mnist, fashion-mnist, or the path of a dataset spec file (.toml/.json).")
 ALLOW_UNPINNED = typer.Option(False, "--allow-unpinned", help="Accept dataset files whose spec has no checksum (the provenance records the hash seen).")
@@ -41,7 +43,10 @@ def _say_final_words() -> None:  # handlers: the error stays the last line on st
 
 
 def fail(message: str) -> None:
-    _final_words.append(f"digitflow: error: {message}")
+    from storage.text import terminal
+
+    # One line per line of the message (a spec's mistakes), none able to act on the terminal.
+    _final_words.append("digitflow: error: " + "\n".join(map(terminal, str(message).split("\n"))))
     raise typer.Exit(1)
 
 

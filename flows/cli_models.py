@@ -11,6 +11,7 @@ from flows.cli_common import DATASET, HOME, MODEL_NAME, one_line_errors
 from storage.config import resolve_home
 from storage.datasets import dataset_and_model
 from storage.registry import Registry
+from storage.text import terminal
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="List, inspect, compare, promote and export versions.")
 JSON = typer.Option(False, "--json", help="Machine-readable output.")
@@ -47,6 +48,7 @@ def list_(home: Optional[str] = HOME, model_name: Optional[str] = MODEL_NAME, da
         typer.echo(f"no versions of {model_name} yet")
         return
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title=f"{model_name}")
@@ -55,7 +57,8 @@ def list_(home: Optional[str] = HOME, model_name: Optional[str] = MODEL_NAME, da
     for r in rows:
         status = r["status"] + (f": {r['reason']}" if r["status"] == "rejected" else "")
         accuracy = f"{r['test_accuracy']:.4f}" if isinstance(r["test_accuracy"], (int, float)) else "?"
-        table.add_row(f"v{r['version']}", r["created"] or "", accuracy, ", ".join(r["aliases"]), status)
+        table.add_row(*(escape(terminal(cell)) for cell in (f"v{r['version']}", r["created"] or "", accuracy,
+                                                            ", ".join(r["aliases"]), status)))
     Console(width=160).print(table)
     if registry.aliases_problem():
         typer.echo(f"note: {registry.aliases_problem()}; aliases shown as the versions and decisions imply "
@@ -78,15 +81,15 @@ def show(ref: str = typer.Argument(..., help="VERSION or alias."), home: Optiona
         typer.echo(json.dumps(info))
         return
     m, meta = info["metrics"], info["metadata"]
-    typer.echo(f"{reg.name} v{v} — {info['status']}  ({info['path']})")
+    typer.echo(f"{reg.name} v{v} — {info['status']}  ({terminal(info['path'])})")
     typer.echo(f"  test accuracy {m['test_accuracy']:.4f}  loss {m['test_loss']:.4f}  macro F1 {m['macro_f1']:.4f}")
     if info["decision"]:
         d = info["decision"]
-        typer.echo(f"  gate: {d['status']} by {d['by']} at {d['at']}: {d['reason']}")
-    typer.echo("  hyperparameters: " + ", ".join(f"{k}={v}" for k, v in meta.get("hyperparameters", {}).items()))
+        typer.echo(terminal(f"  gate: {d['status']} by {d['by']} at {d['at']}: {d['reason']}"))
+    typer.echo(terminal("  hyperparameters: " + ", ".join(f"{k}={v}" for k, v in meta.get("hyperparameters", {}).items())))
     typer.echo("  lineage:")
     for k, val in meta.get("lineage", {}).items():
-        typer.echo(f"    {k}: {val}")
+        typer.echo(terminal(f"    {k}: {val}"))
 
 
 @app.command()

@@ -52,6 +52,9 @@ _DEADLINE = _bounded("deadline")
 Deadline = Optional[_DEADLINE]  # None: from the file's size
 Accuracy = Annotated[float, Field(ge=GATE_BOUNDS[0], le=GATE_BOUNDS[1])]
 ModelName = Annotated[str, Field(pattern=f"^{MODEL_NAME.pattern}$")]
+# Where the alert webhook's URL is kept (never the URL itself: parameters are public in the dashboard).
+Webhook = Optional[Annotated[str, Field(pattern=r"^(env|secret):[A-Za-z0-9_][A-Za-z0-9_-]{0,127}$",
+                                        description="env:VARIABLE or secret:PREFECT_SECRET_BLOCK holding the URL")]]
 # A built-in dataset's name or the path of a spec file (checked when the flow resolves it).
 DatasetName = Annotated[str, Field(min_length=1, max_length=4096,
                                    description="mnist, fashion-mnist, or the path of a dataset spec (.toml/.json)")]
@@ -124,11 +127,13 @@ def overrides_dict(overrides: BaseModel | dict | None) -> dict:
     return {k: v for k, v in overrides.items() if v is not None}
 
 
-def hyperparameters(preset: str, overrides: BaseModel | dict | None = None) -> Hyperparameters:
+def hyperparameters(preset: str, overrides: BaseModel | dict | None = None, dataset=None) -> Hyperparameters:
     """The preset with overrides, validated against the bounds declared in nn.presets (the same
-    bounds as the ``Overrides`` type): bad values fail here in one line, before any work."""
+    bounds as the ``Overrides`` type) and, given the ``dataset`` spec, against the network its
+    pixels and classes make: bad values fail here in one line, before any work."""
     try:
-        return nn.presets.get(preset, **overrides_dict(overrides))
+        hp = nn.presets.get(preset, **overrides_dict(overrides))
+        return hp if dataset is None else hp.validate(n_in=dataset.pixels, n_out=len(dataset.classes))
     except (ValueError, TypeError) as e:
         raise DigitflowError(str(e)) from None
 

@@ -7,6 +7,7 @@ import flows.engine  # noqa: F401  (flow runs end without waiting for their hear
 from flows.alerts import alert_if_rejected, on_flow_failure
 from flows.contract import (DEFAULT_FLOOR, DEFAULT_RETRIES, DEFAULT_ROWS_PER_SHARD, DEFAULT_TIMEOUT,
                             DEFAULT_TOLERANCE, Accuracy, DatasetName, Deadline, ModelName, Preset, Retries, RowsPerShard, Timeout,
+                            Webhook,
                             hyperparameters, with_hyperparameters)
 from flows.ingest import ingest
 from storage import DigitflowError
@@ -42,7 +43,7 @@ def retrain(
     timeout: Timeout = DEFAULT_TIMEOUT,
     retries: Retries = DEFAULT_RETRIES,
     deadline: Deadline = None,
-    webhook_url: str | None = None,
+    webhook: Webhook = None,
     **overrides,
 ) -> dict:
     """From nothing to a published, evaluated, gated model version. Returns a summary.
@@ -52,7 +53,7 @@ def retrain(
         mirrors: Mirror base URLs, tried in order (default: $DIGITFLOW_MIRRORS, else the dataset's public ones).
         dataset: mnist, fashion-mnist, or the path of a dataset spec file (.toml/.json).
         allow_unpinned: Accept dataset files the spec gives no checksum for (the provenance records the hash seen).
-        preset: Hyperparameter preset; the hyperparameters after webhook_url change single values of it
+        preset: Hyperparameter preset; the hyperparameters after webhook change single values of it
             (an empty field keeps the preset's value).
         model_name: Registry name of the model (default: <dataset>-mlp; mnist-mlp for MNIST).
         tolerance: Promote when test accuracy ≥ the champion's minus this.
@@ -61,10 +62,10 @@ def retrain(
         timeout: Seconds of silence before a mirror counts as failed.
         retries: Retries of a download after transient failures.
         deadline: Seconds one mirror may take for one file (empty: from the file's size).
-        webhook_url: POST failed runs and gate rejections here (else $DIGITFLOW_WEBHOOK_URL).
+        webhook: Where the alert URL is kept: env:VARIABLE or secret:BLOCK (else $DIGITFLOW_WEBHOOK_URL).
     """
-    hp = hyperparameters(preset, overrides).to_dict()
     spec, model_name = dataset_and_model(dataset, model_name, allow_unpinned)  # before any work
+    hp = hyperparameters(preset, overrides, spec).to_dict()
     home = home_for_run(home)
     home.registry(model_name).check_dataset(spec.key)  # another dataset's registry: one line, nothing written
     update_run(tags=run_tags(preset, model_name, spec.name))
@@ -81,7 +82,7 @@ def retrain(
         # 3-5. Evaluate on the test split, publish an immutable version (identical weights: the
         # existing one), put it through the gate: the subflow `run`, `sweep` and `publish` share.
         outcome = publish_trained(model, home=str(home), dataset=dataset, model_name=model_name, tolerance=tolerance,
-                                  floor=floor, webhook_url=webhook_url)
+                                  floor=floor, webhook=webhook)
     update_run(name=f"retrain-{preset} → v{outcome['version']} {outcome['status']}")
     return {**outcome, "preset": preset, "hyperparameters": hp, "dataset": spec.name}
 
@@ -98,8 +99,8 @@ def train_only(home: str | None = None, dataset: DatasetName = "mnist", preset: 
         dataset: mnist, fashion-mnist, or the path of a dataset spec file (.toml/.json).
         preset: Hyperparameter preset; the hyperparameters after it change single values of it.
     """
-    hp = hyperparameters(preset, overrides).to_dict()
     spec = resolve_dataset(dataset)
+    hp = hyperparameters(preset, overrides, spec).to_dict()
     home = home_for_run(home)
     update_run(tags=["digitflow", f"dataset:{spec.name}", f"preset:{preset}"])
     ref = manifest_ref(home.address(home.split("train", spec.key)))
@@ -117,7 +118,7 @@ def evaluate_model(model: TrainedModel, home: str | None = None, dataset: Datase
 @flow(name="mnist-publish", flow_run_name="publish {model.weights_sha256:.12}", on_failure=[on_flow_failure])
 def publish_trained(model: TrainedModel, home: str | None = None, dataset: DatasetName = "mnist",
                     model_name: ModelName | None = None, tolerance: Accuracy = DEFAULT_TOLERANCE,
-                    floor: Accuracy = DEFAULT_FLOOR, webhook_url: str | None = None) -> dict:
+                    floor: Accuracy = DEFAULT_FLOOR, webhook: Webhook = None) -> dict:
     """Evaluate → publish → gate: the tail `run`, `sweep` and `digitflow publish` share (a subflow of the
     first two). Evaluates the trained model on the test split, publishes it as an immutable version
     (identical weights: the existing version) and puts it through the promotion gate.
@@ -129,7 +130,7 @@ def publish_trained(model: TrainedModel, home: str | None = None, dataset: Datas
         model_name: Registry name of the model (default: <dataset>-mlp; mnist-mlp for MNIST).
         tolerance: Promote when test accuracy ≥ the champion's minus this.
         floor: Never promote below this test accuracy.
-        webhook_url: POST failed runs and gate rejections here (else $DIGITFLOW_WEBHOOK_URL).
+        webhook: Where the alert URL is kept: env:VARIABLE or secret:BLOCK (else $DIGITFLOW_WEBHOOK_URL).
     """
     spec, model_name = dataset_and_model(dataset, model_name)
     home = home_for_run(home)
@@ -143,7 +144,7 @@ def publish_trained(model: TrainedModel, home: str | None = None, dataset: Datas
     published = publish(model, metrics, data["train"], data["test"], home, model_name,
                         dataset=spec.lineage())
     decision = gate(published, home, tolerance=tolerance, floor=floor)
-    alert_if_rejected(webhook_url, published, decision)
+    alert_if_rejected(webhook, published, decision)
     outcome = {**published.model_dump(), **outcome_of(published, decision)}
     update_run(name=f"publish → v{outcome['version']} {outcome['status']}")
     return outcome

@@ -16,7 +16,7 @@ import flows.engine  # noqa: F401  (flow runs end without waiting for their hear
 from flows.alerts import on_flow_failure
 from flows.ingest import ingest
 from flows.contract import (DEFAULT_FLOOR, DEFAULT_RETRIES, DEFAULT_ROWS_PER_SHARD, DEFAULT_TIMEOUT,
-                            DEFAULT_TOLERANCE, Accuracy, DatasetName, ModelName, Overrides, Preset, Retries, RowsPerShard, Timeout,
+                            DEFAULT_TOLERANCE, Accuracy, DatasetName, ModelName, Overrides, Preset, Retries, RowsPerShard, Timeout, Webhook,
                             hyperparameters, overrides_dict, with_hyperparameters)
 from flows.pipeline import publish_trained, run_tags, update_run
 from storage import DigitflowError, remote
@@ -95,7 +95,7 @@ def sweep(
     rows_per_shard: RowsPerShard = DEFAULT_ROWS_PER_SHARD,
     timeout: Timeout = DEFAULT_TIMEOUT,
     retries: Retries = DEFAULT_RETRIES,
-    webhook_url: str | None = None,
+    webhook: Webhook = None,
     **overrides,
 ) -> dict:
     """Train every grid point (each on top of preset + the hyperparameters given), compare, publish the best.
@@ -109,10 +109,10 @@ def sweep(
     log = get_run_logger()
     base = overrides_dict(overrides)
     points = [overrides_dict(point) for point in grid]
-    configs = [hyperparameters(preset, {**base, **point}).to_dict() for point in points]
+    spec, model_name = dataset_and_model(dataset, model_name, allow_unpinned)
+    configs = [hyperparameters(preset, {**base, **point}, spec).to_dict() for point in points]
     if not configs:
         raise DigitflowError("the grid is empty")
-    spec, model_name = dataset_and_model(dataset, model_name, allow_unpinned)
     home = home_for_run(home)
     update_run(tags=[*run_tags(preset, model_name, spec.name), "sweep"])
     log.info("sweep of %d runs; task runner: %s", len(configs), describe_runner())
@@ -140,7 +140,7 @@ def sweep(
         best = max(results, key=lambda r: (r["val_accuracy"] or 0.0, -(r["val_loss"] or 0.0)))
         outcome = publish_trained(best["model"], home=str(home), dataset=dataset, model_name=model_name,
                                   tolerance=tolerance,
-                                  floor=floor, webhook_url=webhook_url)
+                                  floor=floor, webhook=webhook)
     rows = [{"grid point": json.dumps(r["point"]), "val_accuracy": round(r["val_accuracy"] or 0, 4),
              "test_accuracy": round(r["metrics"].test_accuracy, 4), "train_seconds": r["model"].train_seconds,
              "best": r is best} for r in results]

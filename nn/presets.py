@@ -65,18 +65,25 @@ class Hyperparameters:
         hints = typing.get_type_hints(cls)
         return {f.name: (hints[f.name], f) for f in dataclasses.fields(cls)}
 
-    def validate(self) -> "Hyperparameters":
+    def validate(self, n_in: int = 784, n_out: int = 10) -> "Hyperparameters":
         """Raise ValueError naming the first bad value; return self when all are sound.
 
-        Upper bounds keep a typo from asking for absurd work or memory before anything runs."""
+        Upper bounds keep a typo from asking for absurd work or memory before anything runs;
+        ``n_in`` and ``n_out`` (the dataset's pixels and classes) are checked with them, so a
+        network that could not be built or saved is refused before any download."""
         for name, (kind, f) in self.fields().items():
             problem = check_value(name, kind, f.metadata, getattr(self, name))
             if problem:
                 raise ValueError(problem)
-        sizes = [784, *self.hidden, 10]
+        from nn.io import MAX_UNITS
+
+        if not (1 <= n_in <= MAX_UNITS and 2 <= n_out <= MAX_UNITS):
+            raise ValueError(f"a network of {n_in:,} inputs and {n_out:,} outputs cannot be built: inputs (image "
+                             f"pixels) and outputs (classes) must be at most {MAX_UNITS:,}")
+        sizes = [n_in, *self.hidden, n_out]
         parameters = sum(a * b + b for a, b in zip(sizes, sizes[1:]))
         if parameters > MAX_PARAMETERS:
-            raise ValueError(f"hidden sizes {list(self.hidden)} make {parameters:,} parameters, "
+            raise ValueError(f"a {'-'.join(map(str, sizes))} network has {parameters:,} parameters, "
                              f"more than the {MAX_PARAMETERS:,} allowed")
         return self
 

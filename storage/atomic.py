@@ -61,6 +61,31 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+def output_path(path: str | os.PathLike) -> Path:
+    """A file a user names for us to write (``--onnx FILE``): a new path or an existing regular
+    file, in a folder that exists; anything else (a folder, a device, a FIFO, a socket, a
+    symlink) is one line and nothing is touched. Write it with ``atomic_path``."""
+    import stat
+
+    from storage import DigitflowError
+
+    path = Path(path)
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        mode = None
+    except OSError as e:
+        raise DigitflowError(f"{path}: cannot write there ({e.strerror or e})") from None
+    if mode is not None and not stat.S_ISREG(mode):
+        what = {stat.S_ISDIR: "a folder", stat.S_ISLNK: "a symbolic link", stat.S_ISCHR: "a device",
+                stat.S_ISBLK: "a device", stat.S_ISFIFO: "a FIFO", stat.S_ISSOCK: "a socket"}
+        kind = next((name for test, name in what.items() if test(mode)), "not a regular file")
+        raise DigitflowError(f"{path}: is {kind}; give the path of a new or regular file (nothing was written)")
+    if not path.parent.is_dir():
+        raise DigitflowError(f"{path.parent}: no such folder (nothing was written)")
+    return path
+
+
 @contextlib.contextmanager
 def file_lock(path: str | os.PathLike) -> Iterator[None]:
     """An exclusive advisory lock (flock) on ``path``; the kernel releases it if we die."""

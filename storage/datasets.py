@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from storage import DigitflowError
+from storage.text import has_control
 
 NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 KINDS = ("images", "labels")
@@ -40,6 +41,15 @@ MAX_IDX_BYTES = 1 << 32      # bound on what such an archive may inflate to
 MAX_CLASSES = 1000
 MAX_SIDE = 1024
 BUILTIN_NAMES = ("mnist", "fashion-mnist")  # a spec may not call itself one of these
+MAX_CLASS_NAME = 100
+MAX_PIXELS = 1 << 16   # network inputs per image (nn.io.MAX_UNITS)
+MAX_FILES, MAX_MIRRORS = 64, 16
+
+
+def _short(value, limit: int = 200) -> str:
+    """A value quoted in an error line, cut to ``limit`` characters (a spec may hold megabytes)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 class SpecError(DigitflowError):
@@ -172,31 +182,42 @@ def from_dict(data, source: str = "built-in") -> Dataset:
     if not isinstance(data, dict):
         raise SpecError(f"{where}: a dataset spec is a table/object with name, image_shape, classes, mirrors, files")
     for key in sorted(set(data) - _TOP):
-        bad(f"unknown key {key!r} (known: {', '.join(sorted(_TOP))})")
+        bad(f"unknown key {_short(key)} (known: {', '.join(sorted(_TOP))})")
     name = data.get("name")
     if not isinstance(name, str) or not NAME.fullmatch(name):
-        bad(f"name must be 1–64 lowercase letters, digits, '.', '_' or '-', got {name!r}")
+        bad(f"name must be 1–64 lowercase letters, digits, '.', '_' or '-', got {_short(name)}")
     elif source != "built-in" and name in BUILTIN_NAMES:
-        bad(f"name {name!r} is the built-in dataset's; give your dataset a name of its own")
+        bad(f"name {_short(name)} is the built-in dataset's; give your dataset a name of its own")
     shape = data.get("image_shape")
     if not (isinstance(shape, list) and len(shape) == 2 and all(type(v) is int and 1 <= v <= MAX_SIDE for v in shape)):
-        bad(f"image_shape must be [rows, columns], each an integer in 1..{MAX_SIDE}, got {shape!r}")
+        bad(f"image_shape must be [rows, columns], each an integer in 1..{MAX_SIDE}, got {_short(shape)}")
+        shape = None
+    elif shape[0] * shape[1] > MAX_PIXELS:
+        bad(f"image_shape {shape[0]}×{shape[1]} makes {shape[0] * shape[1]:,} network inputs, more than the "
+            f"{MAX_PIXELS:,} a network can take")
         shape = None
     classes = data.get("classes")
     if not (isinstance(classes, list) and 2 <= len(classes) <= MAX_CLASSES
             and all(isinstance(c, str) and c.strip() for c in classes)):
-        bad(f"classes must be a list of 2..{MAX_CLASSES} non-empty names, got {classes!r}")
+        bad(f"classes must be a list of 2..{MAX_CLASSES} non-empty names, got {_short(classes)}")
         classes = None
+    elif bad_names := [c for c in classes if len(c) > MAX_CLASS_NAME or has_control(c)]:
+        bad(f"class names must be one line of at most {MAX_CLASS_NAME} characters, without control "
+            f"characters: {bad_names[0][:MAX_CLASS_NAME]!r}")
     elif len(set(classes)) != len(classes):
         bad("classes must be distinct names")
     mirrors = data.get("mirrors", [])
-    if not (isinstance(mirrors, list) and all(isinstance(m, str) and m for m in mirrors)):
-        bad(f"mirrors must be a list of base URLs, got {mirrors!r}")
+    if not (isinstance(mirrors, list) and len(mirrors) <= MAX_MIRRORS
+            and all(isinstance(m, str) and 0 < len(m) <= 2048 and not has_control(m) for m in mirrors)):
+        bad(f"mirrors must be a list of at most {MAX_MIRRORS} base URLs, got {_short(mirrors)}")
         mirrors = []
+    if not isinstance(data.get("notes", {}), dict):
+        bad(f"notes must be a table, got {_short(data.get('notes'))}")
     files_in = data.get("files")
     files: list[DatasetFile] = []
-    if not isinstance(files_in, list) or not files_in:
-        bad("files must list the IDX archives ([[files]] tables with name, split, kind and a checksum)")
+    if not isinstance(files_in, list) or not 0 < len(files_in) <= MAX_FILES:
+        bad(f"files must list the IDX archives (1 to {MAX_FILES} [[files]] tables with name, split, kind and a "
+            "checksum)")
         files_in = []
     seen: set[str] = set()
     for i, f in enumerate(files_in):
@@ -205,29 +226,29 @@ def from_dict(data, source: str = "built-in") -> Dataset:
         if not isinstance(f, dict):
             bad(f"{label} must be a table with name, split, kind, sha256/size or archive_md5/size")
             continue
-        label = f"files[{i}] ({f.get('name')!r})" if isinstance(f.get("name"), str) else label
+        label = f"files[{i}] ({_short(f.get('name'))})" if isinstance(f.get("name"), str) else label
         for key in sorted(set(f) - set(_FILE)):
-            bad(f"{label}: unknown key {key!r} (known: {', '.join(_FILE)})")
+            bad(f"{label}: unknown key {_short(key)} (known: {', '.join(_FILE)})")
         fname = f.get("name")
         if not isinstance(fname, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,200}", fname) \
                 or fname.removesuffix(".gz").endswith(".json"):
-            bad(f"{label}: name must be a plain file name (not ending in .json), got {fname!r}")
+            bad(f"{label}: name must be a plain file name (not ending in .json), got {_short(fname)}")
         elif fname.removesuffix(".gz") in seen:  # "x.gz" and "x" would land on the same raw file
-            bad(f"{label}: {fname!r} is listed twice")
+            bad(f"{label}: {_short(fname)} is listed twice")
         else:
             seen.add(fname.removesuffix(".gz"))
         if not isinstance(f.get("split"), str) or not NAME.fullmatch(f.get("split") or ""):
-            bad(f"{label}: split must be a lowercase name such as train or test, got {f.get('split')!r}")
+            bad(f"{label}: split must be a lowercase name such as train or test, got {_short(f.get('split'))}")
         if f.get("kind") not in KINDS:
-            bad(f"{label}: kind must be images or labels, got {f.get('kind')!r}")
+            bad(f"{label}: kind must be images or labels, got {_short(f.get('kind'))}")
         for key, length in _HEX.items():
             value = f.get(key)
             if value is not None and not (isinstance(value, str) and re.fullmatch(f"[0-9a-f]{{{length}}}", value)):
-                bad(f"{label}: {key} must be {length} lowercase hex digits, got {value!r}")
+                bad(f"{label}: {key} must be {length} lowercase hex digits, got {_short(value)}")
         for key in ("size", "archive_size"):
             value = f.get(key)
             if value is not None and not (type(value) is int and 0 < value <= 1 << 40):
-                bad(f"{label}: {key} must be a positive number of bytes, got {value!r}")
+                bad(f"{label}: {key} must be a positive number of bytes, got {_short(value)}")
         if (f.get("sha256") or f.get("archive_md5") or f.get("archive_sha256")) and f.get("size") is None:
             bad(f"{label}: a checksum needs the decompressed size too (size = bytes)")
         if shape and f.get("kind") in KINDS and type(f.get("size")) is int:
@@ -276,11 +297,29 @@ def load_spec(path: str | Path) -> Dataset:
         raise SpecError(f"{path}: cannot read the dataset spec ({e.strerror})") from None
     if len(text) > 1 << 20:
         raise SpecError(f"{path}: a dataset spec over 1 MiB is not a spec")
+    kind = "JSON" if path.suffix.lower() == ".json" else "TOML"
+    if _depth(text) > MAX_DEPTH:  # a parser would recurse once per level: refused before parsing
+        raise SpecError(f"{path}: nested more than {MAX_DEPTH} levels deep; a dataset spec needs 3")
     try:
-        data = json.loads(text) if path.suffix.lower() == ".json" else tomllib.loads(text.decode("utf-8"))
+        data = json.loads(text) if kind == "JSON" else tomllib.loads(text.decode("utf-8"))
+    except RecursionError:
+        raise SpecError(f"{path}: nested too deeply to be a dataset spec") from None
     except (ValueError, UnicodeDecodeError) as e:
-        raise SpecError(f"{path}: not valid {'JSON' if path.suffix.lower() == '.json' else 'TOML'} ({e})") from None
+        raise SpecError(f"{path}: not valid {kind} ({_short(str(e))[1:-1]})") from None
     return from_dict(data, source=str(path.resolve()))
+
+
+MAX_DEPTH = 16
+
+
+def _depth(text: bytes) -> int:
+    """The deepest nesting of brackets and braces in ``text`` (an upper bound: brackets inside
+    strings count too), found without parsing."""
+    import numpy as np
+
+    b = np.frombuffer(text, np.uint8)
+    steps = np.isin(b, (ord("["), ord("{"))).astype(np.int32) - np.isin(b, (ord("]"), ord("}")))
+    return int(np.cumsum(steps).max(initial=0))
 
 
 def resolve(dataset: "str | Dataset | None" = None) -> Dataset:

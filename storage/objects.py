@@ -47,6 +47,10 @@ class Conflict(ObjectStoreError):
     """A conditional write lost: the object exists (If-None-Match) or changed (If-Match)."""
 
 
+class LeaseLost(ObjectStoreError):
+    """A lease we held was deleted or taken over before we committed under it."""
+
+
 @dataclass(frozen=True)
 class ObjectInfo:
     key: str           # relative to the store's prefix
@@ -305,11 +309,34 @@ class Lease:
             time.sleep(delay)
             delay = min(delay * 2, 1.0)
 
+    def confirm(self) -> None:
+        """Prove the lease is still ours right before a commit, and renew it: the object must
+        hold our record (its ETag unchanged since we wrote it), and it is rewritten with a new
+        expiry only if it still does. Otherwise LeaseLost says what happened; nothing is committed."""
+        held = self.store.get(self.rel, limit=4096)
+        if held is None or held[1] != self.etag:
+            try:
+                who = json.loads(held[0]).get("owner", "?") if held else None
+            except (ValueError, AttributeError):
+                who = "?"
+            raise LeaseLost(f"{self.store.url(self.rel)}: the lease was {'deleted' if who is None else 'taken by ' + str(who)} "
+                            f"while {self.owner} held it (someone removed the lock, or this process stalled past "
+                            f"its {self.ttl:.0f}-s lease); nothing was committed, run it again")
+        try:
+            self.etag = self.store.put(self.rel, self._record(), if_match=self.etag)
+        except Conflict:
+            raise LeaseLost(f"{self.store.url(self.rel)}: the lease changed hands while being renewed; "
+                            "nothing was committed, run it again") from None
+
     def __exit__(self, *exc) -> None:
         try:
             self.store.delete(self.rel, if_match=self.etag)
         except Conflict:
             pass  # it expired and another holder has it now; theirs to release
+        except ObjectStoreError:
+            if exc[0] is None and self.store.head(self.rel) is not None:
+                raise
+            # already gone, or the work under the lease failed: that error is the one to see
 
 
 def cache_root() -> Path:

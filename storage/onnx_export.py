@@ -13,12 +13,13 @@ from pathlib import Path
 import numpy as np
 
 from storage import DigitflowError
-from storage.atomic import atomic_path
+from storage.atomic import atomic_path, output_path
 
 OPS = {"relu": "Relu", "tanh": "Tanh", "sigmoid": "Sigmoid", "softmax": "Softmax", "linear": None}
 
 
 def export_onnx(model_dir: str | os.PathLike, out: str | os.PathLike, *, check_inputs: int = 256) -> dict:
+    out = output_path(out)  # a folder, a device, a FIFO: one line before any work
     try:
         import onnx
         import onnxruntime as ort

@@ -340,9 +340,10 @@ class Registry:
                 return
             from storage.objects import Lease
 
-            with Lease(self.store, f"{self.key}/.lock"):
+            with Lease(self.store, f"{self.key}/.lock") as lease:
                 self.sync()
                 yield
+                lease.confirm()  # still ours, renewed: else LeaseLost, and nothing is pushed
                 self._push()
 
     def publish(self, digest: str, build: Callable[[Path, int], dict], dataset: str = "mnist") -> tuple[int, bool]:

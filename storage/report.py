@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from storage.text import md
+
 
 def plot_learning_curves(history: list[dict], path: Path) -> None:
     import matplotlib
@@ -51,8 +53,9 @@ def plot_confusion_matrix(cm: list[list[int]], path: Path, classes: list[str] | 
     ax.set(xticks=range(cm.shape[1]), yticks=range(cm.shape[0]), xlabel="predicted", ylabel="true",
            title="Confusion matrix (test)")
     if classes:
-        ax.set_xticklabels(classes, rotation=45, ha="right", fontsize=7)
-        ax.set_yticklabels(classes, fontsize=7)
+        labels = [c.replace("$", r"\$") for c in classes]  # plain text, never mathtext
+        ax.set_xticklabels(labels, rotation=45, ha="right", fontsize=7)
+        ax.set_yticklabels(labels, fontsize=7)
     fig.colorbar(im, ax=ax, label="log(1 + count)")
     fig.tight_layout()
     fig.savefig(path)
@@ -62,12 +65,13 @@ def plot_confusion_matrix(cm: list[list[int]], path: Path, classes: list[str] | 
 def render_markdown(*, name: str, version: int, metrics: dict, hyperparameters: dict, lineage: dict,
                     champion: dict | None, classes: list[str] | None = None) -> str:
     """report.md: what was trained on what, how it did, and how it compares with the champion.
-    ``classes`` names the classes (MNIST's are their digits: no names column)."""
+    ``classes`` names the classes (MNIST's are their digits: no names column). Text from the
+    spec or the lineage is escaped (``storage.text.md``): it cannot add markup to the report."""
     def named(c: int) -> str:
-        return f"{c} {classes[c]}" if classes else str(c)
+        return f"{c} {md(classes[c])}" if classes else str(c)
 
     acc = metrics["test_accuracy"]
-    lines = [f"# {name} v{version}", "",
+    lines = [f"# {md(name)} v{version}", "",
              f"Test accuracy **{acc:.4f}**, test loss {metrics['test_loss']:.4f}, "
              f"macro F1 {metrics['macro_f1']:.4f}, inference {metrics['inference_images_per_second']:,.0f} images/s.", ""]
     lines += ["## Compared with the champion", ""]
@@ -80,7 +84,7 @@ def render_markdown(*, name: str, version: int, metrics: dict, hyperparameters: 
                   f"| test loss | {metrics['test_loss']:.4f} | {champion['test_loss']:.4f} | "
                   f"{metrics['test_loss'] - champion['test_loss']:+.4f} |"]
     lines += ["", "## Hyperparameters", "", "| name | value |", "|---|---|"]
-    lines += [f"| {k} | `{v}` |" for k, v in hyperparameters.items()]
+    lines += [f"| {md(k)} | {md(v)} |" for k, v in hyperparameters.items()]
     lines += ["", "## Per class (test)", "", "| class | precision | recall | F1 | support |", "|---|---|---|---|---|"]
     lines += [f"| {named(c['class'])} | {c['precision']:.4f} | {c['recall']:.4f} | {c['f1']:.4f} | {c['support']} |"
               for c in metrics["per_class"]]
@@ -99,7 +103,7 @@ def render_markdown(*, name: str, version: int, metrics: dict, hyperparameters: 
     lines += [f"| {e['index']} | {named(e['label'])} | {named(e['predicted'])} | {e['probability']:.4f} |"
               for e in metrics["most_confident_errors"][:10]]
     lines += ["", "## Lineage", "", "| what | value |", "|---|---|"]
-    lines += [f"| {k} | `{v}` |" for k, v in lineage.items()]
+    lines += [f"| {md(k)} | {md(v)} |" for k, v in lineage.items()]
     return "\n".join(lines) + "\n"
 
 

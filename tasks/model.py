@@ -26,6 +26,7 @@ from storage.atomic import read_json, sha256_file, staged_dir, write_json, writi
 from storage.home import Home
 from storage.registry import DEFAULT_FLOOR, DEFAULT_NAME, DEFAULT_TOLERANCE, now
 from storage.shards import image_shape, read_split
+from storage.text import md
 from tasks import progress
 from tasks.common import CACHED, code_version, content_key, verified_task
 from tasks.refs import Decision, Evaluation, Published, SplitRef, TrainedModel
@@ -351,8 +352,8 @@ def publish(model: TrainedModel, metrics: Evaluation, train: SplitRef, test: Spl
         create_table_artifact(metrics_table(metrics), key=artifact_key(model_name, "metrics"),
                               description=f"{model_name} v{version}: test metrics (overall first, then per class)")
         create_markdown_artifact(
-            f"# {model_name} v{version}\n\nFolder: `{path}`\n\n(on the machine that published it: [{path.as_uri()}]"
-            f"({path.as_uri()}); `digitflow models show v{version}` prints it)\n",
+            f"# {model_name} v{version}\n\nFolder: {md(path)}\n\n(on the machine that published it: [{md(path.as_uri())}]"
+            f"(<{path.as_uri()}>); `digitflow models show v{version}` prints it)\n",
             key=artifact_key(model_name, "version"), description=f"Folder of {model_name} v{version}: {path}")
     return Published(name=model_name, version=version, created=created, path=address,
                      test_accuracy=metrics.test_accuracy)

@@ -103,6 +103,40 @@ def test_conditional_writes_transfers_and_lease(s3, monkeypatch, tmp_path):
             pass
 
 
+def test_a_lease_removed_under_a_publisher_is_noticed_before_the_commit(s3, monkeypatch, tmp_path):
+    """Someone deletes (or takes) models/<name>/.lock while a publisher holds it: the publisher
+    says so in one line and commits nothing (it used to commit, then fail with NoSuchKey)."""
+    from storage.home import Home
+    from storage.objects import LeaseLost
+
+    endpoint, bucket, env = s3
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("DIGITFLOW_CACHE", str(tmp_path / "cache"))
+    prefix = unique_prefix("lease")
+    home = Home.resolve(f"s3://{bucket}/{prefix}")
+
+    def build(steal: bool):
+        def write(folder, version):
+            if steal:
+                home.store.put("models/m/.lock", json.dumps({"owner": "thief:9", "expires": time.time() + 60}).encode())
+            else:
+                home.store.delete("models/m/.lock")
+            (folder / "metrics.json").write_text("{}")
+            return {}
+        return write
+
+    with pytest.raises(LeaseLost, match=r"models/m/.lock: the lease was deleted while .* held it .*nothing was "
+                                        r"committed"):
+        home.registry("m").publish("1" * 64, build(steal=False))
+    with pytest.raises(LeaseLost, match="the lease was taken by thief:9"):
+        home.registry("m").publish("2" * 64, build(steal=True))
+    assert not [k for k in listing(env, bucket, prefix) if k.endswith("metadata.json") or k.endswith("aliases.json")]
+    home.store.delete("models/m/.lock")  # the thief's record (it never expires by itself in this test)
+    assert home.registry("m").publish("3" * 64, lambda folder, version: {}) == (1, True)  # then all is well
+    assert home.store.head("models/m/.lock") is None and home.store.head("models/m/v1/metadata.json") is not None
+
+
 def _publish_one(args):
     """One "machine" publishing one model into the shared registry, then asking the gate."""
     home_url, cache, env, seed, accuracy = args

@@ -308,15 +308,16 @@ def test_cli_train_output_can_be_evaluated_and_published(published, api_url):
 
 # ---- alerts ------------------------------------------------------------------------
 
-def test_gate_rejection_is_alerted_once(published, mnist_server, receiver):
+def test_gate_rejection_is_alerted_once(published, mnist_server, receiver, monkeypatch):
     url, got = receiver
+    monkeypatch.setenv("TEAM_HOOK", url)  # the parameter names where the URL is, never the URL
     summary = retrain(home=str(published), mirrors=[mnist_server], preset="fast", seed=5,
-                      floor=0.999, webhook_url=url)
+                      floor=0.999, webhook="env:TEAM_HOOK")
     assert summary["status"] == "rejected"
     assert len(got) == 1 and got[0]["event"] == "gate_rejected" and got[0]["source"] == "digitflow"
     assert got[0]["version"] == summary["version"] and "below the floor 0.9990" in got[0]["reason"]
     retrain(home=str(published), mirrors=[mnist_server], preset="fast", seed=5, floor=0.999,
-            webhook_url=url)
+            webhook="env:TEAM_HOOK")
     assert len(got) == 1  # an unchanged rerun decides nothing new, so says nothing new
 
 
@@ -329,9 +330,9 @@ def test_failed_run_is_alerted_via_env(published, mnist_server, receiver, monkey
     assert got[0]["flow"] == "mnist-retrain" and "loss became" in got[0]["message"]
 
 
-def test_unreachable_webhook_is_not_fatal(published, mnist_server):
-    summary = retrain(home=str(published), mirrors=[mnist_server], preset="fast", seed=7,
-                      floor=0.999, webhook_url="http://127.0.0.1:9/nowhere")
+def test_unreachable_webhook_is_not_fatal(published, mnist_server, monkeypatch):
+    monkeypatch.setenv("DIGITFLOW_WEBHOOK_URL", "http://127.0.0.1:9/nowhere")
+    summary = retrain(home=str(published), mirrors=[mnist_server], preset="fast", seed=7, floor=0.999)
     assert summary["status"] == "rejected"
 
 

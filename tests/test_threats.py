@@ -20,11 +20,11 @@ from storage.registry import Registry, RegistryError
 from storage.shards import write_split
 
 
-def _spec(name="shapes", sha="a" * 64, **extra) -> dict:
+def _spec(name="shapes", sha="a" * 64, shape=(2, 2), **extra) -> dict:
     files = [{"name": f"{split}-{kind}.gz", "split": split, "kind": kind,
-              "size": 16 + 10 * 4 if kind == "images" else 8 + 10, "sha256": sha}
+              "size": 16 + 10 * shape[0] * shape[1] if kind == "images" else 8 + 10, "sha256": sha}
              for split in ("train", "test") for kind in ("images", "labels")]
-    return {"name": name, "image_shape": [2, 2], "classes": ["a", "b"], "files": files, **extra}
+    return {"name": name, "image_shape": list(shape), "classes": ["a", "b"], "files": files, **extra}
 
 
 # ---- 1. namespaces: a dataset's folders and models are tied to its identity -------------------
@@ -209,3 +209,189 @@ def test_a_row_file_rewritten_with_a_matching_sidecar_is_still_rebuilt(tmp_path)
                                                          "sha256": hashlib.sha256(forged).hexdigest()}))
     rows, labels, _ = open_rows(split, digest)
     assert np.array_equal(labels, y) and np.array_equal(rows[0:300], x.reshape(300, 784) / np.float32(255))
+
+
+# ---- 5. text that becomes markup is escaped for where it lands ---------------------------------
+
+HOSTILE = ["<script>alert(1)</script>", "a|b", "line\nbreak", "![x](http://evil.example/p.png)", "# heading",
+           "\x1b[31mred\x1b[0m", "[link](javascript:alert(1))", "`code`", "\u202etxt.exe", "$\\frac{1}{0}$"]
+
+
+def test_markdown_escaping_leaves_no_markup():
+    from storage.text import md
+
+    for text in HOSTILE:
+        out = md(text)
+        assert "\n" not in out and "\x1b" not in out and "\u202e" not in out
+        for ch in "<>|[]()!#`$":
+            assert ch not in out.replace("\\" + ch, ""), (text, out)  # every one escaped
+
+
+def test_a_report_with_hostile_class_names_and_lineage_stays_one_table():
+    from storage.report import render_markdown
+
+    names = HOSTILE[:10]
+    per_class = [{"class": i, "precision": 1.0, "recall": 1.0, "f1": 1.0, "support": 1} for i in range(10)]
+    metrics = {"test_accuracy": 0.5, "test_loss": 1.0, "macro_f1": 0.5, "inference_images_per_second": 1.0,
+               "per_class": per_class, "history": [], "confusion_matrix": np.eye(10, dtype=int).tolist(),
+               "most_confident_errors": []}
+    report = render_markdown(name="m", version=1, metrics=metrics, hyperparameters={"hidden": [8]},
+                             lineage={"dataset": {"classes": names, "source": "/x/`|\n# y.toml"}},
+                             champion=None, classes=names)
+    lines = report.splitlines()
+    assert [line for line in lines if line.startswith("#")] == [
+        "# m v1", "## Compared with the champion", "## Hyperparameters", "## Per class (test)",
+        "## Learning curves", "## Confusion matrix", "## Most confidently wrong (test)", "## Lineage"]
+    assert "<script>" not in report and "](http://evil" not in report and "\x1b" not in report
+    per_class_rows = lines[lines.index("## Per class (test)") + 4: lines.index("## Learning curves") - 1]
+    assert len(per_class_rows) == 10 and all(row.count("|") - row.count("\\|") == 6 for row in per_class_rows)
+
+
+@pytest.mark.parametrize("name", ["two\nlines", "esc\x1b[2J", "bidi\u202e", "x" * 101])
+def test_a_spec_refuses_class_names_that_are_not_one_plain_line(name):
+    with pytest.raises(SpecError, match="class names must be one line of at most 100 characters"):
+        from_dict({**_spec(), "classes": ["ok", name]}, "/x/s.toml")
+
+
+def test_terminal_output_shows_control_characters_instead_of_obeying_them():
+    from storage.text import terminal
+
+    assert terminal("7\n/tmp/forged: 1 (99.9%)") == "7\\n/tmp/forged: 1 (99.9%)"
+    assert terminal("\x1b[2Jred") == "\\x1b[2Jred" and terminal("ok é 7") == "ok é 7"
+
+
+# ---- 6. sizes known before work -----------------------------------------------------------------
+
+def test_a_deep_spec_is_one_line_before_parsing(tmp_path):
+    from storage.datasets import load_spec
+
+    for suffix, text in ((".json", "[" * 50_000 + "]" * 50_000), (".toml", "a = " + "[" * 50_000 + "]" * 50_000)):
+        path = tmp_path / f"deep{suffix}"
+        path.write_text(text)
+        with pytest.raises(SpecError, match="nested more than 16 levels deep") as e:
+            load_spec(path)
+        assert "\n" not in str(e.value)
+
+
+def test_a_network_that_cannot_be_built_is_refused_before_any_download():
+    from flows.contract import hyperparameters
+    from storage import DigitflowError
+
+    with pytest.raises(SpecError, match="image_shape 1024×1024 makes 1,048,576 network inputs"):
+        from_dict({**_spec(), "image_shape": [1024, 1024]}, "/x/s.toml")
+    big = from_dict({**_spec(shape=(256, 256)), "classes": [f"c{i}" for i in range(1000)]}, "/x/s.toml")
+    with pytest.raises(DigitflowError, match="a 65536-2048-1000 network has 136,268,776 parameters"):
+        hyperparameters("default", {"hidden": [2048]}, big)
+
+
+def test_huge_values_in_a_spec_are_quoted_short():
+    with pytest.raises(SpecError) as e:
+        from_dict({**_spec(), "name": "X" * 1_000_000}, "/x/s.toml")
+    assert len(str(e.value)) < 400
+
+
+# ---- 7. where output goes ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("target", ["folder", "/dev/null", "fifo", "symlink"])
+def test_an_output_that_is_not_a_regular_file_is_refused_untouched(tmp_path, target):
+    import os
+
+    from storage import DigitflowError
+    from storage.atomic import output_path
+
+    if target == "folder":
+        path = tmp_path / "out"
+        path.mkdir()
+    elif target == "fifo":
+        path = tmp_path / "fifo"
+        os.mkfifo(path)
+    elif target == "symlink":
+        path = tmp_path / "link"
+        path.symlink_to(tmp_path / "elsewhere")
+    else:
+        path = target
+    before = os.lstat(path)
+    with pytest.raises(DigitflowError, match="give the path of a new or regular file"):
+        output_path(path)
+    after = os.lstat(path)
+    assert (before.st_mode, before.st_ino) == (after.st_mode, after.st_ino)
+    assert output_path(tmp_path / "new.onnx") == tmp_path / "new.onnx"
+
+
+# ---- 8. outbound calls: webhooks -----------------------------------------------------------------
+
+@pytest.fixture
+def slow_receivers():
+    """A receiver that trickles its answer a byte at a time, one that redirects, and a target."""
+    import http.server
+    import time as _time
+
+    from tests.conftest import _Server
+
+    got = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            got.append(self.path)
+            if self.path.startswith("/trickle"):
+                for byte in b"HTTP/1.1 200 OK\r\n\r\n":
+                    self.wfile.write(bytes([byte]))
+                    self.wfile.flush()
+                    _time.sleep(0.5)
+            elif self.path.startswith("/redirect"):
+                self.send_response(307)
+                self.send_header("Location", "/target")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+            else:
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+        def log_message(self, *a):
+            pass
+
+    server = _Server(Handler)
+    yield server.url, got
+    server.close()
+
+
+def test_a_webhook_has_one_deadline_follows_no_redirect_and_logs_no_secret(slow_receivers, monkeypatch, caplog):
+    import time as _time
+
+    from flows import alerts
+
+    url, got = slow_receivers
+    monkeypatch.setattr(alerts, "DEADLINE", 1.0)
+    t = _time.monotonic()
+    assert alerts.notify(url + "trickle/T0KEN", "gate_rejected") is False  # ~10 s of trickle: abandoned at 1 s
+    assert _time.monotonic() - t < 2.0
+    assert alerts.notify(url + "redirect/T0KEN", "gate_rejected") is False
+    _time.sleep(0.2)
+    assert "/target" not in got and got[:2] == ["/trickle/T0KEN", "/redirect/T0KEN"]
+    assert alerts.notify(url + "ok/T0KEN", "gate_rejected") is True
+    assert "no answer within 1 s" in caplog.text and "HTTP 307 (a redirect: not followed)" in caplog.text
+    assert "T0KEN" not in caplog.text
+
+
+def test_a_webhook_url_never_becomes_a_flow_parameter(monkeypatch):
+    from flows import alerts
+    from flows.cli import _webhook, deployment_parameters
+    from storage import DigitflowError
+
+    with pytest.raises(DigitflowError, match="a URL is not accepted as a flow parameter"):
+        alerts.check_reference("https://user:pw@hooks.example/T0KEN")
+    monkeypatch.delenv("DIGITFLOW_WEBHOOK_URL", raising=False)
+    assert _webhook("https://hooks.example/T0KEN") is None  # `run`: handed over in this process's environment
+    import os
+
+    assert os.environ["DIGITFLOW_WEBHOOK_URL"] == "https://hooks.example/T0KEN"
+    monkeypatch.setenv("TEAM_HOOK", "https://hooks.example/T1")
+    assert alerts.webhook_url("env:TEAM_HOOK") == "https://hooks.example/T1"
+    with pytest.raises(DigitflowError, match="Prefect Secret block"):  # `deploy`: its parameters are public
+        deployment_parameters(None, None, "fast", None, {}, "https://hooks.example/T0KEN", here=False)
+    with pytest.raises(DigitflowError, match="set DIGITFLOW_MIRRORS on the workers"):
+        deployment_parameters(None, ["https://u:pw@mirror.example/"], "fast", None, {}, None, here=False)
+    params = deployment_parameters(None, None, "fast", None, {}, "secret:team-hook", here=False)
+    assert params["webhook"] == "secret:team-hook" and "T0KEN" not in str(params)
