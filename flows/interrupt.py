@@ -140,6 +140,15 @@ def _stop_children() -> None:
             pass
 
 
+def _server_log():
+    """Prefect's temporary server's log: ``<PREFECT_HOME>/digitflow-temporary-server.log``."""
+    from prefect.settings import get_current_settings
+
+    home = get_current_settings().home
+    home.mkdir(parents=True, exist_ok=True)
+    return open(home / "digitflow-temporary-server.log", "ab")
+
+
 def detach_ephemeral_server() -> None:
     """Start Prefect's temporary API server (when one is used) in a session of its own, so a
     terminal's Ctrl-C does not kill it under us; ``_stop_children`` or Prefect's exit handler
@@ -161,6 +170,11 @@ def detach_ephemeral_server() -> None:
 
         def popen(*args, **kwargs):
             kwargs.setdefault("start_new_session", True)
+            if not os.environ.get("DIGITFLOW_DEBUG"):
+                # Its output (CancelledError tracebacks while it shuts down after a failed run)
+                # goes to a log file, not the user's terminal: our one line stays the last word.
+                kwargs.setdefault("stdout", _server_log())
+                kwargs.setdefault("stderr", subprocess.STDOUT)
             return real_popen(*args, **kwargs)
 
         subprocess.Popen = popen

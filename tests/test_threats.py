@@ -395,3 +395,34 @@ def test_a_webhook_url_never_becomes_a_flow_parameter(monkeypatch):
         deployment_parameters(None, ["https://u:pw@mirror.example/"], "fast", None, {}, None, here=False)
     params = deployment_parameters(None, None, "fast", None, {}, "secret:team-hook", here=False)
     assert params["webhook"] == "secret:team-hook" and "T0KEN" not in str(params)
+
+
+# ---- 10. noise at exit ---------------------------------------------------------------------------
+
+def test_the_temporary_servers_output_goes_to_a_log_file_not_the_terminal(monkeypatch, tmp_path):
+    """Prefect's temporary server prints CancelledError tracebacks while it shuts down after a
+    failed run; they go to <PREFECT_HOME>/digitflow-temporary-server.log (shown with --verbose)."""
+    import subprocess
+    import types
+
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_HOME, temporary_settings
+
+    from flows import interrupt
+
+    seen = {}
+
+    def fake_popen(*args, **kwargs):
+        seen.update(kwargs)
+        return types.SimpleNamespace()
+
+    monkeypatch.delenv("DIGITFLOW_DEBUG", raising=False)
+    monkeypatch.setattr(subprocess, "Popen", fake_popen)
+    with temporary_settings({PREFECT_HOME: tmp_path}):
+        monkeypatch.setattr("prefect.settings.get_current_settings", lambda: types.SimpleNamespace(
+            api=types.SimpleNamespace(url=None), home=tmp_path, to_environment_variables=lambda **kw: {}))
+        interrupt.detach_ephemeral_server()
+        SubprocessASGIServer._run_uvicorn_command(types.SimpleNamespace(port=1))
+    assert seen["start_new_session"] is True and seen["stderr"] == subprocess.STDOUT
+    assert seen["stdout"].name == str(tmp_path / "digitflow-temporary-server.log")
+    seen["stdout"].close()
