@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -92,6 +94,9 @@ def _replace(path: Path, write) -> None:
 # Bounds checked before anything is allocated: no model file can make us reserve more
 # memory than its declared layers need, and no declared network may be absurd.
 MAX_SPEC_BYTES = 1 << 20
+# What zipfile and zlib raise on a damaged archive: a flipped flag bit alone can ask for an
+# unknown compression method (NotImplementedError) or a password (RuntimeError).
+ZIP_ERRORS = (ValueError, OSError, EOFError, NotImplementedError, RuntimeError, zipfile.BadZipFile, zlib.error)
 MAX_LAYERS = 64
 MAX_UNITS = 1 << 16
 MAX_PARAMETERS = 200_000_000  # 800 MB of float32
@@ -169,7 +174,7 @@ def _read_npz(npz_path: Path, expected: dict[str, tuple[int, ...]]) -> dict[str,
         archive = zipfile.ZipFile(npz_path)
     except FileNotFoundError:
         raise ModelFormatError(f"{npz_path}: missing") from None
-    except (zipfile.BadZipFile, OSError, ValueError) as e:
+    except ZIP_ERRORS as e:
         raise ModelFormatError(f"{npz_path}: not a valid .npz file ({e})") from None
     arrays = {}
     with archive:
@@ -201,7 +206,7 @@ def _read_npz(npz_path: Path, expected: dict[str, tuple[int, ...]]) -> dict[str,
                     data = f.read(nbytes)
             except ModelFormatError:
                 raise
-            except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:  # bad header, CRC, truncation
+            except ZIP_ERRORS as e:  # bad header, CRC, truncation, unknown compression or encryption flags
                 raise ModelFormatError(f"{npz_path}: array {name} is damaged ({e})") from None
             if len(data) != nbytes:
                 raise ModelFormatError(f"{npz_path}: array {name} is truncated")
@@ -271,6 +276,6 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
             raise ValueError("meta is not an object")
     except ModelFormatError:
         raise
-    except (OSError, ValueError, KeyError, EOFError, RecursionError, zipfile.BadZipFile) as e:
+    except (KeyError, RecursionError, *ZIP_ERRORS) as e:
         raise ModelFormatError(f"{path}: unreadable checkpoint ({type(e).__name__})") from None
     return {**meta, "arrays": arrays}

@@ -1,0 +1,252 @@
+"""Property tests (Hypothesis) for every parser and loader of files: IDX, dataset specs,
+model.json/model.npz, checkpoints, bucket URLs and relative paths. Properties: a hostile input
+raises only the loader's own one-line error type (never another exception), the work is bounded
+(sizes are checked before reading), and a round trip gives back what was written.
+Example counts are fixed so the suite's time stays predictable."""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+import zipfile
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, assume, given, settings, strategies as st
+
+import nn
+from storage import objects
+from storage.datasets import SpecError, from_dict, load_spec
+from storage.idx import DTYPES, IDXError, read_header, read_idx, write_idx
+from storage.paths import PathError, inside
+
+FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+# ---- IDX ----------------------------------------------------------------------------------------
+
+@st.composite
+def idx_bytes(draw) -> bytes:
+    """Mostly well-formed IDX files, then damaged: truncated, extended, bytes flipped, or raw noise."""
+    if draw(st.booleans()):
+        return draw(st.binary(max_size=64))
+    code = draw(st.sampled_from(sorted(DTYPES)))
+    shape = draw(st.lists(st.integers(0, 5), min_size=1, max_size=3))
+    data = draw(st.binary(min_size=0, max_size=200))
+    out = bytes([0, 0, code, len(shape)]) + b"".join(struct.pack(">I", d) for d in shape) + data
+    cut = draw(st.integers(0, len(out)))
+    flip = draw(st.integers(0, max(0, len(out) - 1)))
+    how = draw(st.sampled_from(["as is", "truncate", "flip", "huge dim"]))
+    if how == "truncate":
+        out = out[:cut]
+    elif how == "flip" and out:
+        out = out[:flip] + bytes([out[flip] ^ 0xFF]) + out[flip + 1:]
+    elif how == "huge dim" and len(out) >= 8:
+        out = out[:4] + struct.pack(">I", 0xFFFFFFFF) + out[8:]
+    return out
+
+
+@FUZZ
+@given(content=idx_bytes())
+def test_idx_reader_raises_only_idx_errors(tmp_path_factory, content):
+    path = tmp_path_factory.mktemp("idx") / "f-ubyte"
+    path.write_bytes(content)
+    try:
+        header = read_header(path)
+    except IDXError as e:
+        assert str(e).startswith("f-ubyte: ") and "\n" not in str(e)
+        return
+    assert header.offset + header.nbytes == len(content)  # accepted only when the length is exact
+    array = read_idx(path)
+    assert array.shape == header.shape and array.dtype == header.dtype.newbyteorder("=")
+
+
+@FUZZ
+@given(array=st.sampled_from([np.uint8, np.int8, np.int16, np.int32, np.float32, np.float64]).flatmap(
+    lambda t: st.lists(st.integers(0, 4), min_size=1, max_size=3).map(
+        lambda shape: np.arange(int(np.prod(shape)), dtype=t).reshape(shape))))
+def test_idx_round_trip(tmp_path_factory, array):
+    path = tmp_path_factory.mktemp("idx") / "a"
+    write_idx(path, array)
+    back = read_idx(path)
+    assert back.shape == array.shape and np.array_equal(back, array)
+
+
+# ---- dataset specs --------------------------------------------------------------------------------
+
+json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=20),
+                           lambda children: st.lists(children, max_size=4)
+                           | st.dictionaries(st.text(max_size=8), children, max_size=4), max_leaves=20)
+
+
+@st.composite
+def specs(draw) -> dict:
+    """A valid spec with some fields replaced by arbitrary JSON values."""
+    shape = [draw(st.integers(1, 8)), draw(st.integers(1, 8))]
+    n = draw(st.integers(1, 5))
+    files = [{"name": f"{split}-{kind}.gz", "split": split, "kind": kind, "sha256": "a" * 64,
+              "size": 16 + n * shape[0] * shape[1] if kind == "images" else 8 + n}
+             for split in ("train", "test") for kind in ("images", "labels")]
+    spec = {"name": "fuzz", "image_shape": shape, "classes": ["a", "b", "c"], "mirrors": [], "files": files}
+    for _ in range(draw(st.integers(0, 3))):
+        where = draw(st.sampled_from(["top", "file"]))
+        if where == "top":
+            spec[draw(st.sampled_from(sorted(spec) + ["extra", "notes"]))] = draw(json_values)
+        elif isinstance(spec.get("files"), list) and spec["files"]:
+            entry = draw(st.sampled_from(spec["files"]))
+            if isinstance(entry, dict):
+                entry[draw(st.sampled_from(["name", "split", "kind", "sha256", "size", "archive_md5", "x"]))] = \
+                    draw(json_values)
+    return spec
+
+
+@FUZZ
+@given(spec=specs())
+def test_spec_validation_raises_only_spec_errors_and_accepts_what_round_trips(spec):
+    try:
+        dataset = from_dict(spec, "/x/fuzz.json")
+    except SpecError as e:
+        assert all(line.startswith("fuzz.json: ") for line in str(e).splitlines())
+        assert all(len(line) < 600 for line in str(e).splitlines())  # values are quoted short
+        return
+    again = from_dict({k: v for k, v in dataset.to_dict().items() if k != "source"}
+                      | {"files": [{"sha256" if k == "idx_sha256" else "size" if k == "idx_size" else k: v
+                                    for k, v in f.items()} for f in dataset.to_dict()["files"]]}, "/y/other.json")
+    assert again.identity == dataset.identity and again.key == dataset.key
+
+
+@FUZZ
+@given(content=st.binary(max_size=300) | st.text(max_size=300).map(str.encode),
+       suffix=st.sampled_from([".json", ".toml"]))
+def test_spec_files_of_any_bytes_give_one_spec_error(tmp_path_factory, content, suffix):
+    path = tmp_path_factory.mktemp("spec") / f"s{suffix}"
+    path.write_bytes(content)
+    with pytest.raises(SpecError):
+        load_spec(path)
+
+
+# ---- model.json / model.npz -------------------------------------------------------------------------
+
+def _saved(tmp_path):
+    model = nn.Sequential(nn.Dense(6, 4), nn.ReLU(), nn.Dense(4, 3), seed=0)
+    nn.save(model, tmp_path)
+    return model
+
+
+@FUZZ
+@given(data=st.data())
+def test_model_files_damaged_anyhow_give_one_model_format_error(tmp_path_factory, data):
+    folder = tmp_path_factory.mktemp("model")
+    model = _saved(folder)
+    name = data.draw(st.sampled_from(["model.json", "model.npz"]))
+    raw = bytearray((folder / name).read_bytes())
+    how = data.draw(st.sampled_from(["flip", "truncate", "replace", "json"]))
+    if how == "flip":
+        i = data.draw(st.integers(0, len(raw) - 1))
+        raw[i] ^= data.draw(st.integers(1, 255))
+    elif how == "truncate":
+        raw = raw[:data.draw(st.integers(0, len(raw) - 1))]
+    elif how == "replace":
+        raw = bytearray(data.draw(st.binary(max_size=200)))
+    else:
+        raw = bytearray(json.dumps(data.draw(json_values)).encode())
+    (folder / name).write_bytes(bytes(raw))
+    try:
+        loaded = nn.load(folder, expect_digest=nn.digest(model))
+    except nn.ModelFormatError as e:
+        assert "\n" not in str(e)
+        return
+    assert nn.digest(loaded) == nn.digest(model)  # accepted only when the weights are the very same
+
+
+@FUZZ
+@given(shapes=st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 10_000)), min_size=1, max_size=3),
+       dtype=st.sampled_from(["<f4", "<f8", "<i8", "|u1", "<f2", "|O"]))
+def test_npz_headers_are_checked_before_any_array_is_read(tmp_path_factory, shapes, dtype):
+    """An .npz whose members announce other shapes or dtypes (even huge ones) is refused from its
+    headers: no array of the announced size is ever allocated."""
+    folder = tmp_path_factory.mktemp("npz")
+    _saved(folder)
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as z:
+        for i, shape in enumerate(shapes):
+            header = {"descr": dtype, "fortran_order": False, "shape": shape}
+            member = io.BytesIO()
+            np.lib.format.write_array_header_1_0(member, header)
+            z.writestr(f"W{i}.npy", member.getvalue() + b"\0" * 16)
+            z.writestr(f"b{i}.npy", member.getvalue())
+    (folder / "model.npz").write_bytes(buffer.getvalue())
+    with pytest.raises(nn.ModelFormatError):
+        nn.load(folder)
+
+
+# ---- checkpoints ------------------------------------------------------------------------------------
+
+@FUZZ
+@given(data=st.data())
+def test_checkpoints_of_any_content_are_refused_or_fit_the_run(tmp_path_factory, data):
+    """A checkpoint file with arbitrary arrays and metadata: load_checkpoint raises only
+    ModelFormatError, and fit either resumes (the state fit its check) or raises CheckpointMismatch."""
+    folder = tmp_path_factory.mktemp("ckpt")
+    arrays = {}
+    for name in data.draw(st.lists(st.sampled_from(["param.0.W", "param.0.b", "param.2.W", "param.2.b", "optim.t",
+                                                    "optim.velocity.0", "best.0.W", "junk"]), max_size=6, unique=True)):
+        shape = data.draw(st.sampled_from([(), (6, 4), (4,), (4, 3), (3,), (2, 2)]))
+        arrays[name] = np.zeros(shape, data.draw(st.sampled_from([np.float32, np.float64, np.int64])))
+    meta = data.draw(st.fixed_dictionaries({}, optional={
+        "epoch": json_values | st.integers(-2, 5), "best_loss": json_values, "waited": json_values | st.integers(0, 3),
+        "history": json_values, "best_epoch": json_values, "generators": json_values}))
+    path = folder / "c.npz"
+    np.savez(path, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8), **arrays)
+    try:
+        state = nn.load_checkpoint(path)
+    except nn.ModelFormatError:
+        return
+    rng = np.random.default_rng(0)
+    x, y = rng.random((40, 6), np.float32), rng.integers(0, 3, 40)
+    hp = nn.presets.get("fast", hidden=(4,), epochs=3, batch_size=8)
+    with pytest.raises(nn.CheckpointMismatch):
+        nn.presets.train(hp, x, y, resume=state, n_classes=3, image_shape=(2, 3))
+
+
+# ---- URLs and paths ----------------------------------------------------------------------------------
+
+segment = st.sampled_from(["a", "b.c", "..", ".", "", "x y", "é", "a\\b", "%2e%2e", "\0"])
+
+
+@FUZZ
+@given(parts=st.lists(segment, max_size=5), bucket=st.sampled_from(["bucket", "b", "Bucket", "..", "my-bucket.x"]))
+def test_bucket_urls_are_refused_or_stay_inside_the_cache(tmp_path_factory, monkeypatch_session, parts, bucket):
+    cache = tmp_path_factory.getbasetemp() / "cache"
+    monkeypatch_session.setenv("DIGITFLOW_CACHE", str(cache))
+    url = f"s3://{bucket}/" + "/".join(parts)
+    try:
+        store = objects.open_store(url)
+    except objects.ObjectStoreError:
+        return
+    local = objects.local_path(store.url())
+    assert cache.resolve() in local.parents or local == cache.resolve() / "s3" / bucket
+    for rel in (store.prefix, "models/x", "/".join(parts)):
+        try:
+            assert (cache.resolve() / "s3") in objects.local_path(f"s3://{bucket}/{rel}").parents
+        except PathError:
+            pass
+
+
+@FUZZ
+@given(rel=st.text(max_size=30))
+def test_inside_never_leaves_its_root(tmp_path_factory, rel):
+    root = tmp_path_factory.getbasetemp() / "root"
+    try:
+        path = inside(root, rel)
+    except PathError:
+        return
+    assert root.resolve() in path.parents
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_session():
+    mp = pytest.MonkeyPatch()
+    yield mp
+    mp.undo()
