@@ -161,7 +161,7 @@ def ingest(home: Optional[str] = HOME, mirror: Optional[List[str]] = MIRRORS, da
 @hp_options
 def run(home: Optional[str] = HOME, mirror: Optional[List[str]] = MIRRORS, dataset: str = DATASET,
         allow_unpinned: bool = ALLOW_UNPINNED, preset: str = PRESET, model_name: Optional[str] = MODEL_NAME,
-        tolerance: float = TOLERANCE, floor: float = FLOOR,
+        tolerance: float = TOLERANCE, floor: Optional[float] = FLOOR,
         require_promotion: bool = typer.Option(False, "--require-promotion", help="Exit 1 unless the new version is champion."),
         json_out: bool = typer.Option(False, "--json", help="Print the run summary as JSON."),
         webhook: Optional[str] = WEBHOOK,
@@ -265,7 +265,7 @@ def evaluate(model: str = typer.Option("champion", "--model", help="VERSION, ali
 def publish(folder: str = typer.Argument(..., help="A trained model folder, as `digitflow train` prints it."),
             home: Optional[str] = HOME, dataset: str = DATASET, model_name: Optional[str] = MODEL_NAME,
             tolerance: float = TOLERANCE,
-            floor: float = FLOOR, webhook: Optional[str] = WEBHOOK,
+            floor: Optional[float] = FLOOR, webhook: Optional[str] = WEBHOOK,
             json_out: bool = typer.Option(False, "--json", help="Print the outcome as JSON.")) -> None:
     """Evaluate a trained model on the test split, publish it as a version and put it through the gate."""
     from flows.pipeline import publish_trained
@@ -413,7 +413,7 @@ def sweep(grid: List[str] = typer.Option(..., "--grid", help="name=v1,v2 (repeat
           allow_unpinned: bool = ALLOW_UNPINNED, preset: str = PRESET, model_name: Optional[str] = MODEL_NAME,
           dask_address: Optional[str] = typer.Option(None, "--dask-address", help="tcp://HOST:8786 of an existing Dask scheduler; default: a temporary LocalCluster."),
           workers: int = typer.Option(2, "--workers", min=1, help="Worker processes of the temporary LocalCluster."),
-          tolerance: float = TOLERANCE, floor: float = FLOOR,
+          tolerance: float = TOLERANCE, floor: Optional[float] = FLOOR,
           rows_per_shard: int = ROWS, timeout: float = TIMEOUT, retries: int = RETRIES,
           webhook: Optional[str] = WEBHOOK, json_out: bool = typer.Option(False, "--json"), hp: dict = None) -> None:
     """Train a grid of hyperparameters in parallel on Dask; publish the best through the gate."""

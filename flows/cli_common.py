@@ -14,7 +14,7 @@ import typer
 from storage import DigitflowError
 from storage.atomic import is_disk_error
 from storage.config import DEFAULT_RETRIES, DEFAULT_ROWS_PER_SHARD, DEFAULT_TIMEOUT
-from storage.registry import DEFAULT_FLOOR, DEFAULT_NAME, DEFAULT_TOLERANCE, GATE_BOUNDS
+from storage.registry import DEFAULT_NAME, DEFAULT_TOLERANCE, GATE_BOUNDS
 
 HOME = typer.Option(None, "--home", help="Root directory for all state (env DIGITFLOW_HOME; default ~/.digitflow).")
 MIRRORS = typer.Option(None, "--mirror", help="Mirror base URL (http://, https://, file://); repeat to try several in order (env DIGITFLOW_MIRRORS).")
@@ -30,7 +30,9 @@ MODEL_NAME = typer.Option(None, "--model-name", help=f"Registry name of the mode
 DATASET = typer.Option("mnist", "--dataset", help="mnist, fashion-mnist, or the path of a dataset spec file (.toml/.json).")
 ALLOW_UNPINNED = typer.Option(False, "--allow-unpinned", help="Accept dataset files whose spec has no checksum (the provenance records the hash seen).")
 TOLERANCE = typer.Option(DEFAULT_TOLERANCE, "--tolerance", min=GATE_BOUNDS[0], max=GATE_BOUNDS[1], help="Promote if accuracy ≥ champion's minus this.")
-FLOOR = typer.Option(DEFAULT_FLOOR, "--floor", min=GATE_BOUNDS[0], max=GATE_BOUNDS[1], help="Never promote below this test accuracy.")
+FLOOR = typer.Option(None, "--floor", min=GATE_BOUNDS[0], max=GATE_BOUNDS[1],
+                     help="Never promote below this test accuracy (default: the dataset's: MNIST 0.97, "
+                          "Fashion-MNIST 0.85, a spec's floor, else 0).")
 
 
 _final_words: list[str] = []

@@ -5,8 +5,8 @@ from prefect.runtime import flow_run
 
 import flows.engine  # noqa: F401  (flow runs end without waiting for their heartbeat thread)
 from flows.alerts import alert_if_rejected, on_flow_failure
-from flows.contract import (DEFAULT_FLOOR, DEFAULT_RETRIES, DEFAULT_ROWS_PER_SHARD, DEFAULT_TIMEOUT,
-                            DEFAULT_TOLERANCE, Accuracy, DatasetName, Deadline, ModelName, Preset, Retries, RowsPerShard, Timeout,
+from flows.contract import (DEFAULT_RETRIES, DEFAULT_ROWS_PER_SHARD, DEFAULT_TIMEOUT,
+                            DEFAULT_TOLERANCE, Accuracy, DatasetName, Deadline, Floor, ModelName, Preset, Retries, RowsPerShard, Timeout,
                             Webhook,
                             hyperparameters, with_hyperparameters)
 from flows.ingest import ingest
@@ -38,7 +38,7 @@ def retrain(
     preset: Preset = "default",
     model_name: ModelName | None = None,
     tolerance: Accuracy = DEFAULT_TOLERANCE,
-    floor: Accuracy = DEFAULT_FLOOR,
+    floor: Floor = None,
     rows_per_shard: RowsPerShard = DEFAULT_ROWS_PER_SHARD,
     timeout: Timeout = DEFAULT_TIMEOUT,
     retries: Retries = DEFAULT_RETRIES,
@@ -57,7 +57,7 @@ def retrain(
             (an empty field keeps the preset's value).
         model_name: Registry name of the model (default: <dataset>-mlp; mnist-mlp for MNIST).
         tolerance: Promote when test accuracy ≥ the champion's minus this.
-        floor: Never promote below this test accuracy.
+        floor: Never promote below this test accuracy (empty: the dataset's; MNIST 0.97, Fashion-MNIST 0.85).
         rows_per_shard: Rows per Parquet shard.
         timeout: Seconds of silence before a mirror counts as failed.
         retries: Retries of a download after transient failures.
@@ -118,7 +118,7 @@ def evaluate_model(model: TrainedModel, home: str | None = None, dataset: Datase
 @flow(name="mnist-publish", flow_run_name="publish {model.weights_sha256:.12}", on_failure=[on_flow_failure])
 def publish_trained(model: TrainedModel, home: str | None = None, dataset: DatasetName = "mnist",
                     model_name: ModelName | None = None, tolerance: Accuracy = DEFAULT_TOLERANCE,
-                    floor: Accuracy = DEFAULT_FLOOR, webhook: Webhook = None) -> dict:
+                    floor: Floor = None, webhook: Webhook = None) -> dict:
     """Evaluate → publish → gate: the tail `run`, `sweep` and `digitflow publish` share (a subflow of the
     first two). Evaluates the trained model on the test split, publishes it as an immutable version
     (identical weights: the existing version) and puts it through the promotion gate.
@@ -129,7 +129,7 @@ def publish_trained(model: TrainedModel, home: str | None = None, dataset: Datas
         dataset: The dataset it was trained on: mnist, fashion-mnist, or a spec file's path.
         model_name: Registry name of the model (default: <dataset>-mlp; mnist-mlp for MNIST).
         tolerance: Promote when test accuracy ≥ the champion's minus this.
-        floor: Never promote below this test accuracy.
+        floor: Never promote below this test accuracy (empty: the dataset's; MNIST 0.97, Fashion-MNIST 0.85).
         webhook: Where the alert URL is kept: env:VARIABLE or secret:BLOCK (else $DIGITFLOW_WEBHOOK_URL).
     """
     spec, model_name = dataset_and_model(dataset, model_name)
@@ -143,7 +143,7 @@ def publish_trained(model: TrainedModel, home: str | None = None, dataset: Datas
     metrics = evaluate(model, data["test"])
     published = publish(model, metrics, data["train"], data["test"], home, model_name,
                         dataset=spec.lineage())
-    decision = gate(published, home, tolerance=tolerance, floor=floor)
+    decision = gate(published, home, tolerance=tolerance, floor=spec.floor if floor is None else floor)
     alert_if_rejected(webhook, published, decision)
     outcome = {**published.model_dump(), **outcome_of(published, decision)}
     update_run(name=f"publish → v{outcome['version']} {outcome['status']}")

@@ -15,8 +15,8 @@ from prefect.runtime import flow_run
 import flows.engine  # noqa: F401  (flow runs end without waiting for their heartbeat thread)
 from flows.alerts import on_flow_failure
 from flows.ingest import ingest
-from flows.contract import (DEFAULT_FLOOR, DEFAULT_RETRIES, DEFAULT_ROWS_PER_SHARD, DEFAULT_TIMEOUT,
-                            DEFAULT_TOLERANCE, Accuracy, DatasetName, ModelName, Overrides, Preset, Retries, RowsPerShard, Timeout, Webhook,
+from flows.contract import (DEFAULT_RETRIES, DEFAULT_ROWS_PER_SHARD, DEFAULT_TIMEOUT,
+                            DEFAULT_TOLERANCE, Accuracy, DatasetName, Floor, ModelName, Overrides, Preset, Retries, RowsPerShard, Timeout, Webhook,
                             hyperparameters, overrides_dict, with_hyperparameters)
 from flows.pipeline import publish_trained, run_tags, update_run
 from storage import DigitflowError, remote
@@ -91,7 +91,7 @@ def sweep(
     preset: Preset = "default",
     model_name: ModelName | None = None,
     tolerance: Accuracy = DEFAULT_TOLERANCE,
-    floor: Accuracy = DEFAULT_FLOOR,
+    floor: Floor = None,
     rows_per_shard: RowsPerShard = DEFAULT_ROWS_PER_SHARD,
     timeout: Timeout = DEFAULT_TIMEOUT,
     retries: Retries = DEFAULT_RETRIES,

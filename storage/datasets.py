@@ -103,6 +103,7 @@ class Dataset:
     image_shape: tuple[int, int] = (28, 28)
     classes: tuple[str, ...] = tuple(str(d) for d in range(10))
     source: str = "built-in"             # "built-in" or the spec file's path
+    floor: float = 0.0                   # the gate's default: never promote below this test accuracy
     notes: dict = field(default_factory=dict, compare=False)
 
     @property
@@ -159,13 +160,13 @@ class Dataset:
     def to_dict(self) -> dict:
         """The spec as plain data (recorded in lineage; ``from_dict`` reads it back)."""
         return {"name": self.name, "image_shape": list(self.image_shape), "classes": list(self.classes),
-                "mirrors": list(self.mirrors), "source": self.source,
+                "mirrors": list(self.mirrors), "source": self.source, "floor": self.floor,
                 "files": [{k: v for k, v in f.__dict__.items() if v is not None} for f in self.files]}
 
 
 # ---- validation: every mistake, one clear line each ---------------------------------------
 
-_TOP = {"name", "image_shape", "classes", "mirrors", "files", "notes"}
+_TOP = {"name", "image_shape", "classes", "mirrors", "files", "notes", "floor"}
 _FILE = {"name": "name", "split": "split", "kind": "kind", "sha256": "idx_sha256", "size": "idx_size",
          "archive_sha256": "archive_sha256", "archive_size": "archive_size", "archive_md5": "archive_md5"}
 _HEX = {"sha256": 64, "archive_sha256": 64, "archive_md5": 32}
@@ -211,6 +212,9 @@ def from_dict(data, source: str = "built-in") -> Dataset:
             and all(isinstance(m, str) and 0 < len(m) <= 2048 and not has_control(m) for m in mirrors)):
         bad(f"mirrors must be a list of at most {MAX_MIRRORS} base URLs, got {_short(mirrors)}")
         mirrors = []
+    floor = data.get("floor", 0.0)
+    if type(floor) not in (int, float) or not 0.0 <= floor <= 1.0:
+        bad(f"floor must be a test accuracy in 0..1 (the gate never promotes below it), got {_short(floor)}")
     if not isinstance(data.get("notes", {}), dict):
         bad(f"notes must be a table, got {_short(data.get('notes'))}")
     files_in = data.get("files")
@@ -281,7 +285,7 @@ def from_dict(data, source: str = "built-in") -> Dataset:
     if errors:
         raise SpecError("\n".join(errors))
     return Dataset(name=name, files=tuple(files), mirrors=tuple(mirrors), image_shape=tuple(shape),
-                   classes=tuple(classes), source=source, notes=data.get("notes") or {})
+                   classes=tuple(classes), source=source, notes=data.get("notes") or {}, floor=float(floor))
 
 
 def load_spec(path: str | Path) -> Dataset:

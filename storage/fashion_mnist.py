@@ -13,6 +13,7 @@ FASHION_MNIST = Dataset(
     mirrors=("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
              "https://storage.googleapis.com/tensorflow/tf-keras-datasets/"),
     image_shape=(28, 28),
+    floor=0.85,  # an MLP reaches ~88–90 % on it (the dataset's own benchmark: 256-128-100 at 88.33 %)
     classes=("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
              "Ankle boot"),
     files=(

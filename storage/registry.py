@@ -38,7 +38,6 @@ from storage.paths import PathError, inside
 log = logging.getLogger("digitflow.registry")
 
 DEFAULT_NAME = "mnist-mlp"
-DEFAULT_FLOOR = 0.97     # the gate never promotes below this test accuracy
 DEFAULT_TOLERANCE = 0.0  # the gate promotes when accuracy ≥ the champion's minus this
 GATE_BOUNDS = (0.0, 1.0)  # of the floor and the tolerance (accuracies)
 ALIASES = ("latest", "champion")
@@ -71,7 +70,7 @@ def now() -> str:
 
 
 def gate(candidate: float, champion: float | None, *, tolerance: float = DEFAULT_TOLERANCE,
-         floor: float = DEFAULT_FLOOR) -> tuple[bool, str]:
+         floor: float) -> tuple[bool, str]:
     """Promote when accuracy ≥ floor and ≥ champion - tolerance. Returns (promote, reason)."""
     if candidate < floor:
         return False, f"test accuracy {candidate:.4f} is below the floor {floor:.4f}"

@@ -24,7 +24,7 @@ from storage import DigitflowError, remote
 from storage import report as report_files
 from storage.atomic import read_json, sha256_file, staged_dir, write_json, writing
 from storage.home import Home
-from storage.registry import DEFAULT_FLOOR, DEFAULT_NAME, DEFAULT_TOLERANCE, now
+from storage.registry import DEFAULT_NAME, DEFAULT_TOLERANCE, now
 from storage.shards import image_shape, read_split
 from storage.text import md
 from tasks import progress
@@ -369,8 +369,9 @@ def metrics_table(metrics: Evaluation) -> list[dict]:
 
 
 @verified_task(task_run_name="gate v{published.version}")
-def gate(published: Published, home: Home, tolerance: float = DEFAULT_TOLERANCE, floor: float = DEFAULT_FLOOR) -> Decision:
-    """Promote the version to champion if it is at least as good; else mark it rejected.
+def gate(published: Published, home: Home, floor: float, tolerance: float = DEFAULT_TOLERANCE) -> Decision:
+    """Promote the version to champion if it is at least as good and reaches ``floor`` (the
+    dataset's, unless the run gave one); else mark it rejected.
 
     Read, decide and record happen under the registry lock, on verified weights."""
     log = get_run_logger()

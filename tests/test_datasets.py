@@ -251,7 +251,7 @@ def test_several_mistakes_are_each_one_line():
         "spec: name must be 1–64 lowercase letters, digits, '.', '_' or '-', got 'Bad Name'",
         "spec: image_shape must be [rows, columns], each an integer in 1..1024, got [0, 5]",
         "spec: classes must be a list of 2..1000 non-empty names, got ['a']",
-        "spec: files must list the IDX archives ([[files]] tables with name, split, kind and a checksum)"]
+        "spec: files must list the IDX archives (1 to 64 [[files]] tables with name, split, kind and a checksum)"]
 
 
 def test_a_checksum_that_does_not_match_is_refused_and_nothing_is_kept(tmp_path):
@@ -308,3 +308,16 @@ def test_mnist_is_unchanged(first_run):
         assert Registry(home).metadata(1)["weights_sha256"] == \
             "431ffdda6269d118c443072e145156c3546058393e1edab1bf9f520d9c118c33"
     assert nn.load(home / "models/mnist-mlp/v1").dense_layers[0].n_in == 784
+
+
+def test_the_gates_floor_comes_from_the_dataset():
+    """MNIST's gate floor is 0.97, Fashion-MNIST's 0.85 (an MLP reaches ~88–90 % there), a spec's
+    is its own `floor` (default 0): a run without --floor gets a champion on any dataset."""
+    assert (resolve("mnist").floor, resolve("fashion-mnist").floor) == (0.97, 0.85)
+    spec = {"name": "s", "image_shape": [1, 1], "classes": ["a", "b"],
+            "files": [{"name": f"{s}-{k}", "split": s, "kind": k, "sha256": "a" * 64, "size": 17 if k == "images" else 9}
+                      for s in ("train", "test") for k in ("images", "labels")]}
+    assert from_dict(spec, "/x/s.toml").floor == 0.0
+    assert from_dict({**spec, "floor": 0.5}, "/x/s.toml").floor == 0.5
+    with pytest.raises(SpecError, match="floor must be a test accuracy in 0..1"):
+        from_dict({**spec, "floor": 1.5}, "/x/s.toml")
