@@ -64,7 +64,7 @@ def run(home: str, mirror: str, preset: str, env: dict) -> tuple[float, dict, fl
 FLOOR_SCRIPT = """
 import logging, re, time
 t0 = time.perf_counter()
-import flows.engine  # the same adjustment to Prefect's engine as digitflow's flows
+import tasks.prefect_compat  # the same adjustment to Prefect's engine as digitflow's flows
 from prefect import flow, task
 from prefect.cache_policies import INPUTS
 t1 = time.perf_counter()

@@ -11,7 +11,7 @@ from typing import List, Optional
 import typer
 
 import flows  # noqa: F401  (sets telemetry-off defaults before Prefect is imported)
-from flows import interrupt
+from flows import interrupt, server
 from flows.api import ApiSettings
 from flows.cli_common import (ALLOW_UNPINNED, DATASET, DEADLINE, FLOOR, HOME, MIRRORS, MODEL_NAME, PRESET, RETRIES, ROWS, TIMEOUT, TOLERANCE,
                               WEBHOOK, fail, one_line_errors, quiet_expected_failures)
@@ -96,10 +96,12 @@ def hp_options(f):
     return wrapper
 
 
-def _start(home):
-    """Resolve the home (fails fast, before Prefect starts); keep Prefect's temporary server out
-    of reach of the terminal's Ctrl-C (see flows/interrupt.py)."""
-    home = str(resolve_home(home))
+def _start(home=None):
+    """Resolve the home (fails fast, before Prefect starts); then the Prefect server: the one in
+    PREFECT_API_URL, else the local one (started on first use, flows/server.py), else with
+    DIGITFLOW_EPHEMERAL=1 Prefect's temporary one, kept out of reach of the terminal's Ctrl-C."""
+    home = str(resolve_home(home)) if home is not False else None
+    server.use()
     interrupt.detach_ephemeral_server()
     return home
 
@@ -142,8 +144,9 @@ def ingest(home: Optional[str] = HOME, mirror: Optional[List[str]] = MIRRORS, da
            allow_unpinned: bool = ALLOW_UNPINNED,
            rows_per_shard: int = ROWS, timeout: float = TIMEOUT, retries: int = RETRIES,
            deadline: Optional[float] = DEADLINE) -> None:
-    """Download, verify and shard a dataset (MNIST by default) into <home>/data/<dataset>/<split>
-    (repairing whatever is damaged)."""
+    """Download, verify and shard a dataset (MNIST by default).
+
+    Writes <home>/data/<dataset>/<split>, repairing whatever is damaged."""
     from flows.ingest import ingest as ingest_flow
 
     with one_line_errors():
@@ -195,8 +198,10 @@ def run(home: Optional[str] = HOME, mirror: Optional[List[str]] = MIRRORS, datas
 @app.command()
 @hp_options
 def train(home: Optional[str] = HOME, dataset: str = DATASET, preset: str = PRESET, hp: dict = None) -> None:
-    """Train on the ingested shards (run `digitflow ingest` first); print the trained model's folder
-    (which `digitflow evaluate --model PATH` and `digitflow publish PATH` accept)."""
+    """Train on the ingested shards (run `digitflow ingest` first).
+
+    Prints the trained model's folder, which `digitflow evaluate --model PATH` and
+    `digitflow publish PATH` accept."""
     from flows.contract import hyperparameters
     from flows.pipeline import train_only
 
@@ -290,8 +295,10 @@ def predict(images: List[str] = typer.Argument(..., help="PNG/JPEG/... files of 
             model: str = typer.Option("champion", "--model", help="VERSION or alias (latest, champion)."),
             home: Optional[str] = HOME, dataset: str = DATASET, model_name: Optional[str] = MODEL_NAME,
             json_out: bool = typer.Option(False, "--json", help="Print [{path, digit, probability}, ...] (and class).")) -> None:
-    """Predict classes (MNIST: digits); MNIST images are prepared the way MNIST was (invert, crop,
-    20×20 box, centered); another dataset takes IDX files of its own image shape."""
+    """Predict the classes of image files (MNIST: digits).
+
+    PNG/JPEG images are prepared the way MNIST was (invert, crop, 20×20 box, centered); another
+    dataset takes IDX files of its own image shape."""
     from storage.images import load_inputs
 
     with one_line_errors():
@@ -363,6 +370,7 @@ def serve(cron: str = typer.Option("0 3 * * *", "--cron", help="Cron schedule of
     with one_line_errors():
         check_cron(cron)
         params = deployment_parameters(home, mirror, preset, model_name, hp, webhook, dataset, allow_unpinned)
+        _start(False)
     retrain.serve(name=name, cron=cron, parameters=params, tags=["digitflow"],
                   description=f"Retrain {params['model_name']} with preset {preset!r} on {cron!r} (UTC)")
 
@@ -375,9 +383,11 @@ def deploy(pool: str = typer.Option("digitflow", "--pool", help="Process work po
            home: Optional[str] = HOME, mirror: Optional[List[str]] = MIRRORS, dataset: str = DATASET,
            allow_unpinned: bool = ALLOW_UNPINNED, preset: str = PRESET,
            model_name: Optional[str] = MODEL_NAME, webhook: Optional[str] = WEBHOOK, hp: dict = None) -> None:
-    """Register the pipeline for a process work pool; runs execute on `prefect worker start --pool POOL`
-    on any machine with digitflow installed (the entrypoint is the module, not this checkout). The
-    home is --home / $DIGITFLOW_HOME when given here, else the worker's $DIGITFLOW_HOME."""
+    """Register the pipeline for a process work pool, to run on workers anywhere.
+
+    Runs execute on `prefect worker start --pool POOL` on any machine with digitflow installed
+    (the entrypoint is the module, not this checkout). The home is --home / $DIGITFLOW_HOME when
+    given here, else the worker's $DIGITFLOW_HOME."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.deployments.runner import EntrypointType, deploy as prefect_deploy
@@ -390,6 +400,7 @@ def deploy(pool: str = typer.Option("digitflow", "--pool", help="Process work po
             check_cron(cron)
         params = deployment_parameters(home, mirror, preset, model_name, hp, webhook, dataset, allow_unpinned,
                                        here=False)
+        _start(False)
         if not (home or os.environ.get("DIGITFLOW_HOME")):
             del params["home"]  # the worker's $DIGITFLOW_HOME decides (a path here means nothing there)
         with get_client(sync_client=True) as client:
@@ -468,8 +479,10 @@ def api(host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind 
         poll: float = typer.Option(ApiSettings.poll, "--poll", help="Seconds between checks of the served alias."),
         log_level: str = typer.Option("info", "--log-level", help="info: one line per request; warning: swaps and errors only."),
         ) -> None:
-    """Serve the champion over HTTP (POST /predict, GET /model /health /ready /metrics, and a drawing page at /);
-    a promotion is picked up within --poll seconds, verified before the swap."""
+    """Serve the champion over HTTP (predictions, metrics, a drawing page).
+
+    POST /predict, GET /model /health /ready /metrics, and a drawing page at /; a promotion is
+    picked up within --poll seconds, verified before the swap."""
     from flows.api import serve as serve_api
 
     with one_line_errors():
@@ -494,8 +507,52 @@ def alerts_install(webhook: str = typer.Option(..., "--webhook", help="URL that 
     rejection sends a notification to WEBHOOK, even when the run's own process is gone."""
     from flows.alerts import install_automations, where
 
-    for name in install_automations(webhook, block_name):
+    with one_line_errors():
+        _start(False)
+        names = install_automations(webhook, block_name)
+    for name in names:
         typer.echo(f"automation {name!r} → {where(webhook)}")
+
+
+server_app = typer.Typer(add_completion=False, no_args_is_help=True,
+                         help="The local Prefect server digitflow starts when PREFECT_API_URL is not set.")
+app.add_typer(server_app, name="server")
+
+
+@server_app.command("status")
+def server_status() -> None:
+    """Which Prefect server commands use, and whether it answers."""
+    if os.environ.get("PREFECT_API_URL"):
+        url = os.environ["PREFECT_API_URL"]
+        typer.echo(f"PREFECT_API_URL={url}: {'answering' if server.healthy(url) else 'not answering'} "
+                   "(digitflow starts no server of its own)")
+        return
+    url, pid = server.api_url(), server.running_pid()
+    state = "answering" if server.healthy(url) else "not answering"
+    typer.echo(f"local server {url}: {state}" + (f", pid {pid}" if pid else "")
+               + f"; dashboard {server.ui_url()}; log {server.state_dir() / 'server.log'}")
+    if state != "answering":
+        raise typer.Exit(1)
+
+
+@server_app.command("stop")
+def server_stop() -> None:
+    """Stop the local server (the next command that needs one starts it again)."""
+    typer.echo("local server stopped" if server.stop() else "no local server was running")
+
+
+@server_app.command("logs")
+def server_logs(lines: int = typer.Option(40, "--lines", "-n", min=1, max=100_000, help="How many of the last lines.")) -> None:
+    """The last lines of the local server's log."""
+    import collections
+
+    log = server.state_dir() / "server.log"
+    if not log.is_file():
+        typer.echo(f"no log yet ({log})")
+        return
+    with open(log, "rb") as f:
+        for line in collections.deque(f, maxlen=lines):
+            typer.echo(terminal(line.decode("utf-8", "replace").rstrip("\n")))
 
 
 from flows.cli_models import app as models_app  # noqa: E402
@@ -510,9 +567,31 @@ def main() -> None:
         args = [a for a in args if a != "--verbose"]
         os.environ["DIGITFLOW_DEBUG"] = "1"
     quiet_expected_failures()
+    server.announce = True  # the dashboard link of each run this command starts, once
     command = next((a for a in args if not a.startswith("-")), "")
     interrupt.install(f"digitflow {command}".strip())
-    app(args=args, prog_name="digitflow")
+    cli = typer.main.get_command(app)
+    _flags_as_flags(cli)
+    cli(args=args, prog_name="digitflow")
+
+
+def _flags_as_flags(command) -> None:
+    """Show boolean flags as flags in --help (click 8.5 renders their type: ``--json <bool>``,
+    as if a value were needed)."""
+    for param in command.params:
+        if getattr(param, "is_flag", False):
+            param.metavar = " "
+    for sub in getattr(command, "commands", {}).values():
+        _flags_as_flags(sub)
+    original = command.get_help_option
+
+    def help_option(ctx):
+        option = original(ctx)
+        if option is not None:
+            option.metavar = " "
+        return option
+
+    command.get_help_option = help_option
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ from pathlib import Path
 from prefect import flow
 from prefect.runtime import flow_run
 
-import flows.engine  # noqa: F401  (flow runs end without waiting for their heartbeat thread)
+from flows.server import announce_run
+import tasks.prefect_compat  # noqa: F401  (flow runs end without waiting for their heartbeat thread)
 from flows.contract import DatasetName, Deadline, Retries, RowsPerShard, Timeout
 from storage.config import (DEFAULT_RETRIES, DEFAULT_ROWS_PER_SHARD, DEFAULT_TIMEOUT, check_ingest_settings,
                             resolve_mirrors)
@@ -23,7 +24,7 @@ def ingest_run_name() -> str:
            f"({params.get('rows_per_shard', DEFAULT_ROWS_PER_SHARD)} rows/shard)"
 
 
-@flow(name="ingest-mnist", flow_run_name=ingest_run_name)
+@flow(name="ingest-mnist", flow_run_name=ingest_run_name, on_running=[announce_run])
 def ingest(
     home: str | None = None,
     mirrors: list[str] | None = None,

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
 import threading
 
@@ -121,12 +120,22 @@ def _record_crashed(flow_run_id, crashed: list[str]) -> None:
 
 
 def _stop_children() -> None:
-    """Terminate our child processes (temporary API server, local Dask workers), then kill."""
+    """Terminate our child processes (temporary API server, local Dask workers), then kill; not
+    the local Prefect server (flows/server.py), which outlives the command that started it."""
     try:
         import psutil
     except ImportError:
         return
-    children = psutil.Process().children(recursive=True)
+    from flows import server
+
+    shared = server.running_pid()  # the local Prefect server this command may have started serves others too
+    children = [c for c in psutil.Process().children(recursive=True) if c.pid != shared]
+    if shared is not None:
+        try:
+            spared = {c.pid for c in psutil.Process(shared).children(recursive=True)}
+            children = [c for c in children if c.pid not in spared]
+        except psutil.Error:
+            pass
     for child in children:
         try:
             child.terminate()
@@ -151,37 +160,15 @@ def _server_log():
 
 def detach_ephemeral_server() -> None:
     """Start Prefect's temporary API server (when one is used) in a session of its own, so a
-    terminal's Ctrl-C does not kill it under us; ``_stop_children`` or Prefect's exit handler
-    stops it."""
+    terminal's Ctrl-C does not kill it under us (``_stop_children`` or Prefect's exit handler
+    stops it), its output in a log file (``tasks.prefect_compat.detach_temporary_server``)."""
     try:
         from prefect.settings import get_current_settings
 
         if get_current_settings().api.url:  # a real server: nothing of ours to protect
             return
-        from prefect.server.api.server import SubprocessASGIServer
     except ImportError:
         return
-    original = SubprocessASGIServer._run_uvicorn_command
-    if getattr(original, "_digitflow_detached", False):
-        return
+    from tasks.prefect_compat import detach_temporary_server
 
-    def run_detached(self):
-        real_popen = subprocess.Popen
-
-        def popen(*args, **kwargs):
-            kwargs.setdefault("start_new_session", True)
-            if not os.environ.get("DIGITFLOW_DEBUG"):
-                # Its output (CancelledError tracebacks while it shuts down after a failed run)
-                # goes to a log file, not the user's terminal: our one line stays the last word.
-                kwargs.setdefault("stdout", _server_log())
-                kwargs.setdefault("stderr", subprocess.STDOUT)
-            return real_popen(*args, **kwargs)
-
-        subprocess.Popen = popen
-        try:
-            return original(self)
-        finally:
-            subprocess.Popen = real_popen
-
-    run_detached._digitflow_detached = True
-    SubprocessASGIServer._run_uvicorn_command = run_detached
+    detach_temporary_server(_server_log)

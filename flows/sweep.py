@@ -12,7 +12,8 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.context import FlowRunContext
 from prefect.runtime import flow_run
 
-import flows.engine  # noqa: F401  (flow runs end without waiting for their heartbeat thread)
+from flows.server import announce_run
+import tasks.prefect_compat  # noqa: F401  (flow runs end without waiting for their heartbeat thread)
 from flows.alerts import on_flow_failure
 from flows.ingest import ingest
 from flows.contract import (DEFAULT_RETRIES, DEFAULT_ROWS_PER_SHARD, DEFAULT_TIMEOUT,
@@ -23,6 +24,7 @@ from storage import DigitflowError, remote
 from storage.atomic import write_bytes, write_json
 from storage.datasets import dataset_and_model
 from tasks.common import home_for_run
+from tasks.prefect_compat import dask_cluster
 from tasks.model import artifact_key, evaluate, train
 
 
@@ -32,7 +34,8 @@ def describe_runner() -> str:
     if client is None:
         return type(runner).__name__
     workers = client.scheduler_info().get("workers", {})
-    where = (f"a temporary {type(runner._cluster).__name__}" if runner._cluster is not None and runner.address is None
+    cluster = dask_cluster(runner)
+    where = (f"a temporary {type(cluster).__name__}" if cluster is not None and runner.address is None
              else "an existing Dask cluster")
     return f"{type(runner).__name__} on {where} at {client.scheduler.address} with {len(workers)} workers"
 
@@ -80,7 +83,7 @@ def sweep_name() -> str:
     return f"sweep-{len(flow_run.parameters.get('grid') or [])}-runs"
 
 
-@flow(name="mnist-sweep", flow_run_name=sweep_name, on_failure=[on_flow_failure])
+@flow(name="mnist-sweep", flow_run_name=sweep_name, on_failure=[on_flow_failure], on_running=[announce_run])
 @with_hyperparameters
 def sweep(
     grid: list[Overrides],

@@ -4,8 +4,10 @@ Class names, spec sources, lineage values and anything else read from a spec fil
 folder may hold markup or control characters. Each target has one function:
 
 - ``md``: Markdown (report.md, the dashboard's artifacts): control characters become spaces and
-  every ASCII punctuation character is backslash-escaped (CommonMark allows it for all of them),
-  so no heading, table cell, link, image or HTML tag can be started from inside the text;
+  every character that can start markup is backslash-escaped (emphasis, code, links, images,
+  HTML tags and entities, table cells, headings, math; at the start, list and heading
+  markers), so no heading, table cell, link, image or tag can be started from inside the text;
+  other punctuation (``-``, ``.``, ``:``) stays readable;
 - ``terminal``: one line on a terminal: control characters (newlines, escape sequences,
   bidirectional overrides) are shown as ``\\x..``/``\\u....`` instead of acting.
 
@@ -15,10 +17,10 @@ HTML is escaped where HTML is made (the API page sets ``textContent``, never ``i
 from __future__ import annotations
 
 import re
-import string
 import unicodedata
 
-_PUNCTUATION = re.compile("([" + re.escape(string.punctuation) + "])")
+_MARKUP = re.compile("([" + re.escape("\\`*_[]<>!|#~&$") + "])")
+_LINE_START = re.compile(r"^(\s*)([-+=:]|\d+(?=[.)]))")  # a list item, a setext underline, an ordered item
 
 
 def _is_control(ch: str) -> bool:
@@ -30,7 +32,9 @@ def _is_control(ch: str) -> bool:
 def md(text) -> str:
     """``text`` as literal Markdown inline text: no markup in it takes effect."""
     flat = "".join(" " if _is_control(ch) else ch for ch in str(text))
-    return _PUNCTUATION.sub(r"\\\1", flat)
+    escaped = _MARKUP.sub(r"\\\1", flat)
+    return _LINE_START.sub(lambda m: m.group(1) + ("\\" + m.group(2) if not m.group(2).isdigit()
+                                                   else m.group(2) + "\\"), escaped)
 
 
 def terminal(text) -> str:

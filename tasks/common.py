@@ -9,12 +9,12 @@ from contextvars import ContextVar
 from typing import Any, Callable
 
 from prefect import Task, task
-from prefect._internal.compatibility.async_dispatch import async_dispatch
 from prefect.filesystems import WritableFileSystem
 from prefect.context import TagsContext
 from prefect.utilities.hashing import hash_objects
 
 from storage import code_digest
+from tasks.prefect_compat import async_dispatch
 
 # Results are small dicts of paths, hashes and numbers: store them as JSON, not pickle.
 CACHED = dict(persist_result=True, result_serializer="json")

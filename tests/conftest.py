@@ -28,6 +28,26 @@ os.environ.update({
     "PREFECT_LOGGING_TO_API_BATCH_INTERVAL": "0.3",
 })
 os.environ.pop("PREFECT_API_URL", None)
+os.environ.pop("DIGITFLOW_EPHEMERAL", None)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# CLI subprocesses without PREFECT_API_URL use digitflow's local server, as a user's would: one
+# for the session (its own port and PREFECT_HOME), started by the first of them, stopped at the end.
+os.environ["DIGITFLOW_SERVER_PORT"] = str(_free_port())
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stop_the_local_server():
+    yield
+    from flows import server
+
+    server.stop()
 os.environ.pop("DIGITFLOW_HOME", None)
 os.environ.pop("DIGITFLOW_MIRRORS", None)
 

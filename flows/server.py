@@ -1,0 +1,180 @@
+"""The local Prefect server digitflow uses by default, so every run shows in a dashboard.
+
+Without ``PREFECT_API_URL``, a command that runs flows uses one ``prefect server start`` on
+``127.0.0.1:4200`` (``DIGITFLOW_SERVER_PORT``), with Prefect's own home (``PREFECT_HOME``, default
+``~/.prefect``). The first command that needs it starts it in the background (its own session:
+a terminal's Ctrl-C does not reach it) and waits until ``/api/health`` answers; later commands,
+on this machine and at the same time, find it and reuse it. Starting is serialized by a lock
+file, so several commands at once start one server; a dead one is started again.
+
+    <PREFECT_HOME>/digitflow-server/server.pid   the server's process id
+    <PREFECT_HOME>/digitflow-server/server.log   its output (`digitflow server logs`)
+
+With ``PREFECT_API_URL`` set, nothing here runs: that server is used as it is. With
+``DIGITFLOW_EPHEMERAL=1``, Prefect's temporary per-process server is used (nothing is left
+running, and nothing is left to look at). No Prefect import here: it must run before Prefect
+reads its settings.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from storage import DigitflowError
+
+HOST = "127.0.0.1"
+START_TIMEOUT = 120.0  # seconds for a first start (database migrations on a fresh PREFECT_HOME)
+
+
+def port() -> int:
+    value = os.environ.get("DIGITFLOW_SERVER_PORT", "4200")
+    if not value.isdigit() or not 1 <= int(value) <= 65535:
+        raise DigitflowError(f"DIGITFLOW_SERVER_PORT={value!r}: a TCP port, 1..65535")
+    return int(value)
+
+
+def api_url() -> str:
+    return f"http://{HOST}:{port()}/api"
+
+
+def ui_url() -> str:
+    """The dashboard's address for the server in use (a set PREFECT_UI_URL wins)."""
+    if os.environ.get("PREFECT_UI_URL"):
+        return os.environ["PREFECT_UI_URL"].rstrip("/")
+    url = os.environ.get("PREFECT_API_URL") or api_url()
+    return url.rstrip("/").removesuffix("/api")
+
+
+def state_dir() -> Path:
+    home = Path(os.environ.get("PREFECT_HOME") or "~/.prefect").expanduser()
+    return home / "digitflow-server"
+
+
+def ephemeral() -> bool:
+    return os.environ.get("DIGITFLOW_EPHEMERAL", "").lower() not in ("", "0", "false", "no")
+
+
+def healthy(url: str | None = None, timeout: float = 1.0) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url or api_url()}/health", timeout=timeout) as r:
+            return r.status == 200
+    except (OSError, ValueError):
+        return False
+
+
+def running_pid() -> int | None:
+    """The pid recorded by the last start, if that process is alive."""
+    try:
+        pid = int((state_dir() / "server.pid").read_text().strip())
+        os.kill(pid, 0)
+        return pid
+    except (OSError, ValueError):
+        return None
+
+
+def use() -> str | None:
+    """Point this process at the server it should use; start the local one if needed. Returns
+    the API URL of a local server it uses, None when PREFECT_API_URL or ephemeral mode decides."""
+    if os.environ.get("PREFECT_API_URL") or ephemeral():
+        return None
+    url = api_url()
+    if not healthy(url):
+        start(url)
+    os.environ["PREFECT_API_URL"] = url
+    if "prefect" in sys.modules:  # imported already: make it read the variable again
+        from tasks.prefect_compat import refresh_settings
+
+        refresh_settings()
+    return url
+
+
+def start(url: str) -> None:
+    """Start ``prefect server start`` in the background unless another command just did, and
+    wait until it answers. One starter per machine (a lock file); a dead server is replaced."""
+    from storage.atomic import file_lock
+
+    folder = state_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    with file_lock(folder / "start.lock"):
+        if healthy(url):
+            return  # another command started it while we waited for the lock
+        stale = running_pid()
+        if stale is not None:  # alive but not answering: a server stuck or still starting
+            if _wait(url, 15.0):
+                return
+            _terminate(stale)
+        print(f"digitflow: starting the local Prefect server (dashboard {ui_url()}); later commands reuse it "
+              "— `digitflow server stop` stops it", file=sys.stderr, flush=True)
+        prefect = Path(sys.executable).with_name("prefect")
+        command = [str(prefect)] if prefect.exists() else [sys.executable, "-m", "prefect"]
+        with open(folder / "server.log", "ab") as log:
+            proc = subprocess.Popen(
+                [*command, "server", "start", "--host", HOST, "--port", str(port())],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                env={**os.environ, "PREFECT_UI_API_URL": url, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"})
+        (folder / "server.pid").write_text(f"{proc.pid}\n")
+        if not _wait(url, START_TIMEOUT, proc):
+            _terminate(proc.pid)
+            raise DigitflowError(f"the local Prefect server did not answer at {url} within {START_TIMEOUT:.0f} s "
+                                 f"(its log: {folder / 'server.log'}); set PREFECT_API_URL to a running server, "
+                                 "or DIGITFLOW_EPHEMERAL=1")
+
+
+def _wait(url: str, seconds: float, proc: subprocess.Popen | None = None) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if healthy(url, timeout=0.5):
+            return True
+        if proc is not None and proc.poll() is not None:
+            return False  # it exited: the port is taken, or the database is broken (see the log)
+        time.sleep(0.25)
+    return False
+
+
+def _terminate(pid: int, grace: float = 10.0) -> bool:
+    """SIGTERM the server's process group, then SIGKILL after ``grace`` seconds."""
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except OSError:
+        return False
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except OSError:
+            return True
+        time.sleep(0.1)
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except OSError:
+        pass
+    return True
+
+
+def stop() -> bool:
+    """Stop the local server this machine's digitflow started; False when none was running."""
+    pid = running_pid()
+    stopped = _terminate(pid) if pid is not None else False
+    (state_dir() / "server.pid").unlink(missing_ok=True)
+    return stopped
+
+
+# ---- the dashboard link, printed once per command ------------------------------------------
+
+_announced: set[str] = set()
+announce = False  # set by the CLI: print where each top-level run can be watched
+
+
+def announce_run(flow, flow_run, state) -> None:
+    """A flow's ``on_running`` hook: ``dashboard: <ui>/runs/flow-run/<id>`` on stderr, once per
+    command, for the top-level run the CLI started (not its subflows, not in ephemeral mode)."""
+    if not announce or flow_run.parent_task_run_id or ephemeral() or _announced:
+        return
+    _announced.add(str(flow_run.id))
+    print(f"dashboard: {ui_url()}/runs/flow-run/{flow_run.id}", file=sys.stderr, flush=True)

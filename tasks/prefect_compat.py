@@ -1,0 +1,96 @@
+"""Every use of a Prefect internal, in one place (tested against the Prefect versions
+``pyproject.toml`` allows). Each entry says what upstream behaviour it works around; if a
+Prefect release removes what one relies on, that adjustment is skipped and Prefect's own
+behaviour stays (the function says so by returning False, and a test notices).
+
+1. ``skip_heartbeat_join``: Prefect's sync flow engine joins each flow run's heartbeat thread
+   when the run ends; the thread sleeps in 1-second steps, so every flow run waited up to a
+   second (a warm ``digitflow run`` is three flow runs: ~2 s of it). Prefect's async engine
+   already passes ``join_on_exit=False``; we ask the same of the sync engine. Heartbeats and the
+   crash detection built on them are unchanged.
+2. ``detach_temporary_server``: in ephemeral mode Prefect starts its temporary API server as a
+   child in our process group, so a terminal's Ctrl-C kills it under the run, which then spends
+   minutes retrying. We start it in a session of its own (our signal handler stops it) and send
+   its output to a log file (its shutdown after a failed run prints CancelledError tracebacks).
+3. ``async_dispatch``: the decorator Prefect's own filesystems use to offer one method to sync
+   and async callers; our result storage (``tasks.common.ObjectResults``) implements the same
+   interface.
+4. ``dask_cluster``: Prefect's DaskTaskRunner keeps the cluster it created in ``_cluster``; the
+   sweep says in its log whether it made a temporary cluster or joined an existing one.
+5. ``refresh_settings``: Prefect reads its settings once, at import; the CLI points it at the
+   local server after that (``flows.server``).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import os
+import subprocess
+
+from prefect._internal.compatibility.async_dispatch import async_dispatch  # noqa: F401  (3.)
+
+
+def skip_heartbeat_join() -> bool:
+    """1. A finished flow run does not wait for its heartbeat thread."""
+    from prefect import flow_engine
+
+    original = getattr(flow_engine, "_send_heartbeats", None)
+    if original is None or getattr(original, "_digitflow", False):
+        return original is not None
+    if list(inspect.signature(original).parameters) != ["engine", "join_on_exit"]:
+        return False
+    send_heartbeats = functools.partial(original, join_on_exit=False)
+    send_heartbeats._digitflow = True
+    flow_engine._send_heartbeats = send_heartbeats
+    return True
+
+
+def detach_temporary_server(log_file) -> bool:
+    """2. Prefect's temporary server in a session of its own, its output into ``log_file()``
+    (a callable opening the log; not called with ``DIGITFLOW_DEBUG`` set: then it goes to the
+    terminal as before)."""
+    try:
+        from prefect.server.api.server import SubprocessASGIServer
+    except ImportError:
+        return False
+    original = getattr(SubprocessASGIServer, "_run_uvicorn_command", None)
+    if original is None:
+        return False
+    if getattr(original, "_digitflow_detached", False):
+        return True
+
+    def run_detached(self):
+        real_popen = subprocess.Popen
+
+        def popen(*args, **kwargs):
+            kwargs.setdefault("start_new_session", True)
+            if not os.environ.get("DIGITFLOW_DEBUG"):
+                kwargs.setdefault("stdout", log_file())
+                kwargs.setdefault("stderr", subprocess.STDOUT)
+            return real_popen(*args, **kwargs)
+
+        subprocess.Popen = popen
+        try:
+            return original(self)
+        finally:
+            subprocess.Popen = real_popen
+
+    run_detached._digitflow_detached = True
+    SubprocessASGIServer._run_uvicorn_command = run_detached
+    return True
+
+
+def dask_cluster(runner):
+    """4. The cluster a DaskTaskRunner created itself (None when it joined an existing one)."""
+    return getattr(runner, "_cluster", None)
+
+
+def refresh_settings() -> None:
+    """5. Make Prefect read its settings (PREFECT_API_URL) from the environment again."""
+    from prefect.context import refresh_global_settings_context
+
+    refresh_global_settings_context()
+
+
+HEARTBEAT_JOIN_SKIPPED = skip_heartbeat_join()

@@ -1,0 +1,88 @@
+"""The local Prefect server digitflow uses by default (flows/server.py): started once by the
+first command that needs it, reused by the next ones (also when several start at once), shown
+by `digitflow server status`, stopped by `server stop` and started again when dead; commands
+that need no Prefect never start it. Each run prints its dashboard link once."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from flows import server
+
+DIGITFLOW = str(Path(sys.executable).with_name("digitflow"))
+pytestmark = pytest.mark.e2e
+
+
+def digitflow(*args, env=None, timeout=300):
+    return subprocess.run([DIGITFLOW, *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "COLUMNS": "200", **(env or {})})
+
+
+@pytest.fixture
+def own_server(tmp_path, monkeypatch):
+    """A local server of this test's own (port and PREFECT_HOME), stopped after."""
+    monkeypatch.setenv("DIGITFLOW_SERVER_PORT", str(_free_port()))
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect-home"))
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    yield
+    server.stop()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_the_first_command_starts_the_server_the_next_reuse_it(own_server, tmp_path, mnist_server):
+    home = str(tmp_path / "home")
+    t = time.monotonic()
+    r = digitflow("models", "list", "--home", home)  # needs no Prefect: starts nothing, answers at once
+    assert r.returncode == 0 and "no versions of mnist-mlp yet" in r.stdout and time.monotonic() - t < 5
+    assert not server.healthy() and server.running_pid() is None
+
+    # Two commands at once: one server is started (the lock), both runs are recorded on it.
+    runs = [subprocess.Popen([DIGITFLOW, "ingest", "--home", home, "--mirror", mnist_server], text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ})
+            for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in runs]
+    assert [p.returncode for p in runs] == [0, 0], outs
+    starting = [err for _, err in outs if "starting the local Prefect server" in err]
+    assert len(starting) == 1, outs
+    links = [line for _, err in outs for line in err.splitlines() if line.startswith("dashboard: ")]
+    assert len(links) == 2 and all(link.startswith(f"dashboard: {server.ui_url()}/runs/flow-run/") for link in links)
+    pid = server.running_pid()
+    assert pid is not None and server.healthy()
+
+    # The next command reuses it: no start, and the run is there to see.
+    r = digitflow("ingest", "--home", home, "--mirror", mnist_server)
+    assert r.returncode == 0 and "starting the local Prefect server" not in r.stderr
+    assert server.running_pid() == pid
+    run_id = next(line for line in r.stderr.splitlines() if line.startswith("dashboard: ")).rsplit("/", 1)[1]
+    import httpx
+
+    assert httpx.get(f"{server.api_url()}/flow_runs/{run_id}").json()["state"]["type"] == "COMPLETED"
+
+    status = digitflow("server", "status")
+    assert status.returncode == 0 and f"local server {server.api_url()}: answering, pid {pid}" in status.stdout
+
+    # Stopped, it is not answering; the next command that needs it starts it again.
+    assert digitflow("server", "stop").stdout.strip() == "local server stopped"
+    assert not server.healthy() and digitflow("server", "status").returncode == 1
+    r = digitflow("ingest", "--home", home, "--mirror", mnist_server)
+    assert r.returncode == 0 and "starting the local Prefect server" in r.stderr and server.healthy()
+    assert f"Check out the dashboard at {server.ui_url()}" in digitflow("server", "logs", "-n", "200").stdout
+
+
+def test_with_prefect_api_url_set_nothing_is_started(own_server, tmp_path, api_url):
+    r = digitflow("server", "status", env={"PREFECT_API_URL": api_url})
+    assert r.returncode == 0 and "digitflow starts no server of its own" in r.stdout and "answering" in r.stdout
+    assert server.running_pid() is None
