@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import sys
@@ -11,7 +10,8 @@ from typing import List, Optional
 import typer
 
 import flows  # noqa: F401  (sets telemetry-off defaults before Prefect is imported)
-from flows import interrupt, server
+from flows import console, interrupt, server
+from flows.console import progress_display
 from flows.api import ApiSettings
 from flows.cli_common import (ALLOW_UNPINNED, DATASET, DEADLINE, FLOOR, HOME, MIRRORS, MODEL_NAME, PRESET, RETRIES, ROWS, TIMEOUT, TOLERANCE,
                               WEBHOOK, fail, one_line_errors, quiet_expected_failures)
@@ -22,52 +22,6 @@ from storage.text import terminal
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="digitflow: the MNIST retraining pipeline (Prefect 3 + a pure-NumPy network).")
-
-
-@contextlib.contextmanager
-def progress_display():
-    """Progress bars for downloads and bucket transfers (bytes) and training (epochs), on stderr
-    when it is a terminal."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from tasks import progress as hook
-
-    console = Console(stderr=True)
-    if not console.is_terminal:
-        yield
-        return
-    bars: dict[str, int] = {}
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, transient=True) as view:
-        def update(name, done, total):
-            if name not in bars:
-                bars[name] = view.add_task(name if name != "train" else "training (epochs)", total=total)
-            view.update(bars[name], completed=done)
-
-        hook.set_hook(update)
-        # Prefect's log lines go through the same console, so they print above the bars
-        # instead of tearing through them.
-        handlers = _prefect_console_handlers()
-        saved = {h: h.console for h in handlers}
-        for h in handlers:
-            h.console = console
-        try:
-            yield
-        finally:
-            hook.set_hook(None)
-            for h, original in saved.items():
-                h.console = original
-
-
-def _prefect_console_handlers() -> list:
-    import logging
-
-    import prefect  # noqa: F401  (configures Prefect's logging)
-    from prefect.logging.handlers import PrefectConsoleHandler
-
-    loggers = [logging.getLogger()] + [logging.getLogger(n) for n in list(logging.root.manager.loggerDict)]
-    return list({h for lg in loggers for h in lg.handlers if isinstance(h, PrefectConsoleHandler)})
 
 
 def hp_options(f):
@@ -100,10 +54,11 @@ def _start(home=None):
     """Resolve the home (fails fast, before Prefect starts); then the Prefect server: the one in
     PREFECT_API_URL, else the local one (started on first use, flows/server.py), else with
     DIGITFLOW_EPHEMERAL=1 Prefect's temporary one, kept out of reach of the terminal's Ctrl-C."""
-    home = str(resolve_home(home)) if home is not False else None
+    resolved = resolve_home(home) if home is not False else None
     server.use()
     interrupt.detach_ephemeral_server()
-    return home
+    console.setup(resolved)  # Prefect's log to the dashboard and <home>/logs; one line per step on the terminal
+    return str(resolved) if resolved is not None else None
 
 
 def _mirrors(mirror: list[str] | None, here: bool = True) -> list[str] | None:

@@ -15,7 +15,7 @@ from storage import DigitflowError
 from storage.datasets import dataset_and_model, resolve as resolve_dataset
 from tasks.common import home_for_run
 from tasks.ingest import manifest_ref
-from tasks.model import artifact_key, evaluate, gate, publish, train
+from tasks.model import artifact_key, evaluate, gate, publish, train, version_artifacts
 from tasks.refs import Decision, Evaluation, Published, TrainedModel
 
 
@@ -77,14 +77,17 @@ def retrain(
                       deadline=deadline, dataset=dataset, allow_unpinned=allow_unpinned)
 
         # 2. Train on the train split; cached on (data, hyperparameters, seed, nn/ source).
-        model = train(data["train"], hp, home, progress_key=artifact_key(model_name, "training"),
+        # (a copy: a subflow's result as a task input leaves the dashboard's Task Runs tab empty)
+        model = train(data["train"].model_copy(), hp, home, progress_key=artifact_key(model_name, "training"),
                       description=f"preset {preset}")
 
         # 3-5. Evaluate on the test split, publish an immutable version (identical weights: the
         # existing one), put it through the gate: the subflow `run`, `sweep` and `publish` share.
         outcome = publish_trained(model, home=str(home), dataset=dataset, model_name=model_name, tolerance=tolerance,
                                   floor=floor, webhook=webhook)
-    update_run(name=f"retrain-{preset} → v{outcome['version']} {outcome['status']}")
+    if outcome["created"]:  # the report, metrics and folder on the run the user opened
+        version_artifacts(home, outcome["name"], outcome["version"])
+    update_run(name=f"retrain-{preset}: v{outcome['version']} {outcome['status']}")  # (the run graph drops "→")
     return {**outcome, "preset": preset, "hyperparameters": hp, "dataset": spec.name}
 
 
@@ -146,8 +149,10 @@ def publish_trained(model: TrainedModel, home: str | None = None, dataset: Datas
                         dataset=spec.lineage())
     decision = gate(published, home, tolerance=tolerance, floor=spec.floor if floor is None else floor)
     alert_if_rejected(webhook, published, decision)
+    if published.created and not flow_run.parent_flow_run_id:  # else the run that called it shows them
+        version_artifacts(home, published.name, published.version)
     outcome = {**published.model_dump(), **outcome_of(published, decision)}
-    update_run(name=f"publish → v{outcome['version']} {outcome['status']}")
+    update_run(name=f"publish: v{outcome['version']} {outcome['status']}")
     return outcome
 
 

@@ -25,7 +25,7 @@ from storage.atomic import write_bytes, write_json
 from storage.datasets import dataset_and_model
 from tasks.common import home_for_run
 from tasks.prefect_compat import dask_cluster
-from tasks.model import artifact_key, evaluate, train
+from tasks.model import artifact_key, evaluate, train, version_artifacts
 
 
 def describe_runner() -> str:
@@ -125,11 +125,13 @@ def sweep(
                       dataset=dataset, allow_unpinned=allow_unpinned)
 
         # Fan out: one training task per grid point, in parallel on the Dask workers.
+        # (copies: a subflow's result as a task input leaves the dashboard's Task Runs tab empty)
+        train_ref, test_ref = data["train"].model_copy(), data["test"].model_copy()
         trained = [train.submit(
-            data["train"], hp, home, progress_key=artifact_key(model_name, f"sweep-{i}"), blas_threads=1,
+            train_ref, hp, home, progress_key=artifact_key(model_name, f"sweep-{i}"), blas_threads=1,
             description=f"sweep point {i + 1}/{len(configs)} {json.dumps(point)}")
             for i, (hp, point) in enumerate(zip(configs, points))]
-        scored = [evaluate.submit(model, data["test"]) for model in trained]
+        scored = [evaluate.submit(model, test_ref) for model in trained]
         wait_while_workers_live(trained + scored)
         results = []
         for point, model_future, metrics_future in zip(points, trained, scored):
@@ -144,6 +146,8 @@ def sweep(
         outcome = publish_trained(best["model"], home=str(home), dataset=dataset, model_name=model_name,
                                   tolerance=tolerance,
                                   floor=floor, webhook=webhook)
+    if outcome["created"]:  # the report, metrics and folder on the sweep's own run
+        version_artifacts(home, outcome["name"], outcome["version"])
     rows = [{"grid point": json.dumps(r["point"]), "val_accuracy": round(r["val_accuracy"] or 0, 4),
              "test_accuracy": round(r["metrics"].test_accuracy, 4), "train_seconds": r["model"].train_seconds,
              "best": r is best} for r in results]

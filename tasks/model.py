@@ -81,7 +81,7 @@ def training_dir(home: Home, train_ref: SplitRef, hyperparameters: dict) -> Path
 @verified_task(
     # Retrained unless the trained folder is there and hashes to the digest it recorded.
     intact=lambda a: training_is_intact(a["home"], a["train"], a["hyperparameters"]),
-    task_run_name="train {hyperparameters[hidden]} × {hyperparameters[epochs]} epochs",
+    task_run_name="train {hyperparameters[hidden]}, {hyperparameters[epochs]} epochs",
     cache_key_fn=content_key(lambda p: (training_id(p["train"], p["hyperparameters"]), str(p["home"])), code=("nn",)),
     **CACHED,
 )
@@ -345,18 +345,30 @@ def publish(model: TrainedModel, metrics: Evaluation, train: SplitRef, test: Spl
         log.info("published %s v%d at %s", model_name, version, address)
     else:
         log.info("these weights are already %s v%d: nothing new published", model_name, version)
-    if created:  # an unchanged rerun adds no new artifact versions
-        report = report_files.embed_figures((path / "report.md").read_text(), path)
-        create_markdown_artifact(report, key=artifact_key(model_name, "report"),
-                                 description=f"{model_name} v{version} report")
-        create_table_artifact(metrics_table(metrics), key=artifact_key(model_name, "metrics"),
-                              description=f"{model_name} v{version}: test metrics (overall first, then per class)")
-        create_markdown_artifact(
-            f"# {model_name} v{version}\n\nFolder: {md(path)}\n\n(on the machine that published it: [{md(path.as_uri())}]"
-            f"(<{path.as_uri()}>); `digitflow models show v{version}` prints it)\n",
-            key=artifact_key(model_name, "version"), description=f"Folder of {model_name} v{version}: {path}")
     return Published(name=model_name, version=version, created=created, path=address,
                      test_accuracy=metrics.test_accuracy)
+
+
+def version_artifacts(home: Home, name: str, version: int) -> None:
+    """The report, metrics and folder of a version just published, as artifacts of the run that
+    calls this (the run the user opened: the top-level one, not its publish subflow), read from
+    the registry; the report opens with the gate's decision and why."""
+    registry = Home(home).registry(name)
+    path, decision = registry.path(version), registry.decision(version) or {}
+    metrics = Evaluation(**{k: v for k, v in registry.metrics(version).items() if k in Evaluation.model_fields})
+    verdict = {"promoted": "**Promoted to champion**", "rejected": "**Rejected** (the champion is unchanged)"}
+    status = decision.get("status", "undecided")
+    head = f"> {verdict.get(status, md(status))}: {md(decision.get('reason', 'not decided yet'))}\n\n"
+    report = report_files.embed_figures((path / "report.md").read_text(), path)
+    title, _, rest = report.partition("\n")
+    create_markdown_artifact(f"{title}\n\n{head}{rest.lstrip()}", key=artifact_key(name, "report"),
+                             description=f"{name} v{version} report: {status}")
+    create_table_artifact(metrics_table(metrics), key=artifact_key(name, "metrics"),
+                          description=f"{name} v{version}: test metrics (overall first, then per class)")
+    create_markdown_artifact(
+        f"# {name} v{version}\n\n{head}Folder: {md(path)}\n\n(on the machine that published it: "
+        f"[{md(path.as_uri())}](<{path.as_uri()}>); `digitflow models show v{version}` prints it)\n",
+        key=artifact_key(name, "version"), description=f"Folder of {name} v{version}: {path}")
 
 
 def metrics_table(metrics: Evaluation) -> list[dict]:

@@ -58,6 +58,22 @@ def test_report_artifact_images_render_in_the_dashboard(server, mnist_server, tm
     assert all(w > 100 and h > 100 for _, w, h in widths)
     assert "# browser-model v1" in artifact.data
 
+    # The run the user opens from the dashboard link: its Task Runs tab lists the train task
+    # (it said "No task runs" when that task's input was a subflow's result), and the report
+    # hangs off it too.
+    run_id = next(line for line in r.stderr.splitlines() if line.startswith("dashboard: ")).rsplit("/", 1)[1]
+    assert artifact.flow_run_id is not None and str(artifact.flow_run_id) == run_id
+    page = browser.new_page(viewport={"width": 1400, "height": 1400})
+    try:
+        page.goto(f"{ui}/runs/flow-run/{run_id}", wait_until="networkidle", timeout=60_000)
+        page.click("#task-runs")  # the tab (an li, not role=tab)
+        page.get_by_text("train [128], 3 epochs").first.wait_for(timeout=30_000)
+        text = page.inner_text("body")
+        page.screenshot(path=str(tmp_path / "task-runs-tab.png"), full_page=True)
+    finally:
+        page.close()
+    assert "No task runs" not in text and "train [128], 3 epochs" in text
+
 
 def test_drawing_page_predicts_a_drawn_digit(published, browser, tmp_path):
     """`digitflow api`'s page at /: draw a 1 with mouse strokes, press Predict, read the answer."""

@@ -65,12 +65,17 @@ def test_operator_sees_runs_retries_cache_and_artifacts(server, faulty, tmp_path
     digitflow("run", "--mirror", faulty.url, "--home", home, "--preset", "fast", url=server)
     with client_for(server) as client:
         parent = flow_runs(client, "mnist-retrain")[0]
-        assert parent.state.is_completed() and parent.name == "retrain-fast → v1 promoted"
+        assert parent.state.is_completed() and parent.name == "retrain-fast: v1 promoted"
         assert {"digitflow", "dataset:mnist", "preset:fast", "model:mnist-mlp"} <= set(parent.tags)
         runs = task_runs(client, parent.id)
-        assert "train [128] × 3 epochs" in runs
+        assert "train [128], 3 epochs" in runs
+        # The dashboard's Task Runs tab fails ("No task runs") on a task input that is a subflow's
+        # result (input_type "flow_run"): the train task gets plain references.
+        train_inputs = runs["train [128], 3 epochs"].task_inputs
+        assert not [i for inputs in train_inputs.values() for i in inputs if i.input_type == "flow_run"], train_inputs
+        assert not any(ch in r.name for r in [parent, *runs.values()] for ch in "×→")  # the run graph drops them
         tail = subflow(client, "mnist-publish", parent)  # evaluate → publish → gate, shared with sweep
-        assert tail.state.is_completed() and tail.name == "publish → v1 promoted"
+        assert tail.state.is_completed() and tail.name == "publish: v1 promoted"
         assert {"digitflow", "preset:fast", "model:mnist-mlp"} <= set(tail.tags)
         runs.update(task_runs(client, tail.id))
         assert "gate v1" in runs
@@ -91,10 +96,16 @@ def test_operator_sees_runs_retries_cache_and_artifacts(server, faulty, tmp_path
         assert artifacts["mnist-mlp-metrics"].type == "table"
         assert json.loads(artifacts["mnist-mlp-metrics"].data)[0]["class"] == "all"  # overall row first
         report = artifacts["mnist-mlp-report"].data
-        assert artifacts["mnist-mlp-report"].type == "markdown" and "# mnist-mlp v1" in report
+        assert artifacts["mnist-mlp-report"].type == "markdown" and report.startswith("# mnist-mlp v1\n\n> **Promoted")
+        assert "floor 0.9700, and there was no champion" in report.split("\n")[2]  # the gate's why, at the top
+        # On the run the user opened (not only its publish subflow), as are the metrics and the folder.
+        assert {artifacts[k].flow_run_id for k in ("mnist-mlp-report", "mnist-mlp-metrics", "mnist-mlp-version")} \
+            == {parent.id}
         assert report.count("](data:image/png;base64,iVBORw0KGgo") == 2 and "](learning_curves.png)" not in report
         version = artifacts["mnist-mlp-version"].data
-        assert artifacts["mnist-mlp-version"].type == "markdown" and f"`{home}/models/mnist-mlp/v1`" in version
+        from storage.text import md
+
+        assert artifacts["mnist-mlp-version"].type == "markdown" and f"Folder: {md(home)}/models/mnist-mlp/v1" in version
         assert artifacts["mnist-mlp-training"].type == "progress" and float(artifacts["mnist-mlp-training"].data) == 100.0
         assert "preset fast: 784-128-10, 3 epochs" in artifacts["mnist-mlp-training"].description
         assert {"digitflow", "preset:fast", "model:mnist-mlp"} <= set(ingest_run.tags)  # the subflow too
@@ -104,10 +115,10 @@ def test_operator_sees_runs_retries_cache_and_artifacts(server, faulty, tmp_path
     digitflow("run", "--mirror", faulty.url, "--home", home, "--preset", "fast", url=server)
     with client_for(server) as client:
         parent = flow_runs(client, "mnist-retrain")[0]
-        assert parent.name == "retrain-fast → v1 unchanged"
+        assert parent.name == "retrain-fast: v1 unchanged"
         assert len([a for a in client.read_artifacts() if a.key]) == versions_before
         runs = task_runs(client, parent.id)
-        assert runs["train [128] × 3 epochs"].state.name == "Cached"
+        assert runs["train [128], 3 epochs"].state.name == "Cached"
         tail = task_runs(client, subflow(client, "mnist-publish", parent).id)
         assert [r.state.name for n, r in tail.items() if n.startswith("evaluate")] == ["Cached"]
         ingest_tasks = task_runs(client, flow_runs(client, "ingest-mnist")[0].id)

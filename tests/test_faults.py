@@ -39,6 +39,18 @@ def digitflow(*args, api_url=None, timeout=300, env=None):
     return r.returncode, r.stdout, r.stderr, time.monotonic() - t0
 
 
+def run_log(home: Path, since: int = 0) -> str:
+    """What the runs on ``home`` logged (Prefect's log lines go to <home>/logs/digitflow.log, not
+    the terminal), from byte ``since`` on."""
+    path = home / "logs" / "digitflow.log"
+    return path.read_bytes()[since:].decode("utf-8", "replace") if path.is_file() else ""
+
+
+def log_size(home: Path) -> int:
+    path = home / "logs" / "digitflow.log"
+    return path.stat().st_size if path.is_file() else 0
+
+
 def last_line(text: str) -> str:
     lines = text.strip().splitlines()
     return lines[-1] if lines else ""
@@ -132,6 +144,7 @@ def test_bad_values_fail_before_any_work(tmp_path, args, text):
     rc, out, err, seconds = digitflow("run", "--home", str(home), "--mirror", "http://127.0.0.1:9/", *args)
     assert_one_line_failure(rc, err, text)
     assert not home.exists() and "Starting temporary server" not in err and seconds < 15
+    assert "starting the local Prefect server" not in err
 
 
 def test_predict_refuses_bombs_and_lying_idx_headers(home, tmp_path):
@@ -161,9 +174,10 @@ def test_a_raw_file_flipped_in_place_is_fetched_again(tmp_path, mnist_server, ap
     assert digitflow("ingest", "--home", str(home), "--mirror", mnist_server, api_url=api_url)[0] == 0
     raw = home / "raw" / "mnist" / TRAIN_IMAGES.idx_name
     flip_in_place(raw)
+    before = log_size(home)
     rc, out, err, _ = digitflow("ingest", "--home", str(home), "--mirror", mnist_server, api_url=api_url)
     assert rc == 0, err
-    assert "train-images-idx3-ubyte.gz: fetched from" in err  # repaired, not "cached"
+    assert "train-images-idx3-ubyte.gz: fetched from" in run_log(home, before)  # repaired, not "cached"
     assert hashlib.sha256(raw.read_bytes()).hexdigest() == TRAIN_IMAGES.idx_sha256
 
 
@@ -356,11 +370,14 @@ def test_disk_full_ends_in_one_line_and_leaves_nothing_partial(small_disk, mnist
 class Running:
     """A `digitflow` command in its own process group, its output collected in files."""
 
-    def __init__(self, tmp_path: Path, *args, api_url=None, shell_pipe: bool = False):
+    def __init__(self, tmp_path: Path, *args, api_url=None, shell_pipe: bool = False, ephemeral: bool = False):
         self.out, self.err = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
+        self.home = Path(args[args.index("--home") + 1])
         env = {**os.environ}
         if api_url:
             env["PREFECT_API_URL"] = api_url
+        if ephemeral:  # Prefect's temporary per-process server instead of the local one
+            env["DIGITFLOW_EPHEMERAL"] = "1"
         command = [str(Path(sys.executable).with_name("digitflow")), *args]
         if shell_pipe:  # as a user would: `digitflow run ... | tee log`, Ctrl-C to the whole pipeline
             command = ["bash", "-c", " ".join(map(_quote, command)) + f" | tee {_quote(str(tmp_path / 'tee.txt'))}"]
@@ -368,8 +385,9 @@ class Running:
                                      stderr=open(self.err, "w"), start_new_session=True)
 
     def wait_for(self, text: str, timeout: float = 120) -> None:
+        """Until ``text`` shows on stderr or in the home's run log."""
         deadline = time.monotonic() + timeout
-        while text not in self.err.read_text():
+        while text not in self.err.read_text() + run_log(self.home):
             assert self.proc.poll() is None, self.err.read_text()
             assert time.monotonic() < deadline, f"never saw {text!r}:\n" + self.err.read_text()
             time.sleep(0.1)
@@ -409,7 +427,7 @@ def assert_interrupted(rc, seconds, run: Running, code=130):
 def test_ctrl_c_during_download_in_ephemeral_mode(tmp_path, faulty):
     faulty.default = "trickle"
     home = tmp_path / "h"
-    run = Running(tmp_path, "ingest", "--home", str(home), "--mirror", faulty.url)
+    run = Running(tmp_path, "ingest", "--home", str(home), "--mirror", faulty.url, ephemeral=True)
     run.wait_for("Beginning flow run")
     time.sleep(1.5)
     rc, seconds = run.signal_group(signal.SIGINT)
@@ -424,13 +442,16 @@ def test_ctrl_c_during_training_then_rerun_resumes_from_cache(tmp_path, mnist_se
     run.wait_for("epoch 1/30")
     rc, seconds = run.signal_group(signal.SIGINT)
     assert_interrupted(rc, seconds, run)
-    assert "train [128] × 30 epochs" in last_line(run.err.read_text())  # what was interrupted, marked Crashed
+    assert "train [128], 30 epochs" in last_line(run.err.read_text())  # what was interrupted, marked Crashed
     assert not (home / "models").exists() and not list((home / "trained").glob("[!.]*"))
     # The rerun finds the ingested data cached (nothing downloaded again) and finishes.
+    before = log_size(home)
     rc, out, err, _ = digitflow("run", "--home", str(home), "--mirror", mnist_server, "--preset", "fast",
                                 "--epochs", "1")
     assert rc == 0, err
-    assert "fetched from" not in err and "Finished in state Cached" in err
+    log = run_log(home, before)
+    assert "fetched from" not in log and "Finished in state Cached" in log
+    assert "✓ ingest-mnist (10000 rows/shard) 12 steps, 12 cached" in err  # the terminal's summary of it
 
 
 def test_ctrl_c_through_a_pipe_during_shard_writing(tmp_path, mnist_server):
@@ -467,7 +488,7 @@ def test_sigterm_against_a_real_server_marks_the_run_crashed(tmp_path, mnist_ser
         from tests.prefect_helpers import task_runs
 
         states = {name: r.state.name for name, r in task_runs(parent.id, settle=0).items()}
-        assert states["train [128] × 30 epochs"] == "Crashed" and "Running" not in states.values()
+        assert states["train [128], 30 epochs"] == "Crashed" and "Running" not in states.values()
 
 
 def test_ctrl_c_at_publish(tmp_path, mnist_server, api_url):
@@ -479,7 +500,9 @@ def test_ctrl_c_at_publish(tmp_path, mnist_server, api_url):
     rc, seconds = run.signal_group(signal.SIGINT)
     assert rc == 130 and seconds < 5, run.err.read_text()
     reg = Registry(home)
-    assert all(reg.problem(v) is None for v in reg.versions()) and leftovers(home / "models") == []
+    assert all(reg.problem(v) is None for v in reg.versions())  # no half version visible
+    assert all(Path(p).name.startswith(".") for p in leftovers(home / "models"))  # at most a hidden staging folder
     rc, out, err, _ = digitflow("run", "--home", str(home), "--mirror", mnist_server, "--preset", "fast",
                                 api_url=api_url)
     assert rc == 0 and Registry(home).versions() == [1], err
+    assert leftovers(home / "models") == []  # the rerun cleared what the interrupted one left

@@ -115,7 +115,7 @@ def test_rerun_is_cached_and_creates_nothing(home, mnist_server):
     assert summary["version"] == 1 and not summary["created"]
     states = state_names(flow_run_id(state))
     assert {n: s for n, s in states.items() if n.startswith(("train", "evaluate"))} == {
-        "train [128] × 3 epochs": "Cached", "evaluate " + Registry(home).metadata(1)["weights_sha256"][:12]: "Cached"}
+        "train [128], 3 epochs": "Cached", "evaluate " + Registry(home).metadata(1)["weights_sha256"][:12]: "Cached"}
     assert Registry(home).versions() == [1]
     assert seconds < 30
 
@@ -187,6 +187,14 @@ def test_corrupt_shard_stops_training(tmp_path, mnist_server):
 
 # ---- the CLI, as a user runs it ----------------------------------------------------
 
+def wait_for_log(home: Path, text: str, proc, timeout: float = 120) -> None:
+    """Until ``text`` is in the home's run log (<home>/logs/digitflow.log)."""
+    path, deadline = home / "logs" / "digitflow.log", time.monotonic() + timeout
+    while not (path.is_file() and text in path.read_text(errors="replace")):
+        assert proc.poll() is None and time.monotonic() < deadline, f"never saw {text!r}"
+        time.sleep(0.1)
+
+
 def cli(*args, api_url, **popen):
     env = {**os.environ, "PREFECT_API_URL": api_url}
     return subprocess.Popen([sys.executable, "-m", "flows.cli", *args], env=env, cwd=REPO, text=True,
@@ -197,9 +205,7 @@ def test_cli_kill_9_during_training_then_rerun(tmp_path, mnist_server, api_url):
     home = tmp_path / "home"
     args = ["run", "--mirror", mnist_server, "--home", str(home), "--preset", "fast", "--epochs", "30"]
     proc = cli(*args, api_url=api_url)
-    for line in proc.stdout:
-        if "epoch 2/30" in line:
-            break
+    wait_for_log(home, "epoch 2/30", proc)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(30)
     assert not (home / "models").exists() or Registry(home).versions() == []
@@ -229,17 +235,18 @@ def test_kill_9_mid_epoch_resumes_at_that_epoch_bit_identical(tmp_path, mnist_se
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out
     proc = cli(*args, "--home", str(killed), api_url=api_url)
-    for line in proc.stdout:
-        if "epoch 3/8" in line:  # epochs 1-3 done and checkpointed; epoch 4 is under way
-            break
+    wait_for_log(killed, "epoch 3/8", proc)  # epochs 1-3 done and checkpointed; epoch 4 is under way
     time.sleep(0.2)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(30)
     checkpoints = list((killed / "trained").glob(".*.checkpoint.npz"))
     assert len(checkpoints) == 1 and not list((killed / "trained").glob("[!.]*"))
+    log = killed / "logs" / "digitflow.log"
+    before = log.stat().st_size
     proc = cli(*args, "--home", str(killed), api_url=api_url)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out
+    out = log.read_bytes()[before:].decode()
     resumed_at = int(out.split("resumed at epoch ")[1].split()[0])
     assert 4 <= resumed_at <= 8 and "epoch 1/8" not in out
     [a] = list((straight / "trained").glob("[!.]*"))
@@ -274,7 +281,7 @@ def test_cli_evaluate_and_train(home, api_url):
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out
     assert "trained " in out
-    assert newest_run_states(api_url, "mnist-train") == {"train [128] × 3 epochs": "Cached"}  # same as v1's
+    assert newest_run_states(api_url, "mnist-train") == {"train [128], 3 epochs": "Cached"}  # same as v1's
 
 
 def test_cli_train_output_can_be_evaluated_and_published(published, api_url):
