@@ -1,0 +1,16 @@
+"""The layering is a contract (pyproject.toml, [tool.importlinter]): flows > tasks > storage > nn,
+nn/ imports nothing of ours and no Prefect, storage/ and the HTTP API import no Prefect."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_import_contracts_hold():
+    r = subprocess.run([str(Path(sys.executable).with_name("lint-imports")), "--no-cache"], cwd=REPO,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "4 kept, 0 broken" in r.stdout, r.stdout[-3000:] + r.stderr[-2000:]
