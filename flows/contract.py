@@ -89,10 +89,13 @@ def _overrides_model() -> type[BaseModel]:
     fields = {}
     for name, (kind, f) in Hyperparameters.fields().items():
         shown = getattr(default, name)
-        shown = "x".join(map(str, shown)) if isinstance(shown, tuple) else shown
+        shown = ("x".join(map(str, shown)) if isinstance(shown, tuple) else "off" if shown is None
+                 else f"{shown:.4g}" if isinstance(shown, float) else str(shown).lower())
+        bounds = describe_bounds(f.metadata).capitalize()
         fields[name] = (Optional[_field_type(kind, f.metadata)],
-                        Field(None, title=name, description=f"{f.metadata['help']} "
-                              f"{describe_bounds(f.metadata).capitalize()}. Preset 'default': {shown}."))
+                        Field(None, title=name, description=" ".join(
+                            part for part in (f.metadata["help"].rstrip(".") + ".", bounds + "." if bounds else "",
+                                              f"Preset 'default': {shown}.") if part)))
     return create_model("Overrides", __config__=ConfigDict(extra="forbid", frozen=True),
                         __doc__="Hyperparameters that override the preset; an empty field keeps the preset's value.",
                         **fields)

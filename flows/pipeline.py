@@ -56,7 +56,7 @@ def retrain(
         allow_unpinned: Accept dataset files the spec gives no checksum for (the provenance records the hash seen).
         preset: Hyperparameter preset; the hyperparameters after webhook change single values of it
             (an empty field keeps the preset's value).
-        model_name: Registry name of the model (default: <dataset>-mlp; mnist-mlp for MNIST).
+        model_name: Registry name of the model (default: the dataset's name followed by -mlp; mnist-mlp for MNIST).
         tolerance: Promote when test accuracy ≥ the champion's minus this.
         floor: Never promote below this test accuracy (empty: the dataset's; MNIST 0.97, Fashion-MNIST 0.85).
         rows_per_shard: Rows per Parquet shard.
@@ -131,7 +131,7 @@ def publish_trained(model: TrainedModel, home: str | None = None, dataset: Datas
         model: The trained model (its folder and weights digest).
         home: Where digitflow keeps its state (default: $DIGITFLOW_HOME, else ~/.digitflow).
         dataset: The dataset it was trained on: mnist, fashion-mnist, or a spec file's path.
-        model_name: Registry name of the model (default: <dataset>-mlp; mnist-mlp for MNIST).
+        model_name: Registry name of the model (default: the dataset's name followed by -mlp; mnist-mlp for MNIST).
         tolerance: Promote when test accuracy ≥ the champion's minus this.
         floor: Never promote below this test accuracy (empty: the dataset's; MNIST 0.97, Fashion-MNIST 0.85).
         webhook: Where the alert URL is kept: env:VARIABLE or secret:BLOCK (else $DIGITFLOW_WEBHOOK_URL).

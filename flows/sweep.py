@@ -107,7 +107,7 @@ def sweep(
         grid: The grid points: each sets some hyperparameters on top of the preset and those given below.
         dataset: mnist, fashion-mnist, or the path of a dataset spec file (.toml/.json).
         allow_unpinned: Accept dataset files the spec gives no checksum for (the provenance records the hash seen).
-        model_name: Registry name of the model (default: <dataset>-mlp; mnist-mlp for MNIST).
+        model_name: Registry name of the model (default: the dataset's name followed by -mlp; mnist-mlp for MNIST).
     """
     log = get_run_logger()
     base = overrides_dict(overrides)
