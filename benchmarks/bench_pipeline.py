@@ -53,7 +53,7 @@ def run(home: str, mirror: str, preset: str, env: dict) -> tuple[float, dict, fl
     env = {**env, "PREFECT_LOGGING_LOGGERS_PREFECT_CLIENT_LEVEL": "DEBUG"}  # its retry lines
     t = time.perf_counter()
     out = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--mirror", mirror, "--home", home,
-                          "--preset", preset, "--json"], cwd=REPO, env=env, capture_output=True, text=True)
+                          "--preset", preset, "--json", "--verbose"], cwd=REPO, env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - t
     if out.returncode != 0:
         sys.exit(f"digitflow run failed:\n{out.stdout}\n{out.stderr}")
@@ -155,6 +155,7 @@ def main() -> None:
             env["PREFECT_API_URL"] = args.api_url
         else:
             env.pop("PREFECT_API_URL", None)
+            env["DIGITFLOW_EPHEMERAL"] = "1"  # Prefect's temporary server per process, as documented above
             env["PREFECT_HOME"] = str(Path(tmp) / "prefect")
         env["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] = str(Path(tmp) / "results")
         home = str(Path(tmp) / "home")

@@ -124,7 +124,7 @@ def progress_display():
     and training (epochs); step lines print above them."""
     global _console
     from rich.console import Console
-    from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn,
+    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn,
                                TimeElapsedColumn, TransferSpeedColumn)
 
     from tasks import progress as hook
@@ -135,18 +135,20 @@ def progress_display():
         return
     bytes_view = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                           console=console, transient=True)
-    epochs_view = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+    epochs_view = Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
                            console=console, transient=True)
     bars: dict[str, tuple] = {}
     from rich.console import Group
     from rich.live import Live
 
     with Live(Group(bytes_view, epochs_view), console=console, transient=True, refresh_per_second=8):
-        def update(name, done, total):
+        def update(name, done, total, text=None):
             view = epochs_view if name == "train" else bytes_view
             if name not in bars:
-                bars[name] = (view, view.add_task("training (epochs)" if name == "train" else name, total=total))
-            view.update(bars[name][1], completed=done)
+                bars[name] = (view, view.add_task("training" if name == "train" else name, total=total))
+            view.update(bars[name][1], completed=done, **({"description": text} if text else {}))
+            if view is bytes_view and total and done >= total:  # a finished transfer leaves the screen
+                view.remove_task(bars.pop(name)[1])
 
         hook.set_hook(update)
         _console = console

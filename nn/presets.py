@@ -189,6 +189,7 @@ def build(hp: Hyperparameters, n_in: int = 784, n_out: int = 10) -> Sequential:
 
 def train(hp: Hyperparameters, x: np.ndarray, y: np.ndarray,
           on_epoch: Callable[[dict], None] | None = None, checkpoint: Callable[[dict], None] | None = None,
+          on_batch: Callable[[int, int, int, float, float], None] | None = None,
           resume: dict | None = None, n_classes: int = 10,
           image_shape: tuple[int, int] = (28, 28)) -> tuple[Sequential, History]:
     """Build and train a model on (pixels/255 (N, n_in), labels in 0..n_classes-1), holding out
@@ -214,5 +215,6 @@ def train(hp: Hyperparameters, x: np.ndarray, y: np.ndarray,
     history = fit(model, x, y, optimizer=optimizer, epochs=hp.epochs, batch_size=hp.batch_size,
                   validation=validation, schedule=schedule, patience=hp.patience,
                   augment=augment if distort or hp.shift else None,
-                  seed=hp.seed, on_epoch=on_epoch, checkpoint=checkpoint, resume=resume, rows=rows)
+                  seed=hp.seed, on_epoch=on_epoch, on_batch=on_batch, checkpoint=checkpoint, resume=resume,
+                  rows=rows)
     return model, history

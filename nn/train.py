@@ -62,6 +62,7 @@ def evaluate(model: Sequential, x: np.ndarray, y: np.ndarray, batch_size: int = 
 
 
 CHUNK_ROWS = 8192  # rows of an epoch gathered at a time (memory beyond the data: this many rows)
+BATCH_REPORT = 16  # batches between two on_batch calls
 
 
 def take_rows(x, idx: np.ndarray, out: np.ndarray) -> np.ndarray:
@@ -87,6 +88,7 @@ def fit(
     augment: Callable[[np.ndarray, np.random.Generator], None] | None = None,
     seed: int = 0,
     on_epoch: Callable[[dict], None] | None = None,
+    on_batch: Callable[[int, int, int, float, float], None] | None = None,
     checkpoint: Callable[[dict], None] | None = None,
     resume: dict | None = None,
     rows: np.ndarray | None = None,
@@ -97,6 +99,9 @@ def fit(
     evaluated after every epoch. With ``patience``, training stops once the validation loss
     has not improved for that many epochs, and the best epoch's weights are restored.
     Raises NonFiniteLossError as soon as a batch loss is NaN or infinite.
+
+    ``on_batch(epoch, batch, batches, mean loss, accuracy so far)`` is called every
+    ``BATCH_REPORT`` batches of an epoch (for a progress display; it costs nothing when None).
 
     ``checkpoint(state)`` is called after every epoch with everything needed to continue
     (weights, optimizer state, random generator states, history); ``resume=state`` continues
@@ -168,6 +173,10 @@ def fit(
                 loss_sum += loss * len(yb)
                 model.backward(dlogits)
                 optimizer.step()
+                batch = (c0 + start) // batch_size + 1
+                if on_batch is not None and batch % BATCH_REPORT == 0:
+                    seen = c0 + start + len(yb)
+                    on_batch(epoch + 1, batch, -(-n // batch_size), loss_sum / seen, correct / seen)
         record = {"epoch": epoch + 1, "lr": lr, "train_loss": loss_sum / n, "train_accuracy": correct / n}
         if validation is not None:
             record["val_loss"], record["val_accuracy"] = evaluate(model, *validation)

@@ -134,7 +134,12 @@ def _train(train: SplitRef, hyperparameters: dict, home: Home, progress_key: str
                  r["epoch"], hp.epochs, r["lr"], r["train_loss"], r["train_accuracy"],
                  r.get("val_loss", float("nan")), r.get("val_accuracy", float("nan")), r["seconds"])
         update_progress_artifact(artifact, 100.0 * r["epoch"] / hp.epochs)
-        progress.report("train", r["epoch"], hp.epochs)
+        progress.report("train", r["epoch"], hp.epochs, f"epoch {r['epoch']}/{hp.epochs} done: val acc "
+                        f"{r.get('val_accuracy', float('nan')):.4f}")
+
+    def on_batch(epoch: int, batch: int, batches: int, loss: float, accuracy: float) -> None:
+        progress.report("train", epoch - 1 + batch / batches, hp.epochs,
+                        f"epoch {epoch}/{hp.epochs} batch {batch}/{batches}: loss {loss:.4f} acc {accuracy:.4f}")
 
     def checkpoint(state: dict) -> None:
         with writing(checkpoint_path):
@@ -144,13 +149,15 @@ def _train(train: SplitRef, hyperparameters: dict, home: Home, progress_key: str
     try:
         with np.errstate(over="ignore", invalid="ignore"):
             try:
-                model, history = nn.presets.train(hp, x, y, on_epoch=on_epoch, checkpoint=checkpoint, resume=resume,
+                model, history = nn.presets.train(hp, x, y, on_epoch=on_epoch, on_batch=progress.on_batch(on_batch),
+                                                  checkpoint=checkpoint, resume=resume,
                                                   n_classes=n_classes, image_shape=shape)
             except nn.CheckpointMismatch as e:  # checked before anything was set: start again, never stuck
                 log.warning("%s: %s; discarded, starting from epoch 1", checkpoint_path, e)
                 checkpoint_path.unlink(missing_ok=True)
                 resumed = ""
-                model, history = nn.presets.train(hp, x, y, on_epoch=on_epoch, checkpoint=checkpoint,
+                model, history = nn.presets.train(hp, x, y, on_epoch=on_epoch, on_batch=progress.on_batch(on_batch),
+                                                  checkpoint=checkpoint,
                                                   n_classes=n_classes, image_shape=shape)
     except nn.NonFiniteLossError as e:
         checkpoint_path.unlink(missing_ok=True)

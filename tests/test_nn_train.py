@@ -259,3 +259,16 @@ def test_distorted_digits_are_still_recognised(first_run, mnist_dir):
     assert np.abs(distorted - x).mean() > 0.05
     assert (model.predict(x) == y).mean() > 0.95
     assert (model.predict(distorted) == y).mean() > 0.6  # measured 0.72 for this seed
+
+
+def test_on_batch_reports_progress_without_changing_the_result():
+    rng = np.random.default_rng(0)
+    x, y = rng.random((1000, 16), np.float32), rng.integers(0, 3, 1000)
+    hp = nn.presets.get("fast", hidden=(8,), epochs=2, batch_size=16, val_fraction=0.0)
+    seen = []
+    a, _ = nn.presets.train(hp, x, y, n_classes=3, image_shape=(4, 4), on_batch=lambda *r: seen.append(r))
+    b, _ = nn.presets.train(hp, x, y, n_classes=3, image_shape=(4, 4))
+    assert nn.digest(a) == nn.digest(b)
+    batches = -(-1000 // 16)  # 63 per epoch: reported at batches 16, 32, 48 of each epoch
+    assert [(e, k, n) for e, k, n, _, _ in seen] == [(e, k, batches) for e in (1, 2) for k in (16, 32, 48)]
+    assert all(0 < loss < 5 and 0 <= acc <= 1 for *_, loss, acc in seen)
