@@ -431,6 +431,8 @@ def api(host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind 
         max_body: int = typer.Option(ApiSettings.max_body, "--max-body", help="Largest request body, bytes (→ 413)."),
         max_pixels: int = typer.Option(ApiSettings.max_pixels, "--max-pixels", help="Largest image, pixels (→ 413)."),
         max_images: int = typer.Option(ApiSettings.max_images, "--max-images", help="Most images in one request (→ 413)."),
+        max_request_pixels: int = typer.Option(ApiSettings.max_request_pixels, "--max-request-pixels",
+                                               help="Most pixels decoded for one request, all its images (→ 413)."),
         poll: float = typer.Option(ApiSettings.poll, "--poll", help="Seconds between checks of the served alias."),
         log_level: str = typer.Option("info", "--log-level", help="info: one line per request; warning: swaps and errors only."),
         ) -> None:
@@ -445,7 +447,11 @@ def api(host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind 
         if log_level.lower() not in ("debug", "info", "warning", "error"):
             raise DigitflowError(f"--log-level {log_level!r}: use info, warning or error")
         settings = ApiSettings(home=str(resolve_home(home)), model_name=model_name, model=model, token=token,
-                               max_body=max_body, max_pixels=max_pixels, max_images=max_images, poll=poll).check()
+                               max_body=max_body, max_pixels=max_pixels, max_images=max_images,
+                               max_request_pixels=max_request_pixels, poll=poll).check()
+        if not token and host not in ("127.0.0.1", "localhost", "::1") and not host.startswith("127."):
+            typer.echo(f"digitflow api: warning: listening on {host} without a token: anyone who can reach this "
+                       "machine can use the API (set DIGITFLOW_API_TOKEN)", err=True)
         typer.echo(f"digitflow api: {model_name} {model} from {settings.home} on http://{host}:{port}/ "
                    f"({workers} worker{'s' if workers > 1 else ''}{', token required' if token else ''})", err=True)
         serve_api(settings, host=host, port=port, workers=workers, log_level=log_level)

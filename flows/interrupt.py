@@ -44,8 +44,9 @@ def _on_signal(signum, frame) -> None:
         os._exit(code)
     _fired.set()
     flow_run_id = _current_flow_run_id()  # read here: the run context lives in this (main) thread
-    line = (f"digitflow: interrupted by {NAMES[signum]}: {_command} stopped; nothing half-written is visible, "
-            "and a rerun resumes from the cached work")
+    line = (f"digitflow: interrupted by {NAMES[signum]}: {_command} stopped"
+            + ("" if _command.split()[-1:] in (["api"], ["server"]) else  # a server: nothing was being written
+               "; nothing half-written is visible, and a rerun resumes from the cached work"))
     hard_stop = threading.Timer(GRACE + 1.0, _exit, (code, line))
     hard_stop.daemon = True
     hard_stop.start()

@@ -29,11 +29,49 @@ class ImageTooLarge(ImageError):
     """More pixels than allowed (a decompression bomb, or simply too large): refused before decoding."""
 
 
+def image_size(data: bytes, *, name: str = "image") -> tuple[int, int]:
+    """(width, height) an image's header announces, read without decoding any pixel."""
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return img.size
+    except Image.DecompressionBombError as e:
+        raise ImageTooLarge(f"{name}: refused as a decompression bomb ({e})") from None
+    except UnidentifiedImageError:
+        raise ImageError(f"{name}: not a readable image (no PNG, JPEG, … header)") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as e:
+        raise ImageError(f"{name}: not a readable image ({e})") from None
+
+
+def _to_unit_gray(img) -> np.ndarray:
+    """Any PIL mode → (H, W) float32 in [0, 1] at its own bit depth: 16-bit and 32-bit integer
+    images are scaled by their range (``convert("L")`` would clip them: a 16-bit 7 became an 8),
+    float images clipped to [0, 1], alpha composited on white."""
+    from PIL import Image
+
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
+        return np.asarray(img, np.float32) / np.float32(65535)
+    if img.mode == "I":
+        a = np.asarray(img, np.float64)
+        top = 65535.0 if a.max(initial=0) <= 65535 and a.min(initial=0) >= 0 else max(float(np.abs(a).max()), 1.0)
+        return np.clip(a / top, 0, 1).astype(np.float32)
+    if img.mode == "F":
+        a = np.nan_to_num(np.asarray(img, np.float32), nan=0.0, posinf=1.0, neginf=0.0)
+        return np.clip(a / 255 if a.max(initial=0) > 1 else a, 0, 1).astype(np.float32)
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    return np.asarray(img.convert("L"), np.float32) / np.float32(255)
+
+
 def load_gray(source: str | os.PathLike | bytes, *, name: str | None = None,
               max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Decode a PNG/JPEG/... (a path, or the file's bytes) into a (H, W) float32 array in [0, 1]
-    (alpha composited on white). The size is read from the header and checked against
-    ``max_pixels`` before anything is decoded."""
+    (alpha composited on white; 16-bit images at their own depth). The size is read from the
+    header and checked against ``max_pixels`` before anything is decoded."""
     import io
 
     from PIL import Image, UnidentifiedImageError
@@ -46,18 +84,14 @@ def load_gray(source: str | os.PathLike | bytes, *, name: str | None = None,
                 raise ImageTooLarge(f"{name}: {width}×{height} pixels exceed the {max_pixels:,}-pixel limit "
                                     "(a decompression bomb?); refused")
             img.load()
-            if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
-                rgba = img.convert("RGBA")
-                background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-                img = Image.alpha_composite(background, rgba)
-            return np.asarray(img.convert("L"), np.float32) / 255.0
+            return _to_unit_gray(img)
     except FileNotFoundError:
         raise ImageError(f"{name}: no such file") from None
     except Image.DecompressionBombError as e:
         raise ImageTooLarge(f"{name}: refused as a decompression bomb ({e})") from None
     except UnidentifiedImageError:
         raise ImageError(f"{name}: not a readable image (no PNG, JPEG, … header)") from None
-    except (OSError, ValueError, SyntaxError) as e:  # PIL raises all of these on bad files
+    except (OSError, ValueError, SyntaxError, EOFError, TypeError) as e:  # PIL raises all of these on bad files
         raise ImageError(f"{name}: not a readable image ({e})") from None
 
 

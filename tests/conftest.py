@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import gzip
 import http.server
 import os
@@ -112,6 +113,7 @@ def mnist_server(mnist_dir):
     server.close()
 
 
+@functools.lru_cache(maxsize=4)
 def make_bomb(size: int) -> bytes:
     """A valid gzip stream of ``size`` zero bytes (a tiny archive that inflates hugely)."""
     c = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
@@ -185,7 +187,7 @@ class FaultyMirror:
             body = self.wrong(name)
         elif behaviour == "bomb":
             if self._bomb is None:
-                self._bomb = make_bomb(100 << 20)
+                self._bomb = make_bomb(100 << 20)  # (built once per session: ~1 s, longer than a 0.5-s timeout)
             body = self._bomb
         elif behaviour == "slow":
             time.sleep(3)
@@ -233,6 +235,7 @@ class FaultyMirror:
 
 @pytest.fixture
 def faulty(mnist_dir):
+    make_bomb(100 << 20)  # built before any request: its ~1 s must not count against a client's timeout
     mirror = FaultyMirror(mnist_dir)
     yield mirror
     mirror.close()

@@ -254,3 +254,152 @@ def test_bad_input_is_a_clean_4xx_and_the_server_stays_up(published, mnist_dir, 
         assert post(files=[("image", ("ok.png", good, "image/png"))]).status_code == 200
         metrics = httpx.get(f"{url}/metrics").text
     assert 'status="500"' not in metrics and 'status="422"' in metrics
+
+
+# ---- the API's body handling, hardened (README threat table) --------------------------------
+
+def app_client(home: Path, **settings):
+    """The app in this process (no subprocess needed): an httpx client over ASGI, lifespan run."""
+    from starlette.testclient import TestClient
+
+    from flows.api import ApiSettings, create_app
+
+    return TestClient(create_app(ApiSettings(home=str(home), poll=0.05, **settings)))
+
+
+def png_of(image: np.ndarray, mode: str = "L", size: int = 112) -> bytes:
+    """A digit drawn dark on white at ``size``×``size``, saved in PIL ``mode`` (I;16: 16-bit)."""
+    out = io.BytesIO()
+    light = Image.fromarray(255 - image).resize((size, size), Image.Resampling.BILINEAR)
+    if mode == "I;16":
+        light = Image.fromarray(np.asarray(light, np.uint16) * 257)
+    else:
+        light = light.convert(mode)
+    light.save(out, "PNG")
+    return out.getvalue()
+
+
+def test_a_16_bit_png_is_read_at_its_own_depth(published, mnist_dir):
+    """A 16-bit PNG of a clear 7 (convert("L") clipped it: predicted 8) answers as the 8-bit one."""
+    seven = digits(mnist_dir, 1)[0]  # the first test image is a 7
+    with app_client(published) as client:
+        labels = [client.post("/predict", files=[("image", ("d.png", png_of(seven, mode), "image/png"))]).json()
+                  ["predictions"][0]["label"] for mode in ("L", "I;16", "RGB", "RGBA", "P", "1")]
+    assert labels[:2] == [7, 7] and labels[2:5] == [7, 7, 7]
+
+
+def test_every_status_is_counted_and_nested_or_odd_json_is_a_422(published):
+    with app_client(published) as client:
+        for body in (b'{"pixels": [[[0.1]]]}', b'{"pixels": [[' + b'[0.1], ' * 783 + b'[0.1]]]}',
+                     b'{"pixels": [[true' + b', 0' * 783 + b']]}', b'{"pixels": [[null' + b', 0' * 783 + b']]}',
+                     b'{"pixels": [[{}' + b', 0' * 783 + b']]}', b'{"pixels": [[1e400' + b', 0' * 783 + b']]}',
+                     b'[' * 5000 + b']' * 5000, b'{"pixels": ' + b'[' * 100 + b']' * 100 + b'}'):
+            r = client.post("/predict", content=body, headers={"content-type": "application/json"})
+            assert r.status_code == 422 and set(r.json()) == {"error", "field"}, (body[:40], r.text)
+        # A bug (simulated): answered 500 as JSON without a traceback, and counted.
+        client.app.state.follower.served = client.app.state.follower.served._replace(net=None)
+        r = client.post("/predict", content=bytes(784), headers={"content-type": "application/octet-stream"})
+        assert r.status_code == 500 and r.json() == {"error": "internal error", "field": None}
+        text = client.get("/metrics").text
+    assert 'digitflow_api_requests_total{endpoint="predict",status="500"} 1.0' in text
+    assert 'digitflow_api_requests_total{endpoint="predict",status="422"} 8.0' in text
+
+
+def test_decoded_pixels_are_bounded_per_request_before_decoding(published):
+    """150 tiny PNGs each declaring 2000×2000 pixels (1 MiB in all): refused from their headers."""
+    many = [("image", (f"p{i}.png", png_header_only(2000, 2000), "image/png")) for i in range(150)]
+    with app_client(published) as client:
+        t = time.monotonic()
+        r = client.post("/predict", files=many)
+        assert r.status_code == 413 and "pixels in all" in r.json()["error"] and time.monotonic() - t < 2
+        assert client.get("/health").status_code == 200
+
+
+def test_decoding_runs_off_the_event_loop(published, mnist_dir):
+    """Three bodies of 20 large images each (each under the limits) while /health is asked:
+    /health answers at once because images decode in threads, not on the event loop."""
+    big = png(digits(mnist_dir, 1)[0], size=1900)  # 3.6 M pixels, under --max-pixels
+    with api(published, "--max-request-pixels", "80000000") as url:
+        slow, health = [], []
+
+        def post():
+            t = time.monotonic()
+            httpx.post(f"{url}/predict", files=[("image", (f"{i}.png", big, "image/png")) for i in range(4)],
+                       timeout=120)
+            slow.append(time.monotonic() - t)
+
+        threads = [threading.Thread(target=post) for _ in range(3)]
+        [t.start() for t in threads]
+        time.sleep(0.3)
+        for _ in range(5):
+            t = time.monotonic()
+            assert httpx.get(f"{url}/health", timeout=30).status_code == 200
+            health.append(time.monotonic() - t)
+            time.sleep(0.1)
+        [t.join() for t in threads]
+    assert max(health) < 0.5 < max(slow), (health, slow)
+
+
+def test_a_version_with_damaged_files_is_refused_and_the_last_verified_keeps_serving(published, tmp_path):
+    v2 = second_version(published)
+    lineage = Registry(published).path(v2) / "lineage.json"
+    lineage.write_text("[1, 2")  # damaged
+    with app_client(published) as client:  # serving v1; then v2, damaged, is made champion
+        assert client.get("/model").json()["version"] == 1
+        write_json(Registry(published).root / "aliases.json", {"latest": v2, "champion": v2})
+        deadline = time.monotonic() + 10
+        while f"v{v2}" not in client.get("/model").json()["refused"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        model = client.get("/model").json()
+        assert model["version"] == 1 and "lineage.json is not valid JSON" in model["refused"][f"v{v2}"]
+        assert client.post("/predict", content=bytes(784), headers={"content-type": "application/octet-stream"}
+                           ).json()["model"]["version"] == 1
+    # A restarted API whose champion is that version does not exit: it answers 503 until a good one.
+    with app_client(published, model=f"v{v2}") as client:
+        assert client.get("/ready").status_code == 503 and client.get("/health").status_code == 200
+    # A class list that disagrees with the network's outputs is refused too.
+    v3 = second_version(published)
+    lineage = Registry(published).path(v3) / "lineage.json"
+    lineage.write_text(json.dumps({"dataset": {"classes": ["a", "b", "c"]}}))
+    with app_client(published, model=f"v{v3}") as client:
+        assert client.get("/ready").status_code == 503
+        assert "3 class names do not match the network's 10 outputs" in client.app.state.follower.refused[v3]
+
+
+def test_raw_pixels_are_divided_by_255_as_training_does(published):
+    from flows.api import raw_pixels
+    from storage.idx import pixels01
+
+    every = np.arange(256, dtype=np.uint8).repeat(4)[:784]
+    assert np.array_equal(raw_pixels(every.tobytes(), 10), pixels01(every)[None])
+
+
+def test_bearer_scheme_is_case_insensitive_and_redirects_never_echo_the_host(published):
+    with app_client(published, token="s3cret") as client:
+        for scheme in ("Bearer", "bearer", "BEARER"):
+            assert client.get("/ready", headers={"authorization": f"{scheme} s3cret"}).status_code == 200
+        assert client.get("/ready", headers={"authorization": "Basic s3cret"}).status_code == 401
+        for path in ("/predict/", "/model/", "/ready/"):
+            r = client.get(path, headers={"host": "evil.example"}, follow_redirects=False)
+            assert "evil.example" not in r.headers.get("location", "") and r.status_code in (401, 404, 405)
+        assert client.get("/favicon.ico").headers["content-type"] == "image/svg+xml"
+
+
+def test_listening_beyond_this_machine_without_a_token_warns(published):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "api", "--home", str(published), "--host", "0.0.0.0",
+                             "--port", str(port)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    assert "warning: listening on 0.0.0.0 without a token" in err
+    assert "a rerun resumes from the cached work" not in err  # a server's shutdown says nothing of reruns

@@ -41,7 +41,7 @@ def test_sweep_on_a_temporary_local_cluster(tmp_path, mnist_server, api_url):
     r = sweep_cli("--grid", "hidden=32,64", "--epochs", "1", "--home", str(home), "--mirror", mnist_server,
                   api_url=api_url)
     assert r.returncode == 0, r.stdout + r.stderr
-    logs = r.stdout + r.stderr
+    logs = (home / "logs" / "digitflow.log").read_text()  # Prefect's log lines: the home's log, not the terminal
     assert "task runner: DaskTaskRunner on a temporary LocalCluster at tcp://127.0.0.1:" in logs
     assert "with 2 workers" in logs
     result = json.loads([l for l in r.stdout.splitlines() if l.startswith("{")][-1])
@@ -111,7 +111,7 @@ def test_sweep_on_an_existing_dask_cluster(tmp_path, mnist_server, api_url, dask
     r = sweep_cli("--grid", "hidden=48", "lr=0.05,0.1", "--epochs", "1", "--home", str(home), "--mirror",
                   mnist_server, "--dask-address", address, "--floor", "0.9", api_url=api_url)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert f"an existing Dask cluster at {address} with 2 workers" in r.stdout + r.stderr
+    assert f"an existing Dask cluster at {address} with 2 workers" in (home / "logs" / "digitflow.log").read_text()
     result = json.loads([l for l in r.stdout.splitlines() if l.startswith("{")][-1])
     assert len(result["rows"]) == 2 and result["status"] == "promoted"
     assert Registry(home).aliases()["champion"] == result["version"]
