@@ -15,7 +15,7 @@ from storage import DigitflowError
 from storage.datasets import dataset_and_model, resolve as resolve_dataset
 from tasks.common import home_for_run
 from tasks.ingest import manifest_ref
-from tasks.model import artifact_key, evaluate, gate, publish, train, version_artifacts
+from tasks.model import artifact_key, evaluate, gate, publish, still_trained, train, version_artifacts
 from tasks.refs import Decision, Evaluation, Published, TrainedModel
 
 
@@ -78,8 +78,10 @@ def retrain(
 
         # 2. Train on the train split; cached on (data, hyperparameters, seed, nn/ source).
         # (a copy: a subflow's result as a task input leaves the dashboard's Task Runs tab empty)
-        model = train(data["train"].model_copy(), hp, home, progress_key=artifact_key(model_name, "training"),
-                      description=f"preset {preset}")
+        training = dict(progress_key=artifact_key(model_name, "training"), description=f"preset {preset}")
+        model = train(data["train"].model_copy(), hp, home, **training)
+        if not still_trained(model):  # its folder was rewritten since the cached run: train again
+            model = train.with_options(refresh_cache=True)(data["train"].model_copy(), hp, home, **training)
 
         # 3-5. Evaluate on the test split, publish an immutable version (identical weights: the
         # existing one), put it through the gate: the subflow `run`, `sweep` and `publish` share.

@@ -235,6 +235,21 @@ def trained_ref(folder: str | Path) -> TrainedModel:
     return ref
 
 
+def still_trained(model: TrainedModel) -> bool:
+    """Does the trained folder still hold the weights its (possibly cached) reference names? A
+    folder rewritten behind our back, its training.json with it, passes the cache's own check;
+    this compares with the reference's digest, which the folder cannot rewrite. False: the folder
+    is discarded (one warning) so the caller trains again instead of failing on every rerun."""
+    try:
+        load_verified(model)
+        return True
+    except DigitflowError as e:
+        get_run_logger().warning("%s; discarded, training again", e)
+        if not remote.is_url(model.dir):
+            shutil.rmtree(model.dir, ignore_errors=True)
+        return False
+
+
 def load_verified(model: TrainedModel) -> nn.Sequential:
     """The network a model reference names, refused unless it hashes to the reference's digest."""
     try:

@@ -120,6 +120,25 @@ def test_rerun_is_cached_and_creates_nothing(home, mnist_server):
     assert seconds < 30
 
 
+def test_a_trained_folder_rewritten_with_its_record_is_trained_again_not_a_dead_end(published, mnist_server):
+    """model.npz replaced by other weights and training.json rewritten to match: the cache's own
+    check passes, but the cached reference's digest does not; the run discards the folder (one
+    warning) and trains again, instead of failing on every rerun."""
+    import nn
+
+    summary = retrain(home=str(published), mirrors=[mnist_server], preset="fast", seed=11, floor=0.0)
+    [folder] = [p for p in (published / "trained").glob("[!.]*") if json.loads((p / "training.json").read_text())
+                ["hyperparameters"]["seed"] == 11]
+    good = nn.digest(nn.load(folder))
+    other = nn.presets.build(nn.presets.get("fast", seed=99), 784, 10)
+    nn.save(other, folder)
+    record = json.loads((folder / "training.json").read_text())
+    (folder / "training.json").write_text(json.dumps({**record, "weights_sha256": nn.digest(other)}))
+    again = retrain(home=str(published), mirrors=[mnist_server], preset="fast", seed=11, floor=0.0)
+    assert again["version"] == summary["version"] and not again["created"]  # the same weights, trained again
+    assert nn.digest(nn.load(folder)) == good
+
+
 def test_second_model_goes_through_the_gate(published, mnist_server):
     summary = retrain(home=str(published), mirrors=[mnist_server], preset="fast", seed=1)
     reg = Registry(published)
