@@ -8,7 +8,8 @@ home: ``<PREFECT_HOME>/digitflow.log``); ``--verbose`` shows them on the termina
     ✓ train [128], 3 epochs            cached                      (a task of the run itself)
     ✗ download train-images-idx3-ubyte.gz: failed                   (then the one error line)
 
-plus progress bars while bytes move or epochs pass (``progress_display``), the dashboard link
+warnings of our own and of the runs (``! train …: checkpoint discarded``), progress bars while
+bytes move or batches pass (``progress_display``), the dashboard link
 (flows/server.py) and the command's outcome. A warm ``digitflow run`` prints six lines.
 """
 
@@ -83,6 +84,10 @@ class Steps(logging.Handler):
             return
         flow_name = getattr(record, "flow_run_name", None)
         task_name = getattr(record, "task_run_name", None)
+        if record.levelno == logging.WARNING and record.name.startswith(("prefect.flow_runs", "prefect.task_runs",
+                                                                         "digitflow")):
+            self.say(f"{task_name or flow_name or 'digitflow'}: {message}", "", False, mark="[yellow]![/yellow]")
+            return
         if message.startswith("Beginning subflow run"):
             self.subflows[flow_name] = [0, 0]
             return
@@ -103,14 +108,14 @@ class Steps(logging.Handler):
             detail = f"{tasks} step{'s' if tasks != 1 else ''}" + (f", {cached} cached" if cached else "")
             self.say(flow_name, "failed" if failed else detail, failed)
 
-    def say(self, name: str, detail: str, failed: bool) -> None:
+    def say(self, name: str, detail: str, failed: bool, mark: str = "[green]✓[/green]") -> None:
         from rich.console import Console
         from rich.markup import escape
 
         from storage.text import terminal
 
         text = escape(terminal(name)) + (f" [dim]{escape(detail)}[/dim]" if detail and not failed else "")
-        line = f"[red]✗[/red] {text}: failed" if failed else f"[green]✓[/green] {text}"
+        line = f"[red]✗[/red] {text}: failed" if failed else f"{mark} {text}"
         console = _console or Console(stderr=True, highlight=False)
         console.print(line, highlight=False)
 

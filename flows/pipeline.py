@@ -65,6 +65,9 @@ def retrain(
         deadline: Seconds one mirror may take for one file (empty: from the file's size).
         webhook: Where the alert URL is kept: env:VARIABLE or secret:BLOCK (else $DIGITFLOW_WEBHOOK_URL).
     """
+    if "webhook_url" in overrides:  # a deployment made when the URL itself was a parameter
+        raise DigitflowError("webhook_url is not a parameter any more (a URL in a flow run's parameters is shown to "
+                             "every dashboard user): redeploy with --webhook secret:BLOCK or --webhook env:VARIABLE")
     spec, model_name = dataset_and_model(dataset, model_name, allow_unpinned)  # before any work
     hp = hyperparameters(preset, overrides, spec).to_dict()
     home = home_for_run(home)

@@ -10,15 +10,20 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterParentTaskRunId
 
 
-def task_runs(flow_run_id, *, settle: float = 15.0) -> dict:
-    """``{task run name: task run}`` of one flow run and its subflows, once every state is final."""
+def task_runs(flow_run_id, *, settle: float = 15.0, expect: int = 0) -> dict:
+    """``{task run name: task run}`` of one flow run and its subflows, once every state is final
+    and the count has held for a moment (task runs reach the server as events, some late), or at
+    least ``expect`` of them are there."""
     deadline = time.monotonic() + settle
+    seen = -1
     with get_client(sync_client=True) as client:
         while True:
             runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-            if runs and all(r.state and r.state.is_final() for r in runs) or time.monotonic() > deadline:
+            final = runs and all(r.state and r.state.is_final() for r in runs)
+            if final and len(runs) >= expect and (len(runs) == seen or expect) or time.monotonic() > deadline:
                 break
-            time.sleep(0.2)
+            seen = len(runs) if final else -1
+            time.sleep(0.3)
         children = client.read_flow_runs(flow_run_filter=FlowRunFilter(
             parent_task_run_id=FlowRunFilterParentTaskRunId(any_=[r.id for r in runs]))) if runs else []
     found = {r.name: r for r in runs}

@@ -116,7 +116,7 @@ def test_no_input_yields_a_5xx_and_every_response_matches_the_schema(published):
         assert {op.path for op in operations} == {"/predict", "/model", "/health", "/ready", "/metrics", "/"}
         for op in operations:
             @given(case=op.as_strategy())
-            @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+            @settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
             def check(case):
                 case.call_and_validate(checks=checks)
 

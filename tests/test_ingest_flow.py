@@ -22,7 +22,7 @@ TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
 
 def run(home, mirrors, **kw):
     state = ingest(home=str(home), mirrors=mirrors, retry_delay=0.05, return_state=True, **kw)
-    return state, state_names(flow_run_id(state))
+    return state, state_names(flow_run_id(state), expect=12)  # 4 downloads, 4 verifies, 2 parses, 2 shards
 
 
 def test_real_mnist_end_to_end_then_cached(tmp_path, mnist_server):
