@@ -316,14 +316,11 @@ def image_pixels(files: list[tuple[str, bytes]], settings: ApiSettings) -> np.nd
     total = 0
     for name, data in files:
         try:
-            width, height = image_size(data, name=name)
+            width, height = image_size(data, name=name, max_pixels=settings.max_pixels)
         except ImageTooLarge as e:
             raise ApiError(413, str(e), name) from None
         except ImageError as e:
             raise ApiError(422, str(e), name) from None
-        if width * height > settings.max_pixels:
-            raise ApiError(413, f"{name}: {width}×{height} pixels exceed the {settings.max_pixels:,}-pixel limit "
-                                "(a decompression bomb?); refused", name)
         total += width * height
         if total > settings.max_request_pixels:
             raise ApiError(413, f"the images of this request declare more than {settings.max_request_pixels:,} "

@@ -29,9 +29,9 @@ def log_path(home=None):
     """``<home>/logs/digitflow.log``, or ``<PREFECT_HOME>/digitflow.log`` without a home."""
     from pathlib import Path
 
-    if home is not None:
-        return Path(home) / "logs" / LOG_NAME
-    return Path(os.environ.get("PREFECT_HOME") or "~/.prefect").expanduser() / LOG_NAME
+    from flows.server import prefect_home
+
+    return Path(home) / "logs" / LOG_NAME if home is not None else prefect_home() / LOG_NAME
 
 
 def quiet() -> bool:
@@ -42,7 +42,6 @@ def setup(home=None) -> None:
     """After Prefect configured its logging: its console handler off (unless verbose), every
     record into the log file (``log_path(home)``), finished steps summarized on stderr. Idempotent."""
     import prefect  # noqa: F401  (configures Prefect's logging first: dictConfig replaces handlers)
-    from prefect.logging.handlers import PrefectConsoleHandler
 
     root = logging.getLogger()
     if any(isinstance(h, Steps) for h in root.handlers):
@@ -61,10 +60,8 @@ def setup(home=None) -> None:
     root.addHandler(to_file)
     if not quiet():
         return
-    for logger in [root] + [logging.getLogger(n) for n in list(logging.root.manager.loggerDict)]:
-        for handler in logger.handlers:
-            if isinstance(handler, PrefectConsoleHandler):
-                handler.setLevel(logging.CRITICAL + 1)
+    for handler in _prefect_console_handlers():
+        handler.setLevel(logging.CRITICAL + 1)
     root.addHandler(Steps())
     for name in ("prefect.flow_runs", "prefect.task_runs"):  # their records reach the root only if they propagate
         logging.getLogger(name).propagate = True

@@ -51,9 +51,13 @@ def ui_url() -> str:
     return url.rstrip("/").removesuffix("/api")
 
 
+def prefect_home() -> Path:
+    """Prefect's home as Prefect resolves it (``PREFECT_HOME``, else ``~/.prefect``), without importing it."""
+    return Path(os.environ.get("PREFECT_HOME") or "~/.prefect").expanduser()
+
+
 def state_dir() -> Path:
-    home = Path(os.environ.get("PREFECT_HOME") or "~/.prefect").expanduser()
-    return home / "digitflow-server"
+    return prefect_home() / "digitflow-server"
 
 
 def ephemeral() -> bool:

@@ -7,6 +7,7 @@ aspect ratio (anti-aliased); place in a 28×28 field so the ink's center of mass
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import os
 from pathlib import Path
@@ -29,21 +30,36 @@ class ImageTooLarge(ImageError):
     """More pixels than allowed (a decompression bomb, or simply too large): refused before decoding."""
 
 
-def image_size(data: bytes, *, name: str = "image") -> tuple[int, int]:
-    """(width, height) an image's header announces, read without decoding any pixel."""
+@contextlib.contextmanager
+def _opened(source: str | os.PathLike | bytes, name: str, max_pixels: int):
+    """The image ``source`` (a path, or the file's bytes), opened lazily (nothing decoded) after
+    its header's size is checked against ``max_pixels``; every way PIL fails on a bad file ends as
+    one ImageError (ImageTooLarge for a bomb) naming ``name``."""
     import io
 
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            return img.size
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
+            width, height = img.size  # from the header: nothing decoded yet
+            if width * height > max_pixels:
+                raise ImageTooLarge(f"{name}: {width}×{height} pixels exceed the {max_pixels:,}-pixel limit "
+                                    "(a decompression bomb?); refused")
+            yield img
+    except FileNotFoundError:
+        raise ImageError(f"{name}: no such file") from None
     except Image.DecompressionBombError as e:
         raise ImageTooLarge(f"{name}: refused as a decompression bomb ({e})") from None
     except UnidentifiedImageError:
         raise ImageError(f"{name}: not a readable image (no PNG, JPEG, … header)") from None
-    except (OSError, ValueError, SyntaxError, EOFError) as e:
+    except (OSError, ValueError, SyntaxError, EOFError, TypeError) as e:  # PIL raises all of these on bad files
         raise ImageError(f"{name}: not a readable image ({e})") from None
+
+
+def image_size(data: bytes, *, name: str = "image", max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
+    """(width, height) an image's header announces (at most ``max_pixels``), nothing decoded."""
+    with _opened(data, name, max_pixels) as img:
+        return img.size
 
 
 def _to_unit_gray(img) -> np.ndarray:
@@ -72,27 +88,10 @@ def load_gray(source: str | os.PathLike | bytes, *, name: str | None = None,
     """Decode a PNG/JPEG/... (a path, or the file's bytes) into a (H, W) float32 array in [0, 1]
     (alpha composited on white; 16-bit images at their own depth). The size is read from the
     header and checked against ``max_pixels`` before anything is decoded."""
-    import io
-
-    from PIL import Image, UnidentifiedImageError
-
     name = name or str(source if not isinstance(source, bytes) else "image")
-    try:
-        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
-            width, height = img.size  # from the header: nothing decoded yet
-            if width * height > max_pixels:
-                raise ImageTooLarge(f"{name}: {width}×{height} pixels exceed the {max_pixels:,}-pixel limit "
-                                    "(a decompression bomb?); refused")
-            img.load()
-            return _to_unit_gray(img)
-    except FileNotFoundError:
-        raise ImageError(f"{name}: no such file") from None
-    except Image.DecompressionBombError as e:
-        raise ImageTooLarge(f"{name}: refused as a decompression bomb ({e})") from None
-    except UnidentifiedImageError:
-        raise ImageError(f"{name}: not a readable image (no PNG, JPEG, … header)") from None
-    except (OSError, ValueError, SyntaxError, EOFError, TypeError) as e:  # PIL raises all of these on bad files
-        raise ImageError(f"{name}: not a readable image ({e})") from None
+    with _opened(source, name, max_pixels) as img:
+        img.load()
+        return _to_unit_gray(img)
 
 
 def mnist_style(gray: np.ndarray, *, name: str = "image") -> np.ndarray:
