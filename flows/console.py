@@ -4,7 +4,7 @@ By default Prefect's console log is off: every log line still goes to the dashbo
 API log handler) and to the home's log file, ``<home>/logs/digitflow.log`` (commands without a
 home: ``<PREFECT_HOME>/digitflow.log``); ``--verbose`` shows them on the terminal as well. In their place, one line per finished step:
 
-    ✓ ingest-mnist (10000 rows/shard)   12 steps, 12 cached        (a subflow: its tasks counted)
+    ✓ ingest-mnist (10000 rows/shard)   13 steps, 13 cached        (a subflow: its tasks counted)
     ✓ train [128], 3 epochs            cached                      (a task of the run itself)
     ✗ download train-images-idx3-ubyte.gz: failed                   (then the one error line)
 

@@ -1,4 +1,4 @@
-"""The ingest flow: download → verify → parse → shard, for every split of a dataset (MNIST by default)."""
+"""The ingest flow: download → verify → parse → check → shard, for every split of a dataset (MNIST by default)."""
 # (No `from __future__ import annotations` here: Prefect validates flow parameters against real annotations.)
 
 from pathlib import Path
@@ -13,8 +13,8 @@ from storage.config import (DEFAULT_RETRIES, DEFAULT_ROWS_PER_SHARD, DEFAULT_TIM
                             resolve_mirrors)
 from storage.datasets import check_pinned, resolve as resolve_dataset
 from tasks.common import home_for_run
-from tasks.ingest import download, parse, verify, write_shards
-from tasks.refs import SplitRef
+from tasks.ingest import check_data, download, parse, verify, write_shards
+from tasks.refs import SplitFiles, SplitRef
 
 
 def ingest_run_name() -> str:
@@ -78,7 +78,13 @@ def ingest(
     for split in spec.splits:
         parse(split, *pair(split), image_shape=shape, n_classes=n_classes)
 
-    # 4. Write each split's shards + manifest (swapped in whole, never half-written). A cached
+    # 4. Check what the splits hold: rows, classes, pixel statistics against the dataset's
+    #    reference, duplicate and empty images, images shared between test and train. Recorded
+    #    beside the splits and in the dashboard; a failed check stops here, naming it.
+    check_data([SplitFiles(split=split, images=pair(split)[0], labels=pair(split)[1]) for split in spec.splits],
+               spec, record=home.address(home.checks(spec.key)))
+
+    # 5. Write each split's shards + manifest (swapped in whole, never half-written). A cached
     #    result whose directory no longer verifies (manifest, coverage, every shard's SHA-256)
     #    is refreshed: the split is rebuilt.
     manifests = {split: write_shards.submit(split, *pair(split), out_dir=home.address(home.split(split, spec.key)),

@@ -105,6 +105,7 @@ class Dataset:
     source: str = "built-in"             # "built-in" or the spec file's path
     floor: float = 0.0                   # the gate's default: never promote below this test accuracy
     notes: dict = field(default_factory=dict, compare=False)
+    expect: dict = field(default_factory=dict, compare=False)  # {split: checks.Expectation}: what ingest checks
 
     @property
     def pixels(self) -> int:
@@ -166,7 +167,8 @@ class Dataset:
 
 # ---- validation: every mistake, one clear line each ---------------------------------------
 
-_TOP = {"name", "image_shape", "classes", "mirrors", "files", "notes", "floor"}
+_TOP = {"name", "image_shape", "classes", "mirrors", "files", "notes", "floor", "expect"}
+_EXPECT = {"rows", "class_counts", "pixel_mean", "pixel_std"}
 _FILE = {"name": "name", "split": "split", "kind": "kind", "sha256": "idx_sha256", "size": "idx_size",
          "archive_sha256": "archive_sha256", "archive_size": "archive_size", "archive_md5": "archive_md5"}
 _HEX = {"sha256": 64, "archive_sha256": 64, "archive_md5": 32}
@@ -282,10 +284,55 @@ def from_dict(data, source: str = "built-in") -> Dataset:
                 n_images, n_labels = (sizes["images"] - 16) // (shape[0] * shape[1]), sizes["labels"] - 8
                 if n_images != n_labels:
                     bad(f"split {split!r}: the images file holds {n_images} items, the labels file {n_labels}")
+    expect = _expectations(data.get("expect", {}), {f.split for f in files}, classes, bad)
     if errors:
         raise SpecError("\n".join(errors))
     return Dataset(name=name, files=tuple(files), mirrors=tuple(mirrors), image_shape=tuple(shape),
-                   classes=tuple(classes), source=source, notes=data.get("notes") or {}, floor=float(floor))
+                   classes=tuple(classes), source=source, notes=data.get("notes") or {}, floor=float(floor),
+                   expect=expect)
+
+
+def _expectations(data, splits: set[str], classes, bad) -> dict:
+    """``[expect.<split>]`` tables: what the data checks compare each split with."""
+    from storage.checks import Expectation
+
+    if not isinstance(data, dict):
+        bad(f"expect must be a table of splits, got {_short(data)}")
+        return {}
+    out = {}
+    for split, table in data.items():
+        where = f"expect.{_short(split)[1:-1]}"
+        if split not in splits:
+            bad(f"{where}: the spec has no split {_short(split)}")
+            continue
+        if not isinstance(table, dict):
+            bad(f"{where} must be a table with {', '.join(sorted(_EXPECT))}")
+            continue
+        ok = True
+        for key in sorted(set(table) - _EXPECT):
+            bad(f"{where}: unknown key {_short(key)} (known: {', '.join(sorted(_EXPECT))})")
+            ok = False
+        rows, counts = table.get("rows"), table.get("class_counts")
+        if rows is not None and not (type(rows) is int and 0 < rows <= 1 << 32):
+            bad(f"{where}.rows must be a positive number of rows, got {_short(rows)}")
+            ok = False
+        if counts is not None and not (isinstance(counts, list) and classes and len(counts) == len(classes)
+                                       and all(type(c) is int and 0 <= c <= 1 << 32 for c in counts)):
+            bad(f"{where}.class_counts must list one row count per class ({len(classes or [])}), "
+                f"got {_short(counts)}")
+            ok = False
+        elif counts is not None and type(rows) is int and sum(counts) != rows:
+            bad(f"{where}: class_counts add up to {sum(counts)}, not rows = {rows}")
+            ok = False
+        for key in ("pixel_mean", "pixel_std"):
+            value = table.get(key)
+            if value is not None and not (type(value) in (int, float) and 0.0 <= value <= 1.0):
+                bad(f"{where}.{key} must be a number in 0..1 (of pixel/255), got {_short(value)}")
+                ok = False
+        if ok:
+            out[split] = Expectation(rows=rows, class_counts=tuple(counts) if counts is not None else None,
+                                     pixel_mean=table.get("pixel_mean"), pixel_std=table.get("pixel_std"))
+    return out
 
 
 def load_spec(path: str | Path) -> Dataset:

@@ -6,6 +6,7 @@ the decompressed size. The label files' decompressed SHA-256 were computed from 
 archives (their MD5 matches the published one), so those two are pinned by content.
 """
 
+from storage.checks import Expectation
 from storage.datasets import Dataset, DatasetFile
 
 FASHION_MNIST = Dataset(
@@ -28,6 +29,10 @@ FASHION_MNIST = Dataset(
                     idx_sha256="0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
                     archive_md5="bb300cfdad3c16e7a12a480ee83cd310"),
     ),
+    # Balanced by construction (6,000 / 1,000 a class); the training pixels' mean and std are the
+    # normalization constants the community publishes for it (test: measured and recorded).
+    expect={"train": Expectation(60_000, (6000,) * 10, pixel_mean=0.2860, pixel_std=0.3530),
+            "test": Expectation(10_000, (1000,) * 10)},
     notes={"presets": "the presets were tuned on MNIST; `default` is the Fashion-MNIST default too (its own "
                       "benchmark lists an MLP 256-128-100 at 88.33 %); not measured here: the images are not "
                       "available offline"},

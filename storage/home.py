@@ -82,6 +82,10 @@ class Home:
     def split(self, split: str, dataset: str = "mnist") -> Path:
         return inside(self.root, f"data/{dataset}/{split}", "dataset split")
 
+    def checks(self, dataset: str = "mnist") -> Path:
+        """The dataset's recorded data checks, beside its splits."""
+        return inside(self.root, f"data/{dataset}/checks.json", "dataset")
+
     @property
     def trained(self) -> Path:
         return self.root / "trained"

@@ -7,6 +7,7 @@ pinned too, so we can record whether a mirror served the original archive bytes.
 
 from __future__ import annotations
 
+from storage.checks import Expectation
 from storage.datasets import Dataset, DatasetFile
 
 DEFAULT_MIRRORS = (
@@ -49,7 +50,12 @@ SPLITS = ("train", "test")
 
 MNIST = Dataset(name="mnist", files=tuple(FILES.values()), mirrors=DEFAULT_MIRRORS, image_shape=(28, 28),
                 classes=tuple(str(d) for d in range(10)), floor=0.97,
-                notes={"presets": "every preset was tuned on MNIST"})
+                notes={"presets": "every preset was tuned on MNIST"},
+                # The published facts (LeCun et al.), checked at every ingest.
+                expect={"train": Expectation(60_000, (5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949),
+                                             pixel_mean=0.1306605, pixel_std=0.3081078),
+                        "test": Expectation(10_000, (980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009),
+                                            pixel_mean=0.1325146, pixel_std=0.3104802)})
 
 
 def file_for(split: str, kind: str) -> MnistFile:

@@ -34,6 +34,13 @@ def refs_version() -> str:
     return hashlib.sha256(Path(__file__).with_name("refs.py").read_bytes()).hexdigest()
 
 
+def artifact_key(name: str, what: str) -> str:
+    """Artifact keys allow lowercase letters, digits and dashes only."""
+    import re
+
+    return re.sub(r"[^a-z0-9-]+", "-", f"{name}-{what}".lower()).strip("-")
+
+
 def content_key(fields: Callable[[dict], Any], *, code: tuple[str, ...] = ("storage",)):
     """A cache_key_fn: hash of the task name, ``fields(parameters)``, the code digest and the
     references' shape."""

@@ -7,15 +7,17 @@ import time
 from pathlib import Path
 
 from prefect import get_run_logger, task
+from prefect.artifacts import create_table_artifact
 
-from storage import remote, shards
+from storage import DigitflowError, checks, remote, shards
 from storage.atomic import sha256_file
 from storage.download import DEFAULT_TIMEOUT, TransientDownloadError, fetch_verified, is_verified
 from storage.idx import IDXError, check_label_range, check_mnist_pair, read_header, read_idx
-from storage.datasets import DatasetFile
+from storage.datasets import Dataset, DatasetFile
+from storage.text import md
 from tasks import progress
-from tasks.common import CACHED, content_key, verified_task
-from tasks.refs import RawFile, SplitRef, VerifiedFile
+from tasks.common import CACHED, artifact_key, content_key, verified_task
+from tasks.refs import DataChecks, RawFile, SplitFiles, SplitRef, VerifiedFile
 
 
 def _retry_if_transient(task, task_run, state) -> bool:
@@ -119,6 +121,51 @@ def parse(split: str, images: VerifiedFile, labels: VerifiedFile, image_shape: t
     get_run_logger().info("%s: %d images of %d×%d with labels in 0..%d, valid", split, rows, *image_shape,
                           n_classes - 1)
     return {"split": split, "rows": rows}
+
+
+def _sources(splits: list[SplitFiles]) -> dict:
+    return {s.split: {"images": s.images.sha256, "labels": s.labels.sha256} for s in splits}
+
+
+def checks_are_recorded(record: str, splits: list[SplitFiles]) -> bool:
+    """The record at ``record`` is there and is of these very files (else: checked again)."""
+    try:
+        if remote.is_url(record) and remote.remote_file(record) is None:
+            return False
+        report = checks.load(remote.pull_file(record))
+    except DigitflowError:  # unreadable or edited: checked again and rewritten
+        return False
+    return report is not None and report.sources == _sources(splits) and report.status != "fail"
+
+
+@verified_task(
+    intact=lambda a: checks_are_recorded(a["record"], a["splits"]),
+    task_run_name="check data",
+    cache_key_fn=content_key(lambda p: (_sources(p["splits"]), repr(p["spec"].expect), len(p["spec"].classes),
+                                        p["spec"].key, p["record"])),
+    **CACHED,
+)
+def check_data(splits: list[SplitFiles], spec: Dataset, record: str) -> DataChecks:
+    """Check what the splits hold (rows, classes, pixel statistics, duplicate and empty images,
+    images shared between splits); record the results at ``record`` and in a table artifact.
+    A failed check raises, naming it: nothing is sharded or trained on."""
+    log = get_run_logger()
+    report = checks.check_files(spec, {
+        s.split: (remote.pull_file(s.images.path, s.images.sha256), s.images.sha256,
+                  remote.pull_file(s.labels.path, s.labels.sha256), s.labels.sha256) for s in splits})
+    checks.save(report, remote.local(record))
+    remote.push_file(record)
+    create_table_artifact(checks.rows(report), key=f"{artifact_key(spec.key, 'data-checks')}",
+                          description=f"Data checks of {md(spec.name)}: {report.status}")
+    for c in report.with_status("warn"):
+        log.warning("data check %s %s: %s (expected %s)%s", c.split, c.name, c.value, c.expectation,
+                    f" — {c.detail}" if c.detail else "")
+    if report.status == "fail":
+        raise checks.DataCheckFailed(report.failure())
+    passed = len(report.with_status("pass"))
+    log.info("data checks: %d of %d passed, %d warned", passed, len(report.checks), len(report.with_status("warn")))
+    return DataChecks(path=record, sha256=sha256_file(remote.local(record)), status=report.status,
+                      warned=[f"{c.split} {c.name}" for c in report.with_status("warn")])
 
 
 @verified_task(

@@ -5,7 +5,7 @@ it, so the next task can verify the content before it uses it. Each is a frozen 
 Prefect stores them as JSON cache results and the flows, the CLI and the alerts read their
 fields by name.
 
-    download → RawFile → verify → VerifiedFile → parse / shard → SplitRef
+    download → RawFile → verify → VerifiedFile → parse → check (DataChecks) → shard → SplitRef
     train(SplitRef) → TrainedModel → evaluate → Evaluation
     publish(TrainedModel, Evaluation) → Published → gate → Decision
 """
@@ -43,6 +43,24 @@ class VerifiedFile(Ref):
     file: str
     path: str
     sha256: str
+
+
+class SplitFiles(Ref):
+    """A split's verified images and labels files."""
+
+    split: str
+    images: VerifiedFile
+    labels: VerifiedFile
+
+
+class DataChecks(Ref):
+    """A dataset's recorded data checks (``checks.json`` beside its splits): the worst status and
+    the checks that warned (a failed check stops the run, so a reference never holds one)."""
+
+    path: str
+    sha256: str
+    status: Literal["pass", "warn"]
+    warned: list[str] = []
 
 
 class SplitRef(Ref):
@@ -93,6 +111,15 @@ class Published(Ref):
     test_accuracy: float
 
 
+class Answer(Ref):
+    """A person's answer to a version waiting for approval (``by`` "timeout": nobody answered)."""
+
+    approve: bool
+    by: str
+    reason: str
+    at: str
+
+
 class Decision(Ref):
     """The gate's verdict on a version, and the registry's state after it."""
 
@@ -107,3 +134,4 @@ class Decision(Ref):
     champion: Optional[int] = None   # the champion now
     decided_now: bool                # False: decided by an earlier run
     state: str                       # champion, rejected, former champion, …
+    approval: Optional[Answer] = None  # the answer it waited for, if approval was required

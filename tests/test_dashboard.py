@@ -122,7 +122,7 @@ def test_operator_sees_runs_retries_cache_and_artifacts(server, faulty, tmp_path
         tail = task_runs(client, subflow(client, "mnist-publish", parent).id)
         assert [r.state.name for n, r in tail.items() if n.startswith("evaluate")] == ["Cached"]
         ingest_tasks = task_runs(client, flow_runs(client, "ingest-mnist")[0].id)
-        assert {r.state.name for r in ingest_tasks.values()} == {"Cached"} and len(ingest_tasks) == 12
+        assert {r.state.name for r in ingest_tasks.values()} == {"Cached"} and len(ingest_tasks) == 13
 
 
 def test_serve_schedules_and_prefect_cli_triggers(server, mnist_server, tmp_path):

@@ -247,7 +247,7 @@ def test_several_mistakes_are_each_one_line():
     with pytest.raises(SpecError) as e:
         from_dict({"name": "Bad Name", "image_shape": [0, 5], "classes": ["a"], "files": [], "extra": 1})
     assert str(e.value).splitlines() == [
-        "spec: unknown key 'extra' (known: classes, files, floor, image_shape, mirrors, name, notes)",
+        "spec: unknown key 'extra' (known: classes, expect, files, floor, image_shape, mirrors, name, notes)",
         "spec: name must be 1–64 lowercase letters, digits, '.', '_' or '-', got 'Bad Name'",
         "spec: image_shape must be [rows, columns], each an integer in 1..1024, got [0, 5]",
         "spec: classes must be a list of 2..1000 non-empty names, got ['a']",

@@ -451,7 +451,7 @@ def test_ctrl_c_during_training_then_rerun_resumes_from_cache(tmp_path, mnist_se
     assert rc == 0, err
     log = run_log(home, before)
     assert "fetched from" not in log and "Finished in state Cached" in log
-    assert "✓ ingest-mnist (10000 rows/shard) 12 steps, 12 cached" in err  # the terminal's summary of it
+    assert "✓ ingest-mnist (10000 rows/shard) 13 steps, 13 cached" in err  # the terminal's summary of it
 
 
 def test_ctrl_c_through_a_pipe_during_shard_writing(tmp_path, mnist_server):

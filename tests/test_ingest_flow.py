@@ -22,14 +22,14 @@ TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
 
 def run(home, mirrors, **kw):
     state = ingest(home=str(home), mirrors=mirrors, retry_delay=0.05, return_state=True, **kw)
-    return state, state_names(flow_run_id(state), expect=12)  # 4 downloads, 4 verifies, 2 parses, 2 shards
+    return state, state_names(flow_run_id(state), expect=13)  # 4 downloads, 4 verifies, 2 parses, 1 data check, 2 shards
 
 
 def test_real_mnist_end_to_end_then_cached(tmp_path, mnist_server):
     home = tmp_path / "home"
     state, states = run(home, [mnist_server])
     refs = state.result()
-    assert state.is_completed() and len(states) == 12, sorted(states)
+    assert state.is_completed() and len(states) == 13, sorted(states)
     # parse is keyed on content alone, so another test's run of the same files may serve it
     assert {n: s for n, s in states.items() if not n.startswith("parse")} == dict.fromkeys(
         [n for n in states if not n.startswith("parse")], "Completed")
@@ -125,7 +125,7 @@ def test_cli_ingest_and_cached_rerun(tmp_path, mnist_server, api_url):
     r = cli("ingest", "--mirror", mnist_server, "--home", str(tmp_path), api_url=api_url)
     assert r.returncode == 0, r.stderr
     states = newest_run_states(api_url, "ingest-mnist")
-    assert len(states) == 12 and set(states.values()) == {"Cached"}
+    assert len(states) == 13 and set(states.values()) == {"Cached"}
 
 
 def test_cli_bad_mirror_alone_exits_nonzero_with_one_line(tmp_path, faulty, api_url):
