@@ -154,3 +154,84 @@ def export(ref: str = typer.Argument(..., help="VERSION or alias."),
         result = export_onnx(reg.path(v), onnx_file)
     typer.echo(f"wrote {onnx_file}: {reg.name} v{v}, max |onnxruntime − numpy| = {result['max_abs_diff']:.2e} "
                f"on {result['checked']} inputs")
+
+
+@app.command()
+def card(ref: str = typer.Argument("champion", help="VERSION or alias."), home: Optional[str] = HOME,
+         model_name: Optional[str] = MODEL_NAME, dataset: str = DATASET) -> None:
+    """A version's model card (Markdown): intended use, data and its checks, metrics and weaknesses,
+    limitations, lineage, and who decided what about it."""
+    from storage.card import card_of
+
+    with one_line_errors():
+        reg = _registry(home, model_name, dataset)
+        text = card_of(reg, reg.resolve(ref))
+    typer.echo("\n".join(map(terminal, text.rstrip("\n").split("\n"))))  # each line inert on a terminal
+
+
+@app.command()
+def trend(home: Optional[str] = HOME, model_name: Optional[str] = MODEL_NAME, dataset: str = DATASET,
+          json_out: bool = JSON,
+          plot: Optional[str] = typer.Option(None, "--plot", help="Also draw the chart into this PNG file.")) -> None:
+    """Accuracy, loss and per-class F1 across versions, with champions and rejections."""
+    from storage.atomic import atomic_path, output_path
+    from storage.card import plot_trend, trend as trend_rows
+
+    with one_line_errors():
+        reg = _registry(home, model_name, dataset)
+        rows = trend_rows(reg)
+        if plot and rows:
+            with atomic_path(output_path(plot)) as target:
+                plot_trend(rows, target, reg.classes(rows[-1]["version"]))
+    if json_out:
+        typer.echo(json.dumps(rows))
+        return
+    if not rows:
+        typer.echo(f"{reg.name}: no versions yet")
+        return
+    best = max(r["test_accuracy"] for r in rows)
+    low = min(r["test_accuracy"] for r in rows)
+    for r in rows:
+        bar = "█" * (1 + round(19 * (r["test_accuracy"] - low) / (best - low))) if best > low else "█" * 20
+        worst = min(range(len(r["per_class_f1"])), key=r["per_class_f1"].__getitem__)
+        mark = {"promoted": "★", "rejected": "✗"}.get(r["decision"], "·")
+        typer.echo(terminal(f"{mark} v{r['version']:<4} {r['test_accuracy']:.4f} {bar:<20}  loss {r['test_loss']:.4f}  "
+                            f"F1 {r['macro_f1']:.4f} (weakest class {worst}: {r['per_class_f1'][worst]:.4f})  "
+                            f"{r['status']}"))
+    if plot:
+        typer.echo(f"chart: {terminal(plot)}")
+
+
+def _answer(version: str, approve: bool, reason: str, by: Optional[str], home, model_name, dataset) -> None:
+    """Answer the run waiting for approval of VERSION, as the dashboard's Resume form does."""
+    import getpass
+
+    from flows import server
+    from flows.approval import answer
+
+    with one_line_errors():
+        registry = _registry(home, model_name, dataset)
+        v = registry.resolve(version)
+        server.use(start_if_down=False)  # the server the waiting run reports to (never a new one)
+        run_id = answer(registry.name, v, approve=approve, reason=reason, by=by or getpass.getuser())
+    typer.echo(f"{registry.name} v{v}: {'approved' if approve else 'rejected'}; the waiting run ({run_id}) "
+               "records the decision now")
+
+
+@app.command()
+def approve(version: str = typer.Argument(..., help="VERSION waiting for approval."),
+            reason: str = typer.Option(..., "--reason", help="Why (recorded with the decision)."),
+            by: Optional[str] = typer.Option(None, "--by", help="Who (default: the current user)."),
+            home: Optional[str] = HOME, model_name: Optional[str] = MODEL_NAME, dataset: str = DATASET) -> None:
+    """Approve a version waiting for a person (`--approval required`): it becomes champion if the
+    gate, asked again now, still promotes it."""
+    _answer(version, True, reason, by, home, model_name, dataset)
+
+
+@app.command()
+def reject(version: str = typer.Argument(..., help="VERSION waiting for approval."),
+           reason: str = typer.Option(..., "--reason", help="Why (recorded with the decision)."),
+           by: Optional[str] = typer.Option(None, "--by", help="Who (default: the current user)."),
+           home: Optional[str] = HOME, model_name: Optional[str] = MODEL_NAME, dataset: str = DATASET) -> None:
+    """Reject a version waiting for a person: the champion stays where it is."""
+    _answer(version, False, reason, by, home, model_name, dataset)

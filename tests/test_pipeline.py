@@ -61,8 +61,8 @@ def test_first_run_publishes_v1(home, first_run):
     assert summary["test_accuracy"] >= 0.95
     v1 = home / "models" / "mnist-mlp" / "v1"
     assert sorted(p.name for p in v1.iterdir()) == [
-        "confusion_matrix.png", "learning_curves.png", "lineage.json", "metadata.json", "metrics.json",
-        "model.json", "model.npz", "report.md"]
+        "confusion_matrix.png", "data_checks.json", "drift_reference.json", "learning_curves.png", "lineage.json",
+        "metadata.json", "metrics.json", "model.json", "model.npz", "model_card.md", "report.md"]
     metrics = json.loads((v1 / "metrics.json").read_text())
     assert metrics["test_accuracy"] == summary["test_accuracy"]
     assert len(metrics["confusion_matrix"]) == 10 and all(len(r) == 10 for r in metrics["confusion_matrix"])
@@ -233,7 +233,7 @@ def test_cli_kill_9_during_training_then_rerun(tmp_path, mnist_server, api_url):
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out
     ingest_states = newest_run_states(api_url, "ingest-mnist")  # the whole ingest came from cache
-    assert len(ingest_states) == 12 and set(ingest_states.values()) == {"Cached"}
+    assert len(ingest_states) == 13 and set(ingest_states.values()) == {"Cached"}
     summary = json.loads(out.strip().splitlines()[-1]) if out.strip().startswith("{") else json.loads(
         [l for l in out.splitlines() if l.startswith("{")][-1])
     assert summary["version"] == 1 and summary["created"]
