@@ -3,6 +3,8 @@
     POST /predict   images (multipart files, or one image body), JSON {"pixels": [[784 in 0..1], …]},
                     or raw uint8 rows (application/octet-stream, n × 784 bytes) → labels + probabilities
     GET  /model     the served version: name, version, weights digest, metrics summary, lineage
+    GET  /model/card  its model card (Markdown), with the decisions as recorded now
+    GET  /drift     what it was asked lately against its test split (PSI, KS per statistic)
     GET  /health    live;  GET /ready: a verified model is loaded (else 503)
     GET  /metrics   Prometheus text
     GET  /          a page to draw a digit on
@@ -34,7 +36,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from storage import DigitflowError
+from storage import DigitflowError, drift
 from storage.datasets import class_names
 from storage.images import ImageError, ImageTooLarge, image_size, load_gray, mnist_style
 from storage.home import Home
@@ -82,6 +84,7 @@ class Served(NamedTuple):
     lineage: dict
     names: list | None     # class names shown beside labels (None for MNIST's digits)
     pixels: int            # inputs per image (MNIST: 784)
+    reference: dict | None = None  # its test split's drift reference (None: recorded before there were any)
 
     def identity(self) -> dict:
         return {"name": self.name, "version": self.version, "weights_sha256": self.weights_sha256}
@@ -95,6 +98,7 @@ class Follower:
         self.registry = Registry(Home.resolve(settings.home), settings.model_name)
         self.served: Served | None = None
         self.refused: dict[int, str] = {}  # version → why (refused once, not retried every poll)
+        self.window = drift.Window()  # what the served version was asked lately (statistics, no pixels)
 
     def target(self) -> int | None:
         ref = self.settings.model
@@ -133,10 +137,17 @@ class Follower:
                                            "inference_images_per_second", "per_class") if k in metrics}
         import nn
 
+        try:  # optional: a version without it is served, its drift just not compared
+            doc = _json_object(self.registry.path(version) / drift.REFERENCE, required=False)
+            reference = drift.check_reference(doc, outputs) if doc else None
+        except (OSError, ValueError, DigitflowError) as e:
+            log.warning("%s v%d: drift reference ignored (%s)", self.settings.model_name, version, e)
+            reference = None
         # The identity served is the digest of the very weights in memory (verified by load_model).
         new = Served(self.settings.model_name, version, nn.digest(net), net, summary, lineage,
-                     class_names(classes), net.dense_layers[0].n_in)
+                     class_names(classes), net.dense_layers[0].n_in, reference)
         old, self.served = self.served, new  # the swap: one reference assignment
+        self.window.clear()  # a new version: its inputs are compared from now on
         self.metrics.swapped(old, new)
         log.info("serving %s v%d (weights %s…)%s", new.name, version, new.weights_sha256[:12],
                  f", was v{old.version}" if old else "")
@@ -188,6 +199,21 @@ class Metrics:
         self.swaps = Counter("digitflow_api_swaps", "Model versions swapped in", registry=r)
         self.refused = Counter("digitflow_api_swaps_refused", "New versions refused (failed verification)",
                                registry=r)
+        # Drift of the window of served inputs (set when scraped; per worker process).
+        self.window_images = Gauge("digitflow_api_drift_window_images", "Images in the drift window", registry=r,
+                                   multiprocess_mode="liveall")
+        self.psi = Gauge("digitflow_api_drift_psi", "PSI of the window against the served version's test split",
+                         ["statistic"], registry=r, multiprocess_mode="liveall")
+        self.share = Gauge("digitflow_api_input_share", "Share of the window's images per bin of a statistic",
+                           ["statistic", "bin"], registry=r, multiprocess_mode="liveall")
+
+    def drifted(self, report: dict) -> None:
+        self.window_images.set(report["window_images"])
+        for name, s in report["statistics"].items():
+            if s.get("psi") is not None:
+                self.psi.labels(name).set(s["psi"])
+            for i, share in enumerate(s["window"]):
+                self.share.labels(name, str(i)).set(share)
 
     def swapped(self, old: Served | None, new: Served) -> None:
         if old is not None:
@@ -368,6 +394,23 @@ def _models():
     class Health(BaseModel):
         status: str
 
+    class Statistic(BaseModel):
+        window: list[float]
+        reference: list[float] | None = None
+        psi: float | None = None
+        ks: float | None = None
+        drifted: bool | None = None
+
+    class Drift(BaseModel):
+        model: Identity
+        window_images: int
+        window_size: int
+        min_images: int
+        threshold: float
+        compared: bool
+        drifted: bool | None
+        statistics: dict[str, Statistic]
+
     class Ready(BaseModel):
         ready: bool
         name: str | None = None
@@ -375,7 +418,7 @@ def _models():
         weights_sha256: str | None = None
         reason: str | None = None
 
-    return Error, Identity, Predictions, ModelInfo, Health, Ready
+    return Error, Identity, Predictions, ModelInfo, Health, Ready, Drift
 
 
 def _predict_openapi(settings: ApiSettings) -> dict:
@@ -407,7 +450,7 @@ def create_app(settings: ApiSettings):
     follower = Follower(settings, metrics)
     page = PAGE.read_bytes()
     token = settings.token.encode() if settings.token else None
-    Error, Identity, Predictions, ModelInfo, Health, Ready = _models()
+    Error, Identity, Predictions, ModelInfo, Health, Ready, Drift = _models()
 
     async def lifespan(app):
         await asyncio.to_thread(follower.check)
@@ -496,6 +539,7 @@ def create_app(settings: ApiSettings):
         # One batched forward pass; a large batch off the event loop, a small one inline (cheaper than a hop).
         proba = served.net.predict_proba(x) if len(x) <= 64 else await asyncio.to_thread(served.net.predict_proba, x)
         labels = proba.argmax(axis=1)
+        follower.window.add(x, proba)  # statistics only: no pixel is kept
         metrics.images.inc(len(labels))
         for label, count in zip(*np.unique(labels, return_counts=True)):
             metrics.predictions.labels(str(label)).inc(int(count))
@@ -512,6 +556,37 @@ def create_app(settings: ApiSettings):
             raise ApiError(503, f"no verified {settings.model} model to serve yet", "model")
         return respond(200, {**served.identity(), "alias": settings.model, "metrics": served.summary,
                              "lineage": served.lineage, "refused": {f"v{v}": why for v, why in follower.refused.items()}})
+
+    @app.get("/model/card", responses={**errors, 200: {"content": {"text/markdown": {}},
+                                                        "description": "The model card (Markdown)"}},
+             summary="The served version's model card", response_class=Response)
+    @endpoint("card")
+    async def model_card(request, served: Served | None) -> Response:
+        """Intended use, data and its checks, metrics and weaknesses, limitations, lineage and the
+        decisions about the served version (the current ones, as the registry records them)."""
+        if served is None:
+            raise ApiError(503, f"no verified {settings.model} model to serve yet", "model")
+        from storage.card import card_of
+
+        try:
+            text = await asyncio.to_thread(card_of, follower.registry, served.version)
+        except (OSError, ValueError, KeyError, TypeError, RecursionError, DigitflowError) as e:
+            raise ApiError(503, f"the card of v{served.version} cannot be read: {e}", "model") from None
+        return Response(text, media_type="text/markdown; charset=utf-8")
+
+    def drift_report(served: Served) -> dict:
+        return {"model": served.identity(),
+                **follower.window.report(served.reference, served.net.dense_layers[-1].n_out)}
+
+    @app.get("/drift", response_model=Drift, responses=errors, summary="Drift of the served inputs")
+    @endpoint("drift")
+    async def drift_now(request, served: Served | None) -> Response:
+        """The last images' intensity, ink, confidence and predicted-label distributions against
+        the served version's test split: PSI per statistic (and KS for the continuous ones),
+        judged once the window holds enough images."""
+        if served is None:
+            raise ApiError(503, f"no verified {settings.model} model to serve yet", "model")
+        return respond(200, drift_report(served))
 
     @app.get("/health", response_model=Health, summary="Liveness")
     @endpoint("health", public=True)
@@ -532,6 +607,8 @@ def create_app(settings: ApiSettings):
     async def prometheus(request, served: Served | None) -> Response:
         from prometheus_client import CONTENT_TYPE_LATEST
 
+        if served is not None:
+            metrics.drifted(drift_report(served))
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/", response_class=HTMLResponse, summary="A page to draw a digit on")

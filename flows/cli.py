@@ -13,7 +13,7 @@ import flows  # noqa: F401  (sets telemetry-off defaults before Prefect is impor
 from flows import console, interrupt, server
 from flows.console import progress_display
 from flows.api import ApiSettings
-from flows.cli_common import (ALLOW_UNPINNED, DATASET, DEADLINE, FLOOR, HOME, MIRRORS, MODEL_NAME, PRESET, RETRIES, ROWS, TIMEOUT, TOLERANCE,
+from flows.cli_common import (ALLOW_UNPINNED, APPROVAL, APPROVAL_TIMEOUT, APPROVAL_WAIT, ApprovalMode, DATASET, DEADLINE, FLOOR, HOME, MIRRORS, MODEL_NAME, PRESET, RETRIES, ROWS, TIMEOUT, TOLERANCE,
                               WEBHOOK, fail, one_line_errors, quiet_expected_failures)
 from storage import DigitflowError
 from storage.config import check_ingest_settings, resolve_home
@@ -122,7 +122,7 @@ def run(home: Optional[str] = HOME, mirror: Optional[List[str]] = MIRRORS, datas
         tolerance: float = TOLERANCE, floor: Optional[float] = FLOOR,
         require_promotion: bool = typer.Option(False, "--require-promotion", help="Exit 1 unless the new version is champion."),
         json_out: bool = typer.Option(False, "--json", help="Print the run summary as JSON."),
-        webhook: Optional[str] = WEBHOOK,
+        webhook: Optional[str] = WEBHOOK, approval: ApprovalMode = APPROVAL, approval_timeout: float = APPROVAL_WAIT,
         rows_per_shard: int = ROWS, timeout: float = TIMEOUT, retries: int = RETRIES,
         deadline: Optional[float] = DEADLINE, hp: dict = None) -> None:
     """Run the whole pipeline: ingest → train → evaluate → publish → promotion gate."""
@@ -138,7 +138,8 @@ def run(home: Optional[str] = HOME, mirror: Optional[List[str]] = MIRRORS, datas
             summary = retrain(home=home, mirrors=_mirrors(mirror), dataset=dataset, allow_unpinned=allow_unpinned,
                               preset=preset, model_name=model_name, **hp,
                               tolerance=tolerance, floor=floor, rows_per_shard=rows_per_shard, timeout=timeout,
-                              retries=retries, deadline=deadline, webhook=_webhook(webhook))
+                              retries=retries, deadline=deadline, webhook=_webhook(webhook), approval=approval,
+                              approval_timeout=approval_timeout)
     if json_out:
         typer.echo(json.dumps(summary))
     else:
@@ -225,7 +226,8 @@ def evaluate(model: str = typer.Option("champion", "--model", help="VERSION, ali
 def publish(folder: str = typer.Argument(..., help="A trained model folder, as `digitflow train` prints it."),
             home: Optional[str] = HOME, dataset: str = DATASET, model_name: Optional[str] = MODEL_NAME,
             tolerance: float = TOLERANCE,
-            floor: Optional[float] = FLOOR, webhook: Optional[str] = WEBHOOK,
+            floor: Optional[float] = FLOOR, webhook: Optional[str] = WEBHOOK, approval: ApprovalMode = APPROVAL,
+            approval_timeout: float = APPROVAL_WAIT,
             json_out: bool = typer.Option(False, "--json", help="Print the outcome as JSON.")) -> None:
     """Evaluate a trained model on the test split, publish it as a version and put it through the gate."""
     from flows.pipeline import publish_trained
@@ -236,7 +238,8 @@ def publish(folder: str = typer.Argument(..., help="A trained model folder, as `
         ref = trained_ref(folder)
         home = _start(home)
         outcome = publish_trained(ref, home=home, dataset=dataset, model_name=model_name, tolerance=tolerance,
-                                  floor=floor, webhook=_webhook(webhook))
+                                  floor=floor, webhook=_webhook(webhook), approval=approval,
+                                  approval_timeout=approval_timeout)
     if json_out:
         typer.echo(json.dumps(outcome))
         return
@@ -287,7 +290,8 @@ def check_cron(cron: str) -> None:
 
 
 def deployment_parameters(home, mirror, preset, model_name, hp, webhook, dataset="mnist",
-                          allow_unpinned=False, here: bool = True) -> dict:
+                          allow_unpinned=False, here: bool = True, approval: str = "none",
+                          approval_timeout: float = APPROVAL_TIMEOUT) -> dict:
     """The deployment's parameters (shown to every dashboard user: no secret goes in; ``here``:
     its runs are children of this process (``serve``), else of workers elsewhere (``deploy``))."""
     from flows.contract import hyperparameters
@@ -306,6 +310,8 @@ def deployment_parameters(home, mirror, preset, model_name, hp, webhook, dataset
         params.update(hp)
     if webhook:
         params["webhook"] = webhook
+    if approval != "none":
+        params.update(approval=approval, approval_timeout=approval_timeout)
     return params
 
 
@@ -315,7 +321,8 @@ def serve(cron: str = typer.Option("0 3 * * *", "--cron", help="Cron schedule of
           name: str = typer.Option("scheduled", "--name", help="Deployment name."),
           home: Optional[str] = HOME, mirror: Optional[List[str]] = MIRRORS, dataset: str = DATASET,
           allow_unpinned: bool = ALLOW_UNPINNED, preset: str = PRESET,
-          model_name: Optional[str] = MODEL_NAME, webhook: Optional[str] = WEBHOOK, hp: dict = None) -> None:
+          model_name: Optional[str] = MODEL_NAME, webhook: Optional[str] = WEBHOOK, approval: ApprovalMode = APPROVAL,
+          approval_timeout: float = APPROVAL_WAIT, hp: dict = None) -> None:
     """Serve the pipeline as a Prefect deployment on a cron schedule (runs until stopped).
 
     Runs appear in the dashboard on schedule and can be started from the UI or with
@@ -324,7 +331,8 @@ def serve(cron: str = typer.Option("0 3 * * *", "--cron", help="Cron schedule of
 
     with one_line_errors():
         check_cron(cron)
-        params = deployment_parameters(home, mirror, preset, model_name, hp, webhook, dataset, allow_unpinned)
+        params = deployment_parameters(home, mirror, preset, model_name, hp, webhook, dataset, allow_unpinned,
+                                       approval=approval, approval_timeout=approval_timeout)
         _start(False)
     retrain.serve(name=name, cron=cron, parameters=params, tags=["digitflow"],
                   description=f"Retrain {params['model_name']} with preset {preset!r} on {cron!r} (UTC)")
@@ -337,7 +345,11 @@ def deploy(pool: str = typer.Option("digitflow", "--pool", help="Process work po
            name: str = typer.Option("workers", "--name", help="Deployment name."),
            home: Optional[str] = HOME, mirror: Optional[List[str]] = MIRRORS, dataset: str = DATASET,
            allow_unpinned: bool = ALLOW_UNPINNED, preset: str = PRESET,
-           model_name: Optional[str] = MODEL_NAME, webhook: Optional[str] = WEBHOOK, hp: dict = None) -> None:
+           model_name: Optional[str] = MODEL_NAME, webhook: Optional[str] = WEBHOOK, approval: ApprovalMode = APPROVAL,
+           approval_timeout: float = APPROVAL_WAIT,
+           retrain_on_drift: bool = typer.Option(False, "--retrain-on-drift", help="Also create an automation that "
+                                                 "runs this deployment when `digitflow monitor` reports drift."),
+           hp: dict = None) -> None:
     """Register the pipeline for a process work pool, to run on workers anywhere.
 
     Runs execute on `prefect worker start --pool POOL` on any machine with digitflow installed
@@ -354,7 +366,7 @@ def deploy(pool: str = typer.Option("digitflow", "--pool", help="Process work po
         if cron is not None:
             check_cron(cron)
         params = deployment_parameters(home, mirror, preset, model_name, hp, webhook, dataset, allow_unpinned,
-                                       here=False)
+                                       here=False, approval=approval, approval_timeout=approval_timeout)
         _start(False)
         if not (home or os.environ.get("DIGITFLOW_HOME")):
             del params["home"]  # the worker's $DIGITFLOW_HOME decides (a path here means nothing there)
@@ -366,9 +378,16 @@ def deploy(pool: str = typer.Option("digitflow", "--pool", help="Process work po
         deployment = retrain.to_deployment(name=name, cron=cron, parameters=params, tags=["digitflow"],
                                            entrypoint_type=EntrypointType.MODULE_PATH)
         [deployment_id] = prefect_deploy(deployment, work_pool_name=pool, build=False, push=False,
-                                         print_next_steps_message=False)
+                                         print_next_steps_message=False, ignore_warnings=True)
+        if retrain_on_drift:
+            from flows.monitor import retrain_on_drift as install
+
+            automation = install(deployment_id, params["model_name"])
     typer.echo(f"deployment mnist-retrain/{name} ({deployment_id}) on work pool {pool!r}"
                + (f", schedule {cron!r}" if cron else "") + f"; start a worker: prefect worker start --pool {pool}")
+    if retrain_on_drift:
+        typer.echo(f"automation {automation!r}: a {DRIFT_EVENT} event for {params['model_name']} "
+                   f"(`digitflow monitor`) runs this deployment")
 
 
 @app.command()
@@ -516,9 +535,48 @@ def server_logs(lines: int = typer.Option(40, "--lines", "-n", min=1, max=100_00
             typer.echo(terminal(line.decode("utf-8", "replace").rstrip("\n")))
 
 
+DRIFT_EVENT = "digitflow.drift.detected"  # (flows.monitor.DRIFT_EVENT, without importing Prefect for --help)
+
+
+@app.command()
+def monitor(api: str = typer.Option("http://127.0.0.1:8000", "--api", help="Base URL of a running `digitflow api` "
+                                    "(its token from $DIGITFLOW_API_TOKEN)."),
+            threshold: float = typer.Option(0.25, "--threshold", min=0.0001, max=100.0,
+                                            help="PSI above which a statistic counts as drifted."),
+            min_images: int = typer.Option(100, "--min-images", min=1, max=1_000_000,
+                                           help="Images the API's window needs before anything is judged."),
+            cron: Optional[str] = typer.Option(None, "--cron", help="Serve the monitor on this schedule (UTC) "
+                                               "instead of running it once."),
+            json_out: bool = typer.Option(False, "--json", help="Print the outcome as JSON.")) -> None:
+    """Compare what a running API was asked with its version's test split; emit
+    `digitflow.drift.detected` (for `deploy --retrain-on-drift`) when the inputs drifted."""
+    from flows.monitor import check_api_url, monitor as monitor_flow
+
+    with one_line_errors():
+        if cron is not None:
+            check_cron(cron)
+        check_api_url(api)
+        _start(False)
+        if cron is not None:
+            monitor_flow.serve(name="monitor", cron=cron, parameters={"api_url": api, "threshold": threshold,
+                                                                        "min_images": min_images},
+                               tags=["digitflow"])
+            return
+        summary = monitor_flow(api_url=api, threshold=threshold, min_images=min_images)
+    if json_out:
+        typer.echo(json.dumps(summary))
+        return
+    psi = ", ".join(f"{k} {v:.3f}" for k, v in summary["psi"].items() if v is not None) or "not compared"
+    typer.echo(terminal(f"{summary['model']} v{summary['version']}: {summary['window_images']} served images; "
+                        f"{'DRIFTED: ' + ', '.join(summary['drifted']) if summary['drifted'] else 'no drift'} "
+                        f"(PSI {psi})"))
+
+
 from flows.cli_models import app as models_app  # noqa: E402
+from flows.cli_data import app as data_app  # noqa: E402
 
 app.add_typer(models_app, name="models")
+app.add_typer(data_app, name="data")
 
 
 def main() -> None:

@@ -9,12 +9,14 @@ import os
 import sys
 import traceback
 
+from typing import Literal
+
 import typer
 
 from storage import DigitflowError
 from storage.atomic import is_disk_error
 from storage.config import DEFAULT_RETRIES, DEFAULT_ROWS_PER_SHARD, DEFAULT_TIMEOUT
-from storage.registry import DEFAULT_NAME, DEFAULT_TOLERANCE, GATE_BOUNDS
+from storage.registry import APPROVAL_BOUNDS, APPROVAL_MODES, APPROVAL_TIMEOUT, DEFAULT_NAME, DEFAULT_TOLERANCE, GATE_BOUNDS
 
 HOME = typer.Option(None, "--home", help="Root directory for all state (env DIGITFLOW_HOME; default ~/.digitflow).")
 MIRRORS = typer.Option(None, "--mirror", help="Mirror base URL (http://, https://, file://); repeat to try several in order (env DIGITFLOW_MIRRORS).")
@@ -33,6 +35,12 @@ TOLERANCE = typer.Option(DEFAULT_TOLERANCE, "--tolerance", min=GATE_BOUNDS[0], m
 FLOOR = typer.Option(None, "--floor", min=GATE_BOUNDS[0], max=GATE_BOUNDS[1],
                      help="Never promote below this test accuracy (default: the dataset's: MNIST 0.97, "
                           "Fashion-MNIST 0.85, a spec's floor, else 0).")
+
+ApprovalMode = Literal[APPROVAL_MODES]  # type: ignore[valid-type]
+APPROVAL = typer.Option("none", "--approval", help="required: a version the gate would promote waits for a person "
+                        "(the dashboard's Resume form, or `digitflow models approve N` / `models reject N`).")
+APPROVAL_WAIT = typer.Option(APPROVAL_TIMEOUT, "--approval-timeout", min=APPROVAL_BOUNDS[0], max=APPROVAL_BOUNDS[1],
+                             help="Seconds a version waits for approval; no answer is a rejection.")
 
 
 _final_words: list[str] = []

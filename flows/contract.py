@@ -31,7 +31,8 @@ import nn
 from nn.presets import Hyperparameters, describe_bounds
 from storage import DigitflowError
 from storage.config import DEFAULT_RETRIES, DEFAULT_ROWS_PER_SHARD, DEFAULT_TIMEOUT, INGEST_BOUNDS  # noqa: F401
-from storage.registry import DEFAULT_NAME, DEFAULT_TOLERANCE, GATE_BOUNDS, MODEL_NAME  # noqa: F401
+from storage.registry import (APPROVAL_BOUNDS, APPROVAL_MODES, APPROVAL_TIMEOUT, DEFAULT_NAME, DEFAULT_TOLERANCE,  # noqa: F401
+                              GATE_BOUNDS, MODEL_NAME)
 
 PRESETS = tuple(nn.presets.PRESETS)
 Preset = Literal[PRESETS]  # type: ignore[valid-type]
@@ -52,6 +53,10 @@ _DEADLINE = _bounded("deadline")
 Deadline = Optional[_DEADLINE]  # None: from the file's size
 Accuracy = Annotated[float, Field(ge=GATE_BOUNDS[0], le=GATE_BOUNDS[1])]
 Floor = Optional[Accuracy]  # None: the dataset's own floor (storage.datasets.Dataset.floor)
+# "required": a version the gate would promote waits for a person's answer (flows/approval.py).
+ApprovalMode = Literal[APPROVAL_MODES]  # type: ignore[valid-type]
+ApprovalTimeout = Annotated[float, Field(ge=APPROVAL_BOUNDS[0], le=APPROVAL_BOUNDS[1],
+                                         description="Seconds to wait for an answer; none is a rejection")]
 ModelName = Annotated[str, Field(pattern=f"^{MODEL_NAME.pattern}$")]
 # Where the alert webhook's URL is kept (never the URL itself: parameters are public in the dashboard).
 Webhook = Optional[Annotated[str, Field(pattern=r"^(env|secret):[A-Za-z0-9_][A-Za-z0-9_-]{0,127}$",

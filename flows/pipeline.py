@@ -6,8 +6,8 @@ from prefect.runtime import flow_run
 from flows.server import announce_run
 import tasks.prefect_compat  # noqa: F401  (flow runs end without waiting for their heartbeat thread)
 from flows.alerts import alert_if_rejected, on_flow_failure
-from flows.contract import (DEFAULT_RETRIES, DEFAULT_ROWS_PER_SHARD, DEFAULT_TIMEOUT,
-                            DEFAULT_TOLERANCE, Accuracy, DatasetName, Deadline, Floor, ModelName, Preset, Retries, RowsPerShard, Timeout,
+from flows.contract import (APPROVAL_TIMEOUT, DEFAULT_RETRIES, DEFAULT_ROWS_PER_SHARD, DEFAULT_TIMEOUT,
+                            DEFAULT_TOLERANCE, Accuracy, ApprovalMode, ApprovalTimeout, DatasetName, Deadline, Floor, ModelName, Preset, Retries, RowsPerShard, Timeout,
                             Webhook,
                             hyperparameters, with_hyperparameters)
 from flows.ingest import ingest
@@ -15,7 +15,9 @@ from storage import DigitflowError
 from storage.datasets import dataset_and_model, resolve as resolve_dataset
 from tasks.common import home_for_run
 from tasks.ingest import manifest_ref
-from tasks.model import artifact_key, evaluate, gate, publish, still_trained, train, version_artifacts
+from flows.approval import wait_for_approval
+from tasks.model import (artifact_key, evaluate, gate, publish, still_trained, train, version_artifacts,
+                         would_promote)
 from tasks.refs import Decision, Evaluation, Published, TrainedModel
 
 
@@ -45,6 +47,8 @@ def retrain(
     retries: Retries = DEFAULT_RETRIES,
     deadline: Deadline = None,
     webhook: Webhook = None,
+    approval: ApprovalMode = "none",
+    approval_timeout: ApprovalTimeout = APPROVAL_TIMEOUT,
     **overrides,
 ) -> dict:
     """From nothing to a published, evaluated, gated model version. Returns a summary.
@@ -64,6 +68,8 @@ def retrain(
         retries: Retries of a download after transient failures.
         deadline: Seconds one mirror may take for one file (empty: from the file's size).
         webhook: Where the alert URL is kept: env:VARIABLE or secret:BLOCK (else $DIGITFLOW_WEBHOOK_URL).
+        approval: required: a version the gate would promote waits for a person to approve or reject it.
+        approval_timeout: Seconds to wait for that answer; no answer is a rejection.
     """
     if "webhook_url" in overrides:  # a deployment made when the URL itself was a parameter
         raise DigitflowError("webhook_url is not a parameter any more (a URL in a flow run's parameters is shown to "
@@ -89,7 +95,7 @@ def retrain(
         # 3-5. Evaluate on the test split, publish an immutable version (identical weights: the
         # existing one), put it through the gate: the subflow `run`, `sweep` and `publish` share.
         outcome = publish_trained(model, home=str(home), dataset=dataset, model_name=model_name, tolerance=tolerance,
-                                  floor=floor, webhook=webhook)
+                                  floor=floor, webhook=webhook, approval=approval, approval_timeout=approval_timeout)
     if outcome["created"]:  # the report, metrics and folder on the run the user opened
         version_artifacts(home, outcome["name"], outcome["version"])
     update_run(name=f"retrain-{preset}: v{outcome['version']} {outcome['status']}")  # (the run graph drops "→")
@@ -127,7 +133,8 @@ def evaluate_model(model: TrainedModel, home: str | None = None, dataset: Datase
 @flow(name="mnist-publish", flow_run_name="publish {model.weights_sha256:.12}", on_failure=[on_flow_failure], on_running=[announce_run])
 def publish_trained(model: TrainedModel, home: str | None = None, dataset: DatasetName = "mnist",
                     model_name: ModelName | None = None, tolerance: Accuracy = DEFAULT_TOLERANCE,
-                    floor: Floor = None, webhook: Webhook = None) -> dict:
+                    floor: Floor = None, webhook: Webhook = None, approval: ApprovalMode = "none",
+                    approval_timeout: ApprovalTimeout = APPROVAL_TIMEOUT) -> dict:
     """Evaluate → publish → gate: the tail `run`, `sweep` and `digitflow publish` share (a subflow of the
     first two). Evaluates the trained model on the test split, publishes it as an immutable version
     (identical weights: the existing version) and puts it through the promotion gate.
@@ -140,6 +147,8 @@ def publish_trained(model: TrainedModel, home: str | None = None, dataset: Datas
         tolerance: Promote when test accuracy ≥ the champion's minus this.
         floor: Never promote below this test accuracy (empty: the dataset's; MNIST 0.97, Fashion-MNIST 0.85).
         webhook: Where the alert URL is kept: env:VARIABLE or secret:BLOCK (else $DIGITFLOW_WEBHOOK_URL).
+        approval: required: a version the gate would promote waits for a person to approve or reject it.
+        approval_timeout: Seconds to wait for that answer; no answer is a rejection.
     """
     spec, model_name = dataset_and_model(dataset, model_name)
     home = home_for_run(home)
@@ -152,7 +161,11 @@ def publish_trained(model: TrainedModel, home: str | None = None, dataset: Datas
     metrics = evaluate(model, data["test"])
     published = publish(model, metrics, data["train"], data["test"], home, model_name,
                         dataset=spec.lineage())
-    decision = gate(published, home, tolerance=tolerance, floor=spec.floor if floor is None else floor)
+    floor = spec.floor if floor is None else floor
+    answer = None  # a person's answer, when one is required and the gate would promote
+    if approval == "required" and would_promote(published, home, tolerance=tolerance, floor=floor):
+        answer = wait_for_approval(published, approval_timeout)  # this run pauses: Resume in the dashboard
+    decision = gate(published, home, tolerance=tolerance, floor=floor, approval=answer)
     alert_if_rejected(webhook, published, decision)
     if published.created and not flow_run.parent_flow_run_id:  # else the run that called it shows them
         version_artifacts(home, published.name, published.version)

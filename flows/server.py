@@ -82,13 +82,17 @@ def running_pid() -> int | None:
         return None
 
 
-def use() -> str | None:
-    """Point this process at the server it should use; start the local one if needed. Returns
-    the API URL of a local server it uses, None when PREFECT_API_URL or ephemeral mode decides."""
+def use(start_if_down: bool = True) -> str | None:
+    """Point this process at the server it should use; start the local one if needed (unless
+    ``start_if_down`` is False: then a local server that does not answer is an error). Returns the API
+    URL of a local server it uses, None when PREFECT_API_URL or ephemeral mode decides."""
     if os.environ.get("PREFECT_API_URL") or ephemeral():
         return None
     url = api_url()
     if not healthy(url):
+        if not start_if_down:
+            raise DigitflowError(f"no local Prefect server answers at {url}: no run can be waiting there "
+                                 "(set PREFECT_API_URL to the server the run reports to)")
         start(url)
     os.environ["PREFECT_API_URL"] = url
     if "prefect" in sys.modules:  # imported already: make it read the variable again

@@ -40,6 +40,9 @@ log = logging.getLogger("digitflow.registry")
 DEFAULT_NAME = "mnist-mlp"
 DEFAULT_TOLERANCE = 0.0  # the gate promotes when accuracy ≥ the champion's minus this
 GATE_BOUNDS = (0.0, 1.0)  # of the floor and the tolerance (accuracies)
+APPROVAL_MODES = ("none", "required")     # required: a version the gate would promote waits for a person
+APPROVAL_TIMEOUT = 24 * 3600.0             # seconds a version the gate would promote waits for a person
+APPROVAL_BOUNDS = (1.0, 30 * 24 * 3600.0)  # of that timeout
 ALIASES = ("latest", "champion")
 _VERSION = re.compile(r"^v([1-9][0-9]*)$")
 
@@ -388,10 +391,12 @@ class Registry:
                                          champion_before=champion_before)
 
     def _record_decision(self, version: int, *, promoted: bool, reason: str, by: str, accuracy: float | None,
-                         champion_before: int | None) -> dict:
+                         champion_before: int | None, approval: dict | None = None) -> dict:
         self.resolve(version)
         decision = {"version": version, "status": "promoted" if promoted else "rejected", "reason": reason,
                     "by": by, "at": now(), "test_accuracy": accuracy, "champion_before": champion_before}
+        if approval is not None:
+            decision["approval"] = approval
         previous = self.decision(version)
         if previous is not None:
             decision["history"] = previous.get("history", []) + [
@@ -403,10 +408,22 @@ class Registry:
         self._write_aliases(aliases)
         return decision
 
-    def decide(self, version: int, *, tolerance: float, floor: float) -> tuple[dict, bool]:
+    def preview(self, version: int, *, tolerance: float, floor: float) -> tuple[bool, str]:
+        """What the gate would say of ``version`` now (nothing recorded, no lock)."""
+        accuracy = self.metrics(version)["test_accuracy"]
+        champion = self.aliases().get("champion")
+        return gate(accuracy, self.metrics(champion)["test_accuracy"] if champion is not None else None,
+                    tolerance=tolerance, floor=floor)
+
+    def decide(self, version: int, *, tolerance: float, floor: float,
+               approval: dict | None = None) -> tuple[dict, bool]:
         """The promotion gate, read-decide-write under the registry lock (two publishers finishing
         together cannot both be promoted over each other). The candidate's weights are verified
-        first. Returns (decision, decided_now); a version decided before keeps its decision."""
+        first. Returns (decision, decided_now); a version decided before keeps its decision.
+
+        ``approval`` (``{"approve", "by", "at", "reason"}``: a person's answer, or the timeout's)
+        is recorded with the decision; the version is promoted only if the gate, run again now,
+        promotes it *and* the person approved: a rejection or a timeout leaves the champion as it is."""
         with self.lock():
             previous = self.decision(version)
             if previous is not None:
@@ -416,8 +433,14 @@ class Registry:
             champion = self.aliases().get("champion")
             champion_acc = self.metrics(champion)["test_accuracy"] if champion is not None else None
             promote, reason = gate(accuracy, champion_acc, tolerance=tolerance, floor=floor)
-            return self._record_decision(version, promoted=promote, reason=reason, by="gate", accuracy=accuracy,
-                                         champion_before=champion), True
+            by = "gate"
+            if approval is not None and promote:
+                promote, by = bool(approval["approve"]), approval["by"]
+                reason = (f"{reason}; approved by {by}: {approval['reason']}" if promote else
+                          f"{approval['reason'] if by == 'timeout' else f'rejected by {by}: ' + approval['reason']} "
+                          f"(the gate alone would have promoted it: {reason})")
+            return self._record_decision(version, promoted=promote, reason=reason, by=by, accuracy=accuracy,
+                                         champion_before=champion, approval=approval), True
 
     def promote(self, version: int, *, reason: str, by: str | None = None) -> dict:
         """A manual override of the gate: make ``version`` the champion, recording who/when/why."""

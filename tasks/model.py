@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
-import re
 import shutil
 import subprocess
 import time
@@ -20,7 +19,7 @@ from prefect.artifacts import (create_markdown_artifact, create_progress_artifac
 
 import nn
 from nn.metrics import classification_report
-from storage import DigitflowError, remote
+from storage import DigitflowError, card, checks, drift, remote
 from storage import report as report_files
 from storage.atomic import read_json, sha256_file, staged_dir, write_json, writing
 from storage.home import Home
@@ -28,8 +27,8 @@ from storage.registry import DEFAULT_NAME, DEFAULT_TOLERANCE, now
 from storage.shards import image_shape, read_split
 from storage.text import md
 from tasks import progress
-from tasks.common import CACHED, code_version, content_key, verified_task
-from tasks.refs import Decision, Evaluation, Published, SplitRef, TrainedModel
+from tasks.common import CACHED, artifact_key, code_version, content_key, verified_task
+from tasks.refs import Answer, Decision, Evaluation, Published, SplitRef, TrainedModel
 
 
 class TrainingDiverged(DigitflowError):
@@ -37,11 +36,6 @@ class TrainingDiverged(DigitflowError):
 
 
 REJECTED_EVENT = "digitflow.model.rejected"  # emitted when the gate rejects a version
-
-
-def artifact_key(model_name: str, what: str) -> str:
-    """Artifact keys allow lowercase letters, digits and dashes only."""
-    return re.sub(r"[^a-z0-9-]+", "-", f"{model_name}-{what}".lower()).strip("-")
 
 
 def split_folder(ref: SplitRef) -> Path:
@@ -335,7 +329,8 @@ def publish(model: TrainedModel, metrics: Evaluation, train: SplitRef, test: Spl
     log = get_run_logger()
     registry = Home(home).registry(model_name)
 
-    load_verified(model)  # only the weights that were trained and evaluated are published
+    net = load_verified(model)  # only the weights that were trained and evaluated are published
+    recorded = data_checks_of(home, (dataset or {}).get("key", "mnist"), train, test)
 
     def build(folder: Path, version: int) -> dict:
         champion_version = registry.aliases().get("champion")
@@ -357,6 +352,13 @@ def publish(model: TrainedModel, metrics: Evaluation, train: SplitRef, test: Spl
         (folder / "report.md").write_text(report_files.render_markdown(
             name=model_name, version=version, metrics=full, hyperparameters=model.hyperparameters,
             lineage=info, champion=champion, classes=classes))
+        if recorded is not None:
+            write_json(folder / card.DATA_CHECKS, recorded)
+        x_test = load_split(test)[0]  # what /drift compares served inputs with
+        write_json(folder / drift.REFERENCE, drift.reference(x_test, net.predict_proba(x_test)))
+        (folder / card.CARD).write_text(card.render(
+            name=model_name, version=version, metrics=full, lineage=info, hyperparameters=model.hyperparameters,
+            classes=classes or [str(i) for i in range(len(metrics.per_class))], checks=recorded, decision=None))
         return {"created": info["created"], "test_accuracy": metrics.test_accuracy,
                 "hyperparameters": model.hyperparameters, "lineage": info}
 
@@ -369,6 +371,30 @@ def publish(model: TrainedModel, metrics: Evaluation, train: SplitRef, test: Spl
         log.info("these weights are already %s v%d: nothing new published", model_name, version)
     return Published(name=model_name, version=version, created=created, path=address,
                      test_accuracy=metrics.test_accuracy)
+
+
+def data_checks_of(home: Home, key: str, *splits: SplitRef) -> dict | None:
+    """The data checks recorded at ingest for exactly these splits (their manifests' source files),
+    or None when none were recorded for them."""
+    home = Home(home)
+    record = home.address(home.checks(key))
+    try:
+        if remote.is_url(record) and remote.remote_file(record) is None:
+            return None
+        report = checks.load(remote.pull_file(record))
+        if report is None:
+            return None
+        for ref in splits:
+            path = remote.pull_file(ref.manifest, ref.sha256)
+            if sha256_file(path) != ref.sha256:  # changed since the reference was made: not these splits
+                return None
+            source = read_json(path)["source"]
+            if report.sources.get(ref.split) != {"images": source["images"]["sha256"],
+                                                 "labels": source["labels"]["sha256"]}:
+                return None
+    except (DigitflowError, OSError, ValueError, KeyError, TypeError):
+        return None
+    return report.to_dict()
 
 
 def version_artifacts(home: Home, name: str, version: int) -> None:
@@ -387,10 +413,28 @@ def version_artifacts(home: Home, name: str, version: int) -> None:
                              description=f"{name} v{version} report: {status}")
     create_table_artifact(metrics_table(metrics), key=artifact_key(name, "metrics"),
                           description=f"{name} v{version}: test metrics (overall first, then per class)")
+    create_markdown_artifact(card.card_of(registry, version), key=artifact_key(name, "card"),
+                             description=f"Model card of {name} v{version}: {status}")
+    trend_artifact(registry)
     create_markdown_artifact(
         f"# {name} v{version}\n\n{head}Folder: {md(path)}\n\n(on the machine that published it: "
         f"[{md(path.as_uri())}](<{path.as_uri()}>); `digitflow models show v{version}` prints it)\n",
         key=artifact_key(name, "version"), description=f"Folder of {name} v{version}: {path}")
+
+
+def trend_artifact(registry) -> None:
+    """Accuracy, loss and per-class F1 across every version (champions and rejections marked)."""
+    import tempfile
+
+    rows = card.trend(registry)
+    if not rows:
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        figure = Path(tmp) / "trend.png"
+        card.plot_trend(rows, figure, registry.classes(rows[-1]["version"]))
+        text = report_files.embed_figures(card.trend_markdown(registry.name, rows), Path(tmp))
+    create_markdown_artifact(text, key=artifact_key(registry.name, "trend"),
+                             description=f"{registry.name}: {len(rows)} versions compared")
 
 
 def metrics_table(metrics: Evaluation) -> list[dict]:
@@ -402,16 +446,26 @@ def metrics_table(metrics: Evaluation) -> list[dict]:
                         for c in metrics.per_class]
 
 
+def would_promote(published: Published, home: Home, *, tolerance: float, floor: float) -> bool:
+    """Would the gate promote this (still undecided) version now? Nothing is recorded."""
+    registry = Home(home).registry(published.name)
+    return registry.decision(published.version) is None and \
+        registry.preview(published.version, tolerance=tolerance, floor=floor)[0]
+
+
 @verified_task(task_run_name="gate v{published.version}")
-def gate(published: Published, home: Home, floor: float, tolerance: float = DEFAULT_TOLERANCE) -> Decision:
+def gate(published: Published, home: Home, floor: float, tolerance: float = DEFAULT_TOLERANCE,
+         approval: Answer | None = None) -> Decision:
     """Promote the version to champion if it is at least as good and reaches ``floor`` (the
-    dataset's, unless the run gave one); else mark it rejected.
+    dataset's, unless the run gave one); else mark it rejected. With ``approval`` (a person's
+    answer or the timeout's), it is promoted only if approved too; the answer is recorded.
 
     Read, decide and record happen under the registry lock, on verified weights."""
     log = get_run_logger()
     registry = Home(home).registry(published.name)
     version = published.version
-    decision, decided_now = registry.decide(version, tolerance=tolerance, floor=floor)
+    decision, decided_now = registry.decide(version, tolerance=tolerance, floor=floor,
+                                          approval=approval.model_dump() if approval else None)
     state = registry.status(version)
     if not decided_now:
         log.info("v%d was decided before: %s (%s); now %s", version, decision["status"], decision["reason"], state)

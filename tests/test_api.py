@@ -99,6 +99,9 @@ def test_predictions_agree_with_digitflow_predict(published, mnist_dir, tmp_path
         assert [max(p["probabilities"]) for p in got] == pytest.approx([e["probability"] for e in expected], abs=1e-5)
         assert all(len(p["probabilities"]) == 10 and sum(p["probabilities"]) == pytest.approx(1, abs=1e-4) for p in got)
         assert sum(p["label"] == t for p, t in zip(got, TEST_LABELS)) >= 18
+        card = httpx.get(f"{url}/model/card", timeout=30)  # the served version's card, decisions as they are now
+        assert card.status_code == 200 and card.headers["content-type"] == "text/markdown; charset=utf-8"
+        assert card.text.startswith("# Model card: mnist-mlp v1\n") and "- **Now:** Promoted to champion by gate" in card.text
 
         # JSON batch of raw MNIST pixels, and one image posted as its own body: the same answers.
         r = httpx.post(f"{url}/predict", json={"pixels": (images.reshape(-1, 784) / 255).tolist()}, timeout=30)

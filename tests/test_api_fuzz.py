@@ -113,7 +113,7 @@ def test_no_input_yields_a_5xx_and_every_response_matches_the_schema(published):
     with TestClient(app):  # runs the lifespan: the champion is loaded and verified
         schema = schemathesis.openapi.from_asgi("/openapi.json", app)
         operations = [result.ok() for result in schema.get_all_operations()]
-        assert {op.path for op in operations} == {"/predict", "/model", "/health", "/ready", "/metrics", "/"}
+        assert {op.path for op in operations} == {"/predict", "/model", "/health", "/ready", "/metrics", "/", "/model/card", "/drift"}
         for op in operations:
             @given(case=op.as_strategy())
             @settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
