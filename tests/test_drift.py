@@ -123,15 +123,15 @@ def test_drift_separates_digits_from_inverted_and_noise_and_retrains(published, 
     # The event reached the server and the automation started a run of the retraining deployment.
     import requests
 
-    deadline = time.monotonic() + 60
-    while True:
+    deadline = time.monotonic() + 90
+    while True:  # (the server stores events in batches: the run may come first)
         runs = requests.post(f"{server}/flow_runs/filter", json={
             "deployments": {"name": {"any_": ["on-drift"]}}}, timeout=10).json()
-        if runs or time.monotonic() > deadline:
+        events = requests.post(f"{server}/events/filter", json={
+            "filter": {"event": {"name": ["digitflow.drift.detected"]}}}, timeout=10).json()["events"]
+        if (runs and events) or time.monotonic() > deadline:
             break
         time.sleep(1)
-    events = requests.post(f"{server}/events/filter", json={"filter": {"event": {"name": ["digitflow.drift.detected"]}}},
-                           timeout=10).json()["events"]
     assert len(runs) == 1, (runs, events)  # one drift event, one retraining run (the steady check started none)
     assert len(events) == 1 and events[0]["payload"]["version"] == 1
     assert set(events[0]["payload"]["drifted"]) >= {"ink", "intensity"}
