@@ -85,6 +85,7 @@ class Served(NamedTuple):
     names: list | None     # class names shown beside labels (None for MNIST's digits)
     pixels: int            # inputs per image (MNIST: 784)
     reference: dict | None = None  # its test split's drift reference (None: recorded before there were any)
+    classes: int = 10              # the network's outputs
 
     def identity(self) -> dict:
         return {"name": self.name, "version": self.version, "weights_sha256": self.weights_sha256}
@@ -145,7 +146,7 @@ class Follower:
             reference = None
         # The identity served is the digest of the very weights in memory (verified by load_model).
         new = Served(self.settings.model_name, version, nn.digest(net), net, summary, lineage,
-                     class_names(classes), net.dense_layers[0].n_in, reference)
+                     class_names(classes), net.dense_layers[0].n_in, reference, outputs)
         old, self.served = self.served, new  # the swap: one reference assignment
         self.window.clear()  # a new version: its inputs are compared from now on
         self.metrics.swapped(old, new)
@@ -576,7 +577,7 @@ def create_app(settings: ApiSettings):
 
     def drift_report(served: Served) -> dict:
         return {"model": served.identity(),
-                **follower.window.report(served.reference, served.net.dense_layers[-1].n_out)}
+                **follower.window.report(served.reference, served.classes)}
 
     @app.get("/drift", response_model=Drift, responses=errors, summary="Drift of the served inputs")
     @endpoint("drift")
@@ -608,7 +609,10 @@ def create_app(settings: ApiSettings):
         from prometheus_client import CONTENT_TYPE_LATEST
 
         if served is not None:
-            metrics.drifted(drift_report(served))
+            try:
+                metrics.drifted(drift_report(served))
+            except Exception:  # the drift gauges must never cost the other metrics
+                log.exception("the drift gauges could not be updated")
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/", response_class=HTMLResponse, summary="A page to draw a digit on")
