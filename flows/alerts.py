@@ -140,7 +140,7 @@ def install_automations(url: str, block_name: str = "digitflow-alerts") -> list[
     specs = [
         ("digitflow: run failed", EventTrigger(
             expect={"prefect.flow-run.Failed"}, match={"prefect.resource.id": "prefect.flow-run.*"},
-            match_related={"prefect.resource.role": "flow", "prefect.resource.name": ["mnist-retrain", "mnist-sweep"]},
+            match_related={"prefect.resource.role": "flow", "prefect.resource.name": ["retrain", "sweep"]},
             posture="Reactive", threshold=1),
          "digitflow run failed", "Flow run {{ flow_run.name }} failed: {{ flow_run.state.message }}"),
         ("digitflow: model rejected", EventTrigger(

@@ -55,6 +55,8 @@ def _start(home=None):
     PREFECT_API_URL, else the local one (started on first use, flows/server.py), else with
     DIGITFLOW_EPHEMERAL=1 Prefect's temporary one, kept out of reach of the terminal's Ctrl-C."""
     resolved = resolve_home(home) if home is not False else None
+    where = f"home {terminal(str(resolved))} · " if resolved is not None else ""
+    print(f"digitflow: {where}{server.describe()}", file=sys.stderr, flush=True)  # before Prefect's import
     server.use()
     interrupt.detach_ephemeral_server()
     console.setup(resolved)  # Prefect's log to the dashboard and <home>/logs; one line per step on the terminal
@@ -102,12 +104,11 @@ def ingest(home: Optional[str] = HOME, mirror: Optional[List[str]] = MIRRORS, da
     """Download, verify and shard a dataset (MNIST by default).
 
     Writes <home>/data/<dataset>/<split>, repairing whatever is damaged."""
-    from flows.ingest import ingest as ingest_flow
-
     with one_line_errors():
         dataset_and_model(dataset, None, allow_unpinned)  # a bad spec: one line per mistake, before any download
         check_ingest_settings(rows_per_shard=rows_per_shard, timeout=timeout, retries=retries, deadline=deadline)
         home = _start(home)
+        from flows.ingest import ingest as ingest_flow
         with progress_display():
             refs = ingest_flow(home=home, mirrors=_mirrors(mirror), rows_per_shard=rows_per_shard, timeout=timeout,
                                retries=retries, deadline=deadline, dataset=dataset, allow_unpinned=allow_unpinned)
@@ -127,13 +128,13 @@ def run(home: Optional[str] = HOME, mirror: Optional[List[str]] = MIRRORS, datas
         deadline: Optional[float] = DEADLINE, hp: dict = None) -> None:
     """Run the whole pipeline: ingest → train → evaluate → publish → promotion gate."""
     from flows.contract import hyperparameters
-    from flows.pipeline import retrain
 
     with one_line_errors():
         spec, _ = dataset_and_model(dataset, model_name, allow_unpinned)  # invalid values fail before any work
         hyperparameters(preset, hp, spec)
         check_ingest_settings(rows_per_shard=rows_per_shard, timeout=timeout, retries=retries, deadline=deadline)
         home = _start(home)
+        from flows.pipeline import retrain
         with progress_display():
             summary = retrain(home=home, mirrors=_mirrors(mirror), dataset=dataset, allow_unpinned=allow_unpinned,
                               preset=preset, model_name=model_name, **hp,
@@ -159,12 +160,12 @@ def train(home: Optional[str] = HOME, dataset: str = DATASET, preset: str = PRES
     Prints the trained model's folder, which `digitflow evaluate --model PATH` and
     `digitflow publish PATH` accept."""
     from flows.contract import hyperparameters
-    from flows.pipeline import train_only
 
     with one_line_errors():
         spec, _ = dataset_and_model(dataset, None)
         hyperparameters(preset, hp, spec)
         home = _start(home)
+        from flows.pipeline import train_only
         _require_split(home, "train", spec.key)
         with progress_display():
             result = train_only(home=home, dataset=dataset, preset=preset, **hp)
@@ -202,11 +203,10 @@ def evaluate(model: str = typer.Option("champion", "--model", help="VERSION, ali
              home: Optional[str] = HOME, dataset: str = DATASET, model_name: Optional[str] = MODEL_NAME,
              json_out: bool = typer.Option(False, "--json", help="Print the metrics as JSON.")) -> None:
     """Evaluate a published version, or a trained model folder, on the dataset's test split."""
-    from flows.pipeline import evaluate_model
-
     with one_line_errors():
         spec, model_name = dataset_and_model(dataset, model_name)
         home = _start(home)
+        from flows.pipeline import evaluate_model
         ref, label = _model_ref(model, home, model_name)
         _require_split(home, "test", spec.key)
         metrics = evaluate_model(ref, home=home, dataset=dataset)
@@ -230,13 +230,13 @@ def publish(folder: str = typer.Argument(..., help="A trained model folder, as `
             approval_timeout: float = APPROVAL_WAIT,
             json_out: bool = typer.Option(False, "--json", help="Print the outcome as JSON.")) -> None:
     """Evaluate a trained model on the test split, publish it as a version and put it through the gate."""
-    from flows.pipeline import publish_trained
     from tasks.model import trained_ref
 
     with one_line_errors():
         spec, model_name = dataset_and_model(dataset, model_name)
         ref = trained_ref(folder)
         home = _start(home)
+        from flows.pipeline import publish_trained
         outcome = publish_trained(ref, home=home, dataset=dataset, model_name=model_name, tolerance=tolerance,
                                   floor=floor, webhook=_webhook(webhook), approval=approval,
                                   approval_timeout=approval_timeout)
@@ -326,14 +326,13 @@ def serve(cron: str = typer.Option("0 3 * * *", "--cron", help="Cron schedule of
     """Serve the pipeline as a Prefect deployment on a cron schedule (runs until stopped).
 
     Runs appear in the dashboard on schedule and can be started from the UI or with
-    `prefect deployment run 'mnist-retrain/NAME' --param preset=best`."""
-    from flows.pipeline import retrain
-
+    `prefect deployment run 'retrain/NAME' --param preset=best`."""
     with one_line_errors():
         check_cron(cron)
         params = deployment_parameters(home, mirror, preset, model_name, hp, webhook, dataset, allow_unpinned,
                                        approval=approval, approval_timeout=approval_timeout)
         _start(False)
+        from flows.pipeline import retrain
     retrain.serve(name=name, cron=cron, parameters=params, tags=["digitflow"],
                   description=f"Retrain {params['model_name']} with preset {preset!r} on {cron!r} (UTC)")
 
@@ -355,19 +354,17 @@ def deploy(pool: str = typer.Option("digitflow", "--pool", help="Process work po
     Runs execute on `prefect worker start --pool POOL` on any machine with digitflow installed
     (the entrypoint is the module, not this checkout). The home is --home / $DIGITFLOW_HOME when
     given here, else the worker's $DIGITFLOW_HOME."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import WorkPoolCreate
-    from prefect.deployments.runner import EntrypointType, deploy as prefect_deploy
-    from prefect.exceptions import ObjectAlreadyExists
-
-    from flows.pipeline import retrain
-
     with one_line_errors():
         if cron is not None:
             check_cron(cron)
         params = deployment_parameters(home, mirror, preset, model_name, hp, webhook, dataset, allow_unpinned,
                                        here=False, approval=approval, approval_timeout=approval_timeout)
         _start(False)
+        from prefect.client.orchestration import get_client
+        from prefect.client.schemas.actions import WorkPoolCreate
+        from prefect.deployments.runner import EntrypointType, deploy as prefect_deploy
+        from prefect.exceptions import ObjectAlreadyExists
+        from flows.pipeline import retrain
         if not (home or os.environ.get("DIGITFLOW_HOME")):
             del params["home"]  # the worker's $DIGITFLOW_HOME decides (a path here means nothing there)
         with get_client(sync_client=True) as client:
@@ -383,7 +380,7 @@ def deploy(pool: str = typer.Option("digitflow", "--pool", help="Process work po
             from flows.monitor import retrain_on_drift as install
 
             automation = install(deployment_id, params["model_name"])
-    typer.echo(f"deployment mnist-retrain/{name} ({deployment_id}) on work pool {pool!r}"
+    typer.echo(f"deployment retrain/{name} ({deployment_id}) on work pool {pool!r}"
                + (f", schedule {cron!r}" if cron else "") + f"; start a worker: prefect worker start --pool {pool}")
     if retrain_on_drift:
         typer.echo(f"automation {automation!r}: a {DRIFT_EVENT} event for {params['model_name']} "
@@ -403,7 +400,6 @@ def sweep(grid: List[str] = typer.Option(..., "--grid", help="name=v1,v2 (repeat
           webhook: Optional[str] = WEBHOOK, json_out: bool = typer.Option(False, "--json"), hp: dict = None) -> None:
     """Train a grid of hyperparameters in parallel on Dask; publish the best through the gate."""
     from flows.contract import parse_grid
-    from flows.sweep import sweep as sweep_flow
 
     with one_line_errors():
         points = parse_grid(list(grid) + list(extra or []))
@@ -414,6 +410,7 @@ def sweep(grid: List[str] = typer.Option(..., "--grid", help="name=v1,v2 (repeat
             hyperparameters(preset, {**hp, **point}, spec)
         check_ingest_settings(rows_per_shard=rows_per_shard, timeout=timeout, retries=retries)
         home = _start(home)
+        from flows.sweep import sweep as sweep_flow
         import logging
 
         from prefect_dask import DaskTaskRunner

@@ -24,7 +24,7 @@ def ingest_run_name() -> str:
            f"({params.get('rows_per_shard', DEFAULT_ROWS_PER_SHARD)} rows/shard)"
 
 
-@flow(name="ingest-mnist", flow_run_name=ingest_run_name, on_running=[announce_run])
+@flow(name="ingest", flow_run_name=ingest_run_name, on_running=[announce_run])
 def ingest(
     home: str | None = None,
     mirrors: list[str] | None = None,

@@ -31,7 +31,7 @@ def run_tags(preset: str, model_name: str, dataset: str = "mnist") -> list[str]:
     return ["digitflow", f"dataset:{dataset}", f"preset:{preset}", f"model:{model_name}"]
 
 
-@flow(name="mnist-retrain", flow_run_name=run_name, on_failure=[on_flow_failure], on_running=[announce_run])
+@flow(name="retrain", flow_run_name=run_name, on_failure=[on_flow_failure], on_running=[announce_run])
 @with_hyperparameters
 def retrain(
     home: str | None = None,
@@ -102,7 +102,7 @@ def retrain(
     return {**outcome, "preset": preset, "hyperparameters": hp, "dataset": spec.name}
 
 
-@flow(name="mnist-train", flow_run_name="train-{preset}", on_running=[announce_run])
+@flow(name="train", flow_run_name="train-{preset}", on_running=[announce_run])
 @with_hyperparameters
 def train_only(home: str | None = None, dataset: DatasetName = "mnist", preset: Preset = "default",
                **overrides) -> TrainedModel:
@@ -122,7 +122,7 @@ def train_only(home: str | None = None, dataset: DatasetName = "mnist", preset: 
     return train(ref, hp, home, description=f"preset {preset}")
 
 
-@flow(name="mnist-evaluate", flow_run_name="evaluate {model.weights_sha256:.12}", on_running=[announce_run])
+@flow(name="evaluate", flow_run_name="evaluate {model.weights_sha256:.12}", on_running=[announce_run])
 def evaluate_model(model: TrainedModel, home: str | None = None, dataset: DatasetName = "mnist") -> Evaluation:
     """Evaluate a model reference (a published version or a trained folder) on the dataset's test split."""
     spec = resolve_dataset(dataset)
@@ -130,7 +130,7 @@ def evaluate_model(model: TrainedModel, home: str | None = None, dataset: Datase
     return evaluate(model, manifest_ref(home.address(home.split("test", spec.key))))
 
 
-@flow(name="mnist-publish", flow_run_name="publish {model.weights_sha256:.12}", on_failure=[on_flow_failure], on_running=[announce_run])
+@flow(name="publish", flow_run_name="publish {model.weights_sha256:.12}", on_failure=[on_flow_failure], on_running=[announce_run])
 def publish_trained(model: TrainedModel, home: str | None = None, dataset: DatasetName = "mnist",
                     model_name: ModelName | None = None, tolerance: Accuracy = DEFAULT_TOLERANCE,
                     floor: Floor = None, webhook: Webhook = None, approval: ApprovalMode = "none",

@@ -72,6 +72,18 @@ def healthy(url: str | None = None, timeout: float = 1.0) -> bool:
         return False
 
 
+def answers(url: str, timeout: float = 5.0) -> bool:
+    """Does anything answer HTTP at ``url``'s health endpoint? Any status counts (a server that
+    wants a key, like Prefect Cloud, says 401): only a refused, unreachable or silent address does not."""
+    import requests
+
+    try:
+        requests.get(f"{url.rstrip('/')}/health", timeout=timeout, allow_redirects=False).close()
+        return True
+    except (requests.RequestException, ValueError):
+        return False
+
+
 def running_pid() -> int | None:
     """The pid recorded by the last start, if that process is alive."""
     try:
@@ -82,11 +94,31 @@ def running_pid() -> int | None:
         return None
 
 
+def describe() -> str:
+    """Which Prefect server this process will use, for the command's first line (no secrets)."""
+    from storage.download import redact
+    from storage.text import terminal
+
+    if os.environ.get("PREFECT_API_URL"):
+        return f"Prefect at {terminal(redact(os.environ['PREFECT_API_URL']))}"
+    if ephemeral():
+        return "Prefect's temporary server (DIGITFLOW_EPHEMERAL)"
+    return f"Prefect at {api_url()} (the local server)"
+
+
 def use(start_if_down: bool = True) -> str | None:
     """Point this process at the server it should use; start the local one if needed (unless
     ``start_if_down`` is False: then a local server that does not answer is an error). Returns the API
     URL of a local server it uses, None when PREFECT_API_URL or ephemeral mode decides."""
-    if os.environ.get("PREFECT_API_URL") or ephemeral():
+    if os.environ.get("PREFECT_API_URL"):
+        if not answers(os.environ["PREFECT_API_URL"]):
+            from storage.download import redact
+            from storage.text import terminal
+
+            raise DigitflowError(f"no Prefect server answers at {terminal(redact(os.environ['PREFECT_API_URL']))} "
+                                 "(PREFECT_API_URL): start it, or unset the variable to use the local server")
+        return None
+    if ephemeral():
         return None
     url = api_url()
     if not healthy(url):

@@ -83,7 +83,7 @@ def sweep_name() -> str:
     return f"sweep-{len(flow_run.parameters.get('grid') or [])}-runs"
 
 
-@flow(name="mnist-sweep", flow_run_name=sweep_name, on_failure=[on_flow_failure], on_running=[announce_run])
+@flow(name="sweep", flow_run_name=sweep_name, on_failure=[on_flow_failure], on_running=[announce_run])
 @with_hyperparameters
 def sweep(
     grid: list[Overrides],

@@ -79,7 +79,7 @@ def training_dir(home: Home, train_ref: SplitRef, hyperparameters: dict) -> Path
     cache_key_fn=content_key(lambda p: (training_id(p["train"], p["hyperparameters"]), str(p["home"])), code=("nn",)),
     **CACHED,
 )
-def train(train: SplitRef, hyperparameters: dict, home: Home, progress_key: str = "mnist-mlp-training",
+def train(train: SplitRef, hyperparameters: dict, home: Home, progress_key: str,
           blas_threads: int | None = None, description: str = "") -> TrainedModel:
     """Train on the train split's shards; save model.npz/model.json; return a reference.
 

@@ -64,7 +64,7 @@ def test_operator_sees_runs_retries_cache_and_artifacts(server, faulty, tmp_path
     home = str(tmp_path / "home")
     digitflow("run", "--mirror", faulty.url, "--home", home, "--preset", "fast", url=server)
     with client_for(server) as client:
-        parent = flow_runs(client, "mnist-retrain")[0]
+        parent = flow_runs(client, "retrain")[0]
         assert parent.state.is_completed() and parent.name == "retrain-fast: v1 promoted"
         assert {"digitflow", "dataset:mnist", "preset:fast", "model:mnist-mlp"} <= set(parent.tags)
         runs = task_runs(client, parent.id)
@@ -74,7 +74,7 @@ def test_operator_sees_runs_retries_cache_and_artifacts(server, faulty, tmp_path
         train_inputs = runs["train [128], 3 epochs"].task_inputs
         assert not [i for inputs in train_inputs.values() for i in inputs if i.input_type == "flow_run"], train_inputs
         assert not any(ch in r.name for r in [parent, *runs.values()] for ch in "×→")  # the run graph drops them
-        tail = subflow(client, "mnist-publish", parent)  # evaluate → publish → gate, shared with sweep
+        tail = subflow(client, "publish", parent)  # evaluate → publish → gate, shared with sweep
         assert tail.state.is_completed() and tail.name == "publish: v1 promoted"
         assert {"digitflow", "preset:fast", "model:mnist-mlp"} <= set(tail.tags)
         runs.update(task_runs(client, tail.id))
@@ -83,9 +83,9 @@ def test_operator_sees_runs_retries_cache_and_artifacts(server, faulty, tmp_path
         assert all(r.state.is_completed() for r in runs.values())
         # Runs and subflows carry the tags, task runs none: each tag would cost every task run a
         # concurrency-slot round trip to the server (tasks/common.py).
-        assert not [n for n, r in {**runs, **task_runs(client, subflow(client, "ingest-mnist", parent).id)}.items()
+        assert not [n for n, r in {**runs, **task_runs(client, subflow(client, "ingest", parent).id)}.items()
                     if " " in n and r.tags]  # our task runs' names have spaces; subflow trackers do not
-        ingest_run = flow_runs(client, "ingest-mnist")[0]
+        ingest_run = flow_runs(client, "ingest")[0]
         assert ingest_run.parent_task_run_id is not None and ingest_run.state.is_completed()
         ingest_tasks = task_runs(client, ingest_run.id)
         retried = ingest_tasks["download train-labels-idx1-ubyte.gz"]
@@ -114,14 +114,14 @@ def test_operator_sees_runs_retries_cache_and_artifacts(server, faulty, tmp_path
     # Nothing changed: the rerun's tasks show as Cached, it says so, and adds no artifact versions.
     digitflow("run", "--mirror", faulty.url, "--home", home, "--preset", "fast", url=server)
     with client_for(server) as client:
-        parent = flow_runs(client, "mnist-retrain")[0]
+        parent = flow_runs(client, "retrain")[0]
         assert parent.name == "retrain-fast: v1 unchanged"
         assert len([a for a in client.read_artifacts() if a.key]) == versions_before
         runs = task_runs(client, parent.id)
         assert runs["train [128], 3 epochs"].state.name == "Cached"
-        tail = task_runs(client, subflow(client, "mnist-publish", parent).id)
+        tail = task_runs(client, subflow(client, "publish", parent).id)
         assert [r.state.name for n, r in tail.items() if n.startswith("evaluate")] == ["Cached"]
-        ingest_tasks = task_runs(client, flow_runs(client, "ingest-mnist")[0].id)
+        ingest_tasks = task_runs(client, flow_runs(client, "ingest")[0].id)
         assert {r.state.name for r in ingest_tasks.values()} == {"Cached"} and len(ingest_tasks) == 13
 
 
@@ -137,7 +137,7 @@ def test_serve_schedules_and_prefect_cli_triggers(server, mnist_server, tmp_path
             deadline = time.monotonic() + 60
             while True:
                 try:
-                    deployment = client.read_deployment_by_name("mnist-retrain/nightly")
+                    deployment = client.read_deployment_by_name("retrain/nightly")
                     break
                 except Exception:
                     if time.monotonic() > deadline or serve.poll() is not None:
@@ -152,11 +152,11 @@ def test_serve_schedules_and_prefect_cli_triggers(server, mnist_server, tmp_path
             assert schema["properties"]["hidden"]["anyOf"][0]["items"] == {"type": "integer", "minimum": 1,
                                                                             "maximum": 16384}
             assert schema["properties"]["preset"]["enum"] == ["default", "best", "balanced", "fast"]
-            out = subprocess.run([PREFECT, "deployment", "run", "mnist-retrain/nightly", "--param", "preset=fast",
+            out = subprocess.run([PREFECT, "deployment", "run", "retrain/nightly", "--param", "preset=fast",
                                   "--param", "seed=2", "--param", "epochs=1", "--param", "model_name=nightly-model"],
                                  env=env_for(server), capture_output=True, text=True, timeout=60)
             assert out.returncode == 0, out.stdout + out.stderr
-            bad = subprocess.run([PREFECT, "deployment", "run", "mnist-retrain/nightly", "--param", "lr=-1"],
+            bad = subprocess.run([PREFECT, "deployment", "run", "retrain/nightly", "--param", "lr=-1"],
                                  env=env_for(server), capture_output=True, text=True, timeout=60)
             assert bad.returncode != 0 and "lr" in bad.stdout + bad.stderr  # refused: no run is created
             # The run this command created (not the schedule's future runs, which have no start time yet).
@@ -170,7 +170,7 @@ def test_serve_schedules_and_prefect_cli_triggers(server, mnist_server, tmp_path
             # Tags come from the parameters the run received, however it was started.
             assert {"digitflow", "preset:fast", "model:nightly-model"} <= set(run.tags)
             assert "preset:default" not in run.tags
-            for name in ("ingest-mnist", "mnist-publish"):
+            for name in ("ingest", "publish"):
                 assert {"digitflow", "preset:fast", "model:nightly-model"} <= set(subflow(client, name, run).tags)
         metrics = json.loads((Path(home) / "models/nightly-model/v1/metrics.json").read_text())
         assert len(metrics["history"]) == 1  # epochs=1 from the Run parameters
@@ -185,9 +185,9 @@ def test_deploy_to_process_pool_and_worker_runs_it(server, mnist_server, tmp_pat
     home = str(tmp_path / "home")
     r = digitflow("deploy", "--pool", "digitflow-test", "--home", home, "--mirror", mnist_server,
                   "--preset", "fast", "--cron", "30 2 * * *", url=server)
-    assert "deployment mnist-retrain/workers" in r.stdout
+    assert "deployment retrain/workers" in r.stdout
     with client_for(server) as client:
-        deployment = client.read_deployment_by_name("mnist-retrain/workers")
+        deployment = client.read_deployment_by_name("retrain/workers")
         assert deployment.work_pool_name == "digitflow-test"
         assert [s.schedule.cron for s in deployment.schedules] == ["30 2 * * *"]
         assert client.read_work_pool("digitflow-test").type == "process"

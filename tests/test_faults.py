@@ -23,6 +23,7 @@ import pytest
 
 from storage.mnist import FILES
 from storage.registry import Registry
+from tests.prefect_helpers import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_IMAGES = FILES["train-images-idx3-ubyte.gz"]
@@ -109,6 +110,18 @@ def test_a_404_mirror_ends_in_one_line(tmp_path, faulty, api_url):
     assert_one_line_failure(rc, err, "HTTP 404")
 
 
+def test_a_prefect_server_that_does_not_answer_is_one_line_after_the_first(tmp_path):
+    """PREFECT_API_URL naming a dead server: the command's first line says where it runs, then the
+    one error line (no httpx traceback), the URL's credentials in neither; nothing written."""
+    dead = f"http://alice:s3cret@127.0.0.1:{free_port()}/api"
+    rc, out, err, _ = digitflow("evaluate", "--home", str(tmp_path / "h"), env={"PREFECT_API_URL": dead})
+    assert_one_line_failure(rc, err, "no Prefect server answers at", "(PREFECT_API_URL)")
+    first, last = err.strip().splitlines()[0], last_line(err)
+    assert err.strip().splitlines() == [first, last], err
+    assert first.startswith(f"digitflow: home {tmp_path / 'h'} · Prefect at http://***@127.0.0.1:"), first
+    assert "s3cret" not in out + err and "alice" not in out + err
+
+
 def test_verbose_shows_the_traceback(tmp_path, api_url):
     rc, _, err, _ = digitflow("ingest", "--verbose", "--home", str(tmp_path / "h"), "--mirror", "http://127.0.0.1:9/",
                               "--retries", "0", api_url=api_url)
@@ -125,7 +138,7 @@ def test_credentials_in_a_mirror_never_reach_the_logs_or_the_home(tmp_path, mnis
     from tests.prefect_helpers import client_for, flow_runs
 
     with client_for(api_url) as client:  # the dashboard's record of the run holds no secret either
-        run = flow_runs(client, "ingest-mnist")[0]
+        run = flow_runs(client, "ingest")[0]
         assert "s3cret" not in json.dumps(run.parameters)
 
 
@@ -483,7 +496,7 @@ def test_sigterm_against_a_real_server_marks_the_run_crashed(tmp_path, mnist_ser
     _kill_group(run.proc.pid)
     assert_interrupted(rc, seconds, run, code=143)
     with client_for(server) as client:
-        parent = next(r for r in flow_runs(client, "mnist-retrain") if r.parameters.get("model_name") == "sigterm-test")
+        parent = next(r for r in flow_runs(client, "retrain") if r.parameters.get("model_name") == "sigterm-test")
         assert parent.state.name == "Crashed"
         from tests.prefect_helpers import task_runs
 

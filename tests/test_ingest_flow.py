@@ -124,7 +124,7 @@ def test_cli_ingest_and_cached_rerun(tmp_path, mnist_server, api_url):
     assert "train: 60000 rows in 6 shards" in r.stdout and "test: 10000 rows in 1 shards" in r.stdout
     r = cli("ingest", "--mirror", mnist_server, "--home", str(tmp_path), api_url=api_url)
     assert r.returncode == 0, r.stderr
-    states = newest_run_states(api_url, "ingest-mnist")
+    states = newest_run_states(api_url, "ingest")
     assert len(states) == 13 and set(states.values()) == {"Cached"}
 
 

@@ -214,7 +214,7 @@ def test_machine_b_reuses_everything_machine_a_did(team, server):
     r = ok(run(work_b, env_b, "run", "--home", team["home"], "--mirror", DEAD_MIRROR, "--preset", "fast"))
     assert "v1 (published before)" in r.stdout and "unchanged" in r.stdout
     with client_for(server) as client:  # B's run: the newer of the two runs on this home
-        runs = [r for r in flow_runs(client, "mnist-retrain") if r.parameters.get("home") == team["home"]
+        runs = [r for r in flow_runs(client, "retrain") if r.parameters.get("home") == team["home"]
                 and r.start_time is not None]
     assert len(runs) == 2
     with temporary_settings(updates={PREFECT_API_URL: server}):
@@ -337,11 +337,11 @@ def test_worker_on_another_machine_runs_a_deployment_made_on_a(s3, server, mnist
     work_a, env_a = machine(tmp_path, "a", env)
     r = ok(run(work_a, env_a, "deploy", "--pool", "s3-pool", "--name", "s3-workers", "--mirror", mnist_server,
                "--preset", "fast", "--epochs", "1"))
-    assert "mnist-retrain/s3-workers" in r.stdout
+    assert "retrain/s3-workers" in r.stdout
     from tests.prefect_helpers import client_for
 
     with client_for(server) as client:
-        deployment = client.read_deployment_by_name("mnist-retrain/s3-workers")
+        deployment = client.read_deployment_by_name("retrain/s3-workers")
         assert "home" not in deployment.parameters and deployment.entrypoint == "flows.pipeline.retrain"
         flow_run = client.create_flow_run_from_deployment(deployment.id)
     work_b, env_b = machine(tmp_path, "b", env, DIGITFLOW_HOME=home)  # the worker's machine names the home

@@ -232,7 +232,7 @@ def test_cli_kill_9_during_training_then_rerun(tmp_path, mnist_server, api_url):
     proc = cli(*args[:-2], "--epochs", "2", "--json", api_url=api_url)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out
-    ingest_states = newest_run_states(api_url, "ingest-mnist")  # the whole ingest came from cache
+    ingest_states = newest_run_states(api_url, "ingest")  # the whole ingest came from cache
     assert len(ingest_states) == 13 and set(ingest_states.values()) == {"Cached"}
     summary = json.loads(out.strip().splitlines()[-1]) if out.strip().startswith("{") else json.loads(
         [l for l in out.splitlines() if l.startswith("{")][-1])
@@ -300,7 +300,7 @@ def test_cli_evaluate_and_train(home, api_url):
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out
     assert "trained " in out
-    assert newest_run_states(api_url, "mnist-train") == {"train [128], 3 epochs": "Cached"}  # same as v1's
+    assert newest_run_states(api_url, "train") == {"train [128], 3 epochs": "Cached"}  # same as v1's
 
 
 def test_cli_train_output_can_be_evaluated_and_published(published, api_url):
@@ -353,7 +353,7 @@ def test_failed_run_is_alerted_via_env(published, mnist_server, receiver, monkey
     with pytest.raises(TrainingDiverged):
         retrain(home=str(published), mirrors=[mnist_server], preset="fast", lr=1e4, seed=6)
     assert [g["event"] for g in got] == ["flow_run_failed"]
-    assert got[0]["flow"] == "mnist-retrain" and "loss became" in got[0]["message"]
+    assert got[0]["flow"] == "retrain" and "loss became" in got[0]["message"]
 
 
 def test_unreachable_webhook_is_not_fatal(published, mnist_server, monkeypatch):
