@@ -119,7 +119,8 @@ def train_only(home: str | None = None, dataset: DatasetName = "mnist", preset: 
     home = home_for_run(home)
     update_run(tags=["digitflow", f"dataset:{spec.name}", f"preset:{preset}"])
     ref = manifest_ref(home.address(home.split("train", spec.key)))
-    return train(ref, hp, home, description=f"preset {preset}")
+    return train(ref, hp, home, progress_key=artifact_key(spec.default_model_name, "training"),
+                 description=f"preset {preset}")
 
 
 @flow(name="evaluate", flow_run_name="evaluate {model.weights_sha256:.12}", on_running=[announce_run])

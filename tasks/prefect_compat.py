@@ -19,6 +19,8 @@ behaviour stays (the function says so by returning False, and a test notices).
    sweep says in its log whether it made a temporary cluster or joined an existing one.
 5. ``refresh_settings``: Prefect reads its settings once, at import; the CLI points it at the
    local server after that (``flows.server``).
+6. ``quick_first_retries``: the client's first two waits after a 503 are ~0.25 and 0.5 s, not
+   2 and 4 s: a SQLite server answers 503 whenever two writers meet (see the function).
 """
 
 from __future__ import annotations
@@ -93,4 +95,39 @@ def refresh_settings() -> None:
     refresh_global_settings_context()
 
 
+class _QuickFirstRetries:
+    """A stand-in for a module (``time`` or ``anyio``) whose short sleeps (under 6 s: Prefect's
+    first two retry waits, jittered around 2 and 4 s) last an eighth as long; the rest as is."""
+
+    def __init__(self, module):
+        self._module = module
+
+    def __getattr__(self, name):
+        return getattr(self._module, name)
+
+    def sleep(self, seconds, *args, **kwargs):
+        return self._module.sleep(seconds / 8 if seconds < 6 else seconds, *args, **kwargs)
+
+
+def quick_first_retries() -> bool:
+    """6. Prefect's client waits ~2, 4, 8, 16, 32 s before its retries of a 503. A SQLite server
+    answers 503 whenever two writers meet (SQLITE_BUSY_SNAPSHOT fails at once: ``busy_timeout``
+    does not apply), which happens on most runs with subflows, each time a 2-s pause. The first
+    two waits become ~0.25 and 0.5 s, the later ones stay (~57 s of patience instead of ~62, for a
+    server that is really down). ``prefect.client.base`` uses its ``time.sleep`` and
+    ``anyio.sleep`` for nothing but these waits."""
+    import time
+
+    import anyio
+    from prefect.client import base
+
+    if isinstance(getattr(base, "time", None), _QuickFirstRetries):
+        return True
+    if getattr(base, "time", None) is not time or getattr(base, "anyio", None) is not anyio:
+        return False
+    base.time, base.anyio = _QuickFirstRetries(time), _QuickFirstRetries(anyio)
+    return True
+
+
 HEARTBEAT_JOIN_SKIPPED = skip_heartbeat_join()
+QUICK_FIRST_RETRIES = quick_first_retries()

@@ -372,3 +372,38 @@ def test_cli_train_and_evaluate_without_data(tmp_path):
     manifest = tmp_path / "data" / "mnist" / "train" / "manifest.json"
     assert run("train") == f"digitflow: error: {manifest}: no manifest (run `digitflow ingest` first)"
     assert run("evaluate", "--model", "1") == "digitflow: error: model 'mnist-mlp' has no version 1 (has none)"
+
+
+def test_the_prefect_clients_first_retries_of_a_503_are_quick():
+    """tasks/prefect_compat.py: a SQLite Prefect server answers 503 when two writers meet; the
+    client's first two waits are ~0.25 and ~0.5 s (Prefect's own: ~2 and ~4 s)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    import tasks.prefect_compat
+    from prefect.client.base import PrefectHttpxSyncClient
+
+    hits = []
+
+    class Busy(BaseHTTPRequestHandler):
+        def do_GET(self):
+            hits.append(time.monotonic())
+            self.send_response(503 if len(hits) <= 2 else 200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, *args):
+            pass
+
+    stub = ThreadingHTTPServer(("127.0.0.1", 0), Busy)
+    threading.Thread(target=stub.serve_forever, daemon=True).start()
+    try:
+        with PrefectHttpxSyncClient(base_url=f"http://127.0.0.1:{stub.server_port}/api") as client:
+            response = client.get("/hello")
+    finally:
+        stub.shutdown()
+    assert tasks.prefect_compat.QUICK_FIRST_RETRIES
+    assert response.status_code == 200 and len(hits) == 3
+    first, second = hits[1] - hits[0], hits[2] - hits[1]
+    assert 0.15 < first < 1.0 and 0.35 < second < 1.5, (first, second)
