@@ -48,7 +48,9 @@ def _stop_the_local_server():
     yield
     from flows import server
 
-    server.stop()
+    pid = server.running_pid()
+    if pid is not None:  # the test process's own connections keep it from a prompt graceful exit
+        server._terminate(pid, grace=3.0)
 os.environ.pop("DIGITFLOW_HOME", None)
 os.environ.pop("DIGITFLOW_MIRRORS", None)
 
@@ -288,34 +290,16 @@ PREFECT = str(Path(sys.executable).with_name("prefect"))
 
 
 @pytest.fixture(scope="session")
-def server(tmp_path_factory):
-    """A real Prefect server (SQLite), on a random port, with its own PREFECT_HOME; its UI (on)
-    talks to this port's API."""
-    home = tmp_path_factory.mktemp("prefect-server")
-    from tests.prefect_helpers import free_port
+def server():
+    """A real Prefect server (SQLite, its UI on and talking to its own API): digitflow's local
+    server of this session (its own port and PREFECT_HOME, see above), started as a user's first
+    command starts it: ``prefect server start`` in the background. CLI subprocesses without
+    PREFECT_API_URL report to it as well."""
+    from flows import server as local
 
-    port = free_port()
-    url = f"http://127.0.0.1:{port}/api"
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_UI_API_URL": url,
-           "DO_NOT_TRACK": "1", "PREFECT_UI_ENABLED": "true"}
-    env.pop("PREFECT_API_URL", None)
-    proc = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env,
-                            stdout=open(home / "server.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
-    import requests
-
-    deadline = time.monotonic() + 90
-    while True:
-        try:
-            if requests.get(url + "/health", timeout=1).ok:
-                break
-        except requests.RequestException:
-            pass
-        if time.monotonic() > deadline or proc.poll() is not None:
-            raise RuntimeError("prefect server did not start:\n" + (home / "server.log").read_text())
-        time.sleep(0.5)
-    yield url
-    os.killpg(proc.pid, signal.SIGTERM)
-    proc.wait(30)
+    url = local.api_url()
+    if not local.healthy(url):
+        local.start(url)
+    return url
 
 

@@ -25,10 +25,20 @@ def digitflow(*args, env=None, timeout=300):
 
 
 @pytest.fixture
-def own_server(tmp_path, monkeypatch):
-    """A local server of this test's own (port and PREFECT_HOME), stopped after."""
+def own_server(tmp_path, monkeypatch, request):
+    """A local server of this test's own (port and PREFECT_HOME), stopped after. Its database is
+    a copy of the session server's (made with SQLite's online backup): migrating a new one takes
+    ~10 s here, and starting and reusing the server is what is tested, not Prefect's migrations."""
+    import sqlite3
+
+    request.getfixturevalue("server")  # the session's server is up: its database is migrated
+    home = tmp_path / "prefect-home"
+    home.mkdir()
+    with sqlite3.connect(Path(os.environ["PREFECT_HOME"]) / "prefect.db") as source, \
+            sqlite3.connect(home / "prefect.db") as copy:
+        source.backup(copy)
     monkeypatch.setenv("DIGITFLOW_SERVER_PORT", str(_free_port()))
-    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect-home"))
+    monkeypatch.setenv("PREFECT_HOME", str(home))
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
     yield
     server.stop()
