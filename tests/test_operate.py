@@ -21,8 +21,14 @@ TEST_LABELS = [7, 2, 1, 0, 4, 1, 4, 9, 5, 9, 0, 6, 9, 0, 1, 5, 9, 7, 3, 4]
 
 
 def cli(*args, check=True):
-    r = subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=REPO, capture_output=True, text=True,
-                       timeout=300, env={**os.environ, "COLUMNS": "200"})
+    """``digitflow ARGS``: in this process where a subprocess is not the point (tests/incli.py)."""
+    from tests import incli
+
+    if incli.suitable(args):
+        r = incli.digitflow(*args)
+    else:
+        r = subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=REPO, capture_output=True, text=True,
+                           timeout=300, env={**os.environ, "COLUMNS": "200"})
     if check:
         assert r.returncode == 0, r.stdout + r.stderr
     return r
