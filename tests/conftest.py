@@ -266,6 +266,18 @@ def published(first_run, tmp_path):
 
 
 @pytest.fixture
+def ingested(first_run, tmp_path):
+    """A new home holding only verified MNIST (raw archives and shards, copied from that home): for
+    tests about what happens after ingest, without paying for a fresh one."""
+    import shutil
+
+    home = tmp_path / "ingested"
+    for part in ("data", "raw"):
+        shutil.copytree(first_run[0] / part, home / part, symlinks=True)
+    return home
+
+
+@pytest.fixture
 def receiver():
     """A local webhook receiver: (url, list of the JSON bodies POSTed to it)."""
     import json

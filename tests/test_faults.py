@@ -454,8 +454,8 @@ def test_ctrl_c_during_download_in_ephemeral_mode(tmp_path, faulty):
     assert not list((home / "raw" / "mnist").glob("*-ubyte"))  # nothing unverified in place
 
 
-def test_ctrl_c_during_training_then_rerun_resumes_from_cache(tmp_path, mnist_server):
-    home = tmp_path / "h"
+def test_ctrl_c_during_training_then_rerun_resumes_from_cache(tmp_path, ingested, mnist_server):
+    home = ingested
     run = Running(tmp_path, "run", "--home", str(home), "--mirror", mnist_server, "--preset", "fast", "--epochs", "30")
     run.wait_for("epoch 1/30")
     rc, seconds = run.signal_group(signal.SIGINT)
@@ -509,10 +509,10 @@ def test_sigterm_against_a_real_server_marks_the_run_crashed(tmp_path, mnist_ser
         assert states["train [128], 30 epochs"] == "Crashed" and "Running" not in states.values()
 
 
-def test_ctrl_c_at_publish(tmp_path, mnist_server, api_url):
+def test_ctrl_c_at_publish(tmp_path, ingested, mnist_server, api_url):
     """Interrupted after evaluation, while the version is assembled or gated: no half version
     is visible, and the rerun publishes it whole."""
-    home = tmp_path / "h"
+    home = ingested
     run = Running(tmp_path, "run", "--home", str(home), "--mirror", mnist_server, "--preset", "fast", api_url=api_url)
     run.wait_for("test accuracy")  # the evaluate task's line: publish comes next
     rc, seconds = run.signal_group(signal.SIGINT)

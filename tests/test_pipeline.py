@@ -188,11 +188,8 @@ def test_divergence_fails_and_publishes_nothing(published, mnist_server):
     assert Registry(published).versions() == before
 
 
-def test_corrupt_shard_stops_training(tmp_path, mnist_server):
-    from flows.ingest import ingest
-
-    other = tmp_path / "home"
-    ingest(home=str(other), mirrors=[mnist_server])
+def test_corrupt_shard_stops_training(ingested, mnist_server):
+    other = ingested
     shard = other / "data/mnist/train/part-00003.parquet"
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF
@@ -220,8 +217,8 @@ def cli(*args, api_url, **popen):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **popen)
 
 
-def test_cli_kill_9_during_training_then_rerun(tmp_path, mnist_server, api_url):
-    home = tmp_path / "home"
+def test_cli_kill_9_during_training_then_rerun(ingested, mnist_server, api_url):
+    home = ingested
     args = ["run", "--mirror", mnist_server, "--home", str(home), "--preset", "fast", "--epochs", "30"]
     proc = cli(*args, api_url=api_url)
     wait_for_log(home, "epoch 2/30", proc)
@@ -239,17 +236,16 @@ def test_cli_kill_9_during_training_then_rerun(tmp_path, mnist_server, api_url):
     assert summary["version"] == 1 and summary["created"]
 
 
-def test_kill_9_mid_epoch_resumes_at_that_epoch_bit_identical(tmp_path, mnist_server, api_url):
+def test_kill_9_mid_epoch_resumes_at_that_epoch_bit_identical(tmp_path, ingested, api_url):
     """A training killed (kill -9) during epoch k resumes at epoch k on the next run, and its
     final weights equal an uninterrupted run's bit for bit; the checkpoint is then removed."""
     import nn
 
-    args = ["train", "--preset", "fast", "--epochs", "8", "--dropout", "0.2", "--shift", "1", "--seed", "9"]
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-    for home in (straight, killed):
-        from flows.ingest import ingest
+    import shutil
 
-        ingest(home=str(home), mirrors=[mnist_server])
+    args = ["train", "--preset", "fast", "--epochs", "8", "--dropout", "0.2", "--shift", "1", "--seed", "9"]
+    straight, killed = tmp_path / "straight", ingested
+    shutil.copytree(ingested, straight, symlinks=True)
     proc = cli(*args, "--home", str(straight), api_url=api_url)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out
