@@ -43,6 +43,17 @@ def _free_port() -> int:
 os.environ["DIGITFLOW_SERVER_PORT"] = str(_free_port())
 
 
+# A test that uses one of these runs Prefect flows, starts servers or reads the real MNIST: "slow".
+SLOW_FIXTURES = {"prefect_harness", "api_url", "server", "first_run", "published", "home", "ingested", "mnist_server",
+                 "faulty", "s3", "team", "browser", "own_server"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.get_closest_marker("e2e") or SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _stop_the_local_server():
     yield
