@@ -36,8 +36,8 @@ def sweep_cli(*args, api_url):
                           env={**os.environ, "PREFECT_API_URL": api_url}, capture_output=True, text=True, timeout=600)
 
 
-def test_sweep_on_a_temporary_local_cluster(tmp_path, mnist_server, api_url):
-    home = tmp_path / "home"
+def test_sweep_on_a_temporary_local_cluster(ingested, mnist_server, api_url):
+    home = ingested
     r = sweep_cli("--grid", "hidden=32,64", "--epochs", "1", "--home", str(home), "--mirror", mnist_server,
                   api_url=api_url)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -105,9 +105,9 @@ def dask_processes(scheduler_dir: Path, worker_dir: Path, env: dict):
 
 
 @pytest.mark.e2e
-def test_sweep_on_an_existing_dask_cluster(tmp_path, mnist_server, api_url, dask_cluster):
+def test_sweep_on_an_existing_dask_cluster(ingested, mnist_server, api_url, dask_cluster):
     address, _ = dask_cluster
-    home = tmp_path / "home"
+    home = ingested
     r = sweep_cli("--grid", "hidden=48", "lr=0.05,0.1", "--epochs", "1", "--home", str(home), "--mirror",
                   mnist_server, "--dask-address", address, "--floor", "0.9", api_url=api_url)
     assert r.returncode == 0, r.stdout + r.stderr
