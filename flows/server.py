@@ -94,13 +94,18 @@ def running_pid() -> int | None:
         return None
 
 
-def describe() -> str:
-    """Which Prefect server this process will use, for the command's first line (no secrets)."""
+def _shown_api_url() -> str:
+    """PREFECT_API_URL as printed: without its user info, escaped for the terminal."""
     from storage.download import redact
     from storage.text import terminal
 
+    return terminal(redact(os.environ["PREFECT_API_URL"]))
+
+
+def describe() -> str:
+    """Which Prefect server this process will use, for the command's first line (no secrets)."""
     if os.environ.get("PREFECT_API_URL"):
-        return f"Prefect at {terminal(redact(os.environ['PREFECT_API_URL']))}"
+        return f"Prefect at {_shown_api_url()}"
     if ephemeral():
         return "Prefect's temporary server (DIGITFLOW_EPHEMERAL)"
     return f"Prefect at {api_url()} (the local server)"
@@ -112,10 +117,7 @@ def use(start_if_down: bool = True) -> str | None:
     URL of a local server it uses, None when PREFECT_API_URL or ephemeral mode decides."""
     if os.environ.get("PREFECT_API_URL"):
         if not answers(os.environ["PREFECT_API_URL"]):
-            from storage.download import redact
-            from storage.text import terminal
-
-            raise DigitflowError(f"no Prefect server answers at {terminal(redact(os.environ['PREFECT_API_URL']))} "
+            raise DigitflowError(f"no Prefect server answers at {_shown_api_url()} "
                                  "(PREFECT_API_URL): start it, or unset the variable to use the local server")
         return None
     if ephemeral():
