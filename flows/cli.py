@@ -332,9 +332,14 @@ def serve(cron: str = typer.Option("0 3 * * *", "--cron", help="Cron schedule of
         params = deployment_parameters(home, mirror, preset, model_name, hp, webhook, dataset, allow_unpinned,
                                        approval=approval, approval_timeout=approval_timeout)
         _start(False)
+        from prefect import serve as prefect_serve
         from flows.pipeline import retrain
-    retrain.serve(name=name, cron=cron, parameters=params, tags=["digitflow"],
-                  description=f"Retrain {params['model_name']} with preset {preset!r} on {cron!r} (UTC)")
+        from flows.contract import form_switches
+        from tasks.prefect_compat import plain_form_fields
+        deployment = retrain.to_deployment(name=name, cron=cron, parameters=params, tags=["digitflow"], description=
+                                           f"Retrain {params['model_name']} with preset {preset!r} on {cron!r} (UTC)")
+        plain_form_fields(deployment, form_switches())
+    prefect_serve(deployment)
 
 
 @app.command()
@@ -365,6 +370,8 @@ def deploy(pool: str = typer.Option("digitflow", "--pool", help="Process work po
         from prefect.deployments.runner import EntrypointType, deploy as prefect_deploy
         from prefect.exceptions import ObjectAlreadyExists
         from flows.pipeline import retrain
+        from flows.contract import form_switches
+        from tasks.prefect_compat import plain_form_fields
         if not (home or os.environ.get("DIGITFLOW_HOME")):
             del params["home"]  # the worker's $DIGITFLOW_HOME decides (a path here means nothing there)
         with get_client(sync_client=True) as client:
@@ -374,6 +381,7 @@ def deploy(pool: str = typer.Option("digitflow", "--pool", help="Process work po
                 pass
         deployment = retrain.to_deployment(name=name, cron=cron, parameters=params, tags=["digitflow"],
                                            entrypoint_type=EntrypointType.MODULE_PATH)
+        plain_form_fields(deployment, form_switches())
         [deployment_id] = prefect_deploy(deployment, work_pool_name=pool, build=False, push=False,
                                          print_next_steps_message=False, ignore_warnings=True)
         if retrain_on_drift:

@@ -109,6 +109,14 @@ def _overrides_model() -> type[BaseModel]:
 Overrides = _overrides_model()
 
 
+def form_switches() -> dict[str, bool]:
+    """The Run form's switch of each on/off hyperparameter opens on the ``default`` preset's value
+    (a switch cannot be left empty to mean "the preset's"; every preset agrees on these today)."""
+    default = nn.presets.PRESETS["default"]
+    return {name: getattr(default, name) for name, (kind, _) in Hyperparameters.fields().items()
+            if _base(kind) is bool}
+
+
 def with_hyperparameters(fn):
     """Give a flow function that ends in ``**overrides`` one keyword parameter per hyperparameter
     (typed and bounded as in ``Overrides``, default None = the preset's value), and one line of

@@ -58,7 +58,7 @@ def retrain(
         mirrors: Mirror base URLs, tried in order (default: $DIGITFLOW_MIRRORS, else the dataset's public ones).
         dataset: mnist, fashion-mnist, or the path of a dataset spec file (.toml/.json).
         allow_unpinned: Accept dataset files the spec gives no checksum for (the provenance records the hash seen).
-        preset: Hyperparameter preset; the hyperparameters after webhook change single values of it
+        preset: Hyperparameter preset; the hyperparameters below change single values of it
             (an empty field keeps the preset's value).
         model_name: Registry name of the model (default: the dataset's name followed by -mlp; mnist-mlp for MNIST).
         tolerance: Promote when test accuracy ≥ the champion's minus this.

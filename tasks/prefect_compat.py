@@ -21,6 +21,8 @@ behaviour stays (the function says so by returning False, and a test notices).
    local server after that (``flows.server``).
 6. ``quick_first_retries``: the client's first two waits after a 503 are ~0.25 and 0.5 s, not
    2 and 4 s: a SQLite server answers 503 whenever two writers meet (see the function).
+7. ``plain_form_fields``: a deployment's parameter schema is private to it until registered;
+   its optional parameters are made plain inputs of the dashboard's Run form (see the function).
 """
 
 from __future__ import annotations
@@ -126,6 +128,34 @@ def quick_first_retries() -> bool:
     if getattr(base, "time", None) is not time or getattr(base, "anyio", None) is not anyio:
         return False
     base.time, base.anyio = _QuickFirstRetries(time), _QuickFirstRetries(anyio)
+    return True
+
+
+def plain_form_fields(deployment, switches: dict[str, bool]) -> bool:
+    """7. The dashboard's Run form shows a parameter typed ``X | None = None`` as a toggle between
+    "X" and "None" that opens on 'Property is type "None"'. Described as a plain X without a
+    default, it opens as an empty input; left empty, the parameter is not sent and the flow gets
+    its default, None (for a hyperparameter: the preset's value, as the field's description
+    says). A switch cannot be left empty: a ``bool | None`` parameter named in ``switches`` opens
+    on the value given there (the form always sends it). The type Prefect enforces for a run's
+    parameters is the flow's signature, unchanged; the server's check of a run from the form
+    still applies X's bounds."""
+    schema = getattr(deployment, "_parameter_openapi_schema", None)
+    properties = getattr(schema, "properties", None)
+    if not isinstance(properties, dict):
+        return False
+    for prop in properties.values():
+        branches = prop.get("anyOf") or []
+        kept = [b for b in branches if b != {"type": "null"}]
+        if prop.get("default", False) is None and len(branches) == 2 and len(kept) == 1:
+            if kept[0].get("type") == "boolean":
+                if prop.get("title") not in switches:
+                    continue  # left as Prefect made it, rather than a switch that sends False
+                prop["default"] = switches[prop["title"]]
+            else:
+                del prop["default"]
+            del prop["anyOf"]
+            prop.update(kept[0])
     return True
 
 

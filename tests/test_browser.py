@@ -3,6 +3,7 @@ Playwright, against a real `prefect server start` (UI on)."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import shutil
 import subprocess
@@ -104,3 +105,55 @@ def test_drawing_page_predicts_a_drawn_digit(published, browser, tmp_path):
     assert len(widths) == 10 and widths[1] == max(widths) and widths[1] > 50 and sum(widths) == pytest.approx(100, abs=1)
     assert answered_by.startswith("answered by mnist-mlp v1 ")
     assert cleared == ""
+
+
+def test_run_form_opens_on_plain_inputs_and_an_empty_field_keeps_the_preset(server, browser, tmp_path):
+    """A deployment as `digitflow serve`/`deploy` register it: its Run form (Run → Custom run)
+    opens on plain inputs, not "float | None" toggles ('Property is type "None"'); a value out of
+    bounds is refused naming the bound; a field left empty is not sent (the preset's value)."""
+    import nn.presets
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.contract import form_switches
+    from flows.pipeline import retrain
+    from tasks.prefect_compat import plain_form_fields
+
+    # A switch cannot be left empty: it opens on the default preset's value, which every preset shares.
+    assert form_switches() == {"standardize": True}
+    assert all(getattr(p, k) == v for p in nn.presets.PRESETS.values() for k, v in form_switches().items())
+    def register():  # (in a thread of its own: Playwright's event loop would make these calls coroutines)
+        deployment = retrain.to_deployment(name="form-check", parameters={"preset": "fast", "home": str(tmp_path / "h")})
+        assert plain_form_fields(deployment, form_switches())
+        with temporary_settings({PREFECT_API_URL: server}):
+            return deployment.apply()
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        deployment_id = pool.submit(register).result()
+    page = browser.new_page(viewport={"width": 1400, "height": 1600})
+    try:
+        page.goto(f"{server.removesuffix('/api')}/deployments/deployment/{deployment_id}/run", wait_until="networkidle",
+                  timeout=60_000)
+        page.get_by_text("epochs (Optional)").wait_for(timeout=30_000)
+        form = page.inner_text("body")
+        epochs = page.locator(".schema-form-property", has_text="epochs (Optional)").locator("input")
+        epochs.fill("0")
+        page.get_by_role("button", name="Submit").click()
+        refusal = page.get_by_text("0 is less than the minimum of 1").first
+        refusal.wait_for(timeout=30_000)
+        refused = refusal.inner_text()
+        epochs.fill("1")
+        page.get_by_role("button", name="Submit").click()
+        page.wait_for_url(lambda url: not url.split("?")[0].endswith("/run"), timeout=30_000)
+        page.screenshot(path=str(tmp_path / "run-form.png"))
+    finally:
+        page.close()
+    assert "Property is type" not in form and "float | None" not in form
+    assert "Learning rate. In (0, 1e+06]. Preset 'default': 0.05." in form
+    assert "Validation failed for field 'epochs'" in refused  # the bound named, not "not valid under any of the given schemas"
+    assert page.url.split("?")[0].endswith(str(deployment_id))  # left the form: the run was created
+    with client_for(server) as client:
+        [run] = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])))
+    assert run.parameters["epochs"] == 1 and run.parameters["preset"] == "fast"
+    assert run.parameters["standardize"] is True
+    assert not {"lr", "hidden", "floor", "deadline", "webhook", "model_name"} & set(run.parameters)

@@ -155,11 +155,12 @@ def test_serve_schedules_and_prefect_cli_triggers(server, mnist_server, tmp_path
             assert [s.schedule.cron for s in deployment.schedules] == ["0 3 * * *"]
             assert deployment.parameters["preset"] == "fast" and deployment.parameters["home"] == home
             schema = deployment.parameter_openapi_schema
-            lr = schema["properties"]["lr"]  # the Run form's typed field, one per hyperparameter
-            assert lr["anyOf"][0] == {"type": "number", "exclusiveMinimum": 0.0, "maximum": 1e6}
-            assert "Preset 'default': 0.05" in lr["description"]
-            assert schema["properties"]["hidden"]["anyOf"][0]["items"] == {"type": "integer", "minimum": 1,
-                                                                            "maximum": 16384}
+            lr = schema["properties"]["lr"]  # the Run form's typed input, one per hyperparameter (empty: the preset's)
+            assert {k: lr[k] for k in ("type", "exclusiveMinimum", "maximum")} == {"type": "number",
+                                                                                  "exclusiveMinimum": 0.0, "maximum": 1e6}
+            assert "anyOf" not in lr and "default" not in lr and "Preset 'default': 0.05" in lr["description"]
+            assert schema["properties"]["hidden"]["items"] == {"type": "integer", "minimum": 1, "maximum": 16384}
+            assert schema["properties"]["standardize"]["default"] is True
             assert schema["properties"]["preset"]["enum"] == ["default", "best", "balanced", "fast"]
             out = subprocess.run([PREFECT, "deployment", "run", "retrain/nightly", "--param", "preset=fast",
                                   "--param", "seed=2", "--param", "epochs=1", "--param", "model_name=nightly-model"],
