@@ -28,6 +28,10 @@ os.environ.update({
     "PREFECT_HOME": str(_STATE / "prefect-home"),
     "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(_STATE / "results"),
     "PREFECT_LOGGING_TO_API_BATCH_INTERVAL": "0.3",
+    # The suite's servers store events every second (not 5) and a served deployment polls for
+    # its runs every second (not 10): tests wait on both, users rarely notice either.
+    "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_FLUSH_INTERVAL": "1",
+    "PREFECT_RUNNER_POLL_FREQUENCY": "1",
 })
 os.environ.pop("PREFECT_API_URL", None)
 os.environ.pop("DIGITFLOW_EPHEMERAL", None)
