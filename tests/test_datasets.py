@@ -125,7 +125,7 @@ def test_real_fashion_labels_verify_against_the_published_checksums(tmp_path):
         server.close()
 
 
-def test_fashion_through_the_pipeline_with_class_names(fashion, tmp_path):
+def test_fashion_through_the_pipeline_with_class_names(fashion, tmp_path, prefect_harness):
     from flows.pipeline import retrain
 
     url, spec, labels, folder = fashion
@@ -182,6 +182,7 @@ def write_toml_spec(path: Path, folder: Path, *, rows=16, cols=16, n_train=600, 
     return path
 
 
+@pytest.mark.slow  # `digitflow` processes running flows
 def test_user_spec_16x16_three_classes_runs_the_whole_pipeline(tmp_path):
     folder = tmp_path / "mirror"
     spec = write_toml_spec(tmp_path / "shapes.toml", folder)
@@ -254,6 +255,7 @@ def test_several_mistakes_are_each_one_line():
         "spec: files must list the IDX archives (1 to 64 [[files]] tables with name, split, kind and a checksum)"]
 
 
+@pytest.mark.slow  # `digitflow` processes running flows
 def test_a_checksum_that_does_not_match_is_refused_and_nothing_is_kept(tmp_path):
     folder = tmp_path / "mirror"
     spec = write_toml_spec(tmp_path / "shapes.toml", folder)
@@ -273,6 +275,7 @@ def test_a_checksum_that_does_not_match_is_refused_and_nothing_is_kept(tmp_path)
     assert not (tmp_path / "home" / "raw" / key / "train-images.idx").exists()
 
 
+@pytest.mark.slow  # `digitflow` processes running flows
 def test_unpinned_files_need_allow_unpinned_and_record_what_was_seen(tmp_path):
     folder = tmp_path / "mirror"
     spec = write_toml_spec(tmp_path / "shapes.toml", folder, pin=False)
