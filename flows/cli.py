@@ -333,13 +333,21 @@ def serve(cron: str = typer.Option("0 3 * * *", "--cron", help="Cron schedule of
                                        approval=approval, approval_timeout=approval_timeout)
         _start(False)
         from prefect import serve as prefect_serve
-        from flows.pipeline import retrain
-        from flows.contract import form_switches
-        from tasks.prefect_compat import plain_form_fields
-        deployment = retrain.to_deployment(name=name, cron=cron, parameters=params, tags=["digitflow"], description=
-                                           f"Retrain {params['model_name']} with preset {preset!r} on {cron!r} (UTC)")
-        plain_form_fields(deployment, form_switches())
+        deployment = retrain_deployment(name=name, cron=cron, parameters=params, tags=["digitflow"], description=
+                                        f"Retrain {params['model_name']} with preset {preset!r} on {cron!r} (UTC)")
     prefect_serve(deployment)
+
+
+def retrain_deployment(**kwargs):
+    """The ``retrain`` flow as a deployment (``serve``, ``deploy``; ``kwargs`` as Prefect's
+    ``to_deployment`` takes them), its Run form made of plain inputs (``prefect_compat`` entry 7)."""
+    from flows.contract import form_switches
+    from flows.pipeline import retrain
+    from tasks.prefect_compat import plain_form_fields
+
+    deployment = retrain.to_deployment(**kwargs)
+    plain_form_fields(deployment, form_switches())
+    return deployment
 
 
 @app.command()
@@ -369,9 +377,6 @@ def deploy(pool: str = typer.Option("digitflow", "--pool", help="Process work po
         from prefect.client.schemas.actions import WorkPoolCreate
         from prefect.deployments.runner import EntrypointType, deploy as prefect_deploy
         from prefect.exceptions import ObjectAlreadyExists
-        from flows.pipeline import retrain
-        from flows.contract import form_switches
-        from tasks.prefect_compat import plain_form_fields
         if not (home or os.environ.get("DIGITFLOW_HOME")):
             del params["home"]  # the worker's $DIGITFLOW_HOME decides (a path here means nothing there)
         with get_client(sync_client=True) as client:
@@ -379,9 +384,8 @@ def deploy(pool: str = typer.Option("digitflow", "--pool", help="Process work po
                 client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
             except ObjectAlreadyExists:
                 pass
-        deployment = retrain.to_deployment(name=name, cron=cron, parameters=params, tags=["digitflow"],
-                                           entrypoint_type=EntrypointType.MODULE_PATH)
-        plain_form_fields(deployment, form_switches())
+        deployment = retrain_deployment(name=name, cron=cron, parameters=params, tags=["digitflow"],
+                                        entrypoint_type=EntrypointType.MODULE_PATH)
         [deployment_id] = prefect_deploy(deployment, work_pool_name=pool, build=False, push=False,
                                          print_next_steps_message=False, ignore_warnings=True)
         if retrain_on_drift:
