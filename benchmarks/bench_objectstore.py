@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 from _mirror import local_mirror  # noqa: E402
-from tests.s3_helpers import FaultProxy, machine, s3_endpoint, unique_prefix  # noqa: E402
+from tests.store_helpers import FaultProxy, machine, s3_endpoint, unique_prefix  # noqa: E402
 
 DIGITFLOW = str(Path(sys.executable).with_name("digitflow"))
 

@@ -7,7 +7,7 @@
 - ``shards``   normalized Parquet shards and their manifests
 - ``registry`` the versioned model registry (versions, aliases)
 - ``rowstore`` a split as one uint8 row file that training reads rows from (memory bounded)
-- ``objects``  object storage behind an ``s3://`` home: conditional writes, a lease
+- ``objects``  object storage behind an ``s3://`` or ``az://`` home (obstore): conditional writes, a lease
 - ``remote``   a remote home's working copy and its bucket, kept in step at commit points
 """
 

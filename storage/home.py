@@ -9,8 +9,8 @@
 The layout is written here and nowhere else. A ``Home`` is also a path (``os.fspath``), so it
 can be handed to anything that takes one.
 
-A home may live in object storage (``s3://bucket/prefix``): then the same layout is kept under
-that prefix, and ``root`` is this machine's working copy of it (``$DIGITFLOW_CACHE/s3/bucket/
+A home may live in object storage (``s3://bucket/prefix``, ``az://container/prefix``): then the same layout is kept under
+that prefix, and ``root`` is this machine's working copy of it (``$DIGITFLOW_CACHE/<scheme>/bucket/
 prefix``), filled and published by ``storage.remote``. ``str(home)`` and ``address(path)`` give
 the names every machine shares (the URL), which is what cache keys and references hold;
 ``storage.remote.local`` turns such a name back into this machine's path.

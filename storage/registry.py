@@ -9,7 +9,7 @@ exclusive lock (flock, released by the kernel even on kill -9), so versions are 
 atomically: two publishers at once get two versions and neither overwrites the other. A
 crash leaves at most a hidden staging folder, which the next publish clears away.
 
-In a remote home (``s3://…``) the same folders live in the bucket and ``root`` is this
+In a remote home (``s3://…``, ``az://…``) the same folders live in the bucket and ``root`` is this
 machine's working copy. Every Registry reads a fresh snapshot of the bucket (``sync``); writes
 take, besides the flock, a ``Lease`` in the bucket (``models/<name>/.lock``, created with
 ``If-None-Match: *``), re-read the snapshot, make their change locally and publish it: a new
@@ -102,7 +102,7 @@ class Registry:
         """Make the working copy what the bucket holds: its committed versions (immutable:
         fetched once, re-fetched if changed here), decisions and aliases. Uncommitted versions
         (no metadata.json: a publisher died mid-upload) are invisible."""
-        from storage.remote import _same
+        from storage.remote import fetch
 
         if self.store is None:
             return
@@ -120,8 +120,7 @@ class Registry:
                 log.warning("%s/%s: %s; ignored", self.store.url(self.key), rel, e)
                 continue
             self._remote[rel] = info.etag
-            if not _same(path, info, self.store, f"{self.key}/{rel}"):
-                self.store.download(f"{self.key}/{rel}", path)
+            fetch(self.store, f"{self.key}/{rel}", path, info)
         for p in self.root.iterdir():  # what the bucket does not have is not in the registry
             m = _VERSION.match(p.name)
             if m and p.is_dir() and int(m.group(1)) not in committed:
@@ -133,9 +132,8 @@ class Registry:
     def _push(self) -> None:
         """Publish what this working copy changed (under the lease): new versions (files, then
         metadata.json with If-None-Match), then decisions and aliases with If-Match."""
-        from storage.atomic import sha256_file
         from storage.objects import Conflict
-        from storage.remote import _same
+        from storage.remote import _same, remember, send
 
         for version in self.versions():
             rel = f"v{version}/metadata.json"
@@ -144,7 +142,7 @@ class Registry:
             prefix = f"{self.key}/v{version}"
             files = sorted(p for p in self.path(version).iterdir() if p.is_file() and p.name != "metadata.json")
             for p in files:
-                self.store.upload(f"{prefix}/{p.name}", p, sha256_file(p))
+                send(self.store, f"{prefix}/{p.name}", p)
             for stray in set(self.store.list(prefix)) - {f"{prefix}/{p.name}" for p in files}:
                 self.store.delete(stray)  # left by a publisher that died before its commit
             try:  # the commit point, last
@@ -164,6 +162,7 @@ class Registry:
             try:
                 self._remote[rel] = self.store.put(f"{self.key}/{rel}", p.read_bytes(), if_none_match=etag is None,
                                                    if_match=etag)
+                remember(p, self._remote[rel])
             except Conflict:
                 raise RegistryError(f"{self.store.url(self.key + '/' + rel)} changed under the registry lease "
                                     "(its holder was too slow?); nothing was overwritten, try again") from None

@@ -8,7 +8,8 @@ Every function here is a no-op for local addresses, so a local home behaves exac
 What is atomic, and how (an object store has no rename):
 
 - a file is one object: a PUT, or a multipart upload that appears only when COMPLETE is sent;
-  its SHA-256 rides along as metadata;
+  its SHA-256 rides along as metadata, and a stamp (``<cache>/.etags/…``) remembers which
+  ETag the local copy holds, so an unchanged file costs no request;
 - a folder (a split, a trained model) has a *commit file* written last (``manifest.json``,
   ``training.json``). Readers only take a folder whose commit object exists. Re-publishing a
   folder deletes its commit object first, uploads the files, writes the commit object last, then
@@ -26,7 +27,7 @@ import functools
 from pathlib import Path
 
 from storage import objects
-from storage.atomic import file_digest, sha256_file
+from storage.atomic import sha256_file, write_bytes
 
 
 def is_url(address) -> bool:
@@ -43,7 +44,7 @@ def _bucket_store(scheme: str, bucket: str):
     return objects.open_store(f"{scheme}://{bucket}")
 
 
-def store_of(address: str) -> tuple[objects.S3Store, str]:
+def store_of(address: str) -> tuple[objects.ObjectStore, str]:
     """The bucket's store (one client per bucket and process) and the key of ``address``."""
     scheme, _, rest = address.partition("://")
     bucket, _, key = rest.partition("/")
@@ -67,19 +68,63 @@ def fingerprint(address: str) -> str:
     return f"{info.etag}:{info.sha256}" if info else "missing"
 
 
+def _stamp(path: Path) -> Path:
+    """Where the ETag stamp of a working-copy file lives: a tree of its own beside the working
+    copies (``<cache>/.etags/...``), so no folder of the home ever holds a file it did not have."""
+    root = objects.cache_root().resolve()
+    return root / ".etags" / Path(path).resolve().relative_to(root)
+
+
+def _state(path: Path, etag: str) -> str:
+    """The ETag and what the file system says of the file now: any write, rename or ``touch``
+    (even one that puts the mtime back) changes the inode's ctime, which nobody can set."""
+    st = path.stat()
+    return f"{etag} {st.st_size} {st.st_ino} {st.st_mtime_ns} {st.st_ctime_ns}"
+
+
+def remember(path: Path, etag: str) -> None:
+    """Note that the local file now holds the object with ``etag`` (a stamp: the ETag and the
+    file's size, inode, mtime and ctime), so the next comparison needs no request. A cache below
+    the store: a stale, missing or forged stamp costs one HEAD, or at worst a file that fails the
+    SHA-256 check of the reference that asked for it."""
+    try:
+        stamp = _stamp(path)
+        stamp.parent.mkdir(parents=True, exist_ok=True)
+        write_bytes(stamp, _state(path, etag).encode())
+    except (OSError, ValueError):  # not under the cache (ValueError): nothing to remember
+        pass
+
+
 def _same(path: Path, info: objects.ObjectInfo, store, key: str) -> bool:
-    """Does the local file hold what the object holds (size, then MD5 = single-part ETag, or
-    the recorded SHA-256 of a multipart object)?"""
+    """Does the local file hold what the object holds? Known at once when its stamp says it was
+    last fetched or sent as this ETag and it has not changed since; else by size, then by the
+    SHA-256 recorded with the object (one HEAD when the listing did not carry it)."""
     try:
         if path.stat().st_size != info.size:
             return False
-    except OSError:
-        return False
-    etag = info.etag.strip('"')
-    if "-" not in etag:
-        return file_digest(path, "md5") == etag
+        if _stamp(path).read_text() == _state(path, info.etag):
+            return True
+    except (OSError, ValueError):
+        if not path.is_file():
+            return False
     sha = info.sha256 or (h.sha256 if (h := store.head(key)) else None)
-    return sha is not None and sha256_file(path) == sha
+    if sha is None or sha256_file(path) != sha:
+        return False
+    remember(path, info.etag)
+    return True
+
+
+def fetch(store, key: str, path: Path, info: objects.ObjectInfo, progress: objects.Progress | None = None) -> None:
+    """Make the local file what the object is (downloaded only when it differs)."""
+    if not _same(path, info, store, key):
+        remember(path, store.download(key, path, progress, info.size))
+
+
+def send(store, key: str, path: Path, progress: objects.Progress | None = None) -> str:
+    """Publish the local file as the object (streamed in parts when large); returns its ETag."""
+    etag = store.upload(key, path, sha256_file(path), progress)
+    remember(path, etag)
+    return etag
 
 
 # ---- files -----------------------------------------------------------------------------
@@ -102,8 +147,8 @@ def pull_file(address: str, sha256: str | None = None, progress: objects.Progres
         return path
     store, key = store_of(address)
     info = store.head(key)
-    if info is not None and not _same(path, info, store, key):
-        store.download(key, path, progress, info.size)
+    if info is not None:
+        fetch(store, key, path, info, progress)
     return path
 
 
@@ -113,7 +158,7 @@ def push_file(address: str, sha256: str | None = None, progress: objects.Progres
         return
     store, key = store_of(address)
     path = local(address)
-    store.upload(key, path, sha256 or sha256_file(path), progress)
+    remember(path, store.upload(key, path, sha256 or sha256_file(path), progress))
 
 
 # ---- folders ---------------------------------------------------------------------------
@@ -150,8 +195,7 @@ def pull_dir(address: str, commit: str, progress: objects.Progress | None = None
     for name in sorted(top, key=lambda n: n == commit):  # the commit file last
         if name.startswith("."):
             continue
-        if not _same(path / name, top[name], store, f"{key}/{name}"):
-            store.download(f"{key}/{name}", path / name, progress, top[name].size)
+        fetch(store, f"{key}/{name}", path / name, top[name], progress)
     for p in path.iterdir():
         if p.is_file() and not p.name.startswith(".") and p.name not in top:
             p.unlink(missing_ok=True)
@@ -176,7 +220,7 @@ def push_dir(address: str, commit: str, progress: objects.Progress | None = None
         remote.pop(commit)
     for name in [n for n in names if n != commit] + [commit]:
         if name not in remote or not _same(path / name, remote[name], store, f"{key}/{name}"):
-            store.upload(f"{key}/{name}", path / name, sha256_file(path / name), progress)
+            send(store, f"{key}/{name}", path / name, progress)
     for name in remote:
         if name not in names:
             store.delete(f"{key}/{name}")

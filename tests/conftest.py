@@ -50,7 +50,7 @@ os.environ["DIGITFLOW_SERVER_PORT"] = str(_free_port())
 
 # A test that uses one of these runs Prefect flows, starts servers or reads the real MNIST: "slow".
 SLOW_FIXTURES = {"prefect_harness", "api_url", "server", "first_run", "published", "home", "ingested", "mnist_server",
-                 "faulty", "s3", "team", "browser", "own_server"}
+                 "faulty", "s3", "backend", "azure", "team", "browser", "own_server"}
 
 
 def pytest_collection_modifyitems(config, items):

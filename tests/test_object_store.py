@@ -1,8 +1,10 @@
 """The home in object storage: a real S3 endpoint over HTTP (moto_server, or the endpoint in
-DIGITFLOW_TEST_S3_ENDPOINT), "machines" that share no local path, and faults."""
+DIGITFLOW_TEST_S3_ENDPOINT), "machines" that share no local path, and faults. The store's
+primitives are also proven on Azure Blob (Azurite); test_azure_home.py runs the pipeline there."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import multiprocessing
 import os
@@ -15,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.s3_helpers import FaultProxy, boto3_client, free_port, machine, moto_server, s3_endpoint, unique_prefix
+from tests.store_helpers import (FaultProxy, azurite_endpoint, boto3_client, free_port, machine, moto_server,
+                                 s3_endpoint, unique_prefix)
 
 DIGITFLOW = str(Path(sys.executable).with_name("digitflow"))
 PREFECT = str(Path(sys.executable).with_name("prefect"))
@@ -26,6 +29,17 @@ DEAD_MIRROR = "http://127.0.0.1:9/"  # nothing listens: a download attempt would
 def s3(tmp_path_factory):
     with s3_endpoint(tmp_path_factory.mktemp("s3")) as (endpoint, bucket, env):
         yield endpoint, bucket, env
+
+
+@pytest.fixture(scope="module", params=["s3", "az"])
+def backend(request, tmp_path_factory):
+    """(scheme, bucket, env) of each real backend: S3 on moto, Azure Blob on Azurite."""
+    if request.param == "s3":
+        endpoint, bucket, env = request.getfixturevalue("s3")
+        yield "s3", bucket, env
+    else:
+        with azurite_endpoint(tmp_path_factory.mktemp("az")) as (endpoint, container, env):
+            yield "az", container, env
 
 
 def run(work: Path, env: dict, *args, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -50,13 +64,14 @@ def listing(env: dict, bucket: str, prefix: str) -> dict[str, int]:
 
 # ---- the store's primitives ----------------------------------------------------------------
 
-def test_conditional_writes_transfers_and_lease(s3, monkeypatch, tmp_path):
-    from storage.objects import Conflict, Lease, open_store
+def test_conditional_writes_transfers_and_lease(backend, monkeypatch, tmp_path):
+    from storage.objects import LEASE_FREE, Conflict, Lease, open_store
 
-    endpoint, bucket, env = s3
+    scheme, bucket, env = backend
     for k, v in env.items():
         monkeypatch.setenv(k, v)
-    store = open_store(f"s3://{bucket}/{unique_prefix('prim')}")
+    store = open_store(f"{scheme}://{bucket}/{unique_prefix('prim')}")
+    store.check()
     etag = store.put("x", b"1", if_none_match=True)
     with pytest.raises(Conflict):
         store.put("x", b"2", if_none_match=True)  # exists
@@ -64,17 +79,24 @@ def test_conditional_writes_transfers_and_lease(s3, monkeypatch, tmp_path):
     with pytest.raises(Conflict):
         store.put("x", b"4", if_match=etag)  # changed since
     assert store.get("x")[0] == b"3"
+    assert store.head("x").sha256 == hashlib.sha256(b"3").hexdigest()  # recorded with every put
+    assert store.head("absent") is None and store.get("absent") is None
+    store.delete("absent")  # already gone is fine
 
     # Transfers stream in 8 MiB parts, reporting bytes as they go; what comes down is what went up.
     blob = tmp_path / "blob"
     blob.write_bytes(os.urandom(20 << 20))
     seen = []
-    store.upload("blob", blob, "sha", progress=lambda label, done, total: seen.append((label, done, total)))
-    assert seen[-1] == ("upload blob", 20 << 20, 20 << 20) and len(seen) >= 3
-    assert store.head("blob").etag.endswith('-3"')  # a multipart object: 3 parts
+    put_etag = store.upload("blob", blob, "sha", progress=lambda label, done, total: seen.append((label, done, total)))
+    assert seen[-1] == ("upload blob", 20 << 20, 20 << 20) and len(seen) == 3  # one report a part
+    info = store.head("blob")
+    assert (info.size, info.sha256, info.etag) == (20 << 20, "sha", put_etag)
+    if scheme == "s3":
+        assert info.etag.endswith('-3"')  # a multipart object: 3 parts
     seen.clear()
-    store.download("blob", tmp_path / "back", progress=lambda *a: seen.append(a), size=20 << 20)
+    got_etag = store.download("blob", tmp_path / "back", progress=lambda *a: seen.append(a), size=20 << 20)
     assert seen[-1][1:] == (20 << 20, 20 << 20) and (tmp_path / "back").read_bytes() == blob.read_bytes()
+    assert got_etag == put_etag and set(store.list("")) >= {"x", "blob"}
 
     # A read-modify-write under the lease, from 4 threads with separate clients: no lost update.
     store.put("counter", b"0")
@@ -91,7 +113,7 @@ def test_conditional_writes_transfers_and_lease(s3, monkeypatch, tmp_path):
     [t.start() for t in threads]
     [t.join() for t in threads]
     assert store.get("counter")[0] == b"20"
-    assert store.head("lock") is None  # released
+    assert json.loads(store.get("lock")[0]) == LEASE_FREE  # released
 
     # A holder that died: its lease expires and exactly one waiter takes it over.
     store.put("lock", json.dumps({"owner": "dead:1", "expires": time.time() - 1}).encode())
@@ -103,11 +125,78 @@ def test_conditional_writes_transfers_and_lease(s3, monkeypatch, tmp_path):
             pass
 
 
+def test_a_working_copy_changed_in_place_is_fetched_again_and_an_unchanged_one_costs_no_request(
+        backend, monkeypatch, tmp_path):
+    from storage import remote
+    from storage.atomic import sha256_file
+
+    scheme, bucket, env = backend
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("DIGITFLOW_CACHE", str(tmp_path / "cache"))
+    address = f"{scheme}://{bucket}/{unique_prefix('wc')}/file"
+    path = remote.local(address)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(os.urandom(3 << 20))
+    sha = sha256_file(path)
+    remote.push_file(address)
+    store, key = remote.store_of(address)
+    info = store.head(key)
+    calls = []
+    monkeypatch.setattr(store, "head", lambda k: calls.append(k) or info)
+    assert remote._same(path, info, store, key) and calls == []  # its stamp says so: no request
+
+    # Bytes flipped in place, size and mtime put back: the stamp no longer matches (ctime moved),
+    # the SHA-256 recorded on the object does not either, and the object is fetched again.
+    st = path.stat()
+    with open(path, "r+b") as f:
+        f.seek(1000)
+        f.write(bytes([f.read(1)[0] ^ 0xFF]))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert not remote._same(path, info, store, key)
+    monkeypatch.undo()
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("DIGITFLOW_CACHE", str(tmp_path / "cache"))
+    assert sha256_file(remote.pull_file(address)) == sha
+
+
+def test_two_machines_uploading_one_key_at_once_both_succeed_and_the_object_is_whole(backend, monkeypatch, tmp_path):
+    """On Azure one writer's block-list commit voids the other's staged blocks (InvalidBlockList);
+    the loser finds its own bytes there or uploads again. On S3 the uploads are apart anyway."""
+    from storage.atomic import sha256_file
+    from storage.objects import open_store
+
+    scheme, bucket, env = backend
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    url = f"{scheme}://{bucket}/{unique_prefix('race')}"
+    files = [tmp_path / "a", tmp_path / "b"]
+    for f in files:
+        f.write_bytes(os.urandom(40 << 20))
+    for same in (True, False):
+        errors, etags = [], []
+
+        def up(path):
+            try:
+                etags.append(open_store(url).upload("k", path, sha256_file(path)))
+            except Exception as e:  # the assertion below names it
+                errors.append(e)
+
+        threads = [threading.Thread(target=up, args=(files[0] if same else f,)) for f in files]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        assert errors == [] and len(etags) == 2
+        info = open_store(url).head("k")
+        open_store(url).download("k", tmp_path / "back")
+        assert sha256_file(tmp_path / "back") == info.sha256 in {sha256_file(f) for f in files}
+
+
 def test_a_lease_removed_under_a_publisher_is_noticed_before_the_commit(s3, monkeypatch, tmp_path):
     """Someone deletes (or takes) models/<name>/.lock while a publisher holds it: the publisher
     says so in one line and commits nothing (it used to commit, then fail with NoSuchKey)."""
     from storage.home import Home
-    from storage.objects import LeaseLost
+    from storage.objects import LEASE_FREE, LeaseLost
 
     endpoint, bucket, env = s3
     for k, v in env.items():
@@ -134,7 +223,8 @@ def test_a_lease_removed_under_a_publisher_is_noticed_before_the_commit(s3, monk
     assert not [k for k in listing(env, bucket, prefix) if k.endswith("metadata.json") or k.endswith("aliases.json")]
     home.store.delete("models/m/.lock")  # the thief's record (it never expires by itself in this test)
     assert home.registry("m").publish("3" * 64, lambda folder, version: {}) == (1, True)  # then all is well
-    assert home.store.head("models/m/.lock") is None and home.store.head("models/m/v1/metadata.json") is not None
+    assert json.loads(home.store.get("models/m/.lock")[0]) == LEASE_FREE  # released
+    assert home.store.head("models/m/v1/metadata.json") is not None
 
 
 def _publish_one(args):
@@ -159,9 +249,9 @@ def _publish_one(args):
     return version, created, nn.digest(model), decision["status"]
 
 
-def test_publishers_on_four_machines_get_distinct_versions_and_one_champion(s3, tmp_path):
-    endpoint, bucket, env = s3
-    home = f"s3://{bucket}/{unique_prefix('registry')}"
+def test_publishers_on_four_machines_get_distinct_versions_and_one_champion(backend, tmp_path):
+    scheme, bucket, env = backend
+    home = f"{scheme}://{bucket}/{unique_prefix('registry')}"
     jobs = [(home, str(tmp_path / f"m{i}"), env, i, 0.9 + i / 100) for i in range(4)]
     with multiprocessing.get_context("spawn").Pool(4) as pool:
         results = pool.map(_publish_one, jobs)

@@ -1,4 +1,7 @@
-"""A real S3 endpoint for tests and benchmarks, and a scriptable proxy in front of it.
+"""Real object stores for tests and benchmarks, and a scriptable proxy in front of them.
+
+``azurite_endpoint()`` starts Azurite's blob service (``azurite-blob``, the Azure Storage
+emulator from npm) on a random 127.0.0.1 port, in memory, and creates a container.
 
 ``s3_endpoint()`` starts the `moto_server` command (moto's S3 over HTTP on 127.0.0.1, which
 enforces If-None-Match / If-Match) unless ``DIGITFLOW_TEST_S3_ENDPOINT`` names another endpoint
@@ -27,6 +30,9 @@ from urllib.parse import urlsplit
 import requests
 
 MOTO = str(Path(sys.executable).with_name("moto_server"))
+# Azurite's one well-known development account (public, in Microsoft's documentation).
+AZURITE_ACCOUNT = "devstoreaccount1"
+AZURITE_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
 
 
 def free_port() -> int:
@@ -55,14 +61,11 @@ def s3_endpoint(log_dir: Path):
 
 
 @contextlib.contextmanager
-def moto_server(log_dir: Path, **env):
-    """The `moto_server` command on a random 127.0.0.1 port (``env``: e.g. authentication on with
-    INITIAL_NO_AUTH_ACTION_COUNT=0); yields its URL, stops it after."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = open(log_dir / "moto.log", "w")
-    proc = subprocess.Popen([MOTO, "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT,
-                            env={**os.environ, **env}, start_new_session=True)
+def _endpoint_process(name: str, argv: list[str], url: str, log_dir: Path, env: dict | None = None):
+    """Start an emulator (its own process group), wait until ``url`` answers, stop it after."""
+    log = open(log_dir / f"{name}.log", "w")
+    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+                            start_new_session=True)
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -71,13 +74,49 @@ def moto_server(log_dir: Path, **env):
                 break
             except requests.RequestException:
                 if time.monotonic() > deadline or proc.poll() is not None:
-                    raise RuntimeError("moto_server did not start:\n" + (log_dir / "moto.log").read_text())
+                    raise RuntimeError(f"{name} did not start:\n" + (log_dir / f"{name}.log").read_text())
                 time.sleep(0.2)
-        yield url
+        yield
     finally:
-        proc.terminate()
+        os.killpg(proc.pid, 15)
         proc.wait(10)
         log.close()
+
+
+@contextlib.contextmanager
+def moto_server(log_dir: Path, **env):
+    """The `moto_server` command on a random 127.0.0.1 port (``env``: e.g. authentication on with
+    INITIAL_NO_AUTH_ACTION_COUNT=0); yields its URL, stops it after."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with _endpoint_process("moto", [MOTO, "-H", "127.0.0.1", "-p", str(port)], url, log_dir, env):
+        yield url
+
+
+@contextlib.contextmanager
+def azurite_endpoint(log_dir: Path, container: str = "digitflow-test"):
+    """Yield ``(endpoint URL, container, env)``: env holds the AZURE_STORAGE_* variables a client
+    needs. Azurite keeps everything in memory and is stopped after."""
+    exe = shutil.which("azurite-blob")
+    if exe is None:
+        raise RuntimeError("azurite-blob is not installed: npm install -g azurite (the README's test command does)")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/{AZURITE_ACCOUNT}"
+    with _endpoint_process("azurite", [exe, "--silent", "--inMemoryPersistence", "--disableTelemetry",
+                                       "--skipApiVersionCheck", "--blobHost", "127.0.0.1", "--blobPort", str(port)],
+                           url, log_dir):
+        env = {"AZURE_STORAGE_ACCOUNT_NAME": AZURITE_ACCOUNT, "AZURE_STORAGE_ACCOUNT_KEY": AZURITE_KEY,
+               "AZURE_STORAGE_ENDPOINT": url}
+        azure_container(env, container).create_container()
+        yield url, container, env
+
+
+def azure_container(env: dict, container: str = "digitflow-test"):
+    """An Azure SDK client for the container (the tests' independent view of it)."""
+    from azure.storage.blob import ContainerClient
+
+    return ContainerClient(env["AZURE_STORAGE_ENDPOINT"], container, credential={
+        "account_name": env["AZURE_STORAGE_ACCOUNT_NAME"], "account_key": env["AZURE_STORAGE_ACCOUNT_KEY"]})
 
 
 def _create_bucket(bucket: str, env: dict) -> None:
