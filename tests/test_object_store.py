@@ -499,6 +499,33 @@ def test_wrong_credentials_are_one_line_without_the_secret(tmp_path):
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("digitflow: error: s3://private-bucket: access denied"), r.stderr
         assert secret not in r.stdout + r.stderr and "AKIAWRONG" not in r.stdout + r.stderr
+        # The same keys from a profile (AWS_PROFILE, read through boto3): refused the same way,
+        # which proves the profile was read (without it the request would carry no key at all).
+        (tmp_path / "credentials").write_text(f"[team]\naws_access_key_id = AKIAWRONG\naws_secret_access_key = {secret}\n")
+        e = {k: v for k, v in e.items() if not k.startswith("AWS_ACCESS") and not k.startswith("AWS_SECRET")}
+        r = run(work, {**e, "AWS_PROFILE": "team", "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "credentials")},
+                "models", "list", "--home", "s3://private-bucket/team")
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 1 and len(lines) == 1, r.stderr
+        assert lines[0].startswith("digitflow: error: s3://private-bucket: access denied"), r.stderr
+        assert secret not in r.stdout + r.stderr and "AKIAWRONG" not in r.stdout + r.stderr
+
+
+def test_a_wrong_azure_key_is_one_line_without_the_secret(tmp_path):
+    """Azurite checks Shared Key signatures as Azure does: a wrong account key is refused."""
+    import base64
+
+    with azurite_endpoint(tmp_path) as (url, container, env):
+        secret = base64.b64encode(b"wrong-key-never-printed").decode()
+        work, e = machine(tmp_path, "a", {**env, "AZURE_STORAGE_ACCOUNT_KEY": secret})
+        r = run(work, e, "models", "list", "--home", f"az://{container}/team")
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 1 and len(lines) == 1, r.stderr
+        assert lines[0].startswith(f"digitflow: error: az://{container}: access denied"), r.stderr
+        assert secret not in r.stdout + r.stderr
+        r = run(work, {**e, "AZURE_STORAGE_ACCOUNT_KEY": env["AZURE_STORAGE_ACCOUNT_KEY"]},  # the right key: fine
+                "models", "list", "--home", f"az://{container}/team")
+        assert r.returncode == 0 and "no versions" in r.stdout + r.stderr, r.stdout + r.stderr
 
 
 @pytest.mark.e2e
