@@ -30,13 +30,13 @@ from nn.losses import SoftmaxCrossEntropy, softmax, softmax_cross_entropy
 from nn.model import Param, Sequential
 from nn.optim import (Adam, Constant, CosineLR, Optimizer, RMSprop, SGD, StepLR, clip_grad_norm,
                       make as make_optimizer, max_norm_)
-from nn.train import CheckpointMismatch, History, NonFiniteLossError, evaluate, fit, split_validation
+from nn.train import CheckpointMismatch, History, NonFiniteLossError, TrainState, evaluate, fit, split_validation
 from nn import presets
 
 __all__ = [
     "ACTIVATIONS", "Adam", "CheckpointMismatch", "Constant", "CosineLR", "Dense", "Dropout", "History", "Layer", "ModelFormatError",
     "NonFiniteLossError", "Optimizer", "Param", "RMSprop", "ReLU", "SGD", "Sequential", "Sigmoid", "SoftmaxCrossEntropy",
-    "StepLR", "Tanh", "clip_grad_norm", "describe", "digest", "evaluate", "fit", "load", "load_arrays",
+    "StepLR", "Tanh", "TrainState", "clip_grad_norm", "describe", "digest", "evaluate", "fit", "load", "load_arrays",
     "load_checkpoint", "save_checkpoint", "make_optimizer",
     "max_norm_", "presets", "random_distort", "random_shift", "save", "softmax", "softmax_cross_entropy", "split_validation",
 ]

@@ -16,11 +16,15 @@ import os
 import zipfile
 import zlib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from nn.layers import ACTIVATIONS, Dense, Dropout, Layer
 from nn.model import Sequential
+
+if TYPE_CHECKING:
+    from nn.train import TrainState
 
 FORMAT = "digitflow-mlp"
 FORMAT_VERSION = 1
@@ -241,13 +245,12 @@ def load(directory: str | os.PathLike, dtype=np.float32, *, expect_digest: str |
     return model
 
 
-def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
-    """One training checkpoint (``nn.fit``'s ``checkpoint`` state) as a single .npz, replaced
-    atomically: the arrays as they are, everything else as JSON in a uint8 array ``meta``."""
+def save_checkpoint(path: str | os.PathLike, state: "TrainState") -> None:
+    """One training checkpoint (a ``TrainState``) as a single .npz, replaced atomically: its
+    arrays by name as they are, everything else as JSON in a uint8 array ``meta``."""
     path = Path(path)
-    arrays = dict(state["arrays"])
-    meta = {k: v for k, v in state.items() if k != "arrays"}
-    arrays["meta"] = np.frombuffer(json.dumps(meta, allow_nan=True).encode(), np.uint8)
+    arrays = state.arrays()
+    arrays["meta"] = np.frombuffer(json.dumps(state.meta(), allow_nan=True).encode(), np.uint8)
     path.parent.mkdir(parents=True, exist_ok=True)
     _replace(path, lambda f: np.savez(f, **arrays))
 
@@ -255,9 +258,12 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
 MAX_CHECKPOINT_ARRAYS = 4 * MAX_LAYERS * 8  # params, best params and a few optimizer buffers per layer
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict:
+def load_checkpoint(path: str | os.PathLike) -> "TrainState":
     """The state ``save_checkpoint`` wrote (without pickle); ModelFormatError if unreadable.
-    Only its form is checked here (sizes, JSON); whether it fits a run is ``nn.train.check_resume``'s."""
+    Only its form is checked here (sizes, JSON, array names); whether it fits a run is
+    ``TrainState.check``'s."""
+    from nn.train import TrainState
+
     import zipfile
 
     path = Path(path)
@@ -272,10 +278,10 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
         if meta_bytes.dtype != np.uint8 or meta_bytes.ndim != 1 or meta_bytes.size > MAX_SPEC_BYTES * 64:
             raise ValueError("meta is not a bounded byte string")
         meta = json.loads(meta_bytes.tobytes())
-        if not isinstance(meta, dict) or "arrays" in meta:
+        if not isinstance(meta, dict):
             raise ValueError("meta is not an object")
+        return TrainState.from_saved(meta, arrays)
     except ModelFormatError:
         raise
     except (KeyError, RecursionError, *ZIP_ERRORS) as e:
         raise ModelFormatError(f"{path}: unreadable checkpoint ({type(e).__name__})") from None
-    return {**meta, "arrays": arrays}

@@ -45,15 +45,17 @@ class Optimizer:
     buffers: tuple[str, ...] = ()  # names of the per-parameter state lists (e.g. "velocity")
 
     def state(self) -> dict[str, np.ndarray]:
-        """Everything a resumed run needs to continue bit for bit: step count and buffers."""
-        arrays = {f"{name}.{i}": a for name in self.buffers for i, a in enumerate(getattr(self, name))}
+        """Everything a resumed run needs to continue bit for bit: the step count and each
+        buffer, named by the parameter it belongs to (``velocity.0.W``), never by position."""
+        arrays = {f"{buf}.{name}": a for buf in self.buffers
+                  for (name, _, _), a in zip(self.params, getattr(self, buf))}
         arrays["t"] = np.array(self.t)
         return arrays
 
     def load_state(self, arrays: dict[str, np.ndarray]) -> None:
-        for name in self.buffers:
-            for i, a in enumerate(getattr(self, name)):
-                a[...] = arrays[f"{name}.{i}"]
+        for buf in self.buffers:
+            for (name, _, _), a in zip(self.params, getattr(self, buf)):
+                a[...] = arrays[f"{buf}.{name}"]
         self.t = int(arrays["t"])
 
 

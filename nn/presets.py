@@ -16,7 +16,7 @@ from nn.augment import random_distort, random_shift
 from nn.layers import ACTIVATIONS, Dense, Dropout
 from nn.model import Sequential
 from nn.optim import OPTIMIZERS, SCHEDULES, Constant, CosineLR, StepLR, make
-from nn.train import History, fit, split_validation
+from nn.train import History, TrainState, fit, split_validation
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081  # of the training pixels/255
 MAX_LAYERS, MAX_PARAMETERS = 16, 50_000_000  # bounds checked before any work
@@ -188,9 +188,9 @@ def build(hp: Hyperparameters, n_in: int = 784, n_out: int = 10) -> Sequential:
 
 
 def train(hp: Hyperparameters, x: np.ndarray, y: np.ndarray,
-          on_epoch: Callable[[dict], None] | None = None, checkpoint: Callable[[dict], None] | None = None,
+          on_epoch: Callable[[dict], None] | None = None, checkpoint: Callable[[TrainState], None] | None = None,
           on_batch: Callable[[int, int, int, float, float], None] | None = None,
-          resume: dict | None = None, n_classes: int = 10,
+          resume: TrainState | None = None, n_classes: int = 10,
           image_shape: tuple[int, int] = (28, 28)) -> tuple[Sequential, History]:
     """Build and train a model on (pixels/255 (N, n_in), labels in 0..n_classes-1), holding out
     ``val_fraction``."""

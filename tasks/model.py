@@ -115,13 +115,13 @@ def _train(train: SplitRef, hyperparameters: dict, home: Home, progress_key: str
     # training resumes where it stopped, bit for bit; removed once the model is complete.
     checkpoint_path = out.with_name(f".{out.name}.checkpoint.npz")
     resume = _resume_from(checkpoint_path, out.name, log)
-    resumed = f", resumed at epoch {resume['epoch'] + 1}" if resume else ""
+    resumed = f", resumed at epoch {resume.epoch + 1}" if resume else ""
     label = f"{description}: " if description else ""
-    artifact = create_progress_artifact(100.0 * (resume["epoch"] if resume else 0) / hp.epochs, key=progress_key,
+    artifact = create_progress_artifact(100.0 * (resume.epoch if resume else 0) / hp.epochs, key=progress_key,
                                         description=(f"Training {label}{architecture}, {hp.epochs} epochs"
                                                      f" (seed {hp.seed}, data {train.sha256[:12]}{resumed})"))
     if resume:
-        log.info("resumed at epoch %d of %d from the checkpoint %s", resume["epoch"] + 1, hp.epochs, checkpoint_path)
+        log.info("resumed at epoch %d of %d from the checkpoint %s", resume.epoch + 1, hp.epochs, checkpoint_path)
 
     def on_epoch(r: dict) -> None:
         log.info("epoch %d/%d: lr %.4g, train loss %.4f acc %.4f, val loss %.4f acc %.4f (%.1f s)",
@@ -135,9 +135,10 @@ def _train(train: SplitRef, hyperparameters: dict, home: Home, progress_key: str
         progress.report("train", epoch - 1 + batch / batches, hp.epochs,
                         f"epoch {epoch}/{hp.epochs} batch {batch}/{batches}: loss {loss:.4f} acc {accuracy:.4f}")
 
-    def checkpoint(state: dict) -> None:
+    def checkpoint(state: nn.TrainState) -> None:
+        state.training_id = out.name
         with writing(checkpoint_path):
-            nn.save_checkpoint(checkpoint_path, {**state, "training_id": out.name})
+            nn.save_checkpoint(checkpoint_path, state)
 
     t0 = time.perf_counter()
     try:
@@ -174,7 +175,7 @@ def _train(train: SplitRef, hyperparameters: dict, home: Home, progress_key: str
                         hyperparameters=hp.to_dict(), train_manifest_sha256=train.sha256)
 
 
-def _resume_from(path: Path, training: str, log) -> dict | None:
+def _resume_from(path: Path, training: str, log) -> nn.TrainState | None:
     """The checkpoint a killed run of this training left, if it is readable and its own."""
     if not path.exists():
         return None
@@ -183,7 +184,7 @@ def _resume_from(path: Path, training: str, log) -> dict | None:
     except nn.ModelFormatError as e:
         log.warning("%s; starting from epoch 1", e)
         return None
-    if state.get("training_id") != training:
+    if state.training_id != training:
         log.warning("%s belongs to another training; starting from epoch 1", path)
         return None
     return state

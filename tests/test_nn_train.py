@@ -212,12 +212,12 @@ def test_resuming_from_a_checkpoint_is_bit_identical(tmp_path, optimizer, dropou
     straight, history = nn.presets.train(hp, x, y)
 
     def save_after_two(state):
-        if state["epoch"] == 2:
+        if state.epoch == 2:
             nn.save_checkpoint(tmp_path / "ck.npz", state)
 
     nn.presets.train(hp, x, y, checkpoint=save_after_two)
     state = nn.load_checkpoint(tmp_path / "ck.npz")
-    assert state["epoch"] == 2 and len(state["history"]) == 2
+    assert state.epoch == 2 and len(state.history) == 2
     resumed, resumed_history = nn.presets.train(hp, x, y, resume=state)
     assert nn.digest(resumed) == nn.digest(straight)
     assert [e["val_loss"] for e in resumed_history.epochs] == [e["val_loss"] for e in history.epochs]

@@ -126,32 +126,32 @@ def _state_after_one_epoch(tmp_path, **kw):
 
 
 def _scalar(s):
-    s["arrays"]["param.0.W"] = np.float32(0.5) * np.ones((), np.float32)
+    s.params["0.W"] = np.float32(0.5) * np.ones((), np.float32)
 
 
 def _missing(s):
-    s["arrays"].pop(sorted(k for k in s["arrays"] if k.startswith("optim."))[0])
+    s.optimizer.pop(sorted(s.optimizer)[0])
 
 
 def _wrong_dtype(s):
-    s["arrays"]["param.0.b"] = s["arrays"]["param.0.b"].astype(np.float64)
+    s.params["0.b"] = s.params["0.b"].astype(np.float64)
 
 
 def _nan(s):
-    s["arrays"]["param.0.W"][0, 0] = np.nan
+    s.params["0.W"][0, 0] = np.nan
 
 
 @pytest.mark.parametrize("damage, why", [
     (_scalar, "param.0.W is float32 ()"),
-    (_missing, "arrays missing"),
+    (_missing, "optim arrays missing"),
     (_wrong_dtype, "param.0.b is float64"),
     (_nan, "NaN"),
-    (lambda s: s.update(epoch=7), "epoch 7 is not in 1..2"),
-    (lambda s: s.update(epoch="1"), "epoch '1'"),
-    (lambda s: s.update(history=[]), "a history of 0 epochs"),
-    (lambda s: s.update(generators=[{}, {}]), "random generators"),
-    (lambda s: s["generators"].update(shuffle={"bit_generator": "MT19937"}), "generator shuffle is not a PCG64"),
-    (lambda s: s["generators"]["shuffle"].update(state={"state": -1, "inc": "x"}), "generator shuffle"),
+    (lambda s: setattr(s, "epoch", 7), "epoch 7 is not in 1..2"),
+    (lambda s: setattr(s, "epoch", "1"), "epoch '1'"),
+    (lambda s: setattr(s, "history", []), "a history of 0 epochs"),
+    (lambda s: setattr(s, "generators", [{}, {}]), "random generators"),
+    (lambda s: s.generators.update(shuffle={"bit_generator": "MT19937"}), "generator shuffle is not a PCG64"),
+    (lambda s: s.generators["shuffle"].update(state={"state": -1, "inc": "x"}), "generator shuffle"),
 ])
 def test_a_checkpoint_that_does_not_fit_the_run_is_refused_before_anything_is_set(tmp_path, damage, why):
     state = _state_after_one_epoch(tmp_path)
