@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import nn  # noqa: E402
 from _mirror import MNIST_DIR  # noqa: E402
-from storage.images import read_idx_images  # noqa: E402
+from serving.images import read_idx_images  # noqa: E402
 
 
 def main() -> None:

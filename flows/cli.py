@@ -12,7 +12,7 @@ import typer
 import flows  # noqa: F401  (sets telemetry-off defaults before Prefect is imported)
 from flows import console, interrupt, server
 from flows.console import progress_display
-from flows.api import ApiSettings
+from serving.app import ApiSettings
 from flows.cli_common import (ALLOW_UNPINNED, APPROVAL, APPROVAL_TIMEOUT, APPROVAL_WAIT, ApprovalMode, DATASET, DEADLINE, FLOOR, HOME, MIRRORS, MODEL_NAME, PRESET, RETRIES, ROWS, TIMEOUT, TOLERANCE,
                               WEBHOOK, fail, one_line_errors, quiet_expected_failures)
 from storage import DigitflowError
@@ -257,7 +257,7 @@ def predict(images: List[str] = typer.Argument(..., help="PNG/JPEG/... files of 
 
     PNG/JPEG images are prepared the way MNIST was (invert, crop, 20×20 box, centered); another
     dataset takes IDX files of its own image shape."""
-    from storage.images import load_inputs
+    from serving.images import load_inputs
 
     with one_line_errors():
         spec, model_name = dataset_and_model(dataset, model_name)
@@ -468,7 +468,7 @@ def api(host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind 
 
     POST /predict, GET /model /health /ready /metrics, and a drawing page at /; a promotion is
     picked up within --poll seconds, verified before the swap."""
-    from flows.api import serve as serve_api
+    from serving.app import serve as serve_api
 
     with one_line_errors():
         _, model_name = dataset_and_model(dataset, model_name)

@@ -74,7 +74,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 # digitflow's own modules compiled once: where PYTHONDONTWRITEBYTECODE is set (as on the CI
 # machine), each of the suite's CLI subprocesses would otherwise compile them again (~1 s each).
-for package in ("flows", "tasks", "storage", "nn"):
+for package in ("flows", "tasks", "serving", "storage", "nn"):
     compileall.compile_dir(REPO / package, quiet=2)
 
 MNIST_DIR = Path(os.environ.get("DIGITFLOW_MNIST_DIR", REPO.parent / "shared" / "mnist"))

@@ -265,7 +265,7 @@ def app_client(home: Path, **settings):
     """The app in this process (no subprocess needed): an httpx client over ASGI, lifespan run."""
     from starlette.testclient import TestClient
 
-    from flows.api import ApiSettings, create_app
+    from serving.app import ApiSettings, create_app
 
     return TestClient(create_app(ApiSettings(home=str(home), poll=0.05, **settings)))
 
@@ -370,7 +370,7 @@ def test_a_version_with_damaged_files_is_refused_and_the_last_verified_keeps_ser
 
 
 def test_raw_pixels_are_divided_by_255_as_training_does(published):
-    from flows.api import raw_pixels
+    from serving.app import raw_pixels
     from storage.idx import pixels01
 
     every = np.arange(256, dtype=np.uint8).repeat(4)[:784]

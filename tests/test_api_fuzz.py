@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from flows.api import ApiError, ApiSettings, image_pixels, json_pixels, raw_pixels
-from storage.images import ImageError, load_gray, mnist_style
+from serving.app import ApiError, ApiSettings, image_pixels, json_pixels, raw_pixels
+from serving.images import ImageError, load_gray, mnist_style
 
 FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -106,7 +106,7 @@ def test_no_input_yields_a_5xx_and_every_response_matches_the_schema(published):
                                                    status_code_conformance)
     from starlette.testclient import TestClient
 
-    from flows.api import create_app
+    from serving.app import create_app
 
     app = create_app(ApiSettings(home=str(published), poll=3600.0))
     checks = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]

@@ -1,5 +1,5 @@
-"""The layering is a contract (pyproject.toml, [tool.importlinter]): flows > tasks > storage > nn,
-nn/ imports nothing of ours and no Prefect, storage/ and the HTTP API import no Prefect."""
+"""The layering is a contract (pyproject.toml, [tool.importlinter]): flows > tasks | serving > storage > nn,
+nn/ imports nothing of ours and no Prefect, storage/ and serving/ import no Prefect."""
 
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ import pytest
 
 import nn
 from nn.metrics import per_class
-from storage.images import ImageError, load_gray, mnist_style
+from serving.images import ImageError, load_gray, mnist_style
 from storage.registry import Registry
 
 REPO = Path(__file__).resolve().parents[1]
@@ -185,7 +185,7 @@ def test_idx_input_that_is_not_images_is_named(tmp_path):
     import gzip as gz
 
     from storage.idx import IDXError, write_idx
-    from storage.images import read_idx_images
+    from serving.images import read_idx_images
 
     write_idx(tmp_path / "labels.idx", np.zeros((4, 28), np.uint8))
     with pytest.raises(IDXError, match=r"labels.idx: expected uint8 images of shape \(n, 28, 28\)"):

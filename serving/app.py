@@ -38,13 +38,13 @@ import numpy as np
 
 from storage import DigitflowError, drift
 from storage.datasets import class_names
-from storage.images import ImageError, ImageTooLarge, image_size, load_gray, mnist_style
+from serving.images import ImageError, ImageTooLarge, image_size, load_gray, mnist_style
 from storage.home import Home
 from storage.registry import ALIASES, DEFAULT_NAME, Registry, RegistryError
 
 log = logging.getLogger("digitflow.api")
 
-PAGE = Path(__file__).with_name("api_page.html")
+PAGE = Path(__file__).with_name("page.html")
 SETTINGS_ENV = "DIGITFLOW_API_SETTINGS"  # how `digitflow api --workers N` hands settings to its workers
 
 
@@ -663,7 +663,7 @@ def serve(settings: ApiSettings, host: str = "127.0.0.1", port: int = 8000, work
         metrics_dir = tempfile.mkdtemp(prefix="digitflow-api-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     try:
-        uvicorn.run("flows.api:app_from_env", factory=True, host=host, port=port, workers=workers,
+        uvicorn.run("serving.app:app_from_env", factory=True, host=host, port=port, workers=workers,
                     log_level="warning", access_log=False, timeout_graceful_shutdown=3,
                     server_header=False, date_header=False)
     finally:
