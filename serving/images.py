@@ -11,6 +11,7 @@ import contextlib
 import gzip
 import os
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -31,21 +32,12 @@ class ImageTooLarge(ImageError):
 
 
 @contextlib.contextmanager
-def _opened(source: str | os.PathLike | bytes, name: str, max_pixels: int):
-    """The image ``source`` (a path, or the file's bytes), opened lazily (nothing decoded) after
-    its header's size is checked against ``max_pixels``; every way PIL fails on a bad file ends as
-    one ImageError (ImageTooLarge for a bomb) naming ``name``."""
-    import io
-
+def _image_errors(name: str) -> Iterator[None]:
+    """Every way PIL fails on a bad file, as one ImageError (ImageTooLarge for a bomb) naming ``name``."""
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
-            width, height = img.size  # from the header: nothing decoded yet
-            if width * height > max_pixels:
-                raise ImageTooLarge(f"{name}: {width}×{height} pixels exceed the {max_pixels:,}-pixel limit "
-                                    "(a decompression bomb?); refused")
-            yield img
+        yield
     except FileNotFoundError:
         raise ImageError(f"{name}: no such file") from None
     except Image.DecompressionBombError as e:
@@ -56,10 +48,34 @@ def _opened(source: str | os.PathLike | bytes, name: str, max_pixels: int):
         raise ImageError(f"{name}: not a readable image ({e})") from None
 
 
+def open_image(source: str | os.PathLike | bytes, *, name: str = "image", max_pixels: int = MAX_PIXELS):
+    """The image ``source`` (a path, or the file's bytes) opened lazily: its header read and its
+    size checked against ``max_pixels``, nothing decoded. Decode it with ``gray_of``."""
+    import io
+
+    from PIL import Image
+
+    with _image_errors(name):
+        img = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+        width, height = img.size  # from the header: nothing decoded yet
+        if width * height > max_pixels:
+            img.close()
+            raise ImageTooLarge(f"{name}: {width}×{height} pixels exceed the {max_pixels:,}-pixel limit "
+                                "(a decompression bomb?); refused")
+        return img
+
+
 def image_size(data: bytes, *, name: str = "image", max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
     """(width, height) an image's header announces (at most ``max_pixels``), nothing decoded."""
-    with _opened(data, name, max_pixels) as img:
+    with open_image(data, name=name, max_pixels=max_pixels) as img:
         return img.size
+
+
+def gray_of(img, *, name: str = "image") -> np.ndarray:
+    """Decode an ``open_image`` (and close it) into (H, W) float32 in [0, 1]."""
+    with _image_errors(name), img:
+        img.load()
+        return _to_unit_gray(img)
 
 
 def _to_unit_gray(img) -> np.ndarray:
@@ -89,9 +105,17 @@ def load_gray(source: str | os.PathLike | bytes, *, name: str | None = None,
     (alpha composited on white; 16-bit images at their own depth). The size is read from the
     header and checked against ``max_pixels`` before anything is decoded."""
     name = name or str(source if not isinstance(source, bytes) else "image")
-    with _opened(source, name, max_pixels) as img:
-        img.load()
-        return _to_unit_gray(img)
+    return gray_of(open_image(source, name=name, max_pixels=max_pixels), name=name)
+
+
+def _median(a: np.ndarray) -> np.floating:
+    """``np.median`` of a 1-D float array without NaNs, the same bits, without its per-call
+    overhead (a tenth of a millisecond, twice per image)."""
+    k = a.size // 2
+    if a.size % 2:
+        return np.partition(a, k)[k]
+    part = np.partition(a, (k - 1, k))
+    return (part[k - 1] + part[k]) / 2
 
 
 def mnist_style(gray: np.ndarray, *, name: str = "image") -> np.ndarray:
@@ -100,9 +124,9 @@ def mnist_style(gray: np.ndarray, *, name: str = "image") -> np.ndarray:
 
     g = gray.astype(np.float32)
     border = np.concatenate([g[0], g[-1], g[:, 0], g[:, -1]])
-    if np.median(border) > 0.5:  # dark ink on a light background
+    if _median(border) > 0.5:  # dark ink on a light background
         g = 1.0 - g
-    g = g - np.median(np.concatenate([g[0], g[-1], g[:, 0], g[:, -1]]))  # background to 0
+    g = g - _median(np.concatenate([g[0], g[-1], g[:, 0], g[:, -1]]))  # background to 0
     g = np.clip(g, 0, None)
     if g.max() <= 0.05:
         raise ImageError(f"{name}: no ink found (a blank image)")
