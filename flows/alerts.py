@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 import requests
 
 from storage import DigitflowError
+from storage.settings import settings
 from tasks.refs import Decision, Published  # noqa: F401 (types)
 
 log = logging.getLogger("digitflow.alerts")
@@ -46,7 +47,8 @@ def check_reference(webhook: str | None) -> str | None:
 def webhook_url(webhook: str | None = None) -> str | None:
     """The URL a ``webhook`` reference names (else ``$DIGITFLOW_WEBHOOK_URL``), or None."""
     if webhook is None:
-        return os.environ.get(ENV) or None
+        url = settings().webhook_url
+        return url.get_secret_value() if url else None
     kind, name = REFERENCE.fullmatch(webhook).groups()
     if kind == "env":
         return os.environ.get(name) or None

@@ -18,6 +18,7 @@ from flows.cli_common import (ALLOW_UNPINNED, APPROVAL, APPROVAL_TIMEOUT, APPROV
 from storage import DigitflowError
 from storage.config import check_ingest_settings, resolve_home
 from storage.datasets import class_names, dataset_and_model
+from storage.settings import settings
 from storage.text import terminal
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -377,7 +378,7 @@ def deploy(pool: str = typer.Option("digitflow", "--pool", help="Process work po
         from prefect.client.schemas.actions import WorkPoolCreate
         from prefect.deployments.runner import EntrypointType, deploy as prefect_deploy
         from prefect.exceptions import ObjectAlreadyExists
-        if not (home or os.environ.get("DIGITFLOW_HOME")):
+        if not (home or settings().home):
             del params["home"]  # the worker's $DIGITFLOW_HOME decides (a path here means nothing there)
         with get_client(sync_client=True) as client:
             try:
@@ -600,7 +601,12 @@ def main() -> None:
     interrupt.install(f"digitflow {command}".strip())
     cli = typer.main.get_command(app)
     _flags_as_flags(cli)
-    cli(args=args, prog_name="digitflow")
+    try:
+        with one_line_errors():  # every DIGITFLOW_* variable checked once, here; then the command
+            settings()
+            cli(args=args, prog_name="digitflow")
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
 
 
 def _flags_as_flags(command) -> None:

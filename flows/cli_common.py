@@ -62,7 +62,12 @@ def fail(message: str) -> None:
 
 def verbose() -> bool:
     """``--verbose`` (anywhere on the command line) or ``DIGITFLOW_DEBUG=1``: show tracebacks."""
-    return os.environ.get("DIGITFLOW_DEBUG", "").lower() not in ("", "0", "false", "no")
+    from storage.settings import settings
+
+    try:
+        return settings().debug
+    except DigitflowError:  # a malformed variable (perhaps this one): that one line is being reported
+        return False
 
 
 def is_expected(exc: BaseException | None) -> bool:
@@ -74,7 +79,7 @@ def is_expected(exc: BaseException | None) -> bool:
 
 def describe(exc: BaseException) -> str:
     if isinstance(exc, OSError) and not isinstance(exc, DigitflowError):
-        where = exc.filename or os.environ.get("DIGITFLOW_HOME") or "the home directory"
+        where = exc.filename or os.environ.get("DIGITFLOW_HOME") or "the home directory"  # (raw: an error path)
         return f"{where}: {exc.strerror or exc} (nothing partial was left in place)"
     return str(exc)
 

@@ -35,7 +35,9 @@ def log_path(home=None):
 
 
 def quiet() -> bool:
-    return not os.environ.get("DIGITFLOW_DEBUG")
+    from flows.cli_common import verbose
+
+    return not verbose()
 
 
 def setup(home=None) -> None:

@@ -23,6 +23,7 @@ from flows.server import announce_run
 import tasks.prefect_compat  # noqa: F401  (flow runs end without waiting for their heartbeat thread)
 from storage import DigitflowError
 from storage.drift import MIN_IMAGES, PSI_THRESHOLD, STATISTICS
+from storage.settings import settings
 from tasks.common import artifact_key
 
 DRIFT_EVENT = "digitflow.drift.detected"
@@ -66,8 +67,8 @@ def read_drift(api_url: str) -> DriftReport:
 
     import requests
 
-    headers = {"authorization": f"Bearer {os.environ['DIGITFLOW_API_TOKEN']}"} \
-        if os.environ.get("DIGITFLOW_API_TOKEN") else {}
+    token = settings().api_token
+    headers = {"authorization": f"Bearer {token.get_secret_value()}"} if token else {}
     try:
         with requests.get(api_url.rstrip("/") + "/drift", headers=headers, timeout=TIMEOUT, stream=True,
                           allow_redirects=False) as r:

@@ -27,16 +27,14 @@ import urllib.request
 from pathlib import Path
 
 from storage import DigitflowError
+from storage.settings import settings
 
 HOST = "127.0.0.1"
 START_TIMEOUT = 120.0  # seconds for a first start (database migrations on a fresh PREFECT_HOME)
 
 
 def port() -> int:
-    value = os.environ.get("DIGITFLOW_SERVER_PORT", "4200")
-    if not value.isdigit() or not 1 <= int(value) <= 65535:
-        raise DigitflowError(f"DIGITFLOW_SERVER_PORT={value!r}: a TCP port, 1..65535")
-    return int(value)
+    return settings().server_port
 
 
 def api_url() -> str:
@@ -61,7 +59,7 @@ def state_dir() -> Path:
 
 
 def ephemeral() -> bool:
-    return os.environ.get("DIGITFLOW_EPHEMERAL", "").lower() not in ("", "0", "false", "no")
+    return settings().ephemeral
 
 
 def healthy(url: str | None = None, timeout: float = 1.0) -> bool:

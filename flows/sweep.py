@@ -5,7 +5,6 @@ comparison report → publish the best (by validation accuracy) through the prom
 """
 
 import json
-import os
 
 from prefect import flow, get_run_logger, tags
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -13,6 +12,7 @@ from prefect.context import FlowRunContext
 from prefect.runtime import flow_run
 
 from flows.server import announce_run
+from storage.settings import settings
 import tasks.prefect_compat  # noqa: F401  (flow runs end without waiting for their heartbeat thread)
 from flows.alerts import on_flow_failure
 from flows.ingest import ingest
@@ -40,13 +40,12 @@ def describe_runner() -> str:
     return f"{type(runner).__name__} on {where} at {client.scheduler.address} with {len(workers)} workers"
 
 
-# Seconds a cluster may have no worker before the sweep gives up (DIGITFLOW_WORKERLESS_GRACE).
-WORKERLESS_GRACE = float(os.environ.get("DIGITFLOW_WORKERLESS_GRACE", 30.0))
+
 
 
 def wait_while_workers_live(futures: list, poll: float = 2.0) -> None:
     """Wait for ``futures``; fail in one line, instead of waiting forever, when the Dask cluster
-    has had no worker for WORKERLESS_GRACE seconds or a worker died running one of them."""
+    has had no worker for DIGITFLOW_WORKERLESS_GRACE seconds or a worker died running one of them."""
     import time
 
     from prefect.futures import wait
@@ -67,9 +66,9 @@ def wait_while_workers_live(futures: list, poll: float = 2.0) -> None:
             since = None
         elif since is None:
             since = time.monotonic()
-        elif time.monotonic() - since > WORKERLESS_GRACE:
+        elif time.monotonic() - since > (grace := settings().workerless_grace):
             raise DigitflowError(f"the Dask cluster at {client.scheduler.address} has had no worker for "
-                                 f"{WORKERLESS_GRACE:.0f} s; the sweep stopped (start `dask worker` processes "
+                                 f"{grace:.0f} s; the sweep stopped (start `dask worker` processes "
                                  "and rerun: finished trainings are cached)")
     for future in futures:
         if future.state.is_failed():

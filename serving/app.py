@@ -41,6 +41,7 @@ from storage.datasets import class_names
 from serving.images import ImageError, ImageTooLarge, gray_of, mnist_style, open_image
 from storage.home import Home
 from storage.registry import ALIASES, DEFAULT_NAME, Registry, RegistryError
+from storage.settings import settings as environment
 
 log = logging.getLogger("digitflow.api")
 
@@ -707,9 +708,9 @@ FAVICON = (b'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 32 32"><rect w
 
 def app_from_env():
     """The app of one `digitflow api --workers N` worker process (uvicorn's factory)."""
-    logging.basicConfig(level=os.environ.get("DIGITFLOW_API_LOG_LEVEL", "INFO"),
-                        format="%(asctime)s %(levelname)s [%(process)d] %(message)s")
-    return create_app(ApiSettings(**json.loads(os.environ[SETTINGS_ENV])))
+    env = environment()
+    logging.basicConfig(level=env.api_log_level, format="%(asctime)s %(levelname)s [%(process)d] %(message)s")
+    return create_app(ApiSettings(**json.loads(env.api_settings or "{}")))
 
 
 def serve(settings: ApiSettings, host: str = "127.0.0.1", port: int = 8000, workers: int = 1,

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
-import re
 from typing import Sequence
 
 from storage import DigitflowError
 from storage.home import DEFAULT_HOME, Home  # noqa: F401 (DEFAULT_HOME re-exported)
 from storage.download import DEFAULT_TIMEOUT  # noqa: F401 (one source, re-exported)
 from storage.mnist import DEFAULT_MIRRORS
+from storage.settings import settings
 
 def resolve_home(home: str | os.PathLike | None = None) -> Home:
     """``--home``, else ``$DIGITFLOW_HOME``, else ``~/.digitflow``; created and proven writable."""
@@ -21,10 +21,7 @@ def resolve_mirrors(mirrors: Sequence[str] | None = None, default: Sequence[str]
     dataset's public ones (``default``; MNIST's unless given)."""
     if mirrors:
         return list(mirrors)
-    env = os.environ.get("DIGITFLOW_MIRRORS", "").strip()
-    if env:
-        return [m for m in re.split(r"[,\s]+", env) if m]
-    return list(default)
+    return settings().mirrors or list(default)
 
 
 # Defaults and bounds of the ingest settings, checked once before any work (flag or parameter).

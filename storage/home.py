@@ -22,6 +22,7 @@ import os
 from pathlib import Path
 
 from storage.paths import inside
+from storage.settings import settings
 
 
 class Home:
@@ -40,7 +41,7 @@ class Home:
 
         if isinstance(home, Home):
             return home
-        where = os.fspath(home or os.environ.get("DIGITFLOW_HOME") or DEFAULT_HOME)
+        where = os.fspath(home or settings().home or DEFAULT_HOME)
         if "://" in where:
             store = objects.open_store(where)
             store.check()

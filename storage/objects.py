@@ -447,7 +447,9 @@ class Lease:
 
 def cache_root() -> Path:
     """Where this machine keeps its working copy of remote homes (``$DIGITFLOW_CACHE``)."""
-    return Path(os.environ.get("DIGITFLOW_CACHE") or "~/.cache/digitflow").expanduser()
+    from storage.settings import settings
+
+    return Path(settings().cache).expanduser()
 
 
 def local_path(url: str) -> Path:

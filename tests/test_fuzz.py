@@ -265,3 +265,38 @@ def monkeypatch_session():
     mp = pytest.MonkeyPatch()
     yield mp
     mp.undo()
+
+
+# ---- the environment ---------------------------------------------------------------------------------
+
+@FUZZ
+@given(values=st.dictionaries(st.sampled_from(["HOME", "CACHE", "MIRRORS", "WEBHOOK_URL", "API_TOKEN", "DEBUG",
+                                                "EPHEMERAL", "SERVER_PORT", "WORKERLESS_GRACE", "API_LOG_LEVEL"]),
+                              st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\0"),
+                                      max_size=30), max_size=4))
+def test_digitflow_variables_parse_or_are_one_line_naming_the_variable_and_never_the_secret(monkeypatch_session,
+                                                                                             values):
+    """Any DIGITFLOW_* values: a typed Settings within its bounds, or one DigitflowError line that
+    names the variable (a token or webhook URL's value is never echoed)."""
+    from storage import DigitflowError
+    from storage.settings import PREFIX, settings
+
+    for name in values:
+        monkeypatch_session.setenv(PREFIX + name, values[name])
+    try:
+        s = settings()
+    except DigitflowError as e:
+        line = str(e)
+        name, shown = line.split("=", 1)
+        assert "\n" not in line and name.startswith(PREFIX) and name[len(PREFIX):] in values
+        if name[len(PREFIX):] in ("WEBHOOK_URL", "API_TOKEN"):
+            assert shown.startswith("…:")  # the value itself is never shown
+        else:
+            assert shown.startswith(repr(values[name[len(PREFIX):]])[:80])
+    else:
+        assert 1 <= s.server_port <= 65535 and 0 < s.workerless_grace <= 86_400
+        assert all(m and "," not in m and not any(c.isspace() for c in m) for m in s.mirrors)
+        assert "API_TOKEN" not in values or not values["API_TOKEN"] or s.api_token.get_secret_value() == values["API_TOKEN"]
+    finally:
+        for name in values:
+            monkeypatch_session.delenv(PREFIX + name, raising=False)

@@ -1,0 +1,80 @@
+"""Every ``DIGITFLOW_*`` environment variable, typed and bounded in one place. No Prefect.
+
+``settings()`` reads the environment as it is now (a test, or the CLI's ``--verbose``, may change
+it) and gives a frozen ``Settings``; a malformed value is one DigitflowError naming the variable.
+Flags win over these (``--home`` over ``DIGITFLOW_HOME``, ``--mirror`` over ``DIGITFLOW_MIRRORS``);
+credentials of object stores keep their clouds' own variables (``storage.objects``).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from storage import DigitflowError
+
+PREFIX = "DIGITFLOW_"
+
+
+class Settings(BaseSettings):
+    """digitflow's environment. An empty variable counts as unset."""
+
+    model_config = SettingsConfigDict(env_prefix=PREFIX, env_ignore_empty=True, extra="ignore", frozen=True)
+
+    home: str | None = Field(None, description="the home: a path, s3://bucket/prefix or az://container/prefix "
+                                               "(--home wins; default ~/.digitflow)")
+    cache: str = Field("~/.cache/digitflow", description="this machine's working copies of homes in object storage")
+    mirrors: Annotated[list[str], NoDecode] = Field(default_factory=list, description=(
+        "mirror base URLs, comma or space separated (--mirror wins; default: the dataset's public ones)"))
+    webhook_url: SecretStr | None = Field(None, description="where alerts are POSTed when no --webhook is given")
+    api_token: SecretStr | None = Field(None, description="the bearer token of `digitflow api` (and of the "
+                                                          "drift monitor's requests to it)")
+    debug: bool = Field(False, description="tracebacks and Prefect's logs on the terminal (what --verbose sets)")
+    ephemeral: bool = Field(False, description="Prefect's temporary server per command instead of the local one")
+    server_port: int = Field(4200, ge=1, le=65535, description="the local Prefect server's port")
+    workerless_grace: float = Field(30.0, gt=0, le=86_400, description=(
+        "seconds a sweep's Dask cluster may have no worker before the sweep gives up"))
+    # Set by `digitflow api` for its uvicorn workers (not meant to be set by hand).
+    api_log_level: Literal["CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG"] = "INFO"
+    api_settings: str | None = None
+
+    @field_validator("mirrors", mode="before")
+    @classmethod
+    def _split(cls, value):
+        return [m for m in re.split(r"[,\s]+", value) if m] if isinstance(value, str) else value
+
+
+def settings() -> Settings:
+    """The environment's ``Settings`` now (parsed once per distinct set of DIGITFLOW_* values)."""
+    return _parse(tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith(PREFIX))))
+
+
+@functools.lru_cache(maxsize=16)
+def _parse(environ: tuple[tuple[str, str], ...]) -> Settings:
+    try:
+        return Settings(**{})
+    except ValidationError as e:
+        err = e.errors()[0]
+        name = PREFIX + str(err["loc"][0]).upper() if err.get("loc") else PREFIX + "?"
+        shown = "…" if name in (PREFIX + "WEBHOOK_URL", PREFIX + "API_TOKEN") else repr(dict(environ).get(name, ""))[:80]
+        raise DigitflowError(f"{name}={shown}: {err['msg']}") from None
+
+
+def env_table() -> str:
+    """The README's table of the variables (a test keeps the README's copy equal to this)."""
+    rows = ["| variable | default | what it sets |", "|---|---|---|"]
+    for name, field in Settings.model_fields.items():
+        if field.description is None:  # internal: set by digitflow for its own worker processes
+            continue
+        default = field.get_default(call_default_factory=True)
+        shown = "unset" if default in (None, []) else f"`{default}`"
+        bounds = [f"{sign} {getattr(m, attr)}" for m in field.metadata
+                  for attr, sign in (("gt", ">"), ("ge", "≥"), ("lt", "<"), ("le", "≤")) if hasattr(m, attr)]
+        rows.append(f"| `{PREFIX}{name.upper()}` | {shown}{' (' + ', '.join(bounds) + ')' if bounds else ''} | "
+                    f"{field.description} |")
+    return "\n".join(rows)
