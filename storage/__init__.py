@@ -9,6 +9,7 @@
 - ``rowstore`` a split as one uint8 row file that training reads rows from (memory bounded)
 - ``objects``  object storage behind an ``s3://`` or ``az://`` home (obstore): conditional writes, a lease
 - ``remote``   a remote home's working copy and its bucket, kept in step at commit points
+- ``settings`` every DIGITFLOW_* environment variable, typed and bounded (pydantic-settings)
 """
 
 from pathlib import Path
