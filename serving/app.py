@@ -70,6 +70,8 @@ class ApiSettings:
             value = getattr(self, name)
             if not low <= value <= high:
                 raise DigitflowError(f"--{name.replace('_', '-')} must be in {low}..{high}, got {value!r}")
+        if self.token is not None and not self.token.strip():
+            raise DigitflowError("--token (or DIGITFLOW_API_TOKEN) is empty: give a token, or none for an open API")
         if self.model not in ALIASES and not (self.model.startswith("v") and self.model[1:].isdigit()):
             raise DigitflowError(f"--model {self.model!r}: use champion, latest or vN")
         return self
@@ -251,12 +253,17 @@ async def read_body(request, limit: int) -> bytes:
             raise ApiError(400, "invalid Content-Length", "content-length")
         if int(length) > limit:
             raise ApiError(413, f"request body of {int(length):,} bytes exceeds the {limit:,}-byte limit", "body")
+    from starlette.requests import ClientDisconnect
+
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(413, f"request body exceeds the {limit:,}-byte limit", "body")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise ApiError(413, f"request body exceeds the {limit:,}-byte limit", "body")
+            chunks.append(chunk)
+    except ClientDisconnect:  # nobody is left to answer: counted as the client's failure, not ours
+        raise ApiError(400, "the client went away before sending the whole body", "body") from None
     return b"".join(chunks)
 
 
@@ -276,7 +283,7 @@ def multipart_files(content_type: str, body: bytes, settings: ApiSettings) -> li
         raise ApiError(422, "malformed multipart body: no boundary in the content type", "body")
     max_files = min(settings.max_images, 10_000)
     files: list[tuple[str, bytes]] = []
-    fields = 0
+    fields = parts = 0
     field, value, headers, chunks = bytearray(), bytearray(), {}, []
 
     def on_header_end() -> None:
@@ -285,7 +292,7 @@ def multipart_files(content_type: str, body: bytes, settings: ApiSettings) -> li
         value.clear()
 
     def on_part_end() -> None:
-        nonlocal fields
+        nonlocal fields, parts
         options = parse_options_header(headers.get(b"content-disposition", b""))[1]
         data = b"".join(chunks)
         headers.clear()
@@ -295,7 +302,8 @@ def multipart_files(content_type: str, body: bytes, settings: ApiSettings) -> li
             if fields > MAX_FIELDS:
                 raise ApiError(413, f"more than {MAX_FIELDS} non-file parts in the multipart body", "body")
             return
-        if len(files) >= max_files:
+        parts += 1  # an empty file part counts too: it still cost parsing
+        if parts > max_files:
             raise ApiError(413, f"more than {max_files:,} files in the multipart body", "body")
         if data:
             name = (options[b"filename"] or options.get(b"name") or b"").decode("utf-8", "replace")
@@ -382,7 +390,10 @@ def raw_pixels(body: bytes, max_images: int, pixels: int = 784) -> np.ndarray:
     return pixels01(np.frombuffer(body, np.uint8).reshape(-1, pixels))
 
 
-INLINE_PIXELS = 256 * 256  # images up to this many pixels in all are decoded on the event loop (< 2 ms)
+# What is small enough to prepare on the event loop (under 2 ms): a body of at most INLINE_BODY
+# bytes holding at most INLINE_IMAGES images of at most INLINE_PIXELS pixels in all. Anything
+# larger is parsed, opened and decoded in a worker thread, so /health never waits on it.
+INLINE_BODY, INLINE_IMAGES, INLINE_PIXELS = 64 << 10, 4, 256 * 256
 
 
 def open_images(files: list[tuple[str, bytes]], settings: ApiSettings) -> tuple[list, int]:
@@ -418,6 +429,13 @@ def decode_images(opened: list, settings: ApiSettings) -> np.ndarray:
         except ImageError as e:
             raise ApiError(422, str(e), name) from None
     return x
+
+
+def request_images(content_type: str, body: bytes, settings: ApiSettings) -> np.ndarray:
+    """A multipart body's or one image body's images, parsed, opened and prepared (blocking)."""
+    is_multipart = content_type.split(";")[0].strip().lower() == "multipart/form-data"
+    return image_pixels(multipart_files(content_type, body, settings) if is_multipart else [("image", body)],
+                        settings)
 
 
 def image_pixels(files: list[tuple[str, bytes]], settings: ApiSettings) -> np.ndarray:
@@ -509,10 +527,11 @@ def create_app(settings: ApiSettings):
     from fastapi.responses import HTMLResponse, Response
 
     settings.check()
+    logging.getLogger("python_multipart").setLevel(logging.ERROR)  # a malformed body is the client's 422, not a log line
     metrics = Metrics()
     follower = Follower(settings, metrics)
     page = PAGE.read_bytes()
-    token = settings.token.encode() if settings.token else None
+    token = settings.token.strip().encode() if settings.token else None  # a token file's newline is no part of it
     Error, Identity, Predictions, ModelInfo, Health, Ready, Drift = _models()
 
     async def lifespan(app):
@@ -591,12 +610,13 @@ def create_app(settings: ApiSettings):
                            "content-type")
         body = await read_body(request, settings.max_body)
         if base == "multipart/form-data" or base.startswith("image/"):
-            files = multipart_files(kind, body, settings) if base == "multipart/form-data" else [("image", body)]
-            opened, pixels = open_images(files, settings)
-            if pixels <= INLINE_PIXELS:  # a digit or two: cheaper than a thread hop
-                x = decode_images(opened, settings)
-            else:  # larger work off the event loop
-                x = await asyncio.to_thread(decode_images, opened, settings)
+            if len(body) <= INLINE_BODY:  # a digit or two: cheaper than a thread hop
+                files = multipart_files(kind, body, settings) if base == "multipart/form-data" else [("image", body)]
+                opened, pixels = open_images(files, settings)
+                x = decode_images(opened, settings) if len(opened) <= INLINE_IMAGES and pixels <= INLINE_PIXELS \
+                    else await asyncio.to_thread(decode_images, opened, settings)
+            else:  # larger work: every step off the event loop
+                x = await asyncio.to_thread(request_images, kind, body, settings)
         elif base == "application/json":
             x = json_pixels(body, settings.max_images, served.pixels)
         else:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import random
 import re
@@ -190,6 +191,8 @@ class ObjectStore:
             yield
         except (ox.AlreadyExistsError, ox.PreconditionError):
             raise Conflict(f"{where}: changed by someone else (conditional write refused)") from None
+        except FileNotFoundError:  # where absence is no answer (e.g. deleted between a listing and a download)
+            raise ObjectStoreError(f"{where}: no such object (deleted meanwhile?)") from None
         except (ox.PermissionDeniedError, ox.UnauthenticatedError) as e:
             raise ObjectStoreError(f"{bucket}: access denied ({_first_line(e)[:120]}); {_HINTS[self.scheme]}") from None
         except ox.BaseError as e:
@@ -403,6 +406,8 @@ class Lease:
                     expires = float(json.loads(held[0])["expires"])
                 except (ValueError, KeyError, TypeError):
                     expires = 0.0  # a damaged lease record is as good as expired
+                if not math.isfinite(expires) or expires > time.time() + self.ttl + 300:
+                    expires = 0.0  # NaN, or further ahead than any holder's ttl (a clock hours ahead): damaged
                 if expires < time.time():
                     try:
                         self.etag = self.store.put(self.rel, self._record(), if_match=held[1])

@@ -188,7 +188,9 @@ def pull_dir(address: str, commit: str, progress: objects.Progress | None = None
         return path
     store, key = store_of(address)
     listing = store.list(key)
-    top = {rel[len(key) + 1:]: info for rel, info in listing.items() if "/" not in rel[len(key) + 1:]}
+    # Files of this folder only: not its subfolders, nor a "folder marker" (an empty key ending in
+    # "/", which consoles make), whose name here would be empty.
+    top = {name: info for rel, info in listing.items() if (name := rel[len(key) + 1:]) and "/" not in name}
     if commit not in top:
         return path
     path.mkdir(parents=True, exist_ok=True)

@@ -51,7 +51,7 @@ class Settings(BaseSettings):
 
 def settings() -> Settings:
     """The environment's ``Settings`` now (parsed once per distinct set of DIGITFLOW_* values)."""
-    return _parse(tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith(PREFIX))))
+    return _parse(tuple(sorted((k, v) for k, v in os.environ.items() if k.upper().startswith(PREFIX))))
 
 
 @functools.lru_cache(maxsize=16)
@@ -61,7 +61,8 @@ def _parse(environ: tuple[tuple[str, str], ...]) -> Settings:
     except ValidationError as e:
         err = e.errors()[0]
         name = PREFIX + str(err["loc"][0]).upper() if err.get("loc") else PREFIX + "?"
-        shown = "…" if name in (PREFIX + "WEBHOOK_URL", PREFIX + "API_TOKEN") else repr(dict(environ).get(name, ""))[:80]
+        given = {k.upper(): v for k, v in environ}  # (names are read in any case)
+        shown = "…" if name in (PREFIX + "WEBHOOK_URL", PREFIX + "API_TOKEN") else repr(given.get(name, ""))[:80]
         raise DigitflowError(f"{name}={shown}: {err['msg']}") from None
 
 

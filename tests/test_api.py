@@ -406,3 +406,68 @@ def test_listening_beyond_this_machine_without_a_token_warns(published):
         _, err = proc.communicate(timeout=30)
     assert "warning: listening on 0.0.0.0 without a token" in err
     assert "a rerun resumes from the cached work" not in err  # a server's shutdown says nothing of reruns
+
+
+def test_only_a_digit_or_two_is_prepared_on_the_event_loop(published, mnist_dir, monkeypatch):
+    """Many tiny images (10,000 GIFs of 2×2 pixels fit in the 1-MiB body and declare only 40,000
+    pixels) are parsed, opened and decoded in a worker thread, like any body over 64 KiB or more
+    than 4 images; one 112×112 PNG is prepared inline. Asserted on where the work runs, not on time."""
+    import asyncio
+
+    import serving.app as app_module
+
+    hopped = []
+    real = asyncio.to_thread
+
+    async def to_thread(fn, *args, **kwargs):
+        if fn.__name__ in ("request_images", "decode_images"):  # (the follower's polls hop too)
+            hopped.append(fn.__name__)
+        return await real(fn, *args, **kwargs)
+
+    monkeypatch.setattr(app_module.asyncio, "to_thread", to_thread)
+    tiny = io.BytesIO()
+    Image.fromarray(np.eye(2, dtype=np.uint8) * 255).save(tiny, "GIF")
+    with app_client(published) as client:
+        hopped.clear()
+        r = client.post("/predict", files=[("image", ("d.png", png(digits(mnist_dir, 1)[0]), "image/png"))])
+        assert r.status_code == 200 and hopped == []
+        body = b"".join(b"--B\r\nContent-Disposition: form-data; filename=a\r\n\r\n" + tiny.getvalue()
+                        + b"\r\n" for _ in range(10_000)) + b"--B--\r\n"
+        assert len(body) < 1 << 20
+        hopped.clear()
+        r = client.post("/predict", content=body, headers={"content-type": "multipart/form-data; boundary=B"})
+        assert r.status_code == 200 and len(r.json()["predictions"]) == 10_000 and hopped == ["request_images"]
+        hopped.clear()
+        five = [("image", (f"d{i}.png", png(digits(mnist_dir, 1)[0], size=28), "image/png")) for i in range(5)]
+        r = client.post("/predict", files=five)
+        assert r.status_code == 200 and hopped == ["decode_images"]  # small body, but more than 4 images
+
+
+def test_a_client_gone_mid_body_is_no_500_and_a_padded_token_still_works(published):
+    """A body cut short by the client is counted as the client's (400), never as a 500 with a
+    traceback in the log; a token read from a file keeps no trailing newline."""
+    from starlette.requests import ClientDisconnect
+
+    async def gone(self):
+        yield b"abc"
+        raise ClientDisconnect()
+
+    with app_client(published, token="s3cret\n") as client:
+        assert client.get("/model", headers={"authorization": "Bearer s3cret"}).status_code == 200
+        import starlette.requests
+
+        original = starlette.requests.Request.stream
+        starlette.requests.Request.stream = gone
+        try:
+            r = client.post("/predict", content=b"abcdefghij", headers={"authorization": "Bearer s3cret",
+                                                                       "content-type": "application/octet-stream"})
+        finally:
+            starlette.requests.Request.stream = original
+        assert r.status_code == 400 and r.json()["field"] == "body"
+        metrics = client.get("/metrics", headers={"authorization": "Bearer s3cret"}).text
+        assert 'status="500"' not in metrics
+    from serving.app import ApiSettings
+    from storage import DigitflowError
+
+    with pytest.raises(DigitflowError, match="is empty"):
+        ApiSettings(home=str(published), token=" \n").check()

@@ -300,3 +300,13 @@ def test_digitflow_variables_parse_or_are_one_line_naming_the_variable_and_never
     finally:
         for name in values:
             monkeypatch_session.delenv(PREFIX + name, raising=False)
+
+
+def test_a_malformed_variable_in_lower_case_is_named_with_its_value(monkeypatch):
+    """pydantic-settings reads names in any case; the line shows the value that was read."""
+    from storage import DigitflowError
+    from storage.settings import settings
+
+    monkeypatch.setenv("digitflow_server_port", "abc")
+    with pytest.raises(DigitflowError, match=r"^DIGITFLOW_SERVER_PORT='abc': "):
+        settings()

@@ -161,6 +161,32 @@ def test_a_working_copy_changed_in_place_is_fetched_again_and_an_unchanged_one_c
     assert sha256_file(remote.pull_file(address)) == sha
 
 
+def test_folder_markers_and_damaged_lease_records_are_no_obstacle(backend, monkeypatch, tmp_path):
+    """A console's "folder marker" (an empty object named like a folder) is not a file of the
+    folder; a lease record whose expiry is NaN or far beyond any holder's ttl (a clock hours
+    ahead) is damaged, hence taken over; an object gone between listing and download is one line."""
+    from storage import remote
+    from storage.objects import Lease, ObjectStoreError, open_store
+
+    scheme, bucket, env = backend
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("DIGITFLOW_CACHE", str(tmp_path / "cache"))
+    prefix = unique_prefix("marker")
+    store = open_store(f"{scheme}://{bucket}/{prefix}")
+    store.put("split/a.bin", b"a")
+    store.put("split/", b"")
+    store.put("split/manifest.json", b"{}")
+    path = remote.pull_dir(f"{scheme}://{bucket}/{prefix}/split", "manifest.json")
+    assert sorted(p.name for p in path.iterdir()) == ["a.bin", "manifest.json"]
+    for record in (b'{"owner": "x", "expires": NaN}', b'{"owner": "x", "expires": 1e300}'):
+        store.put("lock", record)
+        with Lease(store, "lock", ttl=5, wait=2) as lease:
+            assert json.loads(store.get("lock")[0])["owner"] == lease.owner
+    with pytest.raises(ObjectStoreError, match="no such object"):
+        store.download("gone", tmp_path / "gone")
+
+
 def test_two_machines_uploading_one_key_at_once_both_succeed_and_the_object_is_whole(backend, monkeypatch, tmp_path):
     """On Azure one writer's block-list commit voids the other's staged blocks (InvalidBlockList);
     the loser finds its own bytes there or uploads again. On S3 the uploads are apart anyway."""
