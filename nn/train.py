@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator
 
 import numpy as np
@@ -90,6 +90,7 @@ class TrainState:
     training_id: str | None = None      # which training wrote it (set by the caller)
 
     PARTS = {"param.": "params", "optim.": "optimizer", "best.": "best"}  # array name prefix -> field
+    META = ("epoch", "history", "best_loss", "best_epoch", "waited", "generators", "training_id")  # saved as JSON
 
     def capture(self, model: Sequential, optimizer: Optimizer, generators: dict) -> "TrainState":
         """Point the state at the live arrays (no copy: save it before training goes on)."""
@@ -105,7 +106,6 @@ class TrainState:
         optimizer.load_state(self.optimizer)
         for name, generator in generators.items():
             generator.bit_generator.state = self.generators[name]
-        self.history = list(self.history)
 
     def arrays(self) -> dict[str, np.ndarray]:
         """Every array by its name in a checkpoint file (``param.0.W``, ``optim.m.0.W``, ``best.0.W``)."""
@@ -113,8 +113,7 @@ class TrainState:
 
     def meta(self) -> dict:
         """Everything else, as JSON."""
-        return {"epoch": self.epoch, "history": self.history, "best_loss": self.best_loss, "best_epoch": self.best_epoch,
-                "waited": self.waited, "generators": self.generators, "training_id": self.training_id}
+        return {k: getattr(self, k) for k in self.META}
 
     @classmethod
     def from_saved(cls, meta: dict, arrays: dict[str, np.ndarray]) -> "TrainState":
@@ -126,9 +125,8 @@ class TrainState:
             if prefix is None:
                 raise ValueError(f"unknown array {key[:40]!r}")
             parts[cls.PARTS[prefix]][key[len(prefix):]] = a
-        known = ("epoch", "history", "best_loss", "best_epoch", "waited", "generators", "training_id")
-        return cls(**{k: meta[k] for k in known if k in meta}, params=parts["params"], optimizer=parts["optimizer"],
-                   best=parts["best"] or None)
+        return cls(**{k: meta[k] for k in cls.META if k in meta}, params=parts["params"],
+                   optimizer=parts["optimizer"], best=parts["best"] or None)
 
     def check(self, model: Sequential, optimizer: Optimizer, generators: dict, epochs: int) -> None:
         """Raise CheckpointMismatch unless this state is exactly what this run would save: the
@@ -284,8 +282,8 @@ def fit(
     if resume is not None:
         resume.check(model, optimizer, generators, epochs)  # everything checked before anything is set
         resume.restore(model, optimizer, generators)
-        state = TrainState(resume.epoch, resume.history, resume.best_loss, resume.best_epoch, resume.waited,
-                           best=None if resume.best is None else {k: v.copy() for k, v in resume.best.items()})
+        state = replace(resume, history=list(resume.history),  # the caller's state is left as it was
+                        best=None if resume.best is None else {k: v.copy() for k, v in resume.best.items()})
     stopped = False
     for record in train_epochs(model, x, y, rows, optimizer=optimizer, first=state.epoch, epochs=epochs,
                                batch_size=batch_size, schedule=schedule or Constant(optimizer.lr), rng=rng,
