@@ -62,12 +62,9 @@ def fail(message: str) -> None:
 
 def verbose() -> bool:
     """``--verbose`` (anywhere on the command line) or ``DIGITFLOW_DEBUG=1``: show tracebacks."""
-    from storage.settings import settings
+    from storage.settings import debug
 
-    try:
-        return settings().debug
-    except DigitflowError:  # a malformed variable (perhaps this one): that one line is being reported
-        return False
+    return debug()
 
 
 def is_expected(exc: BaseException | None) -> bool:

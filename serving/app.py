@@ -418,7 +418,7 @@ def open_images(files: list[tuple[str, bytes]], settings: ApiSettings) -> tuple[
     return opened, total
 
 
-def decode_images(opened: list, settings: ApiSettings) -> np.ndarray:
+def decode_images(opened: list) -> np.ndarray:
     """Images prepared exactly as `digitflow predict` prepares them (invert, crop, box, center)."""
     x = np.empty((len(opened), 784), np.float32)
     for i, (name, img) in enumerate(opened):
@@ -431,16 +431,21 @@ def decode_images(opened: list, settings: ApiSettings) -> np.ndarray:
     return x
 
 
+def request_files(content_type: str, body: bytes, settings: ApiSettings) -> list[tuple[str, bytes]]:
+    """The image files of a multipart body, or the one image a body is."""
+    if content_type.split(";")[0].strip().lower() == "multipart/form-data":
+        return multipart_files(content_type, body, settings)
+    return [("image", body)]
+
+
 def request_images(content_type: str, body: bytes, settings: ApiSettings) -> np.ndarray:
     """A multipart body's or one image body's images, parsed, opened and prepared (blocking)."""
-    is_multipart = content_type.split(";")[0].strip().lower() == "multipart/form-data"
-    return image_pixels(multipart_files(content_type, body, settings) if is_multipart else [("image", body)],
-                        settings)
+    return image_pixels(request_files(content_type, body, settings), settings)
 
 
 def image_pixels(files: list[tuple[str, bytes]], settings: ApiSettings) -> np.ndarray:
     """``open_images`` then ``decode_images``: the work bounded before any pixel is decoded."""
-    return decode_images(open_images(files, settings)[0], settings)
+    return decode_images(open_images(files, settings)[0])
 
 
 # ---- what the API says, as types (its OpenAPI schema at /openapi.json) ---------------------
@@ -611,10 +616,9 @@ def create_app(settings: ApiSettings):
         body = await read_body(request, settings.max_body)
         if base == "multipart/form-data" or base.startswith("image/"):
             if len(body) <= INLINE_BODY:  # a digit or two: cheaper than a thread hop
-                files = multipart_files(kind, body, settings) if base == "multipart/form-data" else [("image", body)]
-                opened, pixels = open_images(files, settings)
-                x = decode_images(opened, settings) if len(opened) <= INLINE_IMAGES and pixels <= INLINE_PIXELS \
-                    else await asyncio.to_thread(decode_images, opened, settings)
+                opened, pixels = open_images(request_files(kind, body, settings), settings)
+                x = decode_images(opened) if len(opened) <= INLINE_IMAGES and pixels <= INLINE_PIXELS \
+                    else await asyncio.to_thread(decode_images, opened)
             else:  # larger work: every step off the event loop
                 x = await asyncio.to_thread(request_images, kind, body, settings)
         elif base == "application/json":

@@ -65,12 +65,6 @@ def open_image(source: str | os.PathLike | bytes, *, name: str = "image", max_pi
         return img
 
 
-def image_size(data: bytes, *, name: str = "image", max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
-    """(width, height) an image's header announces (at most ``max_pixels``), nothing decoded."""
-    with open_image(data, name=name, max_pixels=max_pixels) as img:
-        return img.size
-
-
 def gray_of(img, *, name: str = "image") -> np.ndarray:
     """Decode an ``open_image`` (and close it) into (H, W) float32 in [0, 1]."""
     with _image_errors(name), img:

@@ -54,6 +54,15 @@ def settings() -> Settings:
     return _parse(tuple(sorted((k, v) for k, v in os.environ.items() if k.upper().startswith(PREFIX))))
 
 
+def debug() -> bool:
+    """``DIGITFLOW_DEBUG`` (what --verbose sets); False while a malformed variable, perhaps this
+    one, is being reported in its one line."""
+    try:
+        return settings().debug
+    except DigitflowError:
+        return False
+
+
 @functools.lru_cache(maxsize=16)
 def _parse(environ: tuple[tuple[str, str], ...]) -> Settings:
     try:

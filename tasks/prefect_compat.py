@@ -50,12 +50,6 @@ def skip_heartbeat_join() -> bool:
     return True
 
 
-def _debug() -> bool:
-    from storage.settings import settings
-
-    return settings().debug
-
-
 def detach_temporary_server(log_file) -> bool:
     """2. Prefect's temporary server in a session of its own, its output into ``log_file()``
     (a callable opening the log; not called with ``DIGITFLOW_DEBUG`` set: then it goes to the
@@ -75,7 +69,9 @@ def detach_temporary_server(log_file) -> bool:
 
         def popen(*args, **kwargs):
             kwargs.setdefault("start_new_session", True)
-            if not _debug():
+            from storage.settings import debug
+
+            if not debug():
                 kwargs.setdefault("stdout", log_file())
                 kwargs.setdefault("stderr", subprocess.STDOUT)
             return real_popen(*args, **kwargs)
