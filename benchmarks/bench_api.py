@@ -52,13 +52,14 @@ def publish_model(home: Path) -> None:
     import nn
     from storage.atomic import write_json
     from storage.registry import Registry
+    from tests.store_helpers import metrics_record
 
     model = nn.presets.build(nn.presets.get("default"))
     registry = Registry(home)
 
     def build(folder: Path, version: int) -> dict:
         nn.save(model, folder)
-        write_json(folder / "metrics.json", {"test_accuracy": 0.0, "note": "benchmark model, untrained"})
+        write_json(folder / "metrics.json", metrics_record(0.0, classes=10))  # untrained: speed only
         return {}
 
     version, _ = registry.publish(nn.digest(model), build)

@@ -137,7 +137,7 @@ def verification_seconds(home: str) -> dict:
     shards = time.perf_counter() - t
     t = time.perf_counter()
     reg = Registry(home)
-    reg.load_model(reg.aliases()["latest"])
+    reg.load_model(reg.aliases().latest)
     model = (time.perf_counter() - t) * 2  # the trained folder and the published version
     return {"hash_raw_files": round(raw, 3), "verify_shards": round(shards, 3), "verify_model_weights": round(model, 3)}
 

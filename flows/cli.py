@@ -143,14 +143,14 @@ def run(home: Optional[str] = HOME, mirror: Optional[List[str]] = MIRRORS, datas
                               retries=retries, deadline=deadline, webhook=_webhook(webhook), approval=approval,
                               approval_timeout=approval_timeout)
     if json_out:
-        typer.echo(json.dumps(summary))
+        typer.echo(summary.model_dump_json())
     else:
-        what = "published now" if summary["created"] else "published before"
-        typer.echo(f"{summary['name']} v{summary['version']} ({what}) test accuracy {summary['test_accuracy']:.4f}: "
-                   f"{summary['status']} — {summary['reason']}")
-        typer.echo(f"  {summary['path']}")
-    if require_promotion and summary["champion"] != summary["version"]:
-        fail(f"v{summary['version']} was not promoted: {summary['reason']}")
+        what = "published now" if summary.created else "published before"
+        typer.echo(f"{summary.name} v{summary.version} ({what}) test accuracy {summary.test_accuracy:.4f}: "
+                   f"{summary.status} — {summary.reason}")
+        typer.echo(f"  {summary.path}")
+    if require_promotion and summary.champion != summary.version:
+        fail(f"v{summary.version} was not promoted: {summary.reason}")
 
 
 @app.command()
@@ -195,7 +195,7 @@ def _model_ref(model: str, home: str, model_name: str):
     registry = resolve_home(home).registry(model_name)
     version = registry.resolve(model)
     registry.load_model(version)  # a changed or damaged version: one line now, before Prefect starts
-    return (TrainedModel(dir=str(registry.path(version)), weights_sha256=registry.metadata(version)["weights_sha256"]),
+    return (TrainedModel(dir=str(registry.path(version)), weights_sha256=registry.metadata(version).weights_sha256),
             f"{model_name} v{version}")
 
 
@@ -242,11 +242,11 @@ def publish(folder: str = typer.Argument(..., help="A trained model folder, as `
                                   floor=floor, webhook=_webhook(webhook), approval=approval,
                                   approval_timeout=approval_timeout)
     if json_out:
-        typer.echo(json.dumps(outcome))
+        typer.echo(outcome.model_dump_json())
         return
-    typer.echo(f"{outcome['name']} v{outcome['version']} test accuracy {outcome['test_accuracy']:.4f}: "
-               f"{outcome['status']} — {outcome['reason']}")
-    typer.echo(f"  {outcome['path']}")
+    typer.echo(f"{outcome.name} v{outcome.version} test accuracy {outcome.test_accuracy:.4f}: "
+               f"{outcome.status} — {outcome.reason}")
+    typer.echo(f"  {outcome.path}")
 
 
 @app.command()
@@ -440,13 +440,13 @@ def sweep(grid: List[str] = typer.Option(..., "--grid", help="name=v1,v2 (repeat
             tolerance=tolerance, floor=floor, rows_per_shard=rows_per_shard, timeout=timeout, retries=retries,
             webhook=_webhook(webhook))
     if json_out:
-        typer.echo(json.dumps(result))
+        typer.echo(result.model_dump_json())
         return
-    for row in result["rows"]:
+    for row in result.rows:
         typer.echo(f"{row['grid point']:40s} val {row['val_accuracy']:.4f}  test {row['test_accuracy']:.4f}"
                    + ("  ← best" if row["best"] else ""))
-    typer.echo(f"{result['name']} v{result['version']}: {result['status']} — {result['reason']}")
-    typer.echo(f"report: {result['report']}")
+    typer.echo(f"{result.name} v{result.version}: {result.status} — {result.reason}")
+    typer.echo(f"report: {result.report}")
 
 
 @app.command()

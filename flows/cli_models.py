@@ -26,11 +26,11 @@ def listing(registry: Registry) -> list[dict]:
     aliases = registry.aliases()
     rows = []
     for v in registry.versions():
-        meta = registry.metadata(v) if registry.problem(v) is None else {}
-        decision = registry.decision(v) or {}
-        rows.append({"version": v, "created": meta.get("created"), "test_accuracy": meta.get("test_accuracy"),
-                     "aliases": sorted(a for a, target in aliases.items() if target == v),
-                     "status": registry.status(v, aliases), "reason": decision.get("reason")})
+        meta = registry.metadata(v) if registry.problem(v) is None else None
+        decision = registry.decision(v)
+        rows.append({"version": v, "created": meta and meta.created, "test_accuracy": meta and meta.test_accuracy,
+                     "aliases": aliases.names_of(v), "status": registry.status(v, aliases),
+                     "reason": decision and decision.reason})
     return rows
 
 
@@ -72,11 +72,12 @@ def show(ref: str = typer.Argument(..., help="VERSION or alias."), home: Optiona
     with one_line_errors():
         reg = _registry(home, model_name, dataset)
         v = reg.resolve(ref)
-        metrics = reg.metrics(v)
-        info = {"version": v, "path": str(reg.path(v)), "status": reg.status(v), "decision": reg.decision(v),
-                "metadata": reg.metadata(v),
-                "metrics": {k: metrics[k] for k in ("test_accuracy", "test_loss", "macro_f1", "per_class",
-                                                    "inference_images_per_second") if k in metrics}}
+        metrics, decision = reg.metrics(v), reg.decision(v)
+        info = {"version": v, "path": str(reg.path(v)), "status": reg.status(v),
+                "decision": decision and decision.model_dump(mode="json"),
+                "metadata": reg.metadata(v).model_dump(mode="json"),
+                "metrics": metrics.model_dump(mode="json", include={"test_accuracy", "test_loss", "macro_f1", "per_class",
+                                                                    "inference_images_per_second"})}
     if json_out:
         typer.echo(json.dumps(info))
         return
@@ -102,17 +103,18 @@ def promote(version: str = typer.Argument(..., help="VERSION to make champion.")
         registry = _registry(home, model_name, dataset)
         decision = registry.promote(version, reason=reason, by=by)
     model_name = registry.name
-    typer.echo(f"{model_name} v{decision['version']} is champion (was "
-               f"{'v%d' % decision['champion_before'] if decision['champion_before'] else 'none'}); "
-               f"recorded: by {decision['by']} at {decision['at']}")
+    typer.echo(f"{model_name} v{decision.version} is champion (was "
+               f"{'v%d' % decision.champion_before if decision.champion_before else 'none'}); "
+               f"recorded: by {decision.by} at {decision.at}")
 
 
 def diff_versions(reg: Registry, a: int, b: int) -> dict:
     ma, mb = reg.metrics(a), reg.metrics(b)
-    summary = {k: {"a": ma[k], "b": mb[k], "delta": mb[k] - ma[k]} for k in ("test_accuracy", "test_loss", "macro_f1")}
+    summary = {k: {"a": getattr(ma, k), "b": getattr(mb, k), "delta": getattr(mb, k) - getattr(ma, k)}
+               for k in ("test_accuracy", "test_loss", "macro_f1")}
     per_class = [{"class": ca["class"], **{f"{k}_delta": cb[k] - ca[k] for k in ("precision", "recall", "f1")}}
-                 for ca, cb in zip(ma["per_class"], mb["per_class"])]
-    cm = [[y - x for x, y in zip(ra, rb)] for ra, rb in zip(ma["confusion_matrix"], mb["confusion_matrix"])]
+                 for ca, cb in zip(ma.per_class, mb.per_class)]
+    cm = [[y - x for x, y in zip(ra, rb)] for ra, rb in zip(ma.confusion_matrix, mb.confusion_matrix)]
     return {"a": a, "b": b, "summary": summary, "per_class": per_class, "confusion_matrix_delta": cm}
 
 

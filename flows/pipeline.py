@@ -18,7 +18,7 @@ from tasks.ingest import manifest_ref
 from flows.approval import wait_for_approval
 from tasks.model import (artifact_key, evaluate, gate, publish, still_trained, train, version_artifacts,
                          would_promote)
-from tasks.refs import Decision, Evaluation, Published, TrainedModel
+from tasks.refs import Decision, Evaluation, Outcome, Published, RunOutcome, TrainedModel
 
 
 def run_name() -> str:
@@ -50,8 +50,8 @@ def retrain(
     approval: ApprovalMode = "none",
     approval_timeout: ApprovalTimeout = APPROVAL_TIMEOUT,
     **overrides,
-) -> dict:
-    """From nothing to a published, evaluated, gated model version. Returns a summary.
+) -> RunOutcome:
+    """From nothing to a published, evaluated, gated model version, and what happened to it.
 
     Args:
         home: Where digitflow keeps its state (default: $DIGITFLOW_HOME, else ~/.digitflow).
@@ -96,10 +96,10 @@ def retrain(
         # existing one), put it through the gate: the subflow `run`, `sweep` and `publish` share.
         outcome = publish_trained(model, home=str(home), dataset=dataset, model_name=model_name, tolerance=tolerance,
                                   floor=floor, webhook=webhook, approval=approval, approval_timeout=approval_timeout)
-    if outcome["created"]:  # the report, metrics and folder on the run the user opened
-        version_artifacts(home, outcome["name"], outcome["version"])
-    update_run(name=f"retrain-{preset}: v{outcome['version']} {outcome['status']}")  # (the run graph drops "→")
-    return {**outcome, "preset": preset, "hyperparameters": hp, "dataset": spec.name}
+    if outcome.created:  # the report, metrics and folder on the run the user opened
+        version_artifacts(home, outcome.name, outcome.version)
+    update_run(name=f"retrain-{preset}: v{outcome.version} {outcome.status}")  # (the run graph drops "→")
+    return RunOutcome(**dict(outcome), preset=preset, hyperparameters=hp, dataset=spec.name)
 
 
 @flow(name="train", flow_run_name="train-{preset}", on_running=[announce_run])
@@ -135,7 +135,7 @@ def evaluate_model(model: TrainedModel, home: str | None = None, dataset: Datase
 def publish_trained(model: TrainedModel, home: str | None = None, dataset: DatasetName = "mnist",
                     model_name: ModelName | None = None, tolerance: Accuracy = DEFAULT_TOLERANCE,
                     floor: Floor = None, webhook: Webhook = None, approval: ApprovalMode = "none",
-                    approval_timeout: ApprovalTimeout = APPROVAL_TIMEOUT) -> dict:
+                    approval_timeout: ApprovalTimeout = APPROVAL_TIMEOUT) -> Outcome:
     """Evaluate → publish → gate: the tail `run`, `sweep` and `digitflow publish` share (a subflow of the
     first two). Evaluates the trained model on the test split, publishes it as an immutable version
     (identical weights: the existing version) and puts it through the promotion gate.
@@ -170,22 +170,20 @@ def publish_trained(model: TrainedModel, home: str | None = None, dataset: Datas
     alert_if_rejected(webhook, published, decision)
     if published.created and not flow_run.parent_flow_run_id:  # else the run that called it shows them
         version_artifacts(home, published.name, published.version)
-    outcome = {**published.model_dump(), **outcome_of(published, decision)}
-    update_run(name=f"publish: v{outcome['version']} {outcome['status']}")
+    outcome = outcome_of(published, decision)
+    update_run(name=f"publish: v{outcome.version} {outcome.status}")
     return outcome
 
 
-def outcome_of(published: Published, decision: Decision) -> dict:
-    """What a run did to the registry: "promoted" or "rejected" when the gate decided now;
-    "unchanged" when these weights were already a decided version (then ``state`` and
-    ``reason`` describe that version as it stands now, not its old decision)."""
-    if decision.decided_now:
-        return {"status": decision.status, "reason": decision.reason, "state": decision.state,
-                "champion": decision.champion}
+def outcome_of(published: Published, decision: Decision) -> Outcome:
+    """What a run did to the registry (see ``Outcome``)."""
     champion = decision.champion
-    return {"status": "unchanged", "state": decision.state, "champion": champion,
-            "reason": f"these weights are already v{published.version}, now {decision.state}"
-                      + (f" (champion is v{champion})" if champion not in (None, published.version) else "")}
+    if decision.decided_now:
+        return Outcome(**dict(published), status=decision.status, reason=decision.reason, state=decision.state,
+                       champion=champion)
+    return Outcome(**dict(published), status="unchanged", state=decision.state, champion=champion,
+                   reason=f"these weights are already v{published.version}, now {decision.state}"
+                          + (f" (champion is v{champion})" if champion not in (None, published.version) else ""))
 
 
 def update_run(name: str | None = None, tags: list[str] | None = None) -> None:

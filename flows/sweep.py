@@ -26,6 +26,7 @@ from storage.datasets import dataset_and_model
 from tasks.common import home_for_run
 from tasks.prefect_compat import dask_cluster
 from tasks.model import artifact_key, evaluate, train, version_artifacts
+from tasks.refs import Outcome, SweepOutcome
 
 
 def describe_runner() -> str:
@@ -99,7 +100,7 @@ def sweep(
     retries: Retries = DEFAULT_RETRIES,
     webhook: Webhook = None,
     **overrides,
-) -> dict:
+) -> SweepOutcome:
     """Train every grid point (each on top of preset + the hyperparameters given), compare, publish the best.
 
     Args:
@@ -145,30 +146,30 @@ def sweep(
         outcome = publish_trained(best["model"], home=str(home), dataset=dataset, model_name=model_name,
                                   tolerance=tolerance,
                                   floor=floor, webhook=webhook)
-    if outcome["created"]:  # the report, metrics and folder on the sweep's own run
-        version_artifacts(home, outcome["name"], outcome["version"])
+    if outcome.created:  # the report, metrics and folder on the sweep's own run
+        version_artifacts(home, outcome.name, outcome.version)
     rows = [{"grid point": json.dumps(r["point"]), "val_accuracy": round(r["val_accuracy"] or 0, 4),
              "test_accuracy": round(r["metrics"].test_accuracy, 4), "train_seconds": r["model"].train_seconds,
              "best": r is best} for r in results]
     report = _report(rows, outcome)
     folder = home.sweep(str(flow_run.id) if flow_run.id else "latest")
     write_bytes(folder / "report.md", report.encode())
-    write_json(folder / "results.json", {"rows": rows, "outcome": outcome})
+    write_json(folder / "results.json", {"rows": rows, "outcome": outcome.model_dump(mode="json")})
     remote.push_dir(home.address(folder), "results.json")  # a remote home: into the bucket, results last
     create_table_artifact(rows, key=artifact_key(model_name, "sweep"), description="Sweep comparison")
     create_markdown_artifact(report, key=artifact_key(model_name, "sweep-report"), description="Sweep report")
     log.info("best %s: val %.4f, test %.4f → v%d %s", best["point"], best["val_accuracy"] or 0,
-             best["metrics"].test_accuracy, outcome["version"], outcome["status"])
-    update_run(name=f"sweep-{len(configs)}-runs → v{outcome['version']} {outcome['status']}")
-    return {"rows": rows, "report": home.address(folder / "report.md"), **outcome}
+             best["metrics"].test_accuracy, outcome.version, outcome.status)
+    update_run(name=f"sweep-{len(configs)}-runs → v{outcome.version} {outcome.status}")
+    return SweepOutcome(**dict(outcome), rows=rows, report=home.address(folder / "report.md"))
 
 
-def _report(rows: list[dict], outcome: dict) -> str:
+def _report(rows: list[dict], outcome: Outcome) -> str:
     lines = ["# Sweep", "", "| grid point | val accuracy | test accuracy | train s | |", "|---|---|---|---|---|"]
     lines += [f"| `{r['grid point']}` | {r['val_accuracy']:.4f} | {r['test_accuracy']:.4f} | {r['train_seconds']:.1f} | "
               f"{'**best**' if r['best'] else ''} |" for r in rows]
-    verdict = (f"the gate {outcome['status']} it: {outcome['reason']}" if outcome["status"] != "unchanged"
-               else f"it was {outcome['reason']}")
-    lines += ["", f"The best by validation accuracy was published as {outcome['name']} v{outcome['version']} "
+    verdict = (f"the gate {outcome.status} it: {outcome.reason}" if outcome.status != "unchanged"
+               else f"it was {outcome.reason}")
+    lines += ["", f"The best by validation accuracy was published as {outcome.name} v{outcome.version} "
               f"and {verdict}."]
     return "\n".join(lines) + "\n"

@@ -108,7 +108,7 @@ class Follower:
         ref = self.settings.model
         if ref in ALIASES:
             self.registry.sync()  # a remote home: a fresh snapshot of the bucket (no-op locally)
-            return self.registry.aliases().get(ref)
+            return self.registry.aliases().of(ref)
         return int(ref[1:])
 
     def check(self) -> None:
@@ -122,23 +122,20 @@ class Follower:
             return
         try:
             net = self.registry.load_model(version)  # verified: weights must hash to the recorded digest
-            metrics = _json_object(self.registry.path(version) / "metrics.json", required=True)
+            metrics = self.registry.metrics(version)  # typed: a metrics.json that does not fit is refused
             lineage = _json_object(self.registry.path(version) / "lineage.json", required=False)
             classes = self.registry.classes(version)
             outputs = net.dense_layers[-1].n_out
             if len(classes) != outputs:
                 raise DigitflowError(f"its {len(classes)} class names do not match the network's {outputs} outputs")
-            for key in ("test_accuracy", "test_loss", "macro_f1"):
-                if key in metrics and not isinstance(metrics[key], (int, float)):
-                    raise DigitflowError(f"metrics.json: {key} is not a number")
         except (OSError, ValueError, KeyError, TypeError, RecursionError, DigitflowError) as e:
             self.refused[version] = str(e)
             self.metrics.refused.inc()
             log.error("refused to serve %s v%d: %s; %s", self.settings.model_name, version, e,
                       f"still serving v{self.served.version}" if self.served else "nothing served")
             return
-        summary = {k: metrics[k] for k in ("test_accuracy", "test_loss", "macro_f1", "test_images", "train_seconds",
-                                           "inference_images_per_second", "per_class") if k in metrics}
+        summary = metrics.model_dump(mode="json", include={"test_accuracy", "test_loss", "macro_f1", "test_images",
+                                                           "train_seconds", "inference_images_per_second", "per_class"})
         import nn
 
         try:  # optional: a version without it is served, its drift just not compared

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from storage.records import Verdict
 from storage.text import md
 
 CARD = "model_card.md"
@@ -30,20 +31,20 @@ def weakest_classes(per_class: list[dict], top: int = WEAKEST) -> list[dict]:
     return sorted(per_class, key=lambda c: (c["f1"], c["class"]))[:top]
 
 
-def decision_lines(decision: dict | None) -> list[str]:
+def decision_lines(decision: Verdict | None) -> list[str]:
     """Who decided what, when and why: the current decision first, then earlier ones."""
     if not decision:
         return ["Not decided yet: the gate decides after publication (`digitflow models card` shows it then)."]
     lines = []
-    for d in [decision, *reversed(decision.get("history") or [])]:
-        verb = {"promoted": "Promoted to champion", "rejected": "Rejected"}.get(d.get("status"), "Decided")
-        lines.append(f"- {verb} by {md(d.get('by', '?'))} at {md(d.get('at', '?'))}: {md(d.get('reason', ''))}")
+    for d in [decision, *reversed(decision.history)]:
+        verb = "Promoted to champion" if d.promoted else "Rejected"
+        lines.append(f"- {verb} by {md(d.by)} at {md(d.at)}: {md(d.reason)}")
     lines[0] = lines[0].replace("- ", "- **Now:** ", 1)
     return lines
 
 
 def render(*, name: str, version: int, metrics: dict, lineage: dict, hyperparameters: dict, classes: list[str],
-           checks: dict | None, decision: dict | None, floor: float | None = None) -> str:
+           checks: dict | None, decision: Verdict | None, floor: float | None = None) -> str:
     """model_card.md of one version."""
     def named(c: int) -> str:
         return f"{c} ({md(classes[c])})" if classes[c] != str(c) else str(c)
@@ -108,8 +109,8 @@ def card_of(registry, version: int, floor: float | None = None) -> str:
     except (OSError, ValueError):
         checks = None
     meta = registry.metadata(version)
-    return render(name=registry.name, version=version, metrics=registry.metrics(version),
-                  lineage=meta.get("lineage") or {}, hyperparameters=meta.get("hyperparameters") or {},
+    return render(name=registry.name, version=version, metrics=registry.metrics(version).model_dump(),
+                  lineage=meta.lineage, hyperparameters=meta.hyperparameters,
                   classes=registry.classes(version), checks=checks if isinstance(checks, dict) else None,
                   decision=registry.decision(version), floor=floor)
 
@@ -121,13 +122,12 @@ def trend(registry) -> list[dict]:
     aliases = registry.aliases()
     rows = []
     for v in registry.intact_versions():
-        metrics = registry.metrics(v)
-        decision = registry.decision(v) or {}
-        rows.append({"version": v, "created": registry.metadata(v).get("created"),
-                     "test_accuracy": metrics["test_accuracy"], "test_loss": metrics["test_loss"],
-                     "macro_f1": metrics["macro_f1"], "per_class_f1": [round(c["f1"], 4) for c in metrics["per_class"]],
-                     "status": registry.status(v, aliases), "decision": decision.get("status"),
-                     "decided_by": decision.get("by"), "reason": decision.get("reason")})
+        metrics, decision = registry.metrics(v), registry.decision(v)
+        rows.append({"version": v, "created": registry.metadata(v).created,
+                     "test_accuracy": metrics.test_accuracy, "test_loss": metrics.test_loss,
+                     "macro_f1": metrics.macro_f1, "per_class_f1": [round(c["f1"], 4) for c in metrics.per_class],
+                     "status": registry.status(v, aliases), "decision": decision and decision.status,
+                     "decided_by": decision and decision.by, "reason": decision and decision.reason})
     return rows
 
 

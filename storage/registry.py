@@ -34,6 +34,7 @@ from typing import Callable
 from storage import DigitflowError
 from storage.atomic import file_lock, read_json, remove_leftovers, staged_dir, write_json, writing
 from storage.paths import PathError, inside
+from storage.records import ALIASES, Aliases, Answer, Metrics, ModelVersion, Verdict
 
 log = logging.getLogger("digitflow.registry")
 
@@ -43,7 +44,6 @@ GATE_BOUNDS = (0.0, 1.0)  # of the floor and the tolerance (accuracies)
 APPROVAL_MODES = ("none", "required")     # required: a version the gate would promote waits for a person
 APPROVAL_TIMEOUT = 24 * 3600.0             # seconds a version the gate would promote waits for a person
 APPROVAL_BOUNDS = (1.0, 30 * 24 * 3600.0)  # of that timeout
-ALIASES = ("latest", "champion")
 _VERSION = re.compile(r"^v([1-9][0-9]*)$")
 
 
@@ -55,6 +55,14 @@ def _info(rel: str, path: Path, etag: str):
     from storage.objects import ObjectInfo
 
     return ObjectInfo(rel, path.stat().st_size, etag, None)
+
+
+def _invalid(record: type, data: dict) -> bool:
+    try:
+        record.model_validate(data)
+        return False
+    except ValueError:
+        return True
 
 
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
@@ -181,15 +189,20 @@ class Registry:
         return self.root / f"v{version}"
 
     def problem(self, version: int) -> str | None:
-        """Why version ``version`` cannot be used (None when it is intact)."""
+        """Why version ``version`` cannot be used (None when it is intact): a file missing, or a
+        record that does not read as its type."""
         folder = self.path(version)
         try:
             meta = read_json(folder / "metadata.json")
             if not isinstance(meta, dict) or not isinstance(meta.get("weights_sha256"), str):
                 return "metadata.json has no weights digest"
+            if _invalid(ModelVersion, meta) or meta["version"] != version:
+                return "metadata.json is not a version's record"
             metrics = read_json(folder / "metrics.json")
             if not isinstance(metrics, dict) or not isinstance(metrics.get("test_accuracy"), (int, float)):
                 return "metrics.json has no test accuracy"
+            if _invalid(Metrics, metrics):
+                return "metrics.json is not a version's metrics"
         except FileNotFoundError as e:
             return f"{Path(e.filename).name} is missing"
         except (OSError, ValueError) as e:
@@ -202,13 +215,11 @@ class Registry:
     def intact_versions(self) -> list[int]:
         return [v for v in self.versions() if self.problem(v) is None]
 
-    def aliases(self) -> dict[str, int]:
-        """``{"latest": N, "champion": M}``; if aliases.json is damaged or points at a damaged
+    def aliases(self) -> Aliases:
+        """``latest`` and ``champion``; if aliases.json is damaged or points at a damaged
         version, what it should say is worked out from the versions and the gate's decisions."""
         stored, problem = self._stored_aliases()
-        if problem is None:
-            return stored
-        return self._rebuilt_aliases(stored)
+        return Aliases(**(stored if problem is None else self._rebuilt_aliases(stored)))
 
     def aliases_problem(self) -> str | None:
         return self._stored_aliases()[1]
@@ -221,7 +232,7 @@ class Registry:
             stored = {}
         except (OSError, ValueError):
             return {}, f"{path} is damaged"
-        if not isinstance(stored, dict) or not all(k in ALIASES and isinstance(v, int) for k, v in stored.items()):
+        if not isinstance(stored, dict) or not all(k in ALIASES and type(v) is int and v >= 1 for k, v in stored.items()):
             return {}, f"{path} is damaged"
         intact = self.intact_versions()
         if intact and stored.get("latest") != max(intact):
@@ -235,8 +246,8 @@ class Registry:
         aliases = {"latest": max(intact)} if intact else {}
         champion = stored.get("champion")
         if champion not in intact:  # the most recent promotion of an intact version
-            promoted = [d for v in intact if (d := self.decision(v)) and d.get("status") == "promoted"]
-            champion = max(promoted, key=lambda d: str(d.get("at")))["version"] if promoted else None
+            promoted = [d for v in intact if (d := self.decision(v)) and d.promoted]
+            champion = max(promoted, key=lambda d: d.at).version if promoted else None
         if champion is not None:
             aliases["champion"] = champion
         return aliases
@@ -245,7 +256,7 @@ class Registry:
         """A version number from 3, "3", "v3", "latest" or "champion"."""
         text = str(ref).strip()
         if text in ALIASES:
-            version = self.aliases().get(text)
+            version = self.aliases().of(text)
             if version is None:
                 raise RegistryError(f"model {self.name!r} has no {text!r} version yet")
             return version
@@ -263,21 +274,21 @@ class Registry:
             raise RegistryError(f"{self.path(version)}: damaged version ({problem})")
         return read_json(self.path(version) / name)
 
-    def metadata(self, version: int) -> dict:
-        return self._read(version, "metadata.json")
+    def metadata(self, version: int) -> ModelVersion:
+        """Version ``version``'s record (RegistryError if it is damaged)."""
+        return ModelVersion.model_validate(self._read(version, "metadata.json"))
 
-    def metrics(self, version: int) -> dict:
-        return self._read(version, "metrics.json")
+    def metrics(self, version: int) -> Metrics:
+        return Metrics.model_validate(self._read(version, "metrics.json"))
 
-    def decision(self, version: int) -> dict | None:
+    def decision(self, version: int) -> Verdict | None:
         """The gate's verdict on ``version``; None if undecided or the record is damaged."""
         try:
             decision = read_json(self.root / "decisions" / f"v{version}.json")
-        except FileNotFoundError:
+            verdict = Verdict.model_validate(decision)
+        except (OSError, ValueError, RecursionError):  # (pydantic's ValidationError is a ValueError)
             return None
-        except (OSError, ValueError):
-            return None
-        return decision if isinstance(decision, dict) and decision.get("status") in ("promoted", "rejected") else None
+        return verdict if verdict.version == version else None
 
     def classes(self, version: int) -> list[str]:
         """The class names of a version (recorded from its dataset; MNIST's are the digits)."""
@@ -316,7 +327,7 @@ class Registry:
         publish time (a changed or damaged model.npz/model.json is refused)."""
         import nn
 
-        digest = self.metadata(version)["weights_sha256"]
+        digest = self.metadata(version).weights_sha256
         try:
             return nn.load(self.path(version), **({"dtype": dtype} if dtype is not None else {}),
                            expect_digest=digest)
@@ -325,7 +336,7 @@ class Registry:
 
     def find_digest(self, digest: str) -> int | None:
         for version in self.intact_versions():
-            if self.metadata(version).get("weights_sha256") == digest:
+            if self.metadata(version).weights_sha256 == digest:
                 return version
         return None
 
@@ -368,59 +379,56 @@ class Registry:
                 metadata = dict(build(staging, version) or {})
                 metadata.update({"version": version, "name": self.name, "weights_sha256": digest})
                 metadata.setdefault("created", now())
-                write_json(staging / "metadata.json", metadata)
+                write_json(staging / "metadata.json", ModelVersion.model_validate(metadata).model_dump(mode="json"))
                 for p in staging.iterdir():
                     p.chmod(0o444)  # immutable by intent: read-only files
-            self._write_aliases({**self._rebuilt_aliases(self._stored_aliases()[0]), "latest": version})
+            self._write_aliases(Aliases(**{**self._rebuilt_aliases(self._stored_aliases()[0]), "latest": version}))
             return version, True
 
     def _repair_aliases(self) -> None:
         stored, problem = self._stored_aliases()
         if problem is not None:
-            self._write_aliases(self._rebuilt_aliases(stored))
+            self._write_aliases(Aliases(**self._rebuilt_aliases(stored)))
 
-    def _write_aliases(self, aliases: dict[str, int]) -> None:
-        write_json(self.root / "aliases.json", aliases)
+    def _write_aliases(self, aliases: Aliases) -> None:
+        write_json(self.root / "aliases.json", aliases.model_dump(exclude_none=True))
 
     def record_decision(self, version: int, *, promoted: bool, reason: str, by: str = "gate",
-                        accuracy: float | None = None, champion_before: int | None = None) -> dict:
+                        accuracy: float | None = None, champion_before: int | None = None) -> Verdict:
         """Record the gate's verdict (or a manual override) and move ``champion`` if promoted."""
         with self.lock():
             return self._record_decision(version, promoted=promoted, reason=reason, by=by, accuracy=accuracy,
                                          champion_before=champion_before)
 
     def _record_decision(self, version: int, *, promoted: bool, reason: str, by: str, accuracy: float | None,
-                         champion_before: int | None, approval: dict | None = None) -> dict:
+                         champion_before: int | None, approval: Answer | None = None) -> Verdict:
         self.resolve(version)
-        decision = {"version": version, "status": "promoted" if promoted else "rejected", "reason": reason,
-                    "by": by, "at": now(), "test_accuracy": accuracy, "champion_before": champion_before}
-        if approval is not None:
-            decision["approval"] = approval
         previous = self.decision(version)
-        if previous is not None:
-            decision["history"] = previous.get("history", []) + [
-                {k: v for k, v in previous.items() if k != "history"}]
-        write_json(self.root / "decisions" / f"v{version}.json", decision)
+        history = [] if previous is None else [*previous.history, previous.model_copy(update={"history": []})]
+        decision = Verdict(version=version, status="promoted" if promoted else "rejected", reason=reason, by=by,
+                           at=now(), test_accuracy=accuracy, champion_before=champion_before, approval=approval,
+                           history=history)
+        write_json(self.root / "decisions" / f"v{version}.json", decision.model_dump(mode="json"))
         aliases = self.aliases()
         if promoted:
-            aliases["champion"] = version
+            aliases = aliases.model_copy(update={"champion": version})
         self._write_aliases(aliases)
         return decision
 
     def preview(self, version: int, *, tolerance: float, floor: float) -> tuple[bool, str]:
         """What the gate would say of ``version`` now (nothing recorded, no lock)."""
-        accuracy = self.metrics(version)["test_accuracy"]
-        champion = self.aliases().get("champion")
-        return gate(accuracy, self.metrics(champion)["test_accuracy"] if champion is not None else None,
+        accuracy = self.metrics(version).test_accuracy
+        champion = self.aliases().champion
+        return gate(accuracy, self.metrics(champion).test_accuracy if champion is not None else None,
                     tolerance=tolerance, floor=floor)
 
     def decide(self, version: int, *, tolerance: float, floor: float,
-               approval: dict | None = None) -> tuple[dict, bool]:
+               approval: Answer | None = None) -> tuple[Verdict, bool]:
         """The promotion gate, read-decide-write under the registry lock (two publishers finishing
         together cannot both be promoted over each other). The candidate's weights are verified
         first. Returns (decision, decided_now); a version decided before keeps its decision.
 
-        ``approval`` (``{"approve", "by", "at", "reason"}``: a person's answer, or the timeout's)
+        ``approval`` (a person's ``Answer``, or the timeout's)
         is recorded with the decision; the version is promoted only if the gate, run again now,
         promotes it *and* the person approved: a rejection or a timeout leaves the champion as it is."""
         with self.lock():
@@ -428,20 +436,20 @@ class Registry:
             if previous is not None:
                 return previous, False
             self.load_model(version)  # a damaged candidate is refused, never promoted
-            accuracy = self.metrics(version)["test_accuracy"]
-            champion = self.aliases().get("champion")
-            champion_acc = self.metrics(champion)["test_accuracy"] if champion is not None else None
+            accuracy = self.metrics(version).test_accuracy
+            champion = self.aliases().champion
+            champion_acc = self.metrics(champion).test_accuracy if champion is not None else None
             promote, reason = gate(accuracy, champion_acc, tolerance=tolerance, floor=floor)
             by = "gate"
             if approval is not None and promote:
-                promote, by = bool(approval["approve"]), approval["by"]
-                reason = (f"{reason}; approved by {by}: {approval['reason']}" if promote else
-                          f"{approval['reason'] if by == 'timeout' else f'rejected by {by}: ' + approval['reason']} "
+                promote, by = approval.approve, approval.by
+                reason = (f"{reason}; approved by {by}: {approval.reason}" if promote else
+                          f"{approval.reason if by == 'timeout' else f'rejected by {by}: ' + approval.reason} "
                           f"(the gate alone would have promoted it: {reason})")
             return self._record_decision(version, promoted=promote, reason=reason, by=by, accuracy=accuracy,
                                          champion_before=champion, approval=approval), True
 
-    def promote(self, version: int, *, reason: str, by: str | None = None) -> dict:
+    def promote(self, version: int, *, reason: str, by: str | None = None) -> Verdict:
         """A manual override of the gate: make ``version`` the champion, recording who/when/why."""
         if not reason.strip():
             raise RegistryError("a manual promotion needs a reason")
@@ -449,18 +457,18 @@ class Registry:
         self.load_model(version)  # never promote weights that changed since they were published
         with self.lock():
             return self._record_decision(version, promoted=True, reason=f"manual override: {reason}",
-                                         by=by or getpass.getuser(), accuracy=self.metrics(version).get("test_accuracy"),
-                                         champion_before=self.aliases().get("champion"))
+                                         by=by or getpass.getuser(), accuracy=self.metrics(version).test_accuracy,
+                                         champion_before=self.aliases().champion)
 
-    def status(self, version: int, aliases: dict[str, int] | None = None) -> str:
+    def status(self, version: int, aliases: Aliases | None = None) -> str:
         """champion, rejected, former champion, pending or damaged (pass ``aliases`` when asking
         for many versions: working them out reads every version)."""
         problem = self.problem(version)
         if problem is not None:
             return f"damaged: {problem}"
-        if (self.aliases() if aliases is None else aliases).get("champion") == version:
+        if (self.aliases() if aliases is None else aliases).champion == version:
             return "champion"
         decision = self.decision(version)
         if decision is None:
             return "pending"
-        return "rejected" if decision["status"] == "rejected" else "former champion"
+        return "former champion" if decision.promoted else "rejected"

@@ -334,10 +334,10 @@ def publish(model: TrainedModel, metrics: Evaluation, train: SplitRef, test: Spl
     recorded = data_checks_of(home, (dataset or {}).get("key", "mnist"), train, test)
 
     def build(folder: Path, version: int) -> dict:
-        champion_version = registry.aliases().get("champion")
+        champion_version = registry.aliases().champion
         champion = None
         if champion_version is not None and registry.problem(champion_version) is None:
-            champion = {"version": champion_version, **registry.metrics(champion_version)}
+            champion = {"version": champion_version, **registry.metrics(champion_version).model_dump()}
         for name in ("model.npz", "model.json"):  # (load_verified fetched them in a remote home)
             shutil.copyfile(remote.local(model.dir) / name, folder / name)
         full = {**metrics.model_dump(), "history": model.history, "best_epoch": model.best_epoch,
@@ -403,11 +403,11 @@ def version_artifacts(home: Home, name: str, version: int) -> None:
     calls this (the run the user opened: the top-level one, not its publish subflow), read from
     the registry; the report opens with the gate's decision and why."""
     registry = Home(home).registry(name)
-    path, decision = registry.path(version), registry.decision(version) or {}
-    metrics = Evaluation(**{k: v for k, v in registry.metrics(version).items() if k in Evaluation.model_fields})
+    path, decision = registry.path(version), registry.decision(version)
+    metrics = registry.metrics(version).evaluation()
     verdict = {"promoted": "**Promoted to champion**", "rejected": "**Rejected** (the champion is unchanged)"}
-    status = decision.get("status", "undecided")
-    head = f"> {verdict.get(status, md(status))}: {md(decision.get('reason', 'not decided yet'))}\n\n"
+    status = decision.status if decision else "undecided"
+    head = f"> {verdict.get(status, md(status))}: {md(decision.reason if decision else 'not decided yet')}\n\n"
     report = report_files.embed_figures((path / "report.md").read_text(), path)
     title, _, rest = report.partition("\n")
     create_markdown_artifact(f"{title}\n\n{head}{rest.lstrip()}", key=artifact_key(name, "report"),
@@ -465,18 +465,17 @@ def gate(published: Published, home: Home, floor: float, tolerance: float = DEFA
     log = get_run_logger()
     registry = Home(home).registry(published.name)
     version = published.version
-    decision, decided_now = registry.decide(version, tolerance=tolerance, floor=floor,
-                                          approval=approval.model_dump() if approval else None)
+    decision, decided_now = registry.decide(version, tolerance=tolerance, floor=floor, approval=approval)
     state = registry.status(version)
     if not decided_now:
-        log.info("v%d was decided before: %s (%s); now %s", version, decision["status"], decision["reason"], state)
+        log.info("v%d was decided before: %s (%s); now %s", version, decision.status, decision.reason, state)
     else:
-        promote = decision["status"] == "promoted"
+        promote = decision.promoted
         (log.info if promote else log.warning)("v%d %s: %s", version,
-                                               "promoted to champion" if promote else "rejected", decision["reason"])
+                                               "promoted to champion" if promote else "rejected", decision.reason)
         if not promote:  # an event server-side automations can react to (`digitflow alerts install`)
-            emit_event(event=REJECTED_EVENT, payload={"reason": decision["reason"],
+            emit_event(event=REJECTED_EVENT, payload={"reason": decision.reason,
                                                       "test_accuracy": published.test_accuracy},
                        resource={"prefect.resource.id": f"digitflow.model.{published.name}.v{version}",
                                  "prefect.resource.name": f"{published.name} v{version}"})
-    return Decision(**decision, champion=registry.aliases().get("champion"), decided_now=decided_now, state=state)
+    return Decision(**dict(decision), champion=registry.aliases().champion, decided_now=decided_now, state=state)

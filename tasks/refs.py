@@ -8,6 +8,7 @@ fields by name.
     download → RawFile → verify → VerifiedFile → parse → check (DataChecks) → shard → SplitRef
     train(SplitRef) → TrainedModel → evaluate → Evaluation
     publish(TrainedModel, Evaluation) → Published → gate → Decision
+    the flows' results: Outcome (publish), RunOutcome (retrain), SweepOutcome (sweep)
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from __future__ import annotations
 from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict
+
+from storage.records import Answer, Evaluation, Verdict  # noqa: F401 (what the registry records; re-exported)
 
 
 class Ref(BaseModel):
@@ -87,20 +90,6 @@ class TrainedModel(Ref):
     train_manifest_sha256: Optional[str] = None
 
 
-class Evaluation(Ref):
-    """A model's metrics on the test split."""
-
-    test_accuracy: float
-    test_loss: float
-    macro_f1: float
-    per_class: list[dict]
-    confusion_matrix: list[list[int]]
-    most_confident_errors: list[dict]
-    test_images: int
-    inference_images_per_second: float
-    test_manifest_sha256: str
-
-
 class Published(Ref):
     """A version in the registry (``created``: published by this run, not found existing)."""
 
@@ -111,27 +100,38 @@ class Published(Ref):
     test_accuracy: float
 
 
-class Answer(Ref):
-    """A person's answer to a version waiting for approval (``by`` "timeout": nobody answered)."""
+class Decision(Verdict):
+    """The gate's verdict on a version (as recorded: ``storage.records.Verdict``), and the
+    registry's state after it."""
 
-    approve: bool
-    by: str
-    reason: str
-    at: str
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
-
-class Decision(Ref):
-    """The gate's verdict on a version, and the registry's state after it."""
-
-    version: int
-    status: Literal["promoted", "rejected"]
-    reason: str
-    by: str
-    at: str
-    test_accuracy: Optional[float] = None
-    champion_before: Optional[int] = None
-    history: list[dict] = []
     champion: Optional[int] = None   # the champion now
     decided_now: bool                # False: decided by an earlier run
     state: str                       # champion, rejected, former champion, …
-    approval: Optional[Answer] = None  # the answer it waited for, if approval was required
+
+
+class Outcome(Published):
+    """What a publish did to the registry: ``status`` "promoted" or "rejected" when the gate
+    decided now; "unchanged" when these weights were already a decided version (then ``state``
+    and ``reason`` describe that version as it stands now, not its old decision)."""
+
+    status: Literal["promoted", "rejected", "unchanged"]
+    reason: str
+    state: str                       # champion, rejected, former champion, …
+    champion: Optional[int] = None   # the champion now
+
+
+class RunOutcome(Outcome):
+    """What ``retrain`` did: the outcome, and what it trained with."""
+
+    preset: str
+    hyperparameters: dict
+    dataset: str
+
+
+class SweepOutcome(Outcome):
+    """What ``sweep`` did: the outcome of its best grid point, every point's row and its report."""
+
+    rows: list[dict]                 # one per grid point: "grid point", val/test accuracy, train_seconds, best
+    report: str

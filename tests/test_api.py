@@ -92,7 +92,7 @@ def test_predictions_agree_with_digitflow_predict(published, mnist_dir, tmp_path
         r = httpx.post(f"{url}/predict", files=files, timeout=30)
         assert r.status_code == 200, r.text
         body = r.json()
-        v1 = Registry(published).metadata(1)["weights_sha256"]
+        v1 = Registry(published).metadata(1).weights_sha256
         assert body["model"] == {"name": "mnist-mlp", "version": 1, "weights_sha256": v1}
         got = body["predictions"]
         assert [p["label"] for p in got] == [e["digit"] for e in expected]
@@ -120,7 +120,7 @@ def test_model_health_ready_metrics(published):
         model = httpx.get(f"{url}/model").json()
         metrics = Registry(published).metrics(1)
         assert model["version"] == 1 and model["alias"] == "champion"
-        assert model["metrics"]["test_accuracy"] == metrics["test_accuracy"] and len(model["metrics"]["per_class"]) == 10
+        assert model["metrics"]["test_accuracy"] == metrics.test_accuracy and len(model["metrics"]["per_class"]) == 10
         assert model["lineage"]["seed"] == 0 and "train_manifest_sha256" in json.dumps(model["lineage"])
         assert httpx.get(f"{url}/health").json() == {"status": "ok"}
         assert httpx.get(f"{url}/ready").json()["version"] == 1

@@ -80,7 +80,7 @@ def test_approved_through_the_dashboards_form_then_rejected_then_timed_out(publi
         # The form the dashboard shows is the schema the run saved for its input.
         schema = client.read_flow_run_input(run.id, f"paused-{run.state.state_details.pause_key}-schema")
         assert set(json.loads(schema)["properties"]) >= {"approve", "reason", "by"}
-        assert registry.aliases()["champion"] == 1 and registry.decision(2) is None  # waiting: nothing moved
+        assert registry.aliases().champion == 1 and registry.decision(2) is None  # waiting: nothing moved
         # An invalid answer is refused by the server, the run keeps waiting.
         bad = client.resume_flow_run(run.id, run_input={"approve": True, "reason": "", "by": "ana"})
         assert bad.status.value == "REJECT"
@@ -90,10 +90,10 @@ def test_approved_through_the_dashboards_form_then_rejected_then_timed_out(publi
         assert ok.status.value == "ACCEPT"
     thread.join(120)
     assert "error" not in out, out.get("error")
-    assert out["outcome"]["status"] == "promoted" and registry.aliases()["champion"] == 2
+    assert out["outcome"].status == "promoted" and registry.aliases().champion == 2
     decision = registry.decision(2)
-    assert decision["by"] == "ana" and decision["approval"]["reason"] == "checked the confusions"
-    assert decision["reason"].endswith("; approved by ana: checked the confusions")
+    assert decision.by == "ana" and decision.approval.reason == "checked the confusions"
+    assert decision.reason.endswith("; approved by ana: checked the confusions")
     assert "- **Now:** Promoted to champion by ana at " in cli("models", "card", "2", "--home", str(published)).stdout
 
     # Rejected in the form: the champion stays.
@@ -102,16 +102,16 @@ def test_approved_through_the_dashboards_form_then_rejected_then_timed_out(publi
         run = wait_for_paused(client, 3)
         client.resume_flow_run(run.id, run_input={"approve": False, "reason": "not this week", "by": "bo"})
     thread.join(120)
-    assert out["outcome"]["status"] == "rejected" and registry.aliases()["champion"] == 2
-    assert registry.decision(3)["reason"].startswith("rejected by bo: not this week (the gate alone would have")
+    assert out["outcome"].status == "rejected" and registry.aliases().champion == 2
+    assert registry.decision(3).reason.startswith("rejected by bo: not this week (the gate alone would have")
 
     # Nobody answers: rejected at the timeout, the champion stays, the run completes.
     t0 = time.monotonic()
     thread, out = publish_in_thread(candidate(published, tmp_path / "c4", 3e-3), published, approval_timeout=3)
     thread.join(120)
     assert "error" not in out, out.get("error")
-    assert out["outcome"]["status"] == "rejected" and registry.aliases()["champion"] == 2
-    assert registry.decision(4)["by"] == "timeout" and registry.decision(4)["reason"].startswith(
+    assert out["outcome"].status == "rejected" and registry.aliases().champion == 2
+    assert registry.decision(4).by == "timeout" and registry.decision(4).reason.startswith(
         "no approval within 3 s")
     assert time.monotonic() - t0 < 60
 
@@ -130,7 +130,7 @@ def test_approved_from_the_cli(published, tmp_path):
         while "awaits approval" not in (tmp_path / "publish.log").read_text():
             assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "publish.log").read_text()
             time.sleep(0.5)
-        assert Registry(published).aliases()["champion"] == 1
+        assert Registry(published).aliases().champion == 1
         wrong = cli("models", "approve", "1", "--reason", "x", "--home", str(published), check=False)
         assert wrong.returncode == 1 and wrong.stderr.startswith(
             "digitflow: error: no run is waiting for approval of mnist-mlp v1"), wrong.stderr
@@ -141,7 +141,7 @@ def test_approved_from_the_cli(published, tmp_path):
         proc.kill()
     assert proc.returncode == 0, (tmp_path / "publish.log").read_text()
     assert json.loads(stdout.strip().splitlines()[-1])["status"] == "promoted"
-    assert Registry(published).aliases()["champion"] == 2 and Registry(published).decision(2)["by"] == "cy"
+    assert Registry(published).aliases().champion == 2 and Registry(published).decision(2).by == "cy"
     rows = json.loads(cli("models", "list", "--home", str(published), "--json").stdout)
     assert rows[1]["reason"].endswith("approved by cy: fine by me")
 

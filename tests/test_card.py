@@ -22,7 +22,7 @@ def test_the_card_of_a_published_version(published):
     assert checks["status"] == "pass" and len(checks["checks"]) == 15
     assert "Data checks at ingest: **pass** (15 of 15 passed)" in written
     metrics = Registry(published).metrics(1)
-    (i, j, n), *_ = confusable_pairs(metrics["confusion_matrix"])
+    (i, j, n), *_ = confusable_pairs(metrics.confusion_matrix)
     assert f"- {i} → {j}: {n} images" in written
     # Rendered now: with the gate's decision.
     now = card_of(Registry(published), 1)

@@ -133,8 +133,8 @@ def test_fashion_through_the_pipeline_with_class_names(fashion, tmp_path, prefec
     summary = retrain(home=str(home), mirrors=[url], dataset=str(spec), preset="fast", epochs=2)
     key = load_spec(spec).key  # a spec's files and models live under its name + identity
     assert key.startswith("fashion-synthetic-") and len(key) == len("fashion-synthetic-") + 12
-    assert summary["dataset"] == "fashion-synthetic" and summary["name"] == f"{key}-mlp"
-    assert summary["version"] == 1 and summary["test_accuracy"] > 0.9  # the synthetic classes are learnable
+    assert summary.dataset == "fashion-synthetic" and summary.name == f"{key}-mlp"
+    assert summary.version == 1 and summary.test_accuracy > 0.9  # the synthetic classes are learnable
 
     # The label facts of the real Fashion-MNIST, read back from the shards.
     for split, per_class in (("train", 6000), ("test", 1000)):
@@ -305,10 +305,10 @@ def test_mnist_is_unchanged(first_run):
         "d6434a54565527ed335597647b20a24ddcd19d9c460ff78803b0147ebf0e38a8"
     assert sha256_file(home / "data/mnist/test/manifest.json") == \
         "7e165c7280129290dd7b7f43231ca417ff7d46c49aaab23852e56607a20153e7"
-    assert summary["name"] == "mnist-mlp" and summary["dataset"] == "mnist"
+    assert summary.name == "mnist-mlp" and summary.dataset == "mnist"
     assert "dataset" not in json.loads((home / "models/mnist-mlp/v1/lineage.json").read_text())
     if os.environ.get("OPENBLAS_CORETYPE") == "Haswell":
-        assert Registry(home).metadata(1)["weights_sha256"] == \
+        assert Registry(home).metadata(1).weights_sha256 == \
             "431ffdda6269d118c443072e145156c3546058393e1edab1bf9f520d9c118c33"
     assert nn.load(home / "models/mnist-mlp/v1").dense_layers[0].n_in == 784
 

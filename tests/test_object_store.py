@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.store_helpers import (FaultProxy, azurite_endpoint, boto3_client, free_port, machine, moto_server,
-                                 s3_endpoint, unique_prefix)
+from tests.store_helpers import (FaultProxy, azurite_endpoint, boto3_client, free_port, machine, metrics_record,
+                                 moto_server, s3_endpoint, unique_prefix)
 
 DIGITFLOW = str(Path(sys.executable).with_name("digitflow"))
 PREFECT = str(Path(sys.executable).with_name("prefect"))
@@ -267,12 +267,12 @@ def _publish_one(args):
 
     def build(folder, version):
         nn.save(model, folder)
-        write_json(folder / "metrics.json", {"test_accuracy": accuracy})
+        write_json(folder / "metrics.json", metrics_record(accuracy))
         return {}
 
     version, created = registry.publish(nn.digest(model), build)
     decision, _ = registry.decide(version, tolerance=0.0, floor=0.0)
-    return version, created, nn.digest(model), decision["status"]
+    return version, created, nn.digest(model), decision.status
 
 
 def test_publishers_on_four_machines_get_distinct_versions_and_one_champion(backend, tmp_path):
@@ -291,15 +291,15 @@ def test_publishers_on_four_machines_get_distinct_versions_and_one_champion(back
 
     registry = Home.resolve(home).registry("shared")
     aliases = registry.aliases()
-    assert aliases["latest"] == 4 and registry.aliases_problem() is None
+    assert aliases.latest == 4 and registry.aliases_problem() is None
     # Each gate decision saw the champion of its moment: the champion is the best one promoted,
     # and every version promoted after another was at least as good as the one it replaced.
-    promoted = sorted((registry.decision(v) for v in versions if registry.decision(v)["status"] == "promoted"),
-                      key=lambda d: d["at"])
-    assert aliases["champion"] == max(promoted, key=lambda d: d["test_accuracy"])["version"]
+    promoted = sorted((registry.decision(v) for v in versions if registry.decision(v).status == "promoted"),
+                      key=lambda d: d.at)
+    assert aliases.champion == max(promoted, key=lambda d: d.test_accuracy).version
     for d in promoted:
-        before = d["champion_before"]
-        assert before is None or registry.metrics(before)["test_accuracy"] <= d["test_accuracy"]
+        before = d.champion_before
+        assert before is None or registry.metrics(before).test_accuracy <= d.test_accuracy
     # A publisher that re-publishes the same weights finds them (no new version).
     again = _publish_one((home, str(tmp_path / "m0"), env, 0, 0.9))
     assert again[:2] == (next(v for v, _, dg, _ in results if dg == again[2]), False)

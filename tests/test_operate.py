@@ -39,7 +39,7 @@ def second_version(home: Path, accuracy_delta: float = -0.01, shift: float = 0.0
     reg = Registry(home)
     model = nn.load(reg.path(1))
     model.layers[0].params["W"] += shift
-    metrics = reg.metrics(1)
+    metrics = reg.metrics(1).model_dump()
     metrics = {**metrics, "test_accuracy": metrics["test_accuracy"] + accuracy_delta}
     cm = np.array(metrics["confusion_matrix"])
     cm[3, 3] -= 5
@@ -69,7 +69,7 @@ def test_models_list_show_promote_diff(published):
 
     shown = json.loads(cli("models", "show", "champion", "--home", home, "--json").stdout)
     assert shown["version"] == 1 and shown["metadata"]["lineage"]["seed"] == 0
-    assert shown["metrics"]["test_accuracy"] == Registry(published).metrics(1)["test_accuracy"]
+    assert shown["metrics"]["test_accuracy"] == Registry(published).metrics(1).test_accuracy
     assert "gate: promoted by gate" in cli("models", "show", "1", "--home", home).stdout
 
     d = json.loads(cli("models", "diff", "1", "2", "--home", home, "--json").stdout)
@@ -85,7 +85,7 @@ def test_models_list_show_promote_diff(published):
     decision = json.loads((published / "models/mnist-mlp/decisions/v2.json").read_text())
     assert decision["by"] == "ops" and decision["reason"] == "manual override: canary looked good"
     assert decision["history"][0]["status"] == "rejected"
-    assert Registry(published).aliases()["champion"] == 2
+    assert Registry(published).aliases().champion == 2
 
     r = cli("models", "show", "v9", "--home", home, check=False)
     assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith("digitflow: error: ")

@@ -57,14 +57,14 @@ def test_a_finished_flow_run_does_not_wait_for_its_heartbeat_thread():
 
 def test_first_run_publishes_v1(home, first_run):
     summary = first_run[1]
-    assert summary["version"] == 1 and summary["created"] and summary["status"] == "promoted"
-    assert summary["test_accuracy"] >= 0.95
+    assert summary.version == 1 and summary.created and summary.status == "promoted"
+    assert summary.test_accuracy >= 0.95
     v1 = home / "models" / "mnist-mlp" / "v1"
     assert sorted(p.name for p in v1.iterdir()) == [
         "confusion_matrix.png", "data_checks.json", "drift_reference.json", "learning_curves.png", "lineage.json",
         "metadata.json", "metrics.json", "model.json", "model.npz", "model_card.md", "report.md"]
     metrics = json.loads((v1 / "metrics.json").read_text())
-    assert metrics["test_accuracy"] == summary["test_accuracy"]
+    assert metrics["test_accuracy"] == summary.test_accuracy
     assert len(metrics["confusion_matrix"]) == 10 and all(len(r) == 10 for r in metrics["confusion_matrix"])
     assert sum(map(sum, metrics["confusion_matrix"])) == 10000
     assert [c["support"] for c in metrics["per_class"]] == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
@@ -112,10 +112,10 @@ def test_rerun_is_cached_and_creates_nothing(home, mnist_server):
     state = retrain(home=str(home), mirrors=[mnist_server], preset="fast", return_state=True)
     seconds = time.perf_counter() - t
     summary = state.result()
-    assert summary["version"] == 1 and not summary["created"]
+    assert summary.version == 1 and not summary.created
     states = state_names(flow_run_id(state))
     assert {n: s for n, s in states.items() if n.startswith(("train", "evaluate"))} == {
-        "train [128], 3 epochs": "Cached", "evaluate " + Registry(home).metadata(1)["weights_sha256"][:12]: "Cached"}
+        "train [128], 3 epochs": "Cached", "evaluate " + Registry(home).metadata(1).weights_sha256[:12]: "Cached"}
     assert Registry(home).versions() == [1]
     assert seconds < 30
 
@@ -135,20 +135,20 @@ def test_a_trained_folder_rewritten_with_its_record_is_trained_again_not_a_dead_
     record = json.loads((folder / "training.json").read_text())
     (folder / "training.json").write_text(json.dumps({**record, "weights_sha256": nn.digest(other)}))
     again = retrain(home=str(published), mirrors=[mnist_server], preset="fast", seed=11, floor=0.0)
-    assert again["version"] == summary["version"] and not again["created"]  # the same weights, trained again
+    assert again.version == summary.version and not again.created  # the same weights, trained again
     assert nn.digest(nn.load(folder)) == good
 
 
 def test_second_model_goes_through_the_gate(published, mnist_server):
     summary = retrain(home=str(published), mirrors=[mnist_server], preset="fast", seed=1)
     reg = Registry(published)
-    assert summary["version"] == 2 and reg.aliases()["latest"] == 2
-    v1_acc = reg.metrics(1)["test_accuracy"]
-    if summary["test_accuracy"] >= v1_acc:
-        assert summary["status"] == "promoted" and reg.aliases()["champion"] == 2
+    assert summary.version == 2 and reg.aliases().latest == 2
+    v1_acc = reg.metrics(1).test_accuracy
+    if summary.test_accuracy >= v1_acc:
+        assert summary.status == "promoted" and reg.aliases().champion == 2
     else:
-        assert summary["status"] == "rejected" and reg.aliases()["champion"] == 1
-        assert "below the champion's" in summary["reason"]
+        assert summary.status == "rejected" and reg.aliases().champion == 1
+        assert "below the champion's" in summary.reason
     report = (reg.path(2) / "report.md").read_text()
     assert "champion v1" in report
 
@@ -156,10 +156,10 @@ def test_second_model_goes_through_the_gate(published, mnist_server):
 def test_gate_rejects_below_floor_and_keeps_version(published, mnist_server):
     summary = retrain(home=str(published), mirrors=[mnist_server], preset="fast", seed=2, floor=0.999)
     reg = Registry(published)
-    assert summary["status"] == "rejected" and "below the floor 0.9990" in summary["reason"]
-    assert reg.status(summary["version"]) == "rejected"
-    assert reg.aliases()["champion"] != summary["version"]
-    assert reg.path(summary["version"]).is_dir()
+    assert summary.status == "rejected" and "below the floor 0.9990" in summary.reason
+    assert reg.status(summary.version) == "rejected"
+    assert reg.aliases().champion != summary.version
+    assert reg.path(summary.version).is_dir()
 
 
 @pytest.mark.parametrize("preset, overrides, message", [
@@ -198,7 +198,7 @@ def test_corrupt_shard_stops_training(ingested, mnist_server):
         load_split(manifest_ref(str(other / "data/mnist/train")))  # what training reads: refused
     # The pipeline's ingest step finds the damage and rebuilds the split before training on it.
     summary = retrain(home=str(other), mirrors=[mnist_server], preset="fast", seed=4)
-    assert summary["created"] and read_split(other / "data/mnist/train")[0].shape == (60000, 784)
+    assert summary.created and read_split(other / "data/mnist/train")[0].shape == (60000, 784)
 
 
 # ---- the CLI, as a user runs it ----------------------------------------------------
@@ -288,7 +288,7 @@ def test_cli_evaluate_and_train(home, api_url):
     assert proc.returncode == 0, out
     metrics = json.loads([l for l in out.splitlines() if l.startswith("{")][-1])
     assert metrics["version"] == 1
-    assert metrics["test_accuracy"] == Registry(home).metrics(1)["test_accuracy"]
+    assert metrics["test_accuracy"] == Registry(home).metrics(1).test_accuracy
     proc = cli("evaluate", "--model", "v99", "--home", str(home), api_url=api_url)
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 1 and "has no version 99" in out.strip().splitlines()[-1]
@@ -318,8 +318,8 @@ def test_cli_train_output_can_be_evaluated_and_published(published, api_url):
     outcome = json.loads([l for l in out.splitlines() if l.startswith("{")][-1])
     reg = Registry(published)
     assert outcome["version"] == 2 and outcome["created"] and outcome["status"] in ("promoted", "rejected")
-    assert reg.decision(2)["status"] == outcome["status"]
-    assert reg.metrics(2)["test_accuracy"] == pytest.approx(metrics["test_accuracy"])
+    assert reg.decision(2).status == outcome["status"]
+    assert reg.metrics(2).test_accuracy == pytest.approx(metrics["test_accuracy"])
     # A tampered trained folder is refused before any work.
     npz = Path(folder) / "model.npz"
     npz.write_bytes(npz.read_bytes()[:-10])
@@ -335,9 +335,9 @@ def test_gate_rejection_is_alerted_once(published, mnist_server, receiver, monke
     monkeypatch.setenv("TEAM_HOOK", url)  # the parameter names where the URL is, never the URL
     summary = retrain(home=str(published), mirrors=[mnist_server], preset="fast", seed=5,
                       floor=0.999, webhook="env:TEAM_HOOK")
-    assert summary["status"] == "rejected"
+    assert summary.status == "rejected"
     assert len(got) == 1 and got[0]["event"] == "gate_rejected" and got[0]["source"] == "digitflow"
-    assert got[0]["version"] == summary["version"] and "below the floor 0.9990" in got[0]["reason"]
+    assert got[0]["version"] == summary.version and "below the floor 0.9990" in got[0]["reason"]
     retrain(home=str(published), mirrors=[mnist_server], preset="fast", seed=5, floor=0.999,
             webhook="env:TEAM_HOOK")
     assert len(got) == 1  # an unchanged rerun decides nothing new, so says nothing new
@@ -355,7 +355,7 @@ def test_failed_run_is_alerted_via_env(published, mnist_server, receiver, monkey
 def test_unreachable_webhook_is_not_fatal(published, mnist_server, monkeypatch):
     monkeypatch.setenv("DIGITFLOW_WEBHOOK_URL", "http://127.0.0.1:9/nowhere")
     summary = retrain(home=str(published), mirrors=[mnist_server], preset="fast", seed=7, floor=0.999)
-    assert summary["status"] == "rejected"
+    assert summary.status == "rejected"
 
 
 def test_cli_train_and_evaluate_without_data(tmp_path):

@@ -1,5 +1,6 @@
 """The model registry: atomic versions, dedup, aliases, the gate, crashes. No Prefect."""
 
+import hashlib
 import json
 import multiprocessing
 import os
@@ -12,16 +13,22 @@ from pathlib import Path
 
 import pytest
 
+from storage.records import Aliases
 from storage.registry import Registry, RegistryError, gate
+from tests.store_helpers import metrics_json
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def build_with(content: str, accuracy: float = 0.98):
     def build(folder: Path, version: int) -> dict:
         (folder / "model.npz").write_text(content)
         (folder / "model.json").write_text("{}")
-        (folder / "metrics.json").write_text(json.dumps({"test_accuracy": accuracy, "test_loss": 0.1}))
+        (folder / "metrics.json").write_text(metrics_json(accuracy))
         return {"note": f"built as v{version}"}
 
     return build
@@ -35,7 +42,7 @@ def real_model(seed: int, accuracy: float = 0.98):
 
     def build(folder: Path, version: int) -> dict:
         nn.save(model, folder)
-        (folder / "metrics.json").write_text(json.dumps({"test_accuracy": accuracy, "test_loss": 0.1}))
+        (folder / "metrics.json").write_text(metrics_json(accuracy))
         return {}
 
     return nn.digest(model), build
@@ -43,23 +50,23 @@ def real_model(seed: int, accuracy: float = 0.98):
 
 def test_versions_count_from_one_and_dedup(tmp_path):
     reg = Registry(tmp_path)
-    assert reg.versions() == [] and reg.aliases() == {}
-    assert reg.publish("aaa", build_with("a")) == (1, True)
-    assert reg.publish("bbb", build_with("b")) == (2, True)
-    assert reg.publish("aaa", build_with("a again")) == (1, False)  # same weights: same version
+    assert reg.versions() == [] and reg.aliases() == Aliases()
+    assert reg.publish(sha("aaa"), build_with("a")) == (1, True)
+    assert reg.publish(sha("bbb"), build_with("b")) == (2, True)
+    assert reg.publish(sha("aaa"), build_with("a again")) == (1, False)  # same weights: same version
     assert reg.versions() == [1, 2]
     assert (reg.path(1) / "model.npz").read_text() == "a"
     meta = reg.metadata(2)
-    assert meta["version"] == 2 and meta["weights_sha256"] == "bbb" and meta["note"] == "built as v2"
-    assert reg.aliases() == {"latest": 2}
+    assert meta.version == 2 and meta.weights_sha256 == sha("bbb") and meta.name == "mnist-mlp"
+    assert reg.aliases() == Aliases(latest=2)
     assert not os.access(reg.path(1) / "model.npz", os.W_OK) or os.geteuid() == 0
     assert oct((reg.path(1) / "model.npz").stat().st_mode & 0o777) == "0o444"
 
 
 def test_resolve(tmp_path):
     reg = Registry(tmp_path)
-    reg.publish("aaa", build_with("a"))
-    reg.publish("bbb", build_with("b"))
+    reg.publish(sha("aaa"), build_with("a"))
+    reg.publish(sha("bbb"), build_with("b"))
     assert [reg.resolve(r) for r in (1, "2", "v1", "latest")] == [1, 2, 1, 2]
     with pytest.raises(RegistryError, match="no 'champion' version yet"):
         reg.resolve("champion")
@@ -79,15 +86,15 @@ def test_failed_build_leaves_nothing(tmp_path):
         raise OSError("disk full")
 
     with pytest.raises(OSError, match="disk full"):
-        reg.publish("aaa", broken)
+        reg.publish(sha("aaa"), broken)
     assert reg.versions() == [] and sorted(p.name for p in reg.root.iterdir()) == [".lock"]
-    assert reg.publish("aaa", build_with("a")) == (1, True)
+    assert reg.publish(sha("aaa"), build_with("a")) == (1, True)
 
 
 def _publish_in_process(home, digest, start_at, queue):
     while time.time() < start_at:
         pass
-    queue.put(Registry(home).publish(digest, build_with(digest)))
+    queue.put(Registry(home).publish(sha(digest), build_with(digest)))
 
 
 def test_concurrent_publishers_get_distinct_versions(tmp_path):
@@ -105,12 +112,12 @@ def test_concurrent_publishers_get_distinct_versions(tmp_path):
     reg = Registry(tmp_path)
     contents = {(reg.path(v) / "model.npz").read_text() for v in reg.versions()}
     assert contents == {f"digest-{i}" for i in range(4)}  # nobody overwrote anybody
-    assert {reg.metadata(v)["weights_sha256"] for v in reg.versions()} == contents
+    assert {reg.metadata(v).weights_sha256 for v in reg.versions()} == set(map(sha, contents))
 
 
 def test_kill_9_while_publishing_leaves_registry_intact(tmp_path):
     reg = Registry(tmp_path)
-    reg.publish("aaa", build_with("a"))
+    reg.publish(sha("aaa"), build_with("a"))
     script = textwrap.dedent(f"""
         import sys, time
         sys.path.insert(0, {str(REPO)!r})
@@ -119,14 +126,14 @@ def test_kill_9_while_publishing_leaves_registry_intact(tmp_path):
             (folder / "model.npz").write_text("partial")
             print("building", flush=True)
             time.sleep(60)
-        Registry({str(tmp_path)!r}).publish("bbb", slow)
+        Registry({str(tmp_path)!r}).publish({sha("bbb")!r}, slow)
     """)
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "building"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(10)
-    assert reg.versions() == [1] and reg.aliases() == {"latest": 1}  # no partial version visible
-    assert reg.publish("bbb", build_with("b")) == (2, True)  # the lock died with the process
+    assert reg.versions() == [1] and reg.aliases() == Aliases(latest=1)  # no partial version visible
+    assert reg.publish(sha("bbb"), build_with("b")) == (2, True)  # the lock died with the process
     assert [p.name for p in reg.root.iterdir() if "staging" in p.name] == []  # leftovers cleared
 
 
@@ -151,13 +158,13 @@ def test_decisions_move_champion_and_record_overrides(tmp_path):
     reg.publish(*real_model(2, 0.97))
     reg.record_decision(1, promoted=True, reason="first", accuracy=0.98)
     reg.record_decision(2, promoted=False, reason="worse", accuracy=0.97, champion_before=1)
-    assert reg.aliases() == {"latest": 2, "champion": 1}
+    assert reg.aliases() == Aliases(latest=2, champion=1)
     assert reg.status(1) == "champion" and reg.status(2) == "rejected"
     decision = reg.promote("v2", reason="rollout test", by="alice")
-    assert reg.aliases()["champion"] == 2 and reg.status(1) == "former champion"
-    assert decision["by"] == "alice" and decision["reason"] == "manual override: rollout test"
-    assert decision["champion_before"] == 1 and decision["history"][0]["status"] == "rejected"
-    assert json.loads((reg.root / "decisions" / "v2.json").read_text()) == decision
+    assert reg.aliases().champion == 2 and reg.status(1) == "former champion"
+    assert decision.by == "alice" and decision.reason == "manual override: rollout test"
+    assert decision.champion_before == 1 and decision.history[0].status == "rejected"
+    assert json.loads((reg.root / "decisions" / "v2.json").read_text()) == decision.model_dump(mode="json")
     with pytest.raises(RegistryError, match="needs a reason"):
         reg.promote(1, reason=" ")
 
@@ -166,7 +173,7 @@ def _decide_in_process(home, version, start_at, queue):
     registry = Registry(home)
     while time.time() < start_at:
         pass
-    queue.put(registry.decide(version, tolerance=0.0, floor=0.9)[0]["status"])
+    queue.put(registry.decide(version, tolerance=0.0, floor=0.9)[0].status)
 
 
 def test_concurrent_gates_leave_exactly_one_champion_the_better_one(tmp_path):
@@ -186,9 +193,9 @@ def test_concurrent_gates_leave_exactly_one_champion_the_better_one(tmp_path):
         for p in procs:
             p.join(60)
         statuses = sorted(queue.get(timeout=5) for _ in procs)
-        assert reg.aliases()["champion"] == 2  # whoever decided first, the better one is champion
+        assert reg.aliases().champion == 2  # whoever decided first, the better one is champion
         assert statuses in (["promoted", "promoted"], ["promoted", "rejected"])
-        assert reg.decision(2)["status"] == "promoted"
+        assert reg.decision(2).status == "promoted"
 
 
 def test_decide_refuses_a_tampered_candidate(tmp_path):
@@ -203,4 +210,4 @@ def test_decide_refuses_a_tampered_candidate(tmp_path):
     np.savez(npz, **arrays)
     with pytest.raises(RegistryError, match="model.npz: weights SHA-256 .* is not the"):
         reg.decide(1, tolerance=0.0, floor=0.9)
-    assert reg.decision(1) is None and "champion" not in reg.aliases()
+    assert reg.decision(1) is None and reg.aliases().champion is None

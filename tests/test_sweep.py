@@ -52,8 +52,8 @@ def test_sweep_on_a_temporary_local_cluster(ingested, mnist_server, api_url):
     # The best was published and went through the gate (1 epoch of 32 units is below the 0.97 floor).
     reg = Registry(home)
     assert reg.versions() == [result["version"]] == [1]
-    assert result["status"] == reg.decision(1)["status"] == "rejected"
-    assert reg.metrics(1)["test_accuracy"] == pytest.approx(best["test_accuracy"], abs=1e-4)
+    assert result["status"] == reg.decision(1).status == "rejected"
+    assert reg.metrics(1).test_accuracy == pytest.approx(best["test_accuracy"], abs=1e-4)
     report = Path(result["report"]).read_text()
     assert "| `{\"hidden\": [32]}` |" in report and "the gate rejected it" in report
 
@@ -114,7 +114,7 @@ def test_sweep_on_an_existing_dask_cluster(ingested, mnist_server, api_url, dask
     assert f"an existing Dask cluster at {address} with 2 workers" in (home / "logs" / "digitflow.log").read_text()
     result = json.loads([l for l in r.stdout.splitlines() if l.startswith("{")][-1])
     assert len(result["rows"]) == 2 and result["status"] == "promoted"
-    assert Registry(home).aliases()["champion"] == result["version"]
+    assert Registry(home).aliases().champion == result["version"]
 
 
 @pytest.mark.e2e

@@ -1,0 +1,112 @@
+"""What the registry records, typed: every registry read returns one of these, never a dict.
+
+    models/<name>/vN/metadata.json   → ModelVersion   (who, when, which weights, how trained)
+    models/<name>/vN/metrics.json    → Metrics        (the test split's figures and the training curve)
+    models/<name>/decisions/vN.json  → Verdict        (the gate's decision, or a person's override)
+    models/<name>/aliases.json       → Aliases        (latest, champion)
+
+A record is validated when it is read (a file that does not fit is a damaged version, never a
+KeyError three calls later) and written from the same type, so the files and the code cannot
+drift apart. Unknown keys are ignored on reading: a file written by a newer digitflow still
+reads. Pydantic only; no Prefect.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field
+
+ALIASES = ("latest", "champion")
+
+
+class Record(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+
+class Answer(Record):
+    """A person's answer to a version waiting for approval (``by`` "timeout": nobody answered)."""
+
+    approve: bool
+    by: str
+    reason: str
+    at: str
+
+
+class Verdict(Record):
+    """How a version fared at the gate (``decisions/vN.json``); ``history`` holds the decisions it
+    replaced (a manual promotion after a rejection), oldest first."""
+
+    version: int = Field(ge=1)
+    status: Literal["promoted", "rejected"]
+    reason: str
+    by: str
+    at: str
+    test_accuracy: Optional[float] = None
+    champion_before: Optional[int] = None
+    approval: Optional[Answer] = None
+    history: list["Verdict"] = []
+
+    @property
+    def promoted(self) -> bool:
+        return self.status == "promoted"
+
+
+class Aliases(Record):
+    """The versions the names point at (None: no such version yet)."""
+
+    latest: Optional[int] = Field(None, ge=1)
+    champion: Optional[int] = Field(None, ge=1)
+
+    def of(self, name: str) -> Optional[int]:
+        """The version ``name`` ("latest" or "champion") points at."""
+        if name not in ALIASES:
+            raise KeyError(name)
+        return getattr(self, name)
+
+    def names_of(self, version: int) -> list[str]:
+        """The aliases pointing at ``version``, sorted."""
+        return sorted(name for name in ALIASES if getattr(self, name) == version)
+
+
+class Evaluation(Record):
+    """A model's metrics on the test split (also the ``evaluate`` task's cached result)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    test_accuracy: float
+    test_loss: float
+    macro_f1: float
+    per_class: list[dict]          # {"class", "precision", "recall", "f1", "support"} per class
+    confusion_matrix: list[list[int]]
+    most_confident_errors: list[dict]
+    test_images: int
+    inference_images_per_second: float
+    test_manifest_sha256: str
+
+
+class Metrics(Evaluation):
+    """A published version's ``metrics.json``: its evaluation and how its training went."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    history: list[dict] = []       # one record per epoch (nn.train.train_epochs)
+    best_epoch: Optional[int] = None
+    train_seconds: float = 0.0
+
+    def evaluation(self) -> Evaluation:
+        return Evaluation(**{k: getattr(self, k) for k in Evaluation.model_fields})
+
+
+class ModelVersion(Record):
+    """A published version's ``metadata.json``: name, number, weights digest (what ``load_model``
+    checks), creation time, test accuracy, hyperparameters and lineage (data digests, code
+    version, dataset, flow run)."""
+
+    name: str
+    version: int = Field(ge=1)
+    weights_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    created: Optional[str] = None
+    test_accuracy: Optional[float] = None
+    hyperparameters: dict = {}
+    lineage: dict = {}
