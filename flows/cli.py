@@ -13,12 +13,12 @@ import flows  # noqa: F401  (sets telemetry-off defaults before Prefect is impor
 from flows import console, interrupt, server
 from flows.console import progress_display
 from serving.app import ApiSettings
-from flows.cli_common import (ALLOW_UNPINNED, APPROVAL, APPROVAL_TIMEOUT, APPROVAL_WAIT, ApprovalMode, DATASET, DEADLINE, FLOOR, HOME, MIRRORS, MODEL_NAME, PRESET, RETRIES, ROWS, TIMEOUT, TOLERANCE,
+from flows.cli_common import (option, ALLOW_UNPINNED, APPROVAL, APPROVAL_TIMEOUT, APPROVAL_WAIT, ApprovalMode, DATASET, DEADLINE, FLOOR, HOME, MIRRORS, MODEL_NAME, PRESET, RETRIES, ROWS, TIMEOUT, TOLERANCE,
                               WEBHOOK, fail, one_line_errors, quiet_expected_failures)
 from storage import DigitflowError
-from storage.config import check_ingest_settings, resolve_home
+from storage.config import IngestSettings, resolve_home
 from storage.datasets import class_names, dataset_and_model
-from storage.settings import settings
+from storage.settings import checked, env_name, settings
 from storage.text import terminal
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -107,7 +107,7 @@ def ingest(home: Optional[str] = HOME, mirror: Optional[List[str]] = MIRRORS, da
     Writes <home>/data/<dataset>/<split>, repairing whatever is damaged."""
     with one_line_errors():
         dataset_and_model(dataset, None, allow_unpinned)  # a bad spec: one line per mistake, before any download
-        check_ingest_settings(rows_per_shard=rows_per_shard, timeout=timeout, retries=retries, deadline=deadline)
+        IngestSettings.checked(rows_per_shard=rows_per_shard, timeout=timeout, retries=retries, deadline=deadline)
         home = _start(home)
         from flows.ingest import ingest as ingest_flow
         with progress_display():
@@ -133,7 +133,7 @@ def run(home: Optional[str] = HOME, mirror: Optional[List[str]] = MIRRORS, datas
     with one_line_errors():
         spec, _ = dataset_and_model(dataset, model_name, allow_unpinned)  # invalid values fail before any work
         hyperparameters(preset, hp, spec)
-        check_ingest_settings(rows_per_shard=rows_per_shard, timeout=timeout, retries=retries, deadline=deadline)
+        IngestSettings.checked(rows_per_shard=rows_per_shard, timeout=timeout, retries=retries, deadline=deadline)
         home = _start(home)
         from flows.pipeline import retrain
         with progress_display():
@@ -421,7 +421,7 @@ def sweep(grid: List[str] = typer.Option(..., "--grid", help="name=v1,v2 (repeat
         spec, _ = dataset_and_model(dataset, model_name, allow_unpinned)
         for point in points:
             hyperparameters(preset, {**hp, **point}, spec)
-        check_ingest_settings(rows_per_shard=rows_per_shard, timeout=timeout, retries=retries)
+        IngestSettings.checked(rows_per_shard=rows_per_shard, timeout=timeout, retries=retries)
         home = _start(home)
         from flows.sweep import sweep as sweep_flow
         import logging
@@ -452,17 +452,15 @@ def sweep(grid: List[str] = typer.Option(..., "--grid", help="name=v1,v2 (repeat
 @app.command()
 def api(host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind (127.0.0.1: this machine only)."),
         port: int = typer.Option(8000, "--port", min=0, max=65535, help="TCP port."),
-        model: str = typer.Option("champion", "--model", help="What to serve: champion, latest or vN (aliases are followed)."),
+        model: str = option(ApiSettings, "model"),
         home: Optional[str] = HOME, dataset: str = DATASET, model_name: Optional[str] = MODEL_NAME,
         workers: int = typer.Option(1, "--workers", min=1, max=64, help="Worker processes."),
-        token: Optional[str] = typer.Option(None, "--token", envvar="DIGITFLOW_API_TOKEN", show_envvar=True,
-                                            help="Bearer token required on every endpoint but /health."),
-        max_body: int = typer.Option(ApiSettings.max_body, "--max-body", help="Largest request body, bytes (→ 413)."),
-        max_pixels: int = typer.Option(ApiSettings.max_pixels, "--max-pixels", help="Largest image, pixels (→ 413)."),
-        max_images: int = typer.Option(ApiSettings.max_images, "--max-images", help="Most images in one request (→ 413)."),
-        max_request_pixels: int = typer.Option(ApiSettings.max_request_pixels, "--max-request-pixels",
-                                               help="Most pixels decoded for one request, all its images (→ 413)."),
-        poll: float = typer.Option(ApiSettings.poll, "--poll", help="Seconds between checks of the served alias."),
+        token: Optional[str] = option(ApiSettings, "token", envvar=env_name("api_token"), show_envvar=True),
+        max_body: int = option(ApiSettings, "max_body"),
+        max_pixels: int = option(ApiSettings, "max_pixels"),
+        max_images: int = option(ApiSettings, "max_images"),
+        max_request_pixels: int = option(ApiSettings, "max_request_pixels"),
+        poll: float = option(ApiSettings, "poll"),
         log_level: str = typer.Option("info", "--log-level", help="info: one line per request; warning: swaps and errors only."),
         ) -> None:
     """Serve the champion over HTTP (predictions, metrics, a drawing page).
@@ -475,9 +473,9 @@ def api(host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind 
         _, model_name = dataset_and_model(dataset, model_name)
         if log_level.lower() not in ("debug", "info", "warning", "error"):
             raise DigitflowError(f"--log-level {log_level!r}: use info, warning or error")
-        settings = ApiSettings(home=str(resolve_home(home)), model_name=model_name, model=model, token=token,
-                               max_body=max_body, max_pixels=max_pixels, max_images=max_images,
-                               max_request_pixels=max_request_pixels, poll=poll).check()
+        settings = checked(ApiSettings, home=str(resolve_home(home)), model_name=model_name, model=model, token=token,
+                           max_body=max_body, max_pixels=max_pixels, max_images=max_images,
+                           max_request_pixels=max_request_pixels, poll=float(poll))
         if not token and host not in ("127.0.0.1", "localhost", "::1") and not host.startswith("127."):
             typer.echo(f"digitflow api: warning: listening on {host} without a token: anyone who can reach this "
                        "machine can use the API (set DIGITFLOW_API_TOKEN)", err=True)

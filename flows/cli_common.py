@@ -15,15 +15,23 @@ import typer
 
 from storage import DigitflowError
 from storage.atomic import is_disk_error
-from storage.config import DEFAULT_RETRIES, DEFAULT_ROWS_PER_SHARD, DEFAULT_TIMEOUT
+from storage.config import IngestSettings
+from storage.settings import flag_help
 from storage.registry import APPROVAL_BOUNDS, APPROVAL_MODES, APPROVAL_TIMEOUT, DEFAULT_NAME, DEFAULT_TOLERANCE, GATE_BOUNDS
 
 HOME = typer.Option(None, "--home", help="Root directory for all state (env DIGITFLOW_HOME; default ~/.digitflow).")
 MIRRORS = typer.Option(None, "--mirror", help="Mirror base URL (http://, https://, file://); repeat to try several in order (env DIGITFLOW_MIRRORS).")
-ROWS = typer.Option(DEFAULT_ROWS_PER_SHARD, "--rows-per-shard", help="Rows per Parquet shard (1..1000000).")
-TIMEOUT = typer.Option(DEFAULT_TIMEOUT, "--timeout", help="Seconds before a silent mirror counts as failed (0.1..3600).")
-RETRIES = typer.Option(DEFAULT_RETRIES, "--retries", help="Retries of a download after transient failures, backoff 2 s, 4 s, 8 s, ... (0..10).")
-DEADLINE = typer.Option(None, "--deadline", help="Seconds one mirror may take for one file (default: timeout + archive size at 50 kB/s).")
+
+
+def option(model, name: str, **extra):
+    """The flag of field ``name`` of a settings ``model``: its default, and its description and
+    bounds as help (declared once, in the model)."""
+    return typer.Option(model.model_fields[name].default, "--" + name.replace("_", "-"),
+                        help=flag_help(model, name), **extra)
+
+
+ROWS, TIMEOUT, RETRIES, DEADLINE = (option(IngestSettings, name) for name in ("rows_per_shard", "timeout", "retries",
+                                                                                "deadline"))
 PRESET = typer.Option("default", "--preset", help="Hyperparameter preset: default, best, balanced or fast (all tuned on MNIST).")
 WEBHOOK = typer.Option(None, "--webhook", help="POST failed runs and gate rejections to this URL (never recorded "
                        "in the run's parameters), or env:VARIABLE / secret:PREFECT_SECRET_BLOCK holding it "

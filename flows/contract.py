@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, create_model
 import nn
 from nn.presets import Hyperparameters, describe_bounds
 from storage import DigitflowError
-from storage.config import DEFAULT_RETRIES, DEFAULT_ROWS_PER_SHARD, DEFAULT_TIMEOUT, INGEST_BOUNDS  # noqa: F401
+from storage.config import DEFAULT_RETRIES, DEFAULT_ROWS_PER_SHARD, DEFAULT_TIMEOUT, IngestSettings  # noqa: F401
 from storage.registry import (APPROVAL_BOUNDS, APPROVAL_MODES, APPROVAL_TIMEOUT, DEFAULT_NAME, DEFAULT_TOLERANCE,  # noqa: F401
                               GATE_BOUNDS, MODEL_NAME)
 
@@ -41,16 +41,6 @@ Preset = Literal[PRESETS]  # type: ignore[valid-type]
 # ---- run settings: typed from the bounds declared beside the code they govern ------------
 # (the flows' signatures use these, so the Run form shows and Prefect enforces the bounds)
 
-def _bounded(name: str) -> Any:
-    low, high = INGEST_BOUNDS[name]
-    return Annotated[type(low), Field(ge=low, le=high, strict=isinstance(low, int))]
-
-
-RowsPerShard = _bounded("rows_per_shard")
-Timeout = _bounded("timeout")
-Retries = _bounded("retries")
-_DEADLINE = _bounded("deadline")
-Deadline = Optional[_DEADLINE]  # None: from the file's size
 Accuracy = Annotated[float, Field(ge=GATE_BOUNDS[0], le=GATE_BOUNDS[1])]
 Floor = Optional[Accuracy]  # None: the dataset's own floor (storage.datasets.Dataset.floor)
 # "required": a version the gate would promote waits for a person's answer (flows/approval.py).
@@ -69,6 +59,20 @@ DatasetName = Annotated[str, Field(min_length=1, max_length=4096,
 def _base(kind) -> type:
     args = [t for t in (typing.get_args(kind) or (kind,)) if t is not type(None)]
     return args[0]
+
+
+def _ingest(name: str) -> Any:
+    """The type of ingest setting ``name``: its field in ``IngestSettings``, bounds included."""
+    field = IngestSettings.model_fields[name]
+    base = _base(field.annotation)
+    kind = Annotated[base, Field(strict=base is int), *field.metadata]
+    return Optional[kind] if type(None) in typing.get_args(field.annotation) else kind
+
+
+RowsPerShard = _ingest("rows_per_shard")
+Timeout = _ingest("timeout")
+Retries = _ingest("retries")
+Deadline = _ingest("deadline")  # None: from the file's size
 
 
 def _field_type(kind, meta) -> Any:

@@ -9,7 +9,7 @@ from prefect.runtime import flow_run
 from flows.server import announce_run
 import tasks.prefect_compat  # noqa: F401  (flow runs end without waiting for their heartbeat thread)
 from flows.contract import DatasetName, Deadline, Retries, RowsPerShard, Timeout
-from storage.config import (DEFAULT_RETRIES, DEFAULT_ROWS_PER_SHARD, DEFAULT_TIMEOUT, check_ingest_settings,
+from storage.config import (DEFAULT_RETRIES, DEFAULT_ROWS_PER_SHARD, DEFAULT_TIMEOUT, IngestSettings,
                             resolve_mirrors)
 from storage.datasets import check_pinned, resolve as resolve_dataset
 from tasks.common import home_for_run
@@ -47,7 +47,7 @@ def ingest(
     """
     spec = resolve_dataset(dataset)
     check_pinned(spec, allow_unpinned)
-    check_ingest_settings(rows_per_shard=rows_per_shard, timeout=timeout, retries=retries, deadline=deadline)
+    IngestSettings.checked(rows_per_shard=rows_per_shard, timeout=timeout, retries=retries, deadline=deadline)
     home = home_for_run(home)
     mirrors = resolve_mirrors(mirrors, default=spec.mirrors)
     raw_dir = home.address(home.raw_for(spec.key))

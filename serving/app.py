@@ -24,57 +24,62 @@ read, every image's pixel count before it is decoded. Bad input is a 4xx with a 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import hmac
 import inspect
 import json
 import logging
 import os
+import re
 import time
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from storage import DigitflowError, drift
 from storage.datasets import class_names
 from serving.images import ImageError, ImageTooLarge, gray_of, mnist_style, open_image
 from storage.home import Home
 from storage.registry import ALIASES, DEFAULT_NAME, Registry, RegistryError
-from storage.settings import settings as environment
+from storage.settings import env_name, settings as environment
 
 log = logging.getLogger("digitflow.api")
 
 PAGE = Path(__file__).with_name("page.html")
-SETTINGS_ENV = "DIGITFLOW_API_SETTINGS"  # how `digitflow api --workers N` hands settings to its workers
 
 
-@dataclasses.dataclass(frozen=True)
-class ApiSettings:
-    """Everything a worker needs; defaults and bounds live here (the CLI reads them)."""
+class ApiSettings(BaseModel):
+    """Everything a worker needs: every default and bound of the API's settings, written once
+    (the ``digitflow api`` flags and their help come from these fields)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
     home: str
     model_name: str = DEFAULT_NAME
-    model: str = "champion"             # champion | latest | vN
-    token: str | None = None            # bearer token required on every endpoint but /health
-    max_body: int = 1 << 20             # bytes of one request body (→ 413)
-    max_pixels: int = 4_000_000         # pixels of one image, read from its header (→ 413)
-    max_images: int = 100_000           # images in one request (→ 413)
-    max_request_pixels: int = 16_000_000  # pixels decoded for one request, all its image files (→ 413)
-    poll: float = 1.0                   # seconds between checks of the served alias
+    model: str = Field("champion", description="What to serve: champion, latest or vN (aliases are followed)")
+    token: Optional[str] = Field(None, description="Bearer token required on every endpoint but /health")
+    max_body: int = Field(1 << 20, ge=1024, le=1 << 30, description="Largest request body, bytes (→ 413)")
+    max_pixels: int = Field(4_000_000, ge=784, le=100_000_000,
+                            description="Largest image, pixels, read from its header (→ 413)")
+    max_images: int = Field(100_000, ge=1, le=10_000_000, description="Most images in one request (→ 413)")
+    max_request_pixels: int = Field(16_000_000, ge=784, le=1_000_000_000,
+                                    description="Most pixels decoded for one request, all its images (→ 413)")
+    poll: float = Field(1.0, ge=0.05, le=3600.0, description="Seconds between checks of the served alias")
 
-    BOUNDS = {"max_body": (1024, 1 << 30), "max_pixels": (784, 100_000_000), "max_images": (1, 10_000_000),
-              "max_request_pixels": (784, 1_000_000_000), "poll": (0.05, 3600.0)}
+    @field_validator("model")
+    @classmethod
+    def _model(cls, model: str) -> str:
+        if model not in ALIASES and not re.fullmatch(r"v[1-9][0-9]{0,8}", model):
+            raise ValueError(f"use champion, latest or vN, not {model!r}")
+        return model
 
-    def check(self) -> "ApiSettings":
-        for name, (low, high) in self.BOUNDS.items():
-            value = getattr(self, name)
-            if not low <= value <= high:
-                raise DigitflowError(f"--{name.replace('_', '-')} must be in {low}..{high}, got {value!r}")
-        if self.token is not None and not self.token.strip():
-            raise DigitflowError("--token (or DIGITFLOW_API_TOKEN) is empty: give a token, or none for an open API")
-        if self.model not in ALIASES and not (self.model.startswith("v") and self.model[1:].isdigit()):
-            raise DigitflowError(f"--model {self.model!r}: use champion, latest or vN")
-        return self
+    @field_validator("token")
+    @classmethod
+    def _token(cls, token: Optional[str]) -> Optional[str]:
+        if token is not None and not token.strip():
+            raise ValueError("is empty (DIGITFLOW_API_TOKEN too?): give a token, or none for an open API")
+        return token
 
 
 class Served(NamedTuple):
@@ -528,7 +533,6 @@ def create_app(settings: ApiSettings):
     from fastapi import FastAPI, Request
     from fastapi.responses import HTMLResponse, Response
 
-    settings.check()
     logging.getLogger("python_multipart").setLevel(logging.ERROR)  # a malformed body is the client's 422, not a log line
     metrics = Metrics()
     follower = Follower(settings, metrics)
@@ -731,7 +735,7 @@ def app_from_env():
     """The app of one `digitflow api --workers N` worker process (uvicorn's factory)."""
     env = environment()
     logging.basicConfig(level=env.api_log_level, format="%(asctime)s %(levelname)s [%(process)d] %(message)s")
-    return create_app(ApiSettings(**json.loads(env.api_settings or "{}")))
+    return create_app(ApiSettings.model_validate_json(env.api_settings or "{}"))
 
 
 def serve(settings: ApiSettings, host: str = "127.0.0.1", port: int = 8000, workers: int = 1,
@@ -743,14 +747,13 @@ def serve(settings: ApiSettings, host: str = "127.0.0.1", port: int = 8000, work
 
     import uvicorn
 
-    settings.check()
     registry = Registry(Home.resolve(settings.home), settings.model_name)
     if not registry.versions():
         raise RegistryError(f"no model {settings.model_name!r} under {settings.home} (publish one first)")
     if settings.model not in ALIASES:
         registry.resolve(settings.model)  # a fixed version that does not exist: one line now
-    os.environ[SETTINGS_ENV] = json.dumps(dataclasses.asdict(settings))
-    os.environ["DIGITFLOW_API_LOG_LEVEL"] = log_level.upper()
+    os.environ[env_name("api_settings")] = settings.model_dump_json()  # for the worker processes
+    os.environ[env_name("api_log_level")] = log_level.upper()
     metrics_dir = None
     if workers > 1:
         metrics_dir = tempfile.mkdtemp(prefix="digitflow-api-metrics-")

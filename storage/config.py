@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from typing import Optional, Sequence
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from storage import DigitflowError
 from storage.home import DEFAULT_HOME, Home  # noqa: F401 (DEFAULT_HOME re-exported)
 from storage.download import DEFAULT_TIMEOUT  # noqa: F401 (one source, re-exported)
 from storage.mnist import DEFAULT_MIRRORS
-from storage.settings import settings
+from storage.settings import checked, settings
 
 def resolve_home(home: str | os.PathLike | None = None) -> Home:
     """``--home``, else ``$DIGITFLOW_HOME``, else ``~/.digitflow``; created and proven writable."""
@@ -24,26 +26,26 @@ def resolve_mirrors(mirrors: Sequence[str] | None = None, default: Sequence[str]
     return settings().mirrors or list(default)
 
 
-# Defaults and bounds of the ingest settings, checked once before any work (flag or parameter).
-DEFAULT_ROWS_PER_SHARD = 10_000
-DEFAULT_RETRIES = 3
-INGEST_BOUNDS = {
-    "rows_per_shard": (1, 1_000_000),
-    "timeout": (0.1, 3600.0),     # seconds of silence before a mirror counts as failed
-    "retries": (0, 10),           # retries of a download after transient failures
-    "deadline": (1.0, 86_400.0),  # seconds one mirror may take for one file (None: from its size)
-}
+class IngestSettings(BaseModel):
+    """How ``ingest`` fetches and shards: every default and bound of these settings, written once.
+    The ``ingest``/``run``/``sweep`` flags (help and defaults), the flows' parameters (the Run form
+    and Prefect's validation: ``flows.contract``) and ``checked`` all come from these fields."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+    rows_per_shard: int = Field(10_000, ge=1, le=1_000_000, description="Rows per Parquet shard")
+    timeout: float = Field(DEFAULT_TIMEOUT, ge=0.1, le=3600.0,
+                           description="Seconds of silence before a mirror counts as failed")
+    retries: int = Field(3, ge=0, le=10, description="Retries of a download after transient failures, backoff 2 s, "
+                                                      "4 s, 8 s, ...")
+    deadline: Optional[float] = Field(None, ge=1.0, le=86_400.0, description="Seconds one mirror may take for one "
+                                      "file (default: timeout + archive size at 50 kB/s)")
+
+    @classmethod
+    def checked(cls, **values) -> "IngestSettings":
+        """The settings, or a one-line DigitflowError naming the first flag outside its bounds."""
+        return checked(cls, **values)
 
 
-def check_ingest_settings(**settings) -> None:
-    """Raise a one-line DigitflowError for the first setting outside its bounds."""
-    for name, value in settings.items():
-        if value is None and name == "deadline":
-            continue
-        low, high = INGEST_BOUNDS[name]
-        whole = isinstance(low, int)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (whole and not isinstance(value, int)) \
-                or not low <= value <= high:
-            flag = "--" + name.replace("_", "-")
-            raise DigitflowError(f"{flag} must be {'an integer' if whole else 'a number'} in {low}..{high}, "
-                                 f"got {value!r}")
+_DEFAULTS = IngestSettings()
+DEFAULT_ROWS_PER_SHARD, DEFAULT_RETRIES = _DEFAULTS.rows_per_shard, _DEFAULTS.retries  # (the flows' signatures)

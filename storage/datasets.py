@@ -30,6 +30,11 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated, Literal, Optional
+
+from pydantic_core import PydanticCustomError
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationError, ValidationInfo,
+                      field_validator, model_validator)
 
 from storage import DigitflowError
 from storage.text import has_control
@@ -165,174 +170,231 @@ class Dataset:
                 "files": [{k: v for k, v in f.__dict__.items() if v is not None} for f in self.files]}
 
 
-# ---- validation: every mistake, one clear line each ---------------------------------------
+# ---- the spec file: one pydantic model, every mistake one clear line -----------------------
 
-_TOP = {"name", "image_shape", "classes", "mirrors", "files", "notes", "floor", "expect"}
-_EXPECT = {"rows", "class_counts", "pixel_mean", "pixel_std"}
-_FILE = {"name": "name", "split": "split", "kind": "kind", "sha256": "idx_sha256", "size": "idx_size",
-         "archive_sha256": "archive_sha256", "archive_size": "archive_size", "archive_md5": "archive_md5"}
-_HEX = {"sha256": 64, "archive_sha256": 64, "archive_md5": 32}
+Name = Annotated[str, StringConstraints(pattern=f"^{NAME.pattern}$")]
+Bytes = Annotated[int, Field(gt=0, le=1 << 40)]
+Count = Annotated[int, Field(ge=0, le=1 << 32)]
+Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+def _one_plain_line(text: str) -> str:
+    if not text.strip() or has_control(text):  # (newlines, escapes, bidi overrides: storage.text)
+        raise PydanticCustomError("rule", "not one plain line")  # (said in the field's words: _MUST)
+    return text
+
+
+ClassName = Annotated[str, StringConstraints(max_length=MAX_CLASS_NAME), AfterValidator(_one_plain_line)]
+Mirror = Annotated[str, StringConstraints(max_length=2048), AfterValidator(_one_plain_line)]
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class FileSpec(_Spec):
+    """One ``[[files]]`` table: an IDX archive, its split and kind, and how it is pinned."""
+
+    name: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$")]
+    split: Name
+    kind: Literal[KINDS]  # type: ignore[valid-type]
+    sha256: Optional[Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]] = None
+    size: Optional[Bytes] = None
+    archive_sha256: Optional[Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]] = None
+    archive_size: Optional[Bytes] = None
+    archive_md5: Optional[Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{32}$")]] = None
+
+    @field_validator("name")
+    @classmethod
+    def _not_json(cls, name: str) -> str:
+        if name.removesuffix(".gz").endswith(".json"):
+            raise PydanticCustomError("rule", "ends in .json")
+        return name
+
+    @model_validator(mode="after")
+    def _sized(self) -> "FileSpec":
+        if (self.sha256 or self.archive_md5 or self.archive_sha256) and self.size is None:
+            raise ValueError("a checksum needs the decompressed size too (size = bytes)")
+        return self
+
+    def file(self) -> DatasetFile:
+        return DatasetFile(self.name, self.split, self.kind, idx_sha256=self.sha256, idx_size=self.size,
+                           archive_sha256=self.archive_sha256, archive_size=self.archive_size,
+                           archive_md5=self.archive_md5)
+
+
+class ExpectSpec(_Spec):
+    """An ``[expect.<split>]`` table: what the data checks compare the split with."""
+
+    rows: Optional[Annotated[int, Field(gt=0, le=1 << 32)]] = None
+    class_counts: Optional[list[Count]] = None
+    pixel_mean: Optional[Fraction] = None   # of pixel/255 over the whole split
+    pixel_std: Optional[Fraction] = None
+
+    @model_validator(mode="after")
+    def _adds_up(self) -> "ExpectSpec":
+        if self.class_counts is not None and self.rows is not None and sum(self.class_counts) != self.rows:
+            raise ValueError(f"class_counts add up to {sum(self.class_counts)}, not rows = {self.rows}")
+        return self
+
+
+class DatasetSpec(_Spec):
+    """A dataset spec file (TOML or JSON), as the module's docstring shows it."""
+
+    name: Name
+    image_shape: Annotated[list[Annotated[int, Field(ge=1, le=MAX_SIDE)]], Field(min_length=2, max_length=2)]
+    classes: Annotated[list[ClassName], Field(min_length=2, max_length=MAX_CLASSES)]
+    mirrors: Annotated[list[Mirror], Field(max_length=MAX_MIRRORS)] = []
+    files: Annotated[list[FileSpec], Field(min_length=1, max_length=MAX_FILES)]
+    floor: Fraction = 0.0
+    notes: dict = {}
+    expect: dict[str, ExpectSpec] = {}
+
+    @field_validator("name")
+    @classmethod
+    def _own_name(cls, name: str, info: ValidationInfo) -> str:
+        if (info.context or {}).get("source", "built-in") != "built-in" and name in BUILTIN_NAMES:
+            raise ValueError(f"name {name!r} is the built-in dataset's; give your dataset a name of its own")
+        return name
+
+    @field_validator("image_shape")
+    @classmethod
+    def _fits_a_network(cls, shape: list[int]) -> list[int]:
+        if shape[0] * shape[1] > MAX_PIXELS:
+            raise ValueError(f"image_shape {shape[0]}×{shape[1]} makes {shape[0] * shape[1]:,} network inputs, more "
+                             f"than the {MAX_PIXELS:,} a network can take")
+        return shape
+
+    @field_validator("classes")
+    @classmethod
+    def _distinct(cls, classes: list[str]) -> list[str]:
+        if len(set(classes)) != len(classes):
+            raise ValueError("classes must be distinct names")
+        return classes
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "DatasetSpec":
+        """What no single field shows: files named twice, sizes that do not fit the image shape,
+        splits without both kinds, train and test missing, expectations of other splits."""
+        problems, seen = [], set()
+        rows, cols = self.image_shape
+        for i, f in enumerate(self.files):
+            label = f"files[{i}] ({_short(f.name)})"
+            if f.name.removesuffix(".gz") in seen:  # "x.gz" and "x" would land on the same raw file
+                problems.append(f"{label}: {_short(f.name)} is listed twice")
+            seen.add(f.name.removesuffix(".gz"))
+            item, header = (rows * cols, 16) if f.kind == "images" else (1, 8)
+            if f.size is not None and ((f.size - header) % item or f.size < header):
+                problems.append(f"{label}: size {f.size} is not a {f.kind} IDX file of "
+                                f"{f'{rows}×{cols}' if f.kind == 'images' else 'one byte'} per item "
+                                f"({header} + n × {item} bytes)")
+        splits = dict.fromkeys(f.split for f in self.files)
+        if not problems:
+            for split in splits:
+                for kind in KINDS:
+                    n = sum(1 for f in self.files if (f.split, f.kind) == (split, kind))
+                    if n != 1:
+                        problems.append(f"split {split!r} has {'no' if n == 0 else 'more than one'} {kind} file")
+            problems += [f"a {split!r} split is required" for split in ("train", "test") if split not in splits]
+        if not problems:
+            for split in splits:
+                sizes = {f.kind: f.size for f in self.files if f.split == split}
+                if sizes["images"] and sizes["labels"] and (sizes["images"] - 16) // (rows * cols) != sizes["labels"] - 8:
+                    problems.append(f"split {split!r}: the images file holds {(sizes['images'] - 16) // (rows * cols)} "
+                                    f"items, the labels file {sizes['labels'] - 8}")
+        for split, table in self.expect.items():
+            where = f"expect.{_short(split)[1:-1]}"
+            if split not in splits:
+                problems.append(f"{where}: the spec has no split {_short(split)}")
+            elif table.class_counts is not None and len(table.class_counts) != len(self.classes):
+                problems.append(f"{where}.class_counts must list one row count per class ({len(self.classes)}), "
+                                f"got {_short(table.class_counts)}")
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+    def dataset(self, source: str) -> Dataset:
+        from storage.checks import Expectation
+
+        expect = {split: Expectation(rows=t.rows, class_counts=tuple(t.class_counts) if t.class_counts else None,
+                                     pixel_mean=t.pixel_mean, pixel_std=t.pixel_std) for split, t in self.expect.items()}
+        return Dataset(name=self.name, files=tuple(f.file() for f in self.files), mirrors=tuple(self.mirrors),
+                       image_shape=(self.image_shape[0], self.image_shape[1]), classes=tuple(self.classes),
+                       source=source, notes=self.notes, floor=float(self.floor), expect=expect)
+
+
+# What a field must be, said once per field in the words of the spec (pydantic's own message
+# names the rule broken; this names what to write). {got} is the value given, shortened.
+_MUST = {
+    "name": "name must be 1–64 lowercase letters, digits, '.', '_' or '-', got {got}",
+    "image_shape": f"image_shape must be [rows, columns], each an integer in 1..{MAX_SIDE}, got {{got}}",
+    "classes": f"classes must be a list of 2..{MAX_CLASSES} distinct names of 1..{MAX_CLASS_NAME} characters, "
+               "one line each, got {got}",
+    "mirrors": f"mirrors must be a list of at most {MAX_MIRRORS} base URLs, got {{got}}",
+    "files": f"files must list the IDX archives (1 to {MAX_FILES} [[files]] tables with name, split, kind and a "
+             "checksum)",
+    "floor": "floor must be a test accuracy in 0..1 (the gate never promotes below it), got {got}",
+    "notes": "notes must be a table, got {got}",
+    "expect": "expect must be a table of splits, got {got}",
+    "files.*": "{label} must be a table with name, split, kind, sha256/size or archive_md5/size",
+    "files.name": "{label}: name must be a plain file name (not ending in .json), got {got}",
+    "files.split": "{label}: split must be a lowercase name such as train or test, got {got}",
+    "files.kind": "{label}: kind must be images or labels, got {got}",
+    "files.sha256": "{label}: sha256 must be 64 lowercase hex digits, got {got}",
+    "files.archive_sha256": "{label}: archive_sha256 must be 64 lowercase hex digits, got {got}",
+    "files.archive_md5": "{label}: archive_md5 must be 32 lowercase hex digits, got {got}",
+    "files.size": "{label}: size must be a positive number of bytes, got {got}",
+    "files.archive_size": "{label}: archive_size must be a positive number of bytes, got {got}",
+    "expect.*": "{label} must be a table with " + ", ".join(ExpectSpec.model_fields),
+    "expect.rows": "{label}.rows must be a positive number of rows, got {got}",
+    "expect.class_counts": "{label}.class_counts must list one row count per class, got {got}",
+    "expect.pixel_mean": "{label}.pixel_mean must be a number in 0..1 (of pixel/255), got {got}",
+    "expect.pixel_std": "{label}.pixel_std must be a number in 0..1 (of pixel/255), got {got}",
+}
+
+
+def _lines(error: ValidationError, data) -> list[str]:
+    """One line per mistake (a field wrong in three ways is one line), unknown keys first."""
+    lines: list[str] = []
+    for err in sorted(error.errors(), key=lambda e: e["type"] != "extra_forbidden"):
+        loc = err["loc"]
+        group, rest = (loc[0], loc[1:]) if loc and loc[0] in ("files", "expect") else (None, loc)
+        label, value = None, data
+        if group is not None and rest:
+            table = data[group][rest[0]] if isinstance(data.get(group), (list, dict)) else None
+            name = table.get("name") if group == "files" and isinstance(table, dict) else None
+            label = (f"files[{rest[0]}]" + (f" ({_short(name)})" if isinstance(name, str) else "") if group == "files"
+                     else f"expect.{_short(rest[0])[1:-1]}")
+            rest, value = rest[1:], table
+        key = rest[0] if rest else None
+        if err["type"] == "extra_forbidden":
+            known = ", ".join(sorted((FileSpec if group == "files" else ExpectSpec).model_fields)
+                              if label else sorted(DatasetSpec.model_fields))
+            line = f"{label + ': ' if label else ''}unknown key {_short(key)} (known: {known})"
+        elif err["type"] == "value_error":  # a validator's own words
+            message = err["msg"].removeprefix("Value error, ")
+            line = "\n".join(f"{label + ': ' if label else ''}{part}" if label and not part.startswith(label)
+                             else part for part in message.split("\n"))
+        else:
+            rule = f"{group}.{key}" if label and key else f"{group}.*" if label else str(key if key else group)
+            got = value.get(key) if isinstance(value, dict) and key is not None else value
+            where = ".".join(map(str, (label, *rest) if label else rest)) or "spec"
+            line = _MUST.get(rule, f"{where}: {err['msg']}").format(label=label, got=_short(got))
+        lines += [part for part in line.split("\n") if part not in lines]
+    return lines
 
 
 def from_dict(data, source: str = "built-in") -> Dataset:
-    """Validate a spec (as parsed from TOML/JSON); raise SpecError listing every mistake."""
+    """Validate a spec (as parsed from TOML/JSON) against ``DatasetSpec``; raise SpecError
+    listing every mistake, one line each."""
     where = Path(source).name if source != "built-in" else "spec"
-    errors: list[str] = []
-
-    def bad(msg: str) -> None:
-        errors.append(f"{where}: {msg}")
-
     if not isinstance(data, dict):
         raise SpecError(f"{where}: a dataset spec is a table/object with name, image_shape, classes, mirrors, files")
-    for key in sorted(set(data) - _TOP):
-        bad(f"unknown key {_short(key)} (known: {', '.join(sorted(_TOP))})")
-    name = data.get("name")
-    if not isinstance(name, str) or not NAME.fullmatch(name):
-        bad(f"name must be 1–64 lowercase letters, digits, '.', '_' or '-', got {_short(name)}")
-    elif source != "built-in" and name in BUILTIN_NAMES:
-        bad(f"name {_short(name)} is the built-in dataset's; give your dataset a name of its own")
-    shape = data.get("image_shape")
-    if not (isinstance(shape, list) and len(shape) == 2 and all(type(v) is int and 1 <= v <= MAX_SIDE for v in shape)):
-        bad(f"image_shape must be [rows, columns], each an integer in 1..{MAX_SIDE}, got {_short(shape)}")
-        shape = None
-    elif shape[0] * shape[1] > MAX_PIXELS:
-        bad(f"image_shape {shape[0]}×{shape[1]} makes {shape[0] * shape[1]:,} network inputs, more than the "
-            f"{MAX_PIXELS:,} a network can take")
-        shape = None
-    classes = data.get("classes")
-    if not (isinstance(classes, list) and 2 <= len(classes) <= MAX_CLASSES
-            and all(isinstance(c, str) and c.strip() for c in classes)):
-        bad(f"classes must be a list of 2..{MAX_CLASSES} non-empty names, got {_short(classes)}")
-        classes = None
-    elif bad_names := [c for c in classes if len(c) > MAX_CLASS_NAME or has_control(c)]:
-        bad(f"class names must be one line of at most {MAX_CLASS_NAME} characters, without control "
-            f"characters: {bad_names[0][:MAX_CLASS_NAME]!r}")
-    elif len(set(classes)) != len(classes):
-        bad("classes must be distinct names")
-    mirrors = data.get("mirrors", [])
-    if not (isinstance(mirrors, list) and len(mirrors) <= MAX_MIRRORS
-            and all(isinstance(m, str) and 0 < len(m) <= 2048 and not has_control(m) for m in mirrors)):
-        bad(f"mirrors must be a list of at most {MAX_MIRRORS} base URLs, got {_short(mirrors)}")
-        mirrors = []
-    floor = data.get("floor", 0.0)
-    if type(floor) not in (int, float) or not 0.0 <= floor <= 1.0:
-        bad(f"floor must be a test accuracy in 0..1 (the gate never promotes below it), got {_short(floor)}")
-    if not isinstance(data.get("notes", {}), dict):
-        bad(f"notes must be a table, got {_short(data.get('notes'))}")
-    files_in = data.get("files")
-    files: list[DatasetFile] = []
-    if not isinstance(files_in, list) or not 0 < len(files_in) <= MAX_FILES:
-        bad(f"files must list the IDX archives (1 to {MAX_FILES} [[files]] tables with name, split, kind and a "
-            "checksum)")
-        files_in = []
-    seen: set[str] = set()
-    for i, f in enumerate(files_in):
-        errors_before = len(errors)
-        label = f"files[{i}]"
-        if not isinstance(f, dict):
-            bad(f"{label} must be a table with name, split, kind, sha256/size or archive_md5/size")
-            continue
-        label = f"files[{i}] ({_short(f.get('name'))})" if isinstance(f.get("name"), str) else label
-        for key in sorted(set(f) - set(_FILE)):
-            bad(f"{label}: unknown key {_short(key)} (known: {', '.join(_FILE)})")
-        fname = f.get("name")
-        if not isinstance(fname, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,200}", fname) \
-                or fname.removesuffix(".gz").endswith(".json"):
-            bad(f"{label}: name must be a plain file name (not ending in .json), got {_short(fname)}")
-        elif fname.removesuffix(".gz") in seen:  # "x.gz" and "x" would land on the same raw file
-            bad(f"{label}: {_short(fname)} is listed twice")
-        else:
-            seen.add(fname.removesuffix(".gz"))
-        if not isinstance(f.get("split"), str) or not NAME.fullmatch(f.get("split") or ""):
-            bad(f"{label}: split must be a lowercase name such as train or test, got {_short(f.get('split'))}")
-        if f.get("kind") not in KINDS:
-            bad(f"{label}: kind must be images or labels, got {_short(f.get('kind'))}")
-        for key, length in _HEX.items():
-            value = f.get(key)
-            if value is not None and not (isinstance(value, str) and re.fullmatch(f"[0-9a-f]{{{length}}}", value)):
-                bad(f"{label}: {key} must be {length} lowercase hex digits, got {_short(value)}")
-        for key in ("size", "archive_size"):
-            value = f.get(key)
-            if value is not None and not (type(value) is int and 0 < value <= 1 << 40):
-                bad(f"{label}: {key} must be a positive number of bytes, got {_short(value)}")
-        if (f.get("sha256") or f.get("archive_md5") or f.get("archive_sha256")) and f.get("size") is None:
-            bad(f"{label}: a checksum needs the decompressed size too (size = bytes)")
-        if shape and f.get("kind") in KINDS and type(f.get("size")) is int:
-            item = shape[0] * shape[1] if f["kind"] == "images" else 1
-            header = 16 if f["kind"] == "images" else 8
-            if (f["size"] - header) % item or f["size"] < header:
-                bad(f"{label}: size {f['size']} is not a {f['kind']} IDX file of "
-                    f"{'×'.join(map(str, shape)) if f['kind'] == 'images' else 'one byte'} per item "
-                    f"({header} + n × {item} bytes)")
-        if len(errors) == errors_before:
-            files.append(DatasetFile(**{_FILE[k]: v for k, v in f.items() if k in _FILE}))
-    if not errors:
-        pairs = {(f.split, f.kind) for f in files}
-        splits = dict.fromkeys(f.split for f in files)
-        for split in splits:
-            for kind in KINDS:
-                if (split, kind) not in pairs:
-                    bad(f"split {split!r} has no {kind} file")
-                elif sum(1 for f in files if (f.split, f.kind) == (split, kind)) > 1:
-                    bad(f"split {split!r} has more than one {kind} file")
-        for split in ("train", "test"):
-            if split not in splits:
-                bad(f"a {split!r} split is required")
-        for split in splits:
-            sizes = {f.kind: f.idx_size for f in files if f.split == split}
-            if sizes.get("images") and sizes.get("labels") and shape:
-                n_images, n_labels = (sizes["images"] - 16) // (shape[0] * shape[1]), sizes["labels"] - 8
-                if n_images != n_labels:
-                    bad(f"split {split!r}: the images file holds {n_images} items, the labels file {n_labels}")
-    expect = _expectations(data.get("expect", {}), {f.split for f in files}, classes, bad)
-    if errors:
-        raise SpecError("\n".join(errors))
-    return Dataset(name=name, files=tuple(files), mirrors=tuple(mirrors), image_shape=tuple(shape),
-                   classes=tuple(classes), source=source, notes=data.get("notes") or {}, floor=float(floor),
-                   expect=expect)
-
-
-def _expectations(data, splits: set[str], classes, bad) -> dict:
-    """``[expect.<split>]`` tables: what the data checks compare each split with."""
-    from storage.checks import Expectation
-
-    if not isinstance(data, dict):
-        bad(f"expect must be a table of splits, got {_short(data)}")
-        return {}
-    out = {}
-    for split, table in data.items():
-        where = f"expect.{_short(split)[1:-1]}"
-        if split not in splits:
-            bad(f"{where}: the spec has no split {_short(split)}")
-            continue
-        if not isinstance(table, dict):
-            bad(f"{where} must be a table with {', '.join(sorted(_EXPECT))}")
-            continue
-        ok = True
-        for key in sorted(set(table) - _EXPECT):
-            bad(f"{where}: unknown key {_short(key)} (known: {', '.join(sorted(_EXPECT))})")
-            ok = False
-        rows, counts = table.get("rows"), table.get("class_counts")
-        if rows is not None and not (type(rows) is int and 0 < rows <= 1 << 32):
-            bad(f"{where}.rows must be a positive number of rows, got {_short(rows)}")
-            ok = False
-        if counts is not None and not (isinstance(counts, list) and classes and len(counts) == len(classes)
-                                       and all(type(c) is int and 0 <= c <= 1 << 32 for c in counts)):
-            bad(f"{where}.class_counts must list one row count per class ({len(classes or [])}), "
-                f"got {_short(counts)}")
-            ok = False
-        elif counts is not None and type(rows) is int and sum(counts) != rows:
-            bad(f"{where}: class_counts add up to {sum(counts)}, not rows = {rows}")
-            ok = False
-        for key in ("pixel_mean", "pixel_std"):
-            value = table.get(key)
-            if value is not None and not (type(value) in (int, float) and 0.0 <= value <= 1.0):
-                bad(f"{where}.{key} must be a number in 0..1 (of pixel/255), got {_short(value)}")
-                ok = False
-        if ok:
-            out[split] = Expectation(rows=rows, class_counts=tuple(counts) if counts is not None else None,
-                                     pixel_mean=table.get("pixel_mean"), pixel_std=table.get("pixel_std"))
-    return out
+    try:
+        spec = DatasetSpec.model_validate(data, context={"source": source})
+    except ValidationError as e:
+        raise SpecError("\n".join(f"{where}: {line}" for line in _lines(e, data))) from None
+    return spec.dataset(source)
 
 
 def load_spec(path: str | Path) -> Dataset:

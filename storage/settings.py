@@ -11,9 +11,9 @@ from __future__ import annotations
 import functools
 import os
 import re
-from typing import Annotated, Literal
+from typing import Annotated, Literal, TypeVar
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from storage import DigitflowError
@@ -47,6 +47,13 @@ class Settings(BaseSettings):
     @classmethod
     def _split(cls, value):
         return [m for m in re.split(r"[,\s]+", value) if m] if isinstance(value, str) else value
+
+
+def env_name(field: str) -> str:
+    """The variable of ``Settings`` field ``field`` (``api_settings`` → ``DIGITFLOW_API_SETTINGS``)."""
+    if field not in Settings.model_fields:
+        raise KeyError(field)
+    return PREFIX + field.upper()
 
 
 def settings() -> Settings:
@@ -88,3 +95,41 @@ def env_table() -> str:
         rows.append(f"| `{PREFIX}{name.upper()}` | {shown}{' (' + ', '.join(bounds) + ')' if bounds else ''} | "
                     f"{field.description} |")
     return "\n".join(rows)
+
+
+# ---- flags: the one-line error and the help text of a typed group of settings --------------
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def bounds(model: type[BaseModel], name: str) -> tuple[float | None, float | None]:
+    """(low, high) of field ``name`` of ``model`` as declared (None: unbounded on that side)."""
+    meta = model.model_fields[name].metadata
+    low = next((getattr(m, a) for m in meta for a in ("ge", "gt") if hasattr(m, a)), None)
+    high = next((getattr(m, a) for m in meta for a in ("le", "lt") if hasattr(m, a)), None)
+    return low, high
+
+
+def flag_help(model: type[BaseModel], name: str) -> str:
+    """A flag's help: the field's description and its bounds."""
+    low, high = bounds(model, name)
+    shown = f" ({low}..{high})" if low is not None and high is not None else ""
+    return f"{model.model_fields[name].description}{shown}."
+
+
+def checked(model: type[M], /, **values) -> M:
+    """``model(**values)``, or one DigitflowError naming the first flag that does not fit:
+    ``--max-body must be an integer in 1024..1073741824, got 12``."""
+    try:
+        return model(**values)
+    except ValidationError as e:
+        err = e.errors()[0]
+    name = str(err["loc"][0]) if err.get("loc") else "?"
+    flag = "--" + name.replace("_", "-")
+    low, high = bounds(model, name) if name in model.model_fields else (None, None)
+    if err["type"] in ("greater_than_equal", "less_than_equal", "greater_than", "less_than", "int_type",
+                       "float_type", "int_from_float", "finite_number") and low is not None and high is not None:
+        annotation = model.model_fields[name].annotation
+        kind = "an integer" if annotation is int else "a number"
+        raise DigitflowError(f"{flag} must be {kind} in {low}..{high}, got {values.get(name)!r}")
+    raise DigitflowError(f"{flag}: {err['msg'].removeprefix('Value error, ')}")

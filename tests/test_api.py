@@ -469,6 +469,7 @@ def test_a_client_gone_mid_body_is_no_500_and_a_padded_token_still_works(publish
         assert 'status="500"' not in metrics
     from serving.app import ApiSettings
     from storage import DigitflowError
+    from storage.settings import checked
 
-    with pytest.raises(DigitflowError, match="is empty"):
-        ApiSettings(home=str(published), token=" \n").check()
+    with pytest.raises(DigitflowError, match=r"^--token: is empty"):
+        checked(ApiSettings, home=str(published), token=" \n")

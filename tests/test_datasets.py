@@ -216,7 +216,7 @@ def test_user_spec_16x16_three_classes_runs_the_whole_pipeline(tmp_path):
 
 
 @pytest.mark.parametrize("mutate, message", [
-    (lambda d: d.pop("classes"), "classes must be a list of 2..1000 non-empty names, got None"),
+    (lambda d: d.pop("classes"), "classes must be a list of 2..1000 distinct names of 1..100 characters, one line each, got None"),
     (lambda d: d["files"].append(dict(d["files"][0])), "is listed twice"),
     (lambda d: d.update(image_shape=[16]), "image_shape must be [rows, columns]"),
     (lambda d: d["files"][0].update(size=1000), "size 1000 is not a images IDX file of 16×16 per item"),
@@ -251,7 +251,7 @@ def test_several_mistakes_are_each_one_line():
         "spec: unknown key 'extra' (known: classes, expect, files, floor, image_shape, mirrors, name, notes)",
         "spec: name must be 1–64 lowercase letters, digits, '.', '_' or '-', got 'Bad Name'",
         "spec: image_shape must be [rows, columns], each an integer in 1..1024, got [0, 5]",
-        "spec: classes must be a list of 2..1000 non-empty names, got ['a']",
+        "spec: classes must be a list of 2..1000 distinct names of 1..100 characters, one line each, got ['a']",
         "spec: files must list the IDX archives (1 to 64 [[files]] tables with name, split, kind and a checksum)"]
 
 
