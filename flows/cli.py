@@ -1,4 +1,7 @@
-"""The ``digitflow`` command line."""
+"""The ``digitflow`` command line: the pipeline's commands here (ingest, run, train, evaluate,
+publish, predict, sweep); the others by purpose in ``cli_schedule`` (serve, deploy),
+``cli_operate`` (api, monitor, alerts, server), ``cli_models`` (models …) and ``cli_data``
+(data …), registered at the end of this file."""
 
 from __future__ import annotations
 
@@ -10,91 +13,20 @@ from typing import List, Optional
 import typer
 
 import flows  # noqa: F401  (sets telemetry-off defaults before Prefect is imported)
-from flows import console, interrupt, server
+from flows import cli_data, cli_models, cli_operate, cli_schedule, interrupt, server
 from flows.console import progress_display
-from serving.app import ApiSettings
-from flows.cli_common import (option, ALLOW_UNPINNED, APPROVAL, APPROVAL_TIMEOUT, APPROVAL_WAIT, ApprovalMode, DATASET, DEADLINE, FLOOR, HOME, MIRRORS, MODEL_NAME, PRESET, RETRIES, ROWS, TIMEOUT, TOLERANCE,
-                              WEBHOOK, fail, one_line_errors, quiet_expected_failures)
+from flows.cli_common import (ALLOW_UNPINNED, APPROVAL, APPROVAL_WAIT, DATASET, DEADLINE, FLOOR, HOME, MIRRORS,
+                              MODEL_NAME, PRESET, RETRIES, ROWS, TIMEOUT, TOLERANCE, WEBHOOK, ApprovalMode, fail,
+                              hp_options, mirrors_param, one_line_errors, quiet_expected_failures, start,
+                              webhook_param)
 from storage import DigitflowError
 from storage.config import IngestSettings, resolve_home
 from storage.datasets import class_names, dataset_and_model
-from storage.settings import checked, env_name, settings
+from storage.settings import env_name, settings
 from storage.text import terminal
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="digitflow: the MNIST retraining pipeline (Prefect 3 + a pure-NumPy network).")
-
-
-def hp_options(f):
-    """Add one flag per hyperparameter (each overrides the preset) to a command; the flags,
-    their syntax and help come from the contract (flows/contract.py), like the sweep grid."""
-    import functools
-    import inspect
-
-    from flows.contract import cli_options, parse_value
-
-    extra = cli_options()
-    sig = inspect.signature(f)
-    params = [p for p in sig.parameters.values() if p.name != "hp"]
-    params += [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str],
-                                 default=typer.Option(None, flag, metavar=metavar, help=help_))
-               for name, flag, metavar, help_ in extra]
-
-    @functools.wraps(f)
-    def wrapper(**kwargs):
-        with one_line_errors():
-            hp = {name: parse_value(name, text) for name, *_ in extra
-                  if (text := kwargs.pop(name)) is not None}
-        return f(hp=hp, **kwargs)
-
-    wrapper.__signature__ = sig.replace(parameters=params)
-    return wrapper
-
-
-def _start(home=None):
-    """Resolve the home (fails fast, before Prefect starts); then the Prefect server: the one in
-    PREFECT_API_URL, else the local one (started on first use, flows/server.py), else with
-    DIGITFLOW_EPHEMERAL=1 Prefect's temporary one, kept out of reach of the terminal's Ctrl-C."""
-    resolved = resolve_home(home) if home is not False else None
-    where = f"home {terminal(str(resolved))} · " if resolved is not None else ""
-    print(f"digitflow: {where}{server.describe()}", file=sys.stderr, flush=True)  # before Prefect's import
-    server.use()
-    interrupt.detach_ephemeral_server()
-    console.setup(resolved)  # Prefect's log to the dashboard and <home>/logs; one line per step on the terminal
-    return str(resolved) if resolved is not None else None
-
-
-def _mirrors(mirror: list[str] | None, here: bool = True) -> list[str] | None:
-    """The mirrors as a flow parameter, unless one carries credentials (user:secret@): flow
-    parameters are recorded by Prefect, so those travel in this process's environment instead
-    (``here``: the flow runs are this process or its children; a deployment's are not)."""
-    from storage.download import redact
-
-    if mirror and any(redact(m) != m for m in mirror):
-        if not here:
-            raise DigitflowError("--mirror with credentials cannot be recorded in a deployment (its parameters are "
-                                 "shown in the dashboard): set DIGITFLOW_MIRRORS on the workers instead")
-        os.environ["DIGITFLOW_MIRRORS"] = " ".join(mirror)
-        return None
-    return list(mirror) if mirror else None
-
-
-def _webhook(webhook: str | None, here: bool = True) -> str | None:
-    """The flows' ``webhook`` parameter for ``--webhook``: ``env:NAME``/``secret:NAME`` as they
-    are; a URL (often a secret itself) reaches this process's flow runs through its environment,
-    never a parameter, and a deployment (``here=False``) refuses it in one line."""
-    from urllib.parse import urlsplit
-
-    from flows.alerts import ENV, REFERENCE, check_reference
-
-    if webhook is None or REFERENCE.fullmatch(webhook):
-        return webhook
-    if not here:
-        check_reference(webhook)
-    if urlsplit(webhook).scheme not in ("http", "https"):
-        raise DigitflowError("--webhook must be an http(s) URL, env:VARIABLE or secret:PREFECT_SECRET_BLOCK")
-    os.environ[ENV] = webhook
-    return None
 
 
 @app.command()
@@ -108,10 +40,10 @@ def ingest(home: Optional[str] = HOME, mirror: Optional[List[str]] = MIRRORS, da
     with one_line_errors():
         dataset_and_model(dataset, None, allow_unpinned)  # a bad spec: one line per mistake, before any download
         IngestSettings.checked(rows_per_shard=rows_per_shard, timeout=timeout, retries=retries, deadline=deadline)
-        home = _start(home)
+        home = start(home)
         from flows.ingest import ingest as ingest_flow
         with progress_display():
-            refs = ingest_flow(home=home, mirrors=_mirrors(mirror), rows_per_shard=rows_per_shard, timeout=timeout,
+            refs = ingest_flow(home=home, mirrors=mirrors_param(mirror), rows_per_shard=rows_per_shard, timeout=timeout,
                                retries=retries, deadline=deadline, dataset=dataset, allow_unpinned=allow_unpinned)
     for split, ref in refs.items():
         typer.echo(f"{split}: {ref.rows} rows in {ref.shards} shards, manifest {ref.manifest} (sha256 {ref.sha256[:16]}…)")
@@ -134,13 +66,13 @@ def run(home: Optional[str] = HOME, mirror: Optional[List[str]] = MIRRORS, datas
         spec, _ = dataset_and_model(dataset, model_name, allow_unpinned)  # invalid values fail before any work
         hyperparameters(preset, hp, spec)
         IngestSettings.checked(rows_per_shard=rows_per_shard, timeout=timeout, retries=retries, deadline=deadline)
-        home = _start(home)
+        home = start(home)
         from flows.pipeline import retrain
         with progress_display():
-            summary = retrain(home=home, mirrors=_mirrors(mirror), dataset=dataset, allow_unpinned=allow_unpinned,
+            summary = retrain(home=home, mirrors=mirrors_param(mirror), dataset=dataset, allow_unpinned=allow_unpinned,
                               preset=preset, model_name=model_name, **hp,
                               tolerance=tolerance, floor=floor, rows_per_shard=rows_per_shard, timeout=timeout,
-                              retries=retries, deadline=deadline, webhook=_webhook(webhook), approval=approval,
+                              retries=retries, deadline=deadline, webhook=webhook_param(webhook), approval=approval,
                               approval_timeout=approval_timeout)
     if json_out:
         typer.echo(summary.model_dump_json())
@@ -165,7 +97,7 @@ def train(home: Optional[str] = HOME, dataset: str = DATASET, preset: str = PRES
     with one_line_errors():
         spec, _ = dataset_and_model(dataset, None)
         hyperparameters(preset, hp, spec)
-        home = _start(home)
+        home = start(home)
         from flows.pipeline import train_only
         _require_split(home, "train", spec.key)
         with progress_display():
@@ -206,7 +138,7 @@ def evaluate(model: str = typer.Option("champion", "--model", help="VERSION, ali
     """Evaluate a published version, or a trained model folder, on the dataset's test split."""
     with one_line_errors():
         spec, model_name = dataset_and_model(dataset, model_name)
-        home = _start(home)
+        home = start(home)
         from flows.pipeline import evaluate_model
         ref, label = _model_ref(model, home, model_name)
         _require_split(home, "test", spec.key)
@@ -236,10 +168,10 @@ def publish(folder: str = typer.Argument(..., help="A trained model folder, as `
     with one_line_errors():
         spec, model_name = dataset_and_model(dataset, model_name)
         ref = trained_ref(folder)
-        home = _start(home)
+        home = start(home)
         from flows.pipeline import publish_trained
         outcome = publish_trained(ref, home=home, dataset=dataset, model_name=model_name, tolerance=tolerance,
-                                  floor=floor, webhook=_webhook(webhook), approval=approval,
+                                  floor=floor, webhook=webhook_param(webhook), approval=approval,
                                   approval_timeout=approval_timeout)
     if json_out:
         typer.echo(outcome.model_dump_json())
@@ -281,125 +213,6 @@ def predict(images: List[str] = typer.Argument(..., help="PNG/JPEG/... files of 
         typer.echo(f"{terminal(n)}: {d}{' ' + terminal(classes[d]) if classes else ''} ({p:.1%})")
 
 
-def check_cron(cron: str) -> None:
-    from prefect.client.schemas.schedules import CronSchedule
-
-    try:
-        CronSchedule(cron=cron)
-    except ValueError:
-        raise DigitflowError(f"--cron {cron!r} is not a valid cron expression") from None
-
-
-def deployment_parameters(home, mirror, preset, model_name, hp, webhook, dataset="mnist",
-                          allow_unpinned=False, here: bool = True, approval: str = "none",
-                          approval_timeout: float = APPROVAL_TIMEOUT) -> dict:
-    """The deployment's parameters (shown to every dashboard user: no secret goes in; ``here``:
-    its runs are children of this process (``serve``), else of workers elsewhere (``deploy``))."""
-    from flows.contract import hyperparameters
-
-    spec, model_name = dataset_and_model(dataset, model_name, allow_unpinned)
-    hyperparameters(preset, hp, spec)  # invalid values fail now, not at 3 a.m.
-    params = {"home": str(resolve_home(home)), "preset": preset, "model_name": model_name}
-    if spec.name != "mnist":
-        params["dataset"] = dataset if spec.source == "built-in" else spec.source  # a spec file: its absolute path
-    if allow_unpinned:
-        params["allow_unpinned"] = True
-    mirrors, webhook = _mirrors(mirror, here), _webhook(webhook, here)
-    if mirrors:
-        params["mirrors"] = mirrors
-    if hp:
-        params.update(hp)
-    if webhook:
-        params["webhook"] = webhook
-    if approval != "none":
-        params.update(approval=approval, approval_timeout=approval_timeout)
-    return params
-
-
-@app.command()
-@hp_options
-def serve(cron: str = typer.Option("0 3 * * *", "--cron", help="Cron schedule of the retraining runs (UTC)."),
-          name: str = typer.Option("scheduled", "--name", help="Deployment name."),
-          home: Optional[str] = HOME, mirror: Optional[List[str]] = MIRRORS, dataset: str = DATASET,
-          allow_unpinned: bool = ALLOW_UNPINNED, preset: str = PRESET,
-          model_name: Optional[str] = MODEL_NAME, webhook: Optional[str] = WEBHOOK, approval: ApprovalMode = APPROVAL,
-          approval_timeout: float = APPROVAL_WAIT, hp: dict = None) -> None:
-    """Serve the pipeline as a Prefect deployment on a cron schedule (runs until stopped).
-
-    Runs appear in the dashboard on schedule and can be started from the UI or with
-    `prefect deployment run 'retrain/NAME' --param preset=best`."""
-    with one_line_errors():
-        check_cron(cron)
-        params = deployment_parameters(home, mirror, preset, model_name, hp, webhook, dataset, allow_unpinned,
-                                       approval=approval, approval_timeout=approval_timeout)
-        _start(False)
-        from prefect import serve as prefect_serve
-        deployment = retrain_deployment(name=name, cron=cron, parameters=params, tags=["digitflow"], description=
-                                        f"Retrain {params['model_name']} with preset {preset!r} on {cron!r} (UTC)")
-    prefect_serve(deployment)
-
-
-def retrain_deployment(**kwargs):
-    """The ``retrain`` flow as a deployment (``serve``, ``deploy``; ``kwargs`` as Prefect's
-    ``to_deployment`` takes them), its Run form made of plain inputs (``prefect_compat`` entry 7)."""
-    from flows.contract import form_switches
-    from flows.pipeline import retrain
-    from tasks.prefect_compat import plain_form_fields
-
-    deployment = retrain.to_deployment(**kwargs)
-    plain_form_fields(deployment, form_switches())
-    return deployment
-
-
-@app.command()
-@hp_options
-def deploy(pool: str = typer.Option("digitflow", "--pool", help="Process work pool (created if missing)."),
-           cron: Optional[str] = typer.Option(None, "--cron", help="Cron schedule (UTC); none: run on demand."),
-           name: str = typer.Option("workers", "--name", help="Deployment name."),
-           home: Optional[str] = HOME, mirror: Optional[List[str]] = MIRRORS, dataset: str = DATASET,
-           allow_unpinned: bool = ALLOW_UNPINNED, preset: str = PRESET,
-           model_name: Optional[str] = MODEL_NAME, webhook: Optional[str] = WEBHOOK, approval: ApprovalMode = APPROVAL,
-           approval_timeout: float = APPROVAL_WAIT,
-           retrain_on_drift: bool = typer.Option(False, "--retrain-on-drift", help="Also create an automation that "
-                                                 "runs this deployment when `digitflow monitor` reports drift."),
-           hp: dict = None) -> None:
-    """Register the pipeline for a process work pool, to run on workers anywhere.
-
-    Runs execute on `prefect worker start --pool POOL` on any machine with digitflow installed
-    (the entrypoint is the module, not this checkout). The home is --home / $DIGITFLOW_HOME when
-    given here, else the worker's $DIGITFLOW_HOME."""
-    with one_line_errors():
-        if cron is not None:
-            check_cron(cron)
-        params = deployment_parameters(home, mirror, preset, model_name, hp, webhook, dataset, allow_unpinned,
-                                       here=False, approval=approval, approval_timeout=approval_timeout)
-        _start(False)
-        from prefect.client.orchestration import get_client
-        from prefect.client.schemas.actions import WorkPoolCreate
-        from prefect.deployments.runner import EntrypointType, deploy as prefect_deploy
-        from prefect.exceptions import ObjectAlreadyExists
-        if not (home or settings().home):
-            del params["home"]  # the worker's $DIGITFLOW_HOME decides (a path here means nothing there)
-        with get_client(sync_client=True) as client:
-            try:
-                client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
-            except ObjectAlreadyExists:
-                pass
-        deployment = retrain_deployment(name=name, cron=cron, parameters=params, tags=["digitflow"],
-                                        entrypoint_type=EntrypointType.MODULE_PATH)
-        [deployment_id] = prefect_deploy(deployment, work_pool_name=pool, build=False, push=False,
-                                         print_next_steps_message=False, ignore_warnings=True)
-        if retrain_on_drift:
-            from flows.monitor import retrain_on_drift as install
-
-            automation = install(deployment_id, params["model_name"])
-    typer.echo(f"deployment retrain/{name} ({deployment_id}) on work pool {pool!r}"
-               + (f", schedule {cron!r}" if cron else "") + f"; start a worker: prefect worker start --pool {pool}")
-    if retrain_on_drift:
-        typer.echo(f"automation {automation!r}: a {DRIFT_EVENT} event for {params['model_name']} "
-                   f"(`digitflow monitor`) runs this deployment")
-
-
 @app.command()
 @hp_options
 def sweep(grid: List[str] = typer.Option(..., "--grid", help="name=v1,v2 (repeat or list several): hidden=128,256 lr=0.05,0.1"),
@@ -422,7 +235,7 @@ def sweep(grid: List[str] = typer.Option(..., "--grid", help="name=v1,v2 (repeat
         for point in points:
             hyperparameters(preset, {**hp, **point}, spec)
         IngestSettings.checked(rows_per_shard=rows_per_shard, timeout=timeout, retries=retries)
-        home = _start(home)
+        home = start(home)
         from flows.sweep import sweep as sweep_flow
         import logging
 
@@ -435,10 +248,10 @@ def sweep(grid: List[str] = typer.Option(..., "--grid", help="name=v1,v2 (repeat
             runner = DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True,
                                                     "dashboard_address": None})
         result = sweep_flow.with_options(task_runner=runner)(
-            grid=points, home=home, mirrors=_mirrors(mirror), dataset=dataset, allow_unpinned=allow_unpinned,
+            grid=points, home=home, mirrors=mirrors_param(mirror), dataset=dataset, allow_unpinned=allow_unpinned,
             preset=preset, model_name=model_name, **hp,
             tolerance=tolerance, floor=floor, rows_per_shard=rows_per_shard, timeout=timeout, retries=retries,
-            webhook=_webhook(webhook))
+            webhook=webhook_param(webhook))
     if json_out:
         typer.echo(result.model_dump_json())
         return
@@ -449,142 +262,16 @@ def sweep(grid: List[str] = typer.Option(..., "--grid", help="name=v1,v2 (repeat
     typer.echo(f"report: {result.report}")
 
 
-@app.command()
-def api(host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind (127.0.0.1: this machine only)."),
-        port: int = typer.Option(8000, "--port", min=0, max=65535, help="TCP port."),
-        model: str = option(ApiSettings, "model"),
-        home: Optional[str] = HOME, dataset: str = DATASET, model_name: Optional[str] = MODEL_NAME,
-        workers: int = typer.Option(1, "--workers", min=1, max=64, help="Worker processes."),
-        token: Optional[str] = option(ApiSettings, "token", envvar=env_name("api_token"), show_envvar=True),
-        max_body: int = option(ApiSettings, "max_body"),
-        max_pixels: int = option(ApiSettings, "max_pixels"),
-        max_images: int = option(ApiSettings, "max_images"),
-        max_request_pixels: int = option(ApiSettings, "max_request_pixels"),
-        poll: float = option(ApiSettings, "poll"),
-        log_level: str = typer.Option("info", "--log-level", help="info: one line per request; warning: swaps and errors only."),
-        ) -> None:
-    """Serve the champion over HTTP (predictions, metrics, a drawing page).
+# ---- the other commands, by purpose -------------------------------------------------------
 
-    POST /predict, GET /model /health /ready /metrics, and a drawing page at /; a promotion is
-    picked up within --poll seconds, verified before the swap."""
-    from serving.app import serve as serve_api
-
-    with one_line_errors():
-        _, model_name = dataset_and_model(dataset, model_name)
-        if log_level.lower() not in ("debug", "info", "warning", "error"):
-            raise DigitflowError(f"--log-level {log_level!r}: use info, warning or error")
-        settings = checked(ApiSettings, home=str(resolve_home(home)), model_name=model_name, model=model, token=token,
-                           max_body=max_body, max_pixels=max_pixels, max_images=max_images,
-                           max_request_pixels=max_request_pixels, poll=float(poll))
-        if not token and host not in ("127.0.0.1", "localhost", "::1") and not host.startswith("127."):
-            typer.echo(f"digitflow api: warning: listening on {host} without a token: anyone who can reach this "
-                       "machine can use the API (set DIGITFLOW_API_TOKEN)", err=True)
-        typer.echo(f"digitflow api: {model_name} {model} from {settings.home} on http://{host}:{port}/ "
-                   f"({workers} worker{'s' if workers > 1 else ''}{', token required' if token else ''})", err=True)
-        serve_api(settings, host=host, port=port, workers=workers, log_level=log_level)
-
-
-alerts_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Alerts as Prefect automations.")
-app.add_typer(alerts_app, name="alerts")
-
-
-@alerts_app.command("install")
-def alerts_install(webhook: str = typer.Option(..., "--webhook", help="URL that receives the POSTed alerts."),
-                   block_name: str = typer.Option("digitflow-alerts", "--block-name")) -> None:
-    """Create Prefect automations on the server (PREFECT_API_URL): a failed run or a gate
-    rejection sends a notification to WEBHOOK, even when the run's own process is gone."""
-    from flows.alerts import install_automations, where
-
-    with one_line_errors():
-        _start(False)
-        names = install_automations(webhook, block_name)
-    for name in names:
-        typer.echo(f"automation {name!r} → {where(webhook)}")
-
-
-server_app = typer.Typer(add_completion=False, no_args_is_help=True,
-                         help="The local Prefect server digitflow starts when PREFECT_API_URL is not set.")
-app.add_typer(server_app, name="server")
-
-
-@server_app.command("status")
-def server_status() -> None:
-    """Which Prefect server commands use, and whether it answers."""
-    if os.environ.get("PREFECT_API_URL"):
-        url = os.environ["PREFECT_API_URL"]
-        typer.echo(f"PREFECT_API_URL={url}: {'answering' if server.healthy(url) else 'not answering'} "
-                   "(digitflow starts no server of its own)")
-        return
-    url, pid = server.api_url(), server.running_pid()
-    state = "answering" if server.healthy(url) else "not answering"
-    typer.echo(f"local server {url}: {state}" + (f", pid {pid}" if pid else "")
-               + f"; dashboard {server.ui_url()}; log {server.state_dir() / 'server.log'}")
-    if state != "answering":
-        raise typer.Exit(1)
-
-
-@server_app.command("stop")
-def server_stop() -> None:
-    """Stop the local server (the next command that needs one starts it again)."""
-    typer.echo("local server stopped" if server.stop() else "no local server was running")
-
-
-@server_app.command("logs")
-def server_logs(lines: int = typer.Option(40, "--lines", "-n", min=1, max=100_000, help="How many of the last lines.")) -> None:
-    """The last lines of the local server's log."""
-    import collections
-
-    log = server.state_dir() / "server.log"
-    if not log.is_file():
-        typer.echo(f"no log yet ({log})")
-        return
-    with open(log, "rb") as f:
-        for line in collections.deque(f, maxlen=lines):
-            typer.echo(terminal(line.decode("utf-8", "replace").rstrip("\n")))
-
-
-DRIFT_EVENT = "digitflow.drift.detected"  # (flows.monitor.DRIFT_EVENT, without importing Prefect for --help)
-
-
-@app.command()
-def monitor(api: str = typer.Option("http://127.0.0.1:8000", "--api", help="Base URL of a running `digitflow api` "
-                                    "(its token from $DIGITFLOW_API_TOKEN)."),
-            threshold: float = typer.Option(0.25, "--threshold", min=0.0001, max=100.0,
-                                            help="PSI above which a statistic counts as drifted."),
-            min_images: int = typer.Option(100, "--min-images", min=1, max=1_000_000,
-                                           help="Images the API's window needs before anything is judged."),
-            cron: Optional[str] = typer.Option(None, "--cron", help="Serve the monitor on this schedule (UTC) "
-                                               "instead of running it once."),
-            json_out: bool = typer.Option(False, "--json", help="Print the outcome as JSON.")) -> None:
-    """Compare what a running API was asked with its version's test split; emit
-    `digitflow.drift.detected` (for `deploy --retrain-on-drift`) when the inputs drifted."""
-    from flows.monitor import check_api_url, monitor as monitor_flow
-
-    with one_line_errors():
-        if cron is not None:
-            check_cron(cron)
-        check_api_url(api)
-        _start(False)
-        if cron is not None:
-            monitor_flow.serve(name="monitor", cron=cron, parameters={"api_url": api, "threshold": threshold,
-                                                                        "min_images": min_images},
-                               tags=["digitflow"])
-            return
-        summary = monitor_flow(api_url=api, threshold=threshold, min_images=min_images)
-    if json_out:
-        typer.echo(json.dumps(summary))
-        return
-    psi = ", ".join(f"{k} {v:.3f}" for k, v in summary["psi"].items() if v is not None) or "not compared"
-    typer.echo(terminal(f"{summary['model']} v{summary['version']}: {summary['window_images']} served images; "
-                        f"{'DRIFTED: ' + ', '.join(summary['drifted']) if summary['drifted'] else 'no drift'} "
-                        f"(PSI {psi})"))
-
-
-from flows.cli_models import app as models_app  # noqa: E402
-from flows.cli_data import app as data_app  # noqa: E402
-
-app.add_typer(models_app, name="models")
-app.add_typer(data_app, name="data")
+app.command()(cli_schedule.serve)      # the pipeline on a schedule, in this process
+app.command()(cli_schedule.deploy)     # ... or on workers anywhere
+app.command()(cli_operate.api)         # serving the champion over HTTP
+app.command()(cli_operate.monitor)     # drift of what the API was asked
+app.add_typer(cli_operate.alerts_app, name="alerts")
+app.add_typer(cli_operate.server_app, name="server")
+app.add_typer(cli_models.app, name="models")  # the registry
+app.add_typer(cli_data.app, name="data")      # the ingested data and its checks
 
 
 def main() -> None:
@@ -592,7 +279,7 @@ def main() -> None:
     args = sys.argv[1:]
     if "--verbose" in args:
         args = [a for a in args if a != "--verbose"]
-        os.environ["DIGITFLOW_DEBUG"] = "1"
+        os.environ[env_name("debug")] = "1"
     quiet_expected_failures()
     server.announce = True  # the dashboard link of each run this command starts, once
     command = next((a for a in args if not a.startswith("-")), "")

@@ -1,4 +1,5 @@
-"""What every `digitflow` command shares: options, one-line errors, quiet expected failures."""
+"""What every `digitflow` command shares: options, one-line errors, quiet expected failures, the
+hyperparameter flags, and how a command reaches its home and its Prefect server."""
 
 from __future__ import annotations
 
@@ -8,15 +9,16 @@ import logging
 import os
 import sys
 import traceback
-
-from typing import Literal
+from typing import Literal, Optional
 
 import typer
 
+from flows import console, interrupt, server
 from storage import DigitflowError
 from storage.atomic import is_disk_error
-from storage.config import IngestSettings
-from storage.settings import flag_help
+from storage.config import IngestSettings, resolve_home
+from storage.settings import env_name, flag_help
+from storage.text import terminal
 from storage.registry import APPROVAL_BOUNDS, APPROVAL_MODES, APPROVAL_TIMEOUT, DEFAULT_NAME, DEFAULT_TOLERANCE, GATE_BOUNDS
 
 HOME = typer.Option(None, "--home", help="Root directory for all state (env DIGITFLOW_HOME; default ~/.digitflow).")
@@ -120,3 +122,75 @@ def one_line_errors():
         fail(describe(e))
 
 
+# ---- what several commands share -----------------------------------------------------------
+
+def hp_options(f):
+    """Add one flag per hyperparameter (each overrides the preset) to a command; the flags,
+    their syntax and help come from the contract (flows/contract.py), like the sweep grid."""
+    import functools
+    import inspect
+
+    from flows.contract import cli_options, parse_value
+
+    extra = cli_options()
+    sig = inspect.signature(f)
+    params = [p for p in sig.parameters.values() if p.name != "hp"]
+    params += [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str],
+                                 default=typer.Option(None, flag, metavar=metavar, help=help_))
+               for name, flag, metavar, help_ in extra]
+
+    @functools.wraps(f)
+    def wrapper(**kwargs):
+        with one_line_errors():
+            hp = {name: parse_value(name, text) for name, *_ in extra
+                  if (text := kwargs.pop(name)) is not None}
+        return f(hp=hp, **kwargs)
+
+    wrapper.__signature__ = sig.replace(parameters=params)
+    return wrapper
+
+
+def start(home=None):
+    """Resolve the home (fails fast, before Prefect starts); then the Prefect server: the one in
+    PREFECT_API_URL, else the local one (started on first use, flows/server.py), else with
+    DIGITFLOW_EPHEMERAL=1 Prefect's temporary one, kept out of reach of the terminal's Ctrl-C."""
+    resolved = resolve_home(home) if home is not False else None
+    where = f"home {terminal(str(resolved))} · " if resolved is not None else ""
+    print(f"digitflow: {where}{server.describe()}", file=sys.stderr, flush=True)  # before Prefect's import
+    server.use()
+    interrupt.detach_ephemeral_server()
+    console.setup(resolved)  # Prefect's log to the dashboard and <home>/logs; one line per step on the terminal
+    return str(resolved) if resolved is not None else None
+
+
+def mirrors_param(mirror: list[str] | None, here: bool = True) -> list[str] | None:
+    """The mirrors as a flow parameter, unless one carries credentials (user:secret@): flow
+    parameters are recorded by Prefect, so those travel in this process's environment instead
+    (``here``: the flow runs are this process or its children; a deployment's are not)."""
+    from storage.download import redact
+
+    if mirror and any(redact(m) != m for m in mirror):
+        if not here:
+            raise DigitflowError("--mirror with credentials cannot be recorded in a deployment (its parameters are "
+                                 "shown in the dashboard): set DIGITFLOW_MIRRORS on the workers instead")
+        os.environ[env_name("mirrors")] = " ".join(mirror)
+        return None
+    return list(mirror) if mirror else None
+
+
+def webhook_param(webhook: str | None, here: bool = True) -> str | None:
+    """The flows' ``webhook`` parameter for ``--webhook``: ``env:NAME``/``secret:NAME`` as they
+    are; a URL (often a secret itself) reaches this process's flow runs through its environment,
+    never a parameter, and a deployment (``here=False``) refuses it in one line."""
+    from urllib.parse import urlsplit
+
+    from flows.alerts import ENV, REFERENCE, check_reference
+
+    if webhook is None or REFERENCE.fullmatch(webhook):
+        return webhook
+    if not here:
+        check_reference(webhook)
+    if urlsplit(webhook).scheme not in ("http", "https"):
+        raise DigitflowError("--webhook must be an http(s) URL, env:VARIABLE or secret:PREFECT_SECRET_BLOCK")
+    os.environ[ENV] = webhook
+    return None

@@ -115,7 +115,7 @@ def test_run_form_opens_on_plain_inputs_and_an_empty_field_keeps_the_preset(serv
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from flows.cli import retrain_deployment
+    from flows.cli_schedule import retrain_deployment
     from flows.contract import form_switches
 
     # A switch cannot be left empty: it opens on the default preset's value, which every preset shares.

@@ -382,7 +382,8 @@ def test_a_webhook_has_one_deadline_follows_no_redirect_and_logs_no_secret(slow_
 
 def test_a_webhook_url_never_becomes_a_flow_parameter(monkeypatch):
     from flows import alerts
-    from flows.cli import _webhook, deployment_parameters
+    from flows.cli_common import webhook_param as _webhook
+    from flows.cli_schedule import deployment_parameters
     from storage import DigitflowError
 
     with pytest.raises(DigitflowError, match="a URL is not accepted as a flow parameter"):
