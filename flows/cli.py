@@ -22,7 +22,7 @@ from flows.cli_common import (ALLOW_UNPINNED, APPROVAL, APPROVAL_WAIT, DATASET, 
 from storage import DigitflowError
 from storage.config import IngestSettings, resolve_home
 from storage.datasets import class_names, dataset_and_model
-from storage.settings import env_name, settings
+from storage.settings import env_name, misspelt, settings
 from storage.text import terminal
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -289,6 +289,8 @@ def main() -> None:
     try:
         with one_line_errors():  # every DIGITFLOW_* variable checked once, here; then the command
             settings()
+            for warning in misspelt():
+                print(f"digitflow: warning: {terminal(warning)}", file=sys.stderr)
             cli(args=args, prog_name="digitflow")
     except typer.Exit as e:
         sys.exit(e.exit_code)

@@ -70,6 +70,20 @@ def debug() -> bool:
         return False
 
 
+def misspelt() -> list[str]:
+    """A warning for each ``DIGITFLOW_*`` variable that is set, names no setting and is one typo
+    away from one (``DIGITFLOW_HOMEE``: else silently ignored, and the default home used)."""
+    import difflib
+
+    names = [env_name(field) for field in Settings.model_fields]
+    warnings = []
+    for key in sorted(k for k in os.environ if k.upper().startswith(PREFIX) and k.upper() not in names):
+        near = difflib.get_close_matches(key.upper(), names, n=1, cutoff=0.8)
+        if near:
+            warnings.append(f"{key[:80]} is not a digitflow variable (did you mean {near[0]}?); ignored")
+    return warnings[:5]
+
+
 @functools.lru_cache(maxsize=16)
 def _parse(environ: tuple[tuple[str, str], ...]) -> Settings:
     try:

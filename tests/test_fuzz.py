@@ -9,7 +9,10 @@ from __future__ import annotations
 import io
 import json
 import struct
+import subprocess
+import sys
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,6 +23,8 @@ from storage import objects
 from storage.datasets import SpecError, from_dict, load_spec
 from storage.idx import DTYPES, IDXError, read_header, read_idx, write_idx
 from storage.paths import PathError, inside
+
+REPO = Path(__file__).resolve().parents[1]
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -310,3 +315,19 @@ def test_a_malformed_variable_in_lower_case_is_named_with_its_value(monkeypatch)
     monkeypatch.setenv("digitflow_server_port", "abc")
     with pytest.raises(DigitflowError, match=r"^DIGITFLOW_SERVER_PORT='abc': "):
         settings()
+
+
+def test_a_misspelt_variable_is_named_with_the_setting_it_is_near(monkeypatch, tmp_path):
+    """A typo in a variable's name would otherwise be ignored in silence (DIGITFLOW_HOMEE: the
+    default home used instead); a variable nowhere near a setting's name is left alone."""
+    from storage.settings import misspelt
+
+    monkeypatch.setenv("DIGITFLOW_HOMEE", str(tmp_path))
+    monkeypatch.setenv("digitflow_api_tokn", "secret")
+    monkeypatch.setenv("DIGITFLOW_SOMETHING_ELSE_ENTIRELY", "1")
+    assert misspelt() == ["DIGITFLOW_HOMEE is not a digitflow variable (did you mean DIGITFLOW_HOME?); ignored",
+                          "digitflow_api_tokn is not a digitflow variable (did you mean DIGITFLOW_API_TOKEN?); ignored"]
+    r = subprocess.run([sys.executable, "-m", "flows.cli", "models", "list", "--home", str(tmp_path / "h")],
+                       capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert r.returncode == 0 and r.stdout.strip() == "no versions of mnist-mlp yet"
+    assert r.stderr.splitlines()[:2] == ["digitflow: warning: " + w for w in misspelt()]
