@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from _mirror import MNIST_DIR
-from storage.idx import pixels01, read_mnist
+from storage.idx import pixels01, read_pair
 from storage.mnist import file_for
 
 
@@ -26,7 +26,7 @@ def load_mnist(directory: Path = MNIST_DIR):
                 with gzip.open(directory / spec.name) as src, open(path, "wb") as dst:
                     shutil.copyfileobj(src, dst)
                 paths.append(path)
-            images, labels = read_mnist(*paths)
+            images, labels = read_pair(*paths)
             x = pixels01(images.reshape(len(images), 784))  # the pipeline's exact pixel/255
             del images
             out.append((x, labels.astype(np.int64)))

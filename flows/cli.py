@@ -21,7 +21,8 @@ from flows.cli_common import (ALLOW_UNPINNED, APPROVAL, APPROVAL_WAIT, DATASET, 
                               webhook_param)
 from storage import DigitflowError
 from storage.config import IngestSettings, resolve_home
-from storage.datasets import class_names, dataset_and_model
+from storage.catalog import dataset_and_model
+from storage.datasets import class_names
 from storage.settings import env_name, misspelt, settings
 from storage.text import terminal
 

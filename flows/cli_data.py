@@ -10,7 +10,7 @@ import typer
 from flows.cli_common import DATASET, HOME, fail, one_line_errors
 from storage import DigitflowError, checks, remote
 from storage.config import resolve_home
-from storage.datasets import resolve
+from storage.catalog import resolve
 from storage.download import expected_sha256
 from storage.text import terminal
 

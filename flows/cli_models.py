@@ -9,7 +9,7 @@ import typer
 
 from flows.cli_common import DATASET, HOME, MODEL_NAME, one_line_errors
 from storage.config import resolve_home
-from storage.datasets import dataset_and_model
+from storage.catalog import dataset_and_model
 from storage.registry import Registry
 from storage.text import terminal
 

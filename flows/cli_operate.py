@@ -15,7 +15,7 @@ from flows.cli_schedule import check_cron
 from serving.app import ApiSettings
 from storage import DigitflowError
 from storage.config import resolve_home
-from storage.datasets import dataset_and_model
+from storage.catalog import dataset_and_model
 from storage.settings import checked, env_name
 from storage.text import terminal
 

@@ -11,7 +11,7 @@ from flows.cli_common import (ALLOW_UNPINNED, APPROVAL, APPROVAL_TIMEOUT, APPROV
                               start, webhook_param)
 from storage import DigitflowError
 from storage.config import resolve_home
-from storage.datasets import dataset_and_model
+from storage.catalog import dataset_and_model
 from storage.settings import settings
 
 DRIFT_EVENT = "digitflow.drift.detected"  # (flows.monitor.DRIFT_EVENT, without importing Prefect for --help)

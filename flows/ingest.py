@@ -11,7 +11,8 @@ import tasks.prefect_compat  # noqa: F401  (flow runs end without waiting for th
 from flows.contract import DatasetName, Deadline, Retries, RowsPerShard, Timeout
 from storage.config import (DEFAULT_RETRIES, DEFAULT_ROWS_PER_SHARD, DEFAULT_TIMEOUT, IngestSettings,
                             resolve_mirrors)
-from storage.datasets import check_pinned, resolve as resolve_dataset
+from storage.catalog import resolve as resolve_dataset
+from storage.datasets import check_pinned
 from tasks.common import home_for_run
 from tasks.ingest import check_data, download, parse, verify, write_shards
 from tasks.refs import SplitFiles, SplitRef

@@ -12,7 +12,7 @@ from flows.contract import (APPROVAL_TIMEOUT, DEFAULT_RETRIES, DEFAULT_ROWS_PER_
                             hyperparameters, with_hyperparameters)
 from flows.ingest import ingest
 from storage import DigitflowError
-from storage.datasets import dataset_and_model, resolve as resolve_dataset
+from storage.catalog import dataset_and_model, resolve as resolve_dataset
 from tasks.common import home_for_run
 from tasks.ingest import manifest_ref
 from flows.approval import wait_for_approval

@@ -22,7 +22,7 @@ from flows.contract import (DEFAULT_RETRIES, DEFAULT_ROWS_PER_SHARD, DEFAULT_TIM
 from flows.pipeline import publish_trained, run_tags, update_run
 from storage import DigitflowError, remote
 from storage.atomic import write_bytes, write_json
-from storage.datasets import dataset_and_model
+from storage.catalog import dataset_and_model
 from tasks.common import home_for_run
 from tasks.prefect_compat import dask_cluster
 from tasks.model import artifact_key, evaluate, train, version_artifacts

@@ -233,9 +233,9 @@ def _constant(split: str, flat: np.ndarray) -> Check:
 def check_files(spec, files: dict[str, tuple]) -> Report:
     """Check a dataset's verified IDX files: ``{split: (images path, SHA-256, labels path,
     SHA-256)}`` (each file's bytes are verified against its SHA-256 as they are read)."""
-    from storage.idx import read_mnist
+    from storage.idx import read_pair
 
-    arrays = {split: read_mnist(ip, lp, images_sha256=isha, labels_sha256=lsha, shape=tuple(spec.image_shape),
+    arrays = {split: read_pair(ip, lp, images_sha256=isha, labels_sha256=lsha, shape=tuple(spec.image_shape),
                                 n_classes=len(spec.classes))
               for split, (ip, isha, lp, lsha) in files.items()}
     return check_dataset(arrays, classes=len(spec.classes), expect=spec.expect, dataset=spec.key,

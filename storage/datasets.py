@@ -435,39 +435,11 @@ def _depth(text: bytes) -> int:
     return int(np.cumsum(steps).max(initial=0))
 
 
-def resolve(dataset: "str | Dataset | None" = None) -> Dataset:
-    """A built-in dataset by name (default mnist), or a spec file by path."""
-    from storage.fashion_mnist import FASHION_MNIST
-    from storage.mnist import MNIST
-
-    if isinstance(dataset, Dataset):
-        return dataset
-    builtins = {d.name: d for d in (MNIST, FASHION_MNIST)}
-    if dataset in (None, ""):
-        return MNIST
-    if dataset in builtins:
-        return builtins[dataset]
-    if dataset.endswith((".toml", ".json")) or "/" in dataset or Path(dataset).is_file():
-        return load_spec(dataset)
-    raise SpecError(f"unknown dataset {dataset!r}: use {', '.join(builtins)} or a spec file (.toml or .json)")
-
-
 def class_names(classes) -> list[str] | None:
     """The names worth showing beside a predicted label: None when they are just the label
     numbers (MNIST's digits)."""
     classes = list(classes)
     return None if classes == [str(i) for i in range(len(classes))] else classes
-
-
-def dataset_and_model(dataset: "str | Dataset | None", model_name: str | None,
-                      allow_unpinned: bool = True) -> tuple[Dataset, str]:
-    """The dataset spec (validated: one line per mistake, before any work; pinned unless
-    ``allow_unpinned``) and the model name (default: the dataset's, mnist-mlp for MNIST)."""
-    from storage.registry import check_name
-
-    spec = resolve(dataset)
-    check_pinned(spec, allow_unpinned)
-    return spec, check_name(model_name or spec.default_model_name)
 
 
 def check_pinned(dataset: Dataset, allow_unpinned: bool) -> None:

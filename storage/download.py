@@ -35,7 +35,7 @@ import urllib3
 
 from storage import DigitflowError
 from storage.atomic import CHUNK, atomic_path, file_lock, read_json, remove_leftovers, sha256_file, write_json
-from storage.datasets import MAX_IDX_BYTES, DatasetFile as MnistFile
+from storage.datasets import MAX_IDX_BYTES, DatasetFile
 
 DEFAULT_TIMEOUT = 30.0  # seconds of silence before a mirror counts as failed
 
@@ -76,11 +76,11 @@ def redact(url: str) -> str:
 MIN_RATE = 50_000
 
 
-def default_deadline(spec: MnistFile, timeout: float) -> float:
+def default_deadline(spec: DatasetFile, timeout: float) -> float:
     return timeout + spec.expected_archive_bytes / MIN_RATE
 
 
-def expected_sha256(spec: MnistFile, path: Path) -> str | None:
+def expected_sha256(spec: DatasetFile, path: Path) -> str | None:
     """The SHA-256 the decompressed file must have: the pin, or for a file pinned only by its
     archive checksum (or not at all), the digest recorded when its download was verified."""
     if spec.idx_sha256:
@@ -94,7 +94,7 @@ def expected_sha256(spec: MnistFile, path: Path) -> str | None:
     return recorded.get("sha256") if isinstance(recorded.get("sha256"), str) else None
 
 
-def is_verified(spec: MnistFile, path: Path) -> bool:
+def is_verified(spec: DatasetFile, path: Path) -> bool:
     """True if ``path`` holds exactly the pinned (or verified-and-recorded) decompressed content."""
     try:
         if spec.idx_size is not None and path.stat().st_size != spec.idx_size:
@@ -106,7 +106,7 @@ def is_verified(spec: MnistFile, path: Path) -> bool:
 
 
 def fetch_verified(
-    spec: MnistFile,
+    spec: DatasetFile,
     mirrors: Sequence[str],
     dest_dir: str | os.PathLike,
     *,
@@ -159,7 +159,7 @@ def fetch_verified(
                 "try another mirror with --mirror URL or DIGITFLOW_MIRRORS")
 
 
-def _record(spec: MnistFile, dest: Path, url, archive_sha, archive_md5, *, fetched: bool, sha256: str,
+def _record(spec: DatasetFile, dest: Path, url, archive_sha, archive_md5, *, fetched: bool, sha256: str,
             size: int) -> dict:
     """The provenance of a verified file; ``pinned_by`` says what its content was checked against:
     "sha256" (the decompressed content's pin), "archive-md5"/"archive-sha256" (the published archive

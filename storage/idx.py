@@ -126,7 +126,7 @@ def check_label_range(labels: np.ndarray, name: str, n_classes: int = 10) -> Non
         raise IDXError(f"{name}: label {labels[bad]} at index {bad} is outside 0..{n_classes - 1}")
 
 
-def check_mnist_pair(images: IDXHeader, labels: IDXHeader, shape: tuple[int, int] = (28, 28)) -> int:
+def check_pair(images: IDXHeader, labels: IDXHeader, shape: tuple[int, int] = (28, 28)) -> int:
     """Validate an images/labels pair by their headers; return the row count."""
     iname, lname = Path(images.path).name, Path(labels.path).name
     check_mnist_images(images, shape=shape)
@@ -137,13 +137,13 @@ def check_mnist_pair(images: IDXHeader, labels: IDXHeader, shape: tuple[int, int
     return images.shape[0]
 
 
-def read_mnist(images_path, labels_path, *, images_sha256: str | None = None, labels_sha256: str | None = None,
+def read_pair(images_path, labels_path, *, images_sha256: str | None = None, labels_sha256: str | None = None,
                shape: tuple[int, int] = (28, 28), n_classes: int = 10) -> tuple[np.ndarray, np.ndarray]:
     """Read and validate an images/labels pair: (n, rows, cols) uint8 images, (n,) uint8 labels in
     0..n_classes-1 (MNIST's defaults: 28×28, 0..9).
 
     With the SHA-256s, each file's bytes are verified as they are read (see ``read_idx``)."""
-    check_mnist_pair(read_header(images_path), read_header(labels_path), shape)
+    check_pair(read_header(images_path), read_header(labels_path), shape)
     images, labels = read_idx(images_path, images_sha256), read_idx(labels_path, labels_sha256)
     check_label_range(labels, Path(labels_path).name, n_classes)
     return images, labels

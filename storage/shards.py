@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 
 from storage import DigitflowError
 from storage.atomic import read_json, sha256_file, staged_dir, write_json
-from storage.idx import pixels01, read_mnist
+from storage.idx import pixels01, read_pair
 
 FORMAT_VERSION = 1
 NORMALIZATION = "pixel / 255 as float32, in [0, 1]"
@@ -61,7 +61,7 @@ def write_split(images_path, labels_path, out_dir, *, split: str, rows_per_shard
     if rows_per_shard < 1:
         raise ShardError(f"rows_per_shard must be a positive integer, got {rows_per_shard}")
     source = source or {}
-    images, labels = read_mnist(images_path, labels_path,
+    images, labels = read_pair(images_path, labels_path,
                                 images_sha256=source.get("images", {}).get("sha256"),
                                 labels_sha256=source.get("labels", {}).get("sha256"),
                                 shape=tuple(image_shape), n_classes=n_classes)

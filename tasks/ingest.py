@@ -12,7 +12,7 @@ from prefect.artifacts import create_table_artifact
 from storage import DigitflowError, checks, remote, shards
 from storage.atomic import sha256_file
 from storage.download import DEFAULT_TIMEOUT, TransientDownloadError, fetch_verified, is_verified
-from storage.idx import IDXError, check_label_range, check_mnist_pair, read_header, read_idx
+from storage.idx import IDXError, check_label_range, check_pair, read_header, read_idx
 from storage.datasets import Dataset, DatasetFile
 from storage.text import md
 from tasks import progress
@@ -116,7 +116,7 @@ def parse(split: str, images: VerifiedFile, labels: VerifiedFile, image_shape: t
           n_classes: int = 10) -> dict:
     """Validate a verified images/labels pair: headers, shapes, counts, label range."""
     images_path, labels_path = remote.pull_file(images.path, images.sha256), remote.pull_file(labels.path, labels.sha256)
-    rows = check_mnist_pair(read_header(images_path), read_header(labels_path), tuple(image_shape))
+    rows = check_pair(read_header(images_path), read_header(labels_path), tuple(image_shape))
     check_label_range(read_idx(labels_path, labels.sha256), labels_path.name, n_classes)
     get_run_logger().info("%s: %d images of %d×%d with labels in 0..%d, valid", split, rows, *image_shape,
                           n_classes - 1)

@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 
 import nn
-from storage.datasets import SpecError, from_dict, load_spec, resolve
+from storage.catalog import resolve
+from storage.datasets import SpecError, from_dict, load_spec
 from storage.download import DownloadError, fetch_verified
 from storage.fashion_mnist import FASHION_MNIST
 from storage.registry import Registry

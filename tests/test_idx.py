@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from storage.idx import IDXError, check_mnist_pair, read_header, read_idx, read_mnist, write_idx
+from storage.idx import IDXError, check_pair, read_header, read_idx, read_pair, write_idx
 
 
 def raw(tmp_path, name, data: bytes):
@@ -67,7 +67,7 @@ def labels(tmp_path, values, dtype=np.uint8, name="lbls"):
 
 
 def test_mnist_pair_ok(tmp_path):
-    x, y = read_mnist(images(tmp_path, 3), labels(tmp_path, [0, 9, 4]))
+    x, y = read_pair(images(tmp_path, 3), labels(tmp_path, [0, 9, 4]))
     assert x.shape == (3, 28, 28) and y.tolist() == [0, 9, 4]
 
 
@@ -81,12 +81,12 @@ def test_mnist_pair_ok(tmp_path):
 ])
 def test_mnist_pair_mismatches(tmp_path, make, message):
     with pytest.raises(IDXError) as e:
-        read_mnist(*make(tmp_path))
+        read_pair(*make(tmp_path))
     assert message in str(e.value)
 
 
 def test_check_pair_uses_headers_only(tmp_path):
-    assert check_mnist_pair(read_header(images(tmp_path, 5)), read_header(labels(tmp_path, [0] * 5))) == 5
+    assert check_pair(read_header(images(tmp_path, 5)), read_header(labels(tmp_path, [0] * 5))) == 5
 
 
 def test_absurd_dimensions_do_not_overflow(tmp_path):

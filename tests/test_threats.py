@@ -12,7 +12,8 @@ import pytest
 import nn
 from storage import objects
 from storage.atomic import sha256_file, write_json
-from storage.datasets import SpecError, from_dict, resolve
+from storage.catalog import resolve
+from storage.datasets import SpecError, from_dict
 from storage.home import Home
 from storage.idx import write_idx
 from storage.paths import PathError, inside
