@@ -147,7 +147,7 @@ def export(ref: str = typer.Argument(..., help="VERSION or alias."),
     """Export a version as ONNX (Gemm/Relu/…/Softmax), verified in onnxruntime against NumPy.
 
     Needs the optional extra: pip install 'digitflow[onnx]'."""
-    from storage.onnx_export import export_onnx
+    from publishing.onnx import export_onnx
 
     with one_line_errors():
         reg = _registry(home, model_name, dataset)
@@ -163,7 +163,7 @@ def card(ref: str = typer.Argument("champion", help="VERSION or alias."), home: 
          model_name: Optional[str] = MODEL_NAME, dataset: str = DATASET) -> None:
     """A version's model card (Markdown): intended use, data and its checks, metrics and weaknesses,
     limitations, lineage, and who decided what about it."""
-    from storage.card import card_of
+    from publishing.card import card_of
 
     with one_line_errors():
         reg = _registry(home, model_name, dataset)
@@ -177,7 +177,7 @@ def trend(home: Optional[str] = HOME, model_name: Optional[str] = MODEL_NAME, da
           plot: Optional[str] = typer.Option(None, "--plot", help="Also draw the chart into this PNG file.")) -> None:
     """Accuracy, loss and per-class F1 across versions, with champions and rejections."""
     from storage.atomic import atomic_path, output_path
-    from storage.card import plot_trend, trend as trend_rows
+    from publishing.card import plot_trend, trend as trend_rows
 
     with one_line_errors():
         reg = _registry(home, model_name, dataset)

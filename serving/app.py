@@ -656,7 +656,7 @@ def create_app(settings: ApiSettings):
         decisions about the served version (the current ones, as the registry records them)."""
         if served is None:
             raise ApiError(503, f"no verified {settings.model} model to serve yet", "model")
-        from storage.card import card_of
+        from publishing.card import card_of
 
         try:
             text = await asyncio.to_thread(card_of, follower.registry, served.version)

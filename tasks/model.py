@@ -19,8 +19,9 @@ from prefect.artifacts import (create_markdown_artifact, create_progress_artifac
 
 import nn
 from nn.metrics import classification_report
-from storage import DigitflowError, card, checks, drift, remote
-from storage import report as report_files
+from publishing import card, report as report_files
+from publishing.version import write_version
+from storage import DigitflowError, checks, remote
 from storage.atomic import read_json, sha256_file, staged_dir, write_json, writing
 from storage.home import Home
 from storage.registry import DEFAULT_NAME, DEFAULT_TOLERANCE, now
@@ -28,6 +29,7 @@ from storage.shards import image_shape, read_split
 from storage.text import md
 from tasks import progress
 from tasks.common import CACHED, artifact_key, code_version, content_key, verified_task
+from storage.records import Metrics
 from tasks.refs import Answer, Decision, Evaluation, Published, SplitRef, TrainedModel
 
 
@@ -333,35 +335,19 @@ def publish(model: TrainedModel, metrics: Evaluation, train: SplitRef, test: Spl
     net = load_verified(model)  # only the weights that were trained and evaluated are published
     recorded = data_checks_of(home, (dataset or {}).get("key", "mnist"), train, test)
 
-    def build(folder: Path, version: int) -> dict:
+    def build(folder: Path, version: int) -> dict:  # (under the registry's lock: the champion of this moment)
         champion_version = registry.aliases().champion
         champion = None
         if champion_version is not None and registry.problem(champion_version) is None:
             champion = {"version": champion_version, **registry.metrics(champion_version).model_dump()}
-        for name in ("model.npz", "model.json"):  # (load_verified fetched them in a remote home)
-            shutil.copyfile(remote.local(model.dir) / name, folder / name)
-        full = {**metrics.model_dump(), "history": model.history, "best_epoch": model.best_epoch,
-                "train_seconds": model.train_seconds}
-        write_json(folder / "metrics.json", full)
         info = {**lineage(train, test, model.hyperparameters), "created": now()}
         if dataset and dataset.get("name") != "mnist":  # MNIST's lineage stays as it was: digits
             info["dataset"] = dataset
-        write_json(folder / "lineage.json", info)
-        report_files.plot_learning_curves(model.history, folder / "learning_curves.png")
-        classes = (info.get("dataset") or {}).get("classes")
-        report_files.plot_confusion_matrix(metrics.confusion_matrix, folder / "confusion_matrix.png", classes)
-        (folder / "report.md").write_text(report_files.render_markdown(
-            name=model_name, version=version, metrics=full, hyperparameters=model.hyperparameters,
-            lineage=info, champion=champion, classes=classes))
-        if recorded is not None:
-            write_json(folder / card.DATA_CHECKS, recorded)
-        x_test = load_split(test)[0]  # what /drift compares served inputs with
-        write_json(folder / drift.REFERENCE, drift.reference(x_test, net.predict_proba(x_test)))
-        (folder / card.CARD).write_text(card.render(
-            name=model_name, version=version, metrics=full, lineage=info, hyperparameters=model.hyperparameters,
-            classes=classes or [str(i) for i in range(len(metrics.per_class))], checks=recorded, decision=None))
-        return {"created": info["created"], "test_accuracy": metrics.test_accuracy,
-                "hyperparameters": model.hyperparameters, "lineage": info}
+        full = Metrics(**metrics.model_dump(), history=model.history, best_epoch=model.best_epoch,
+                       train_seconds=model.train_seconds)
+        return write_version(folder, version, name=model_name, net=net, weights=remote.local(model.dir),
+                             metrics=full, hyperparameters=model.hyperparameters, lineage=info, champion=champion,
+                             checks=recorded, x_test=load_split(test)[0])
 
     version, created = registry.publish(model.weights_sha256, build, (dataset or {}).get("key", "mnist"))
     path = registry.path(version)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 
-from storage.card import DATA_CHECKS, card_of, confusable_pairs, trend
+from publishing.card import DATA_CHECKS, card_of, confusable_pairs, trend
 from storage.registry import Registry
 from tests.test_operate import cli, second_version
 

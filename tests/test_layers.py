@@ -1,5 +1,5 @@
-"""The layering is a contract (pyproject.toml, [tool.importlinter]): flows > tasks | serving > storage > nn,
-nn/ imports nothing of ours and no Prefect, storage/ and serving/ import no Prefect, and the built-in
+"""The layering is a contract (pyproject.toml, [tool.importlinter]): flows > tasks | serving > publishing >
+storage > nn, nn/ imports nothing of ours and no Prefect, storage/, publishing/ and serving/ import no Prefect, and the built-in
 datasets sit between what a dataset is and the catalog that lists them."""
 
 from __future__ import annotations

@@ -231,7 +231,7 @@ def test_markdown_escaping_leaves_no_markup():
 
 
 def test_a_report_with_hostile_class_names_and_lineage_stays_one_table():
-    from storage.report import render_markdown
+    from publishing.report import render_markdown
 
     names = HOSTILE[:10]
     per_class = [{"class": i, "precision": 1.0, "recall": 1.0, "f1": 1.0, "support": 1} for i in range(10)]
