@@ -75,7 +75,7 @@ def show(ref: str = typer.Argument(..., help="VERSION or alias."), home: Optiona
         metrics, decision = reg.metrics(v), reg.decision(v)
         info = {"version": v, "path": str(reg.path(v)), "status": reg.status(v),
                 "decision": decision and decision.model_dump(mode="json"),
-                "metadata": reg.metadata(v).model_dump(mode="json"),
+                "metadata": {**reg.metadata(v).model_dump(mode="json"), "lineage": reg.metadata(v).lineage.record()},
                 "metrics": metrics.model_dump(mode="json", include={"test_accuracy", "test_loss", "macro_f1", "per_class",
                                                                     "inference_images_per_second"})}
     if json_out:

@@ -110,7 +110,7 @@ def card_of(registry, version: int, floor: float | None = None) -> str:
         checks = None
     meta = registry.metadata(version)
     return render(name=registry.name, version=version, metrics=registry.metrics(version).model_dump(),
-                  lineage=meta.lineage, hyperparameters=meta.hyperparameters,
+                  lineage=meta.lineage.record(), hyperparameters=meta.hyperparameters,
                   classes=registry.classes(version), checks=checks if isinstance(checks, dict) else None,
                   decision=registry.decision(version), floor=floor)
 

@@ -128,7 +128,8 @@ class Follower:
         try:
             net = self.registry.load_model(version)  # verified: weights must hash to the recorded digest
             metrics = self.registry.metrics(version)  # typed: a metrics.json that does not fit is refused
-            lineage = _json_object(self.registry.path(version) / "lineage.json", required=False)
+            recorded = self.registry.lineage(version)  # typed; missing or damaged: shown as {}
+            lineage = recorded.record() if recorded else {}
             classes = self.registry.classes(version)
             outputs = net.dense_layers[-1].n_out
             if len(classes) != outputs:

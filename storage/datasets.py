@@ -37,6 +37,7 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StringConstr
                       field_validator, model_validator)
 
 from storage import DigitflowError
+from storage.records import DatasetLineage
 from storage.text import has_control
 
 NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
@@ -145,10 +146,10 @@ class Dataset:
     def default_model_name(self) -> str:
         return f"{self.key}-mlp"  # mnist-mlp, fashion-mnist-mlp, shapes-1a2b3c4d5e6f-mlp
 
-    def lineage(self) -> dict:
+    def lineage(self) -> DatasetLineage:
         """What a published version records of its data (MNIST's lineage stays without it)."""
-        return {"name": self.name, "key": self.key, "identity": self.identity, "classes": list(self.classes),
-                "source": self.source}
+        return DatasetLineage(name=self.name, key=self.key, identity=self.identity, classes=list(self.classes),
+                              source=self.source)
 
     @property
     def unpinned(self) -> list[str]:

@@ -2,6 +2,7 @@
 
     models/<name>/vN/metadata.json   → ModelVersion   (who, when, which weights, how trained)
     models/<name>/vN/metrics.json    → Metrics        (the test split's figures and the training curve)
+    models/<name>/vN/lineage.json    → Lineage        (the data, code and dataset it came from)
     models/<name>/decisions/vN.json  → Verdict        (the gate's decision, or a person's override)
     models/<name>/aliases.json       → Aliases        (latest, champion)
 
@@ -98,6 +99,39 @@ class Metrics(Evaluation):
         return Evaluation(**{k: getattr(self, k) for k in Evaluation.model_fields})
 
 
+class DatasetLineage(Record):
+    """The dataset a version was trained on (``storage.datasets.Dataset.lineage``): its classes name
+    the predictions; its key keeps another dataset's models out of the registry. MNIST's versions
+    record none (their classes are the digits)."""
+
+    name: str
+    key: Optional[str] = None        # (None: recorded before datasets had keys; the name stands for it)
+    identity: Optional[str] = None
+    classes: Optional[list[str]] = Field(None, min_length=1)
+    source: Optional[str] = None
+
+
+class Lineage(Record):
+    """A version's ``lineage.json``: what it was trained from and with. Every field may be missing
+    from a version published by an older digitflow."""
+
+    train_manifest_sha256: Optional[str] = None
+    test_manifest_sha256: Optional[str] = None
+    git_commit: Optional[str] = None
+    package_version: Optional[str] = None
+    nn_source_sha256: Optional[str] = None
+    python: Optional[str] = None
+    numpy: Optional[str] = None
+    seed: Optional[int] = None
+    prefect_flow_run_id: Optional[str] = None
+    created: Optional[str] = None
+    dataset: Optional[DatasetLineage] = None
+
+    def record(self) -> dict:
+        """As written to lineage.json (MNIST's without a ``dataset`` key, as it always was)."""
+        return self.model_dump(mode="json", exclude={"dataset"} if self.dataset is None else None)
+
+
 class ModelVersion(Record):
     """A published version's ``metadata.json``: name, number, weights digest (what ``load_model``
     checks), creation time, test accuracy, hyperparameters and lineage (data digests, code
@@ -109,4 +143,4 @@ class ModelVersion(Record):
     created: Optional[str] = None
     test_accuracy: Optional[float] = None
     hyperparameters: dict = {}
-    lineage: dict = {}
+    lineage: Lineage = Lineage()

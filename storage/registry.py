@@ -34,7 +34,7 @@ from typing import Callable
 from storage import DigitflowError
 from storage.atomic import file_lock, read_json, remove_leftovers, staged_dir, write_json, writing
 from storage.paths import PathError, inside
-from storage.records import ALIASES, Aliases, Answer, Metrics, ModelVersion, Verdict
+from storage.records import ALIASES, Aliases, Answer, Lineage, Metrics, ModelVersion, Verdict
 
 log = logging.getLogger("digitflow.registry")
 
@@ -290,29 +290,27 @@ class Registry:
             return None
         return verdict if verdict.version == version else None
 
+    def lineage(self, version: int) -> Lineage | None:
+        """What ``version`` was trained from; None when its lineage.json is missing or damaged
+        (read even when the version is damaged elsewhere: it still says which dataset it was)."""
+        try:
+            return Lineage.model_validate(read_json(self.path(version) / "lineage.json"))
+        except (OSError, ValueError, RecursionError):
+            return None
+
     def classes(self, version: int) -> list[str]:
         """The class names of a version (recorded from its dataset; MNIST's are the digits)."""
-        try:
-            lineage = self._read(version, "lineage.json")
-        except (OSError, ValueError, RegistryError):
-            lineage = {}
-        names = (lineage.get("dataset") or {}).get("classes") if isinstance(lineage, dict) else None
-        if isinstance(names, list) and names and all(isinstance(n, str) for n in names):
-            return names
-        return [str(d) for d in range(10)]
+        lineage = self.lineage(version) if self.problem(version) is None else None
+        dataset = lineage.dataset if lineage else None
+        return dataset.classes if dataset and dataset.classes else [str(d) for d in range(10)]
 
     def dataset_of(self, version: int) -> str | None:
         """The key of the dataset a version was trained on (``Dataset.key``; MNIST's versions
         record none), or None when its lineage cannot be read."""
-        try:
-            lineage = read_json(self.path(version) / "lineage.json")  # (a version damaged elsewhere still counts)
-        except (OSError, ValueError, RecursionError):
+        lineage = self.lineage(version)
+        if lineage is None:
             return None
-        data = lineage.get("dataset") if isinstance(lineage, dict) else None
-        if not data:
-            return "mnist"
-        key = data.get("key") or data.get("name") if isinstance(data, dict) else None
-        return key if isinstance(key, str) else None
+        return (lineage.dataset.key or lineage.dataset.name) if lineage.dataset else "mnist"
 
     def check_dataset(self, key: str) -> None:
         """Refuse, in one line, to put a model of dataset ``key`` into a registry whose versions

@@ -29,7 +29,7 @@ from storage.shards import image_shape, read_split
 from storage.text import md
 from tasks import progress
 from tasks.common import CACHED, artifact_key, code_version, content_key, verified_task
-from storage.records import Metrics
+from storage.records import DatasetLineage, Lineage, Metrics
 from tasks.refs import Answer, Decision, Evaluation, Published, SplitRef, TrainedModel
 
 
@@ -296,15 +296,16 @@ def evaluate(model: TrainedModel, test: SplitRef) -> Evaluation:
     return metrics
 
 
-def lineage(train_ref: SplitRef, test_ref: SplitRef, hp: dict) -> dict:
+def lineage(train_ref: SplitRef, test_ref: SplitRef, hp: dict, dataset: DatasetLineage | None) -> Lineage:
     from prefect.runtime import flow_run
 
-    return {
-        "train_manifest_sha256": train_ref.sha256, "test_manifest_sha256": test_ref.sha256,
-        "git_commit": git_commit(), "package_version": package_version(), "nn_source_sha256": code_version("nn"),
-        "python": platform.python_version(), "numpy": np.__version__, "seed": hp["seed"],
-        "prefect_flow_run_id": str(flow_run.id) if flow_run.id else None,
-    }
+    return Lineage(
+        train_manifest_sha256=train_ref.sha256, test_manifest_sha256=test_ref.sha256,
+        git_commit=git_commit(), package_version=package_version(), nn_source_sha256=code_version("nn"),
+        python=platform.python_version(), numpy=np.__version__, seed=hp["seed"],
+        prefect_flow_run_id=str(flow_run.id) if flow_run.id else None, created=now(),
+        dataset=dataset if dataset and dataset.name != "mnist" else None,  # MNIST's lineage stays as it was: digits
+    )
 
 
 def git_commit() -> str | None:
@@ -325,7 +326,7 @@ def package_version() -> str | None:
 
 @verified_task(task_run_name="publish {model.weights_sha256:.12}")
 def publish(model: TrainedModel, metrics: Evaluation, train: SplitRef, test: SplitRef, home: Home,
-            model_name: str = DEFAULT_NAME, dataset: dict | None = None) -> Published:
+            model_name: str = DEFAULT_NAME, dataset: DatasetLineage | None = None) -> Published:
     """Publish a new immutable version (or find the one with these exact weights). ``dataset``
     (``Dataset.lineage()``: name, key, identity, classes, source) is recorded in the lineage;
     predictions name classes from it; a registry of another dataset's models is refused."""
@@ -333,23 +334,22 @@ def publish(model: TrainedModel, metrics: Evaluation, train: SplitRef, test: Spl
     registry = Home(home).registry(model_name)
 
     net = load_verified(model)  # only the weights that were trained and evaluated are published
-    recorded = data_checks_of(home, (dataset or {}).get("key", "mnist"), train, test)
+    key = dataset.key if dataset else "mnist"
+    recorded = data_checks_of(home, key, train, test)
 
     def build(folder: Path, version: int) -> dict:  # (under the registry's lock: the champion of this moment)
         champion_version = registry.aliases().champion
         champion = None
         if champion_version is not None and registry.problem(champion_version) is None:
             champion = {"version": champion_version, **registry.metrics(champion_version).model_dump()}
-        info = {**lineage(train, test, model.hyperparameters), "created": now()}
-        if dataset and dataset.get("name") != "mnist":  # MNIST's lineage stays as it was: digits
-            info["dataset"] = dataset
+        info = lineage(train, test, model.hyperparameters, dataset)
         full = Metrics(**metrics.model_dump(), history=model.history, best_epoch=model.best_epoch,
                        train_seconds=model.train_seconds)
         return write_version(folder, version, name=model_name, net=net, weights=remote.local(model.dir),
                              metrics=full, hyperparameters=model.hyperparameters, lineage=info, champion=champion,
                              checks=recorded, x_test=load_split(test)[0])
 
-    version, created = registry.publish(model.weights_sha256, build, (dataset or {}).get("key", "mnist"))
+    version, created = registry.publish(model.weights_sha256, build, key)
     path = registry.path(version)
     address = Home(home).address(path)  # in a remote home: the version's URL in the bucket
     if created:

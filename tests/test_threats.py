@@ -61,11 +61,11 @@ def test_a_registry_of_another_dataset_is_refused_before_anything_is_written(tmp
     assert _publish(registry, "1" * 64, "mnist") == 1  # MNIST's versions record no dataset in their lineage
     with pytest.raises(RegistryError, match="model 'mnist-mlp' holds versions trained on dataset 'mnist', not "
                                             "'shapes-0123456789ab': publish this one under another --model-name"):
-        _publish(registry, "2" * 64, "shapes-0123456789ab", {"dataset": {"key": "shapes-0123456789ab"}})
+        _publish(registry, "2" * 64, "shapes-0123456789ab", {"dataset": {"name": "shapes", "key": "shapes-0123456789ab"}})
     assert registry.versions() == [1] and not list(tmp_path.glob("models/mnist-mlp/.v*"))
     registry.check_dataset("mnist")  # the owner may publish
     other = Registry(tmp_path, "shapes-mlp")
-    _publish(other, "3" * 64, "shapes-0123456789ab", {"dataset": {"key": "shapes-0123456789ab"}})
+    _publish(other, "3" * 64, "shapes-0123456789ab", {"dataset": {"name": "shapes", "key": "shapes-0123456789ab"}})
     with pytest.raises(RegistryError, match="holds versions trained on dataset 'shapes-0123456789ab'"):
         other.check_dataset("shapes-ffffffffffff")
 
