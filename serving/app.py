@@ -128,7 +128,7 @@ class Follower:
         try:
             net = self.registry.load_model(version)  # verified: weights must hash to the recorded digest
             metrics = self.registry.metrics(version)  # typed: a metrics.json that does not fit is refused
-            recorded = self.registry.lineage(version)  # typed; missing or damaged: shown as {}
+            recorded = self.registry.lineage(version)  # typed; a damaged one refuses the version
             lineage = recorded.record() if recorded else {}
             classes = self.registry.classes(version)
             outputs = net.dense_layers[-1].n_out

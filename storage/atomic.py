@@ -135,8 +135,11 @@ def write_json(path: str | os.PathLike, obj) -> None:
     write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
-def read_json(path: str | os.PathLike):
+def read_json(path: str | os.PathLike, limit: int | None = None):
+    """The JSON in ``path``; with ``limit``, a file over ``limit`` bytes is a ValueError, unread."""
     with open(path, "rb") as f:
+        if limit is not None and os.fstat(f.fileno()).st_size > limit:
+            raise ValueError(f"{Path(path).name} is larger than {limit >> 20} MiB")
         return json.load(f)
 
 

@@ -104,7 +104,7 @@ class DatasetLineage(Record):
     the predictions; its key keeps another dataset's models out of the registry. MNIST's versions
     record none (their classes are the digits)."""
 
-    name: str
+    name: Optional[str] = None
     key: Optional[str] = None        # (None: recorded before datasets had keys; the name stands for it)
     identity: Optional[str] = None
     classes: Optional[list[str]] = Field(None, min_length=1)

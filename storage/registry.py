@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Callable
 
 from storage import DigitflowError
-from storage.atomic import file_lock, read_json, remove_leftovers, staged_dir, write_json, writing
+from storage.atomic import file_lock, read_json as _read_json, remove_leftovers, staged_dir, write_json, writing
 from storage.paths import PathError, inside
 from storage.records import ALIASES, Aliases, Answer, Lineage, Metrics, ModelVersion, Verdict
 
@@ -55,6 +55,14 @@ def _info(rel: str, path: Path, etag: str):
     from storage.objects import ObjectInfo
 
     return ObjectInfo(rel, path.stat().st_size, etag, None)
+
+
+RECORD_LIMIT = 16 << 20  # bytes of one registry record (metadata, metrics, lineage, decision, aliases)
+
+
+def read_json(path: Path):
+    """A registry record's JSON, bounded: a file over RECORD_LIMIT is damaged, never read."""
+    return _read_json(path, limit=RECORD_LIMIT)
 
 
 def _invalid(record: type, data: dict) -> bool:
@@ -205,7 +213,7 @@ class Registry:
                 return "metrics.json is not a version's metrics"
         except FileNotFoundError as e:
             return f"{Path(e.filename).name} is missing"
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, RecursionError) as e:
             return f"unreadable ({type(e).__name__})"
         for name in ("model.npz", "model.json"):
             if not (folder / name).is_file():
@@ -230,7 +238,7 @@ class Registry:
             stored = read_json(path)
         except FileNotFoundError:
             stored = {}
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             return {}, f"{path} is damaged"
         if not isinstance(stored, dict) or not all(k in ALIASES and type(v) is int and v >= 1 for k, v in stored.items()):
             return {}, f"{path} is damaged"
@@ -291,23 +299,33 @@ class Registry:
         return verdict if verdict.version == version else None
 
     def lineage(self, version: int) -> Lineage | None:
-        """What ``version`` was trained from; None when its lineage.json is missing or damaged
-        (read even when the version is damaged elsewhere: it still says which dataset it was)."""
+        """What ``version`` was trained from; None when it has no lineage.json. A damaged one is a
+        RegistryError: its class names would be guessed, and a version is never served on a guess."""
         try:
-            return Lineage.model_validate(read_json(self.path(version) / "lineage.json"))
-        except (OSError, ValueError, RecursionError):
+            data = read_json(self.path(version) / "lineage.json")
+        except FileNotFoundError:
             return None
+        except (OSError, ValueError, RecursionError) as e:
+            raise RegistryError(f"v{version}/lineage.json is not valid JSON ({type(e).__name__})") from None
+        try:
+            return Lineage.model_validate(data)
+        except ValueError:  # (pydantic's ValidationError)
+            raise RegistryError(f"v{version}/lineage.json is not a version's lineage") from None
 
     def classes(self, version: int) -> list[str]:
         """The class names of a version (recorded from its dataset; MNIST's are the digits)."""
-        lineage = self.lineage(version) if self.problem(version) is None else None
+        lineage = self.lineage(version)
         dataset = lineage.dataset if lineage else None
         return dataset.classes if dataset and dataset.classes else [str(d) for d in range(10)]
 
     def dataset_of(self, version: int) -> str | None:
         """The key of the dataset a version was trained on (``Dataset.key``; MNIST's versions
-        record none), or None when its lineage cannot be read."""
-        lineage = self.lineage(version)
+        record none), or None when its lineage cannot be read (read even when the version is
+        damaged elsewhere: it still says which dataset it was)."""
+        try:
+            lineage = self.lineage(version)
+        except RegistryError:
+            return None
         if lineage is None:
             return None
         return (lineage.dataset.key or lineage.dataset.name) if lineage.dataset else "mnist"

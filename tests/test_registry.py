@@ -211,3 +211,23 @@ def test_decide_refuses_a_tampered_candidate(tmp_path):
     with pytest.raises(RegistryError, match="model.npz: weights SHA-256 .* is not the"):
         reg.decide(1, tolerance=0.0, floor=0.9)
     assert reg.decision(1) is None and reg.aliases().champion is None
+
+
+def test_a_record_over_the_limit_is_damaged_and_never_read(tmp_path):
+    """A registry record is read whole: one larger than RECORD_LIMIT (16 MiB) is refused unread."""
+    from storage.registry import RECORD_LIMIT
+
+    reg = Registry(tmp_path)
+    reg.publish(*real_model(1))
+    for name in ("metrics.json", "lineage.json"):
+        path = reg.path(1) / name
+        if path.exists():
+            path.chmod(0o644)
+        path.write_bytes(b"{" + b" " * RECORD_LIMIT + b"}")  # valid JSON, one byte over
+    assert reg.problem(1) == "unreadable (ValueError)" and reg.status(1).startswith("damaged")
+    assert reg.dataset_of(1) is None
+    with pytest.raises(RegistryError, match=r"^v1/lineage.json is not valid JSON \(ValueError\)$"):
+        reg.classes(1)
+    (reg.path(1) / "lineage.json").write_text('{"dataset": {"classes": "not a list"}}')
+    with pytest.raises(RegistryError, match=r"^v1/lineage.json is not a version's lineage$"):
+        reg.classes(1)
