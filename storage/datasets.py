@@ -380,7 +380,8 @@ def _lines(error: ValidationError, data) -> list[str]:
             rule = f"{group}.{key}" if label and key else f"{group}.*" if label else str(key if key else group)
             got = value.get(key) if isinstance(value, dict) and key is not None else value
             where = ".".join(map(str, (label, *rest) if label else rest)) or "spec"
-            line = _MUST.get(rule, f"{where}: {err['msg']}").format(label=label, got=_short(got))
+            template = _MUST.get(rule)  # (the fallback is not a template: it may hold the spec's braces)
+            line = template.format(label=label, got=_short(got)) if template else f"{where}: {err['msg']}"
         lines += [part for part in line.split("\n") if part not in lines]
     return lines
 
