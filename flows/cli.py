@@ -200,6 +200,9 @@ def predict(images: List[str] = typer.Argument(..., help="PNG/JPEG/... files of 
         net = registry.load_model(version)  # verified against the digest recorded at publish time
         classes = class_names(registry.classes(version))  # None for MNIST's digits
         names, x = load_inputs(images, spec.image_shape)
+        if len(registry.classes(version)) != net.dense_layers[-1].n_out:
+            raise DigitflowError(f"{model_name} v{version} names {len(registry.classes(version))} classes, its network "
+                                 f"has {net.dense_layers[-1].n_out} outputs: a damaged version")
         if x.shape[1] != net.dense_layers[0].n_in:
             raise DigitflowError(f"{model_name} v{version} takes {net.dense_layers[0].n_in} pixels per image, the "
                                  f"inputs have {x.shape[1]} (another dataset's images? pass --dataset)")

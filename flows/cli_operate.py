@@ -16,7 +16,7 @@ from serving.app import ApiSettings
 from storage import DigitflowError
 from storage.config import resolve_home
 from storage.catalog import dataset_and_model
-from storage.settings import checked, env_name
+from storage.settings import checked, env_name, settings as environment
 from storage.text import terminal
 
 
@@ -43,6 +43,8 @@ def api(host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind 
         _, model_name = dataset_and_model(dataset, model_name)
         if log_level.lower() not in ("debug", "info", "warning", "error"):
             raise DigitflowError(f"--log-level {log_level!r}: use info, warning or error")
+        if token is None and environment().api_token is not None:  # (the variable's name in any case, as Settings reads it)
+            token = environment().api_token.get_secret_value()
         settings = checked(ApiSettings, home=str(resolve_home(home)), model_name=model_name, model=model, token=token,
                            max_body=max_body, max_pixels=max_pixels, max_images=max_images,
                            max_request_pixels=max_request_pixels, poll=float(poll))

@@ -134,14 +134,15 @@ class Follower:
             outputs = net.dense_layers[-1].n_out
             if len(classes) != outputs:
                 raise DigitflowError(f"its {len(classes)} class names do not match the network's {outputs} outputs")
+            summary = metrics.model_dump(mode="json", include={"test_accuracy", "test_loss", "macro_f1", "test_images",
+                                                               "train_seconds", "inference_images_per_second",
+                                                               "per_class"})
         except (OSError, ValueError, KeyError, TypeError, RecursionError, DigitflowError) as e:
             self.refused[version] = str(e)
             self.metrics.refused.inc()
             log.error("refused to serve %s v%d: %s; %s", self.settings.model_name, version, e,
                       f"still serving v{self.served.version}" if self.served else "nothing served")
             return
-        summary = metrics.model_dump(mode="json", include={"test_accuracy", "test_loss", "macro_f1", "test_images",
-                                                           "train_seconds", "inference_images_per_second", "per_class"})
         import nn
 
         try:  # optional: a version without it is served, its drift just not compared

@@ -7,6 +7,7 @@ import errno
 import hashlib
 import json
 import os
+import stat
 import shutil
 import tempfile
 from pathlib import Path
@@ -136,11 +137,25 @@ def write_json(path: str | os.PathLike, obj) -> None:
 
 
 def read_json(path: str | os.PathLike, limit: int | None = None):
-    """The JSON in ``path``; with ``limit``, a file over ``limit`` bytes is a ValueError, unread."""
-    with open(path, "rb") as f:
-        if limit is not None and os.fstat(f.fileno()).st_size > limit:
-            raise ValueError(f"{Path(path).name} is larger than {limit >> 20} MiB")
-        return json.load(f)
+    """The JSON in ``path``. With ``limit``: only a regular file (a FIFO would block, a device never
+    end), opened without blocking, and one over ``limit`` bytes is a ValueError, never read whole."""
+    if limit is None:
+        with open(path, "rb") as f:
+            return json.load(f)
+    return json.loads(read_bounded(path, limit))
+
+
+def read_bounded(path: str | os.PathLike, limit: int) -> bytes:
+    """The bytes of regular file ``path``, at most ``limit`` of them (else ValueError, as for a
+    FIFO, a device or a folder, which are never read)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError(f"{Path(path).name} is not a regular file")
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError(f"{Path(path).name} is larger than {limit:,} bytes")
+    return data
 
 
 def sha256_file(path: str | os.PathLike) -> str:

@@ -360,7 +360,7 @@ def _lines(error: ValidationError, data) -> list[str]:
     for err in sorted(error.errors(), key=lambda e: e["type"] != "extra_forbidden"):
         loc = err["loc"]
         group, rest = (loc[0], loc[1:]) if loc and loc[0] in ("files", "expect") else (None, loc)
-        label, value = None, data
+        label, value = None, (data.get(group) if group is not None else data)
         if group is not None and rest:
             table = data[group][rest[0]] if isinstance(data.get(group), (list, dict)) else None
             name = table.get("name") if group == "files" and isinstance(table, dict) else None
@@ -403,15 +403,17 @@ def load_spec(path: str | Path) -> Dataset:
     """A user's dataset spec from a TOML or JSON file, validated."""
     import tomllib
 
+    from storage.atomic import read_bounded
+
     path = Path(path)
     try:
-        text = path.read_bytes()
+        text = read_bounded(path, 1 << 20)  # a regular file only, never more than 1 MiB read
     except FileNotFoundError:
         raise SpecError(f"{path}: no such dataset spec file") from None
     except OSError as e:
         raise SpecError(f"{path}: cannot read the dataset spec ({e.strerror})") from None
-    if len(text) > 1 << 20:
-        raise SpecError(f"{path}: a dataset spec over 1 MiB is not a spec")
+    except ValueError as e:
+        raise SpecError(f"{path}: not a dataset spec ({e}; a spec is a file of at most 1 MiB)") from None
     kind = "JSON" if path.suffix.lower() == ".json" else "TOML"
     if _depth(text) > MAX_DEPTH:  # a parser would recurse once per level: refused before parsing
         raise SpecError(f"{path}: nested more than {MAX_DEPTH} levels deep; a dataset spec needs 3")

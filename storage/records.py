@@ -14,9 +14,10 @@ reads. Pydantic only; no Prefect.
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from typing_extensions import TypedDict
 
 ALIASES = ("latest", "champion")
 
@@ -70,20 +71,51 @@ class Aliases(Record):
         return sorted(name for name in ALIASES if getattr(self, name) == version)
 
 
+Share = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
+Count = Annotated[int, Field(ge=0)]
+Finite = Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
+
+
+# One row of ``per_class``, a dict as metrics.json has always held it ("class" is a keyword,
+# hence the functional form).
+ClassMetrics = TypedDict("ClassMetrics", {"class": Count, "precision": Share, "recall": Share, "f1": Share,
+                                          "support": Count})
+
+
+class Mistake(TypedDict):
+    """One of ``most_confident_errors``: a test image, its label, what was predicted, how surely."""
+
+    index: Count
+    label: Count
+    predicted: Count
+    probability: Share
+    probability_of_label: Share
+
+
 class Evaluation(Record):
-    """A model's metrics on the test split (also the ``evaluate`` task's cached result)."""
+    """A model's metrics on the test split (also the ``evaluate`` task's cached result): every
+    figure finite and in its range, the confusion matrix square with one row per class."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    test_accuracy: float
-    test_loss: float
-    macro_f1: float
-    per_class: list[dict]          # {"class", "precision", "recall", "f1", "support"} per class
-    confusion_matrix: list[list[int]]
-    most_confident_errors: list[dict]
-    test_images: int
-    inference_images_per_second: float
+    test_accuracy: Share
+    test_loss: Finite
+    macro_f1: Share
+    per_class: list[ClassMetrics] = Field(min_length=1, max_length=100_000)
+    confusion_matrix: list[list[Count]]
+    most_confident_errors: list[Mistake] = Field(max_length=1000)
+    test_images: Count
+    inference_images_per_second: Finite
     test_manifest_sha256: str
+
+    @model_validator(mode="after")
+    def _square(self) -> "Evaluation":
+        n = len(self.per_class)
+        if len(self.confusion_matrix) != n or any(len(row) != n for row in self.confusion_matrix):
+            raise ValueError(f"the confusion matrix is not {n}×{n}, one row and column per class")
+        if [row["class"] for row in self.per_class] != list(range(n)):
+            raise ValueError("per_class does not list the classes 0, 1, 2, … in order")
+        return self
 
 
 class Metrics(Evaluation):
@@ -91,9 +123,9 @@ class Metrics(Evaluation):
 
     model_config = ConfigDict(frozen=True, extra="ignore")
 
-    history: list[dict] = []       # one record per epoch (nn.train.train_epochs)
+    history: list[dict[str, Optional[float]]] = []  # one record per epoch (nn.train.train_epochs): numbers only
     best_epoch: Optional[int] = None
-    train_seconds: float = 0.0
+    train_seconds: Finite = 0.0
 
     def evaluation(self) -> Evaluation:
         return Evaluation(**{k: getattr(self, k) for k in Evaluation.model_fields})

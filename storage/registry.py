@@ -211,6 +211,9 @@ class Registry:
                 return "metrics.json has no test accuracy"
             if _invalid(Metrics, metrics):
                 return "metrics.json is not a version's metrics"
+            self.lineage(version)  # a damaged one: the version's classes are unknown
+        except RegistryError as e:
+            return str(e).removeprefix(f"v{version}/")
         except FileNotFoundError as e:
             return f"{Path(e.filename).name} is missing"
         except (OSError, ValueError, RecursionError) as e:
@@ -255,7 +258,7 @@ class Registry:
         champion = stored.get("champion")
         if champion not in intact:  # the most recent promotion of an intact version
             promoted = [d for v in intact if (d := self.decision(v)) and d.promoted]
-            champion = max(promoted, key=lambda d: d.at).version if promoted else None
+            champion = max(promoted, key=lambda d: (d.at, d.version)).version if promoted else None
         if champion is not None:
             aliases["champion"] = champion
         return aliases
@@ -290,13 +293,25 @@ class Registry:
         return Metrics.model_validate(self._read(version, "metrics.json"))
 
     def decision(self, version: int) -> Verdict | None:
-        """The gate's verdict on ``version``; None if undecided or the record is damaged."""
+        """The gate's verdict on ``version``; None if undecided or the record is damaged (see
+        ``decision_problem``: a damaged record is never taken for "undecided" by a write)."""
+        return self._decision(version)[0]
+
+    def decision_problem(self, version: int) -> str | None:
+        """Why ``decisions/vN.json`` exists but cannot be read as a verdict on ``version``."""
+        return self._decision(version)[1]
+
+    def _decision(self, version: int) -> tuple[Verdict | None, str | None]:
+        path = self.root / "decisions" / f"v{version}.json"
         try:
-            decision = read_json(self.root / "decisions" / f"v{version}.json")
-            verdict = Verdict.model_validate(decision)
+            verdict = Verdict.model_validate(read_json(path))
+        except FileNotFoundError:
+            return None, None
         except (OSError, ValueError, RecursionError):  # (pydantic's ValidationError is a ValueError)
-            return None
-        return verdict if verdict.version == version else None
+            return None, f"decisions/v{version}.json is damaged"
+        if verdict.version != version:
+            return None, f"decisions/v{version}.json is the decision on v{verdict.version}"
+        return verdict, None
 
     def lineage(self, version: int) -> Lineage | None:
         """What ``version`` was trained from; None when it has no lineage.json. A damaged one is a
@@ -448,9 +463,12 @@ class Registry:
         is recorded with the decision; the version is promoted only if the gate, run again now,
         promotes it *and* the person approved: a rejection or a timeout leaves the champion as it is."""
         with self.lock():
-            previous = self.decision(version)
+            previous, problem = self._decision(version)
             if previous is not None:
                 return previous, False
+            if problem is not None:  # never read as "undecided": it may hold a person's rejection
+                raise RegistryError(f"{self.name} v{version}: {problem}; the gate does not decide over it (a person "
+                                    "can: `digitflow models promote`, or remove the file)")
             self.load_model(version)  # a damaged candidate is refused, never promoted
             accuracy = self.metrics(version).test_accuracy
             champion = self.aliases().champion
@@ -484,7 +502,9 @@ class Registry:
             return f"damaged: {problem}"
         if (self.aliases() if aliases is None else aliases).champion == version:
             return "champion"
-        decision = self.decision(version)
+        decision, problem = self._decision(version)
+        if problem is not None:
+            return f"damaged: {problem}"
         if decision is None:
             return "pending"
         return "former champion" if decision.promoted else "rejected"

@@ -127,7 +127,10 @@ def bounds(model: type[BaseModel], name: str) -> tuple[float | None, float | Non
 def flag_help(model: type[BaseModel], name: str) -> str:
     """A flag's help: the field's description and its bounds."""
     low, high = bounds(model, name)
-    shown = f" ({low}..{high})" if low is not None and high is not None else ""
+    def number(v: float) -> str:
+        return f"{int(v):,}" if float(v).is_integer() else f"{v:g}"
+
+    shown = f"; {number(low)} to {number(high)}" if low is not None and high is not None else ""
     return f"{model.model_fields[name].description}{shown}."
 
 

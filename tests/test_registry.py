@@ -231,3 +231,60 @@ def test_a_record_over_the_limit_is_damaged_and_never_read(tmp_path):
     (reg.path(1) / "lineage.json").write_text('{"dataset": {"classes": "not a list"}}')
     with pytest.raises(RegistryError, match=r"^v1/lineage.json is not a version's lineage$"):
         reg.classes(1)
+
+
+def test_a_damaged_decision_is_never_taken_for_undecided(tmp_path):
+    """A decision record that exists but does not read (a field missing, a bad value) may hold a
+    person's rejection: the gate refuses to decide over it, and listings show it as damaged."""
+    reg = Registry(tmp_path)
+    reg.publish(*real_model(1, 0.98))
+    reg.publish(*real_model(2, 0.99))
+    reg.decide(1, tolerance=0.0, floor=0.9)
+    (reg.root / "decisions" / "v2.json").write_text(json.dumps(
+        {"version": 2, "status": "rejected", "reason": "rejected by alice", "at": "x"}))  # no "by"
+    with pytest.raises(RegistryError, match=r"v2: decisions/v2.json is damaged; the gate does not decide over it"):
+        reg.decide(2, tolerance=0.0, floor=0.9)
+    assert reg.aliases().champion == 1 and reg.status(2) == "damaged: decisions/v2.json is damaged"
+    assert reg.decision_problem(2) == "decisions/v2.json is damaged" and reg.decision_problem(1) is None
+
+
+@pytest.mark.parametrize("change, problem", [
+    (lambda m: m.update(test_accuracy=float("nan")), "metrics.json is not a version's metrics"),
+    (lambda m: m.update(per_class=[{}, {}]), "metrics.json is not a version's metrics"),
+    (lambda m: m.update(confusion_matrix=[[1, 0], [0, 1], [0, 0]]), "metrics.json is not a version's metrics"),
+    (lambda m: m["per_class"][0].update(f1="a"), "metrics.json is not a version's metrics"),
+])
+def test_metrics_that_do_not_fit_make_a_damaged_version(tmp_path, change, problem):
+    """Every figure is finite and in range, the confusion matrix square with a row per class:
+    else the version is damaged (a listing shows it; nothing serves, promotes or renders it)."""
+    from tests.store_helpers import metrics_record
+
+    reg = Registry(tmp_path)
+    reg.publish(*real_model(1))
+    metrics = metrics_record(0.9)
+    change(metrics)
+    path = reg.path(1) / "metrics.json"
+    path.chmod(0o644)
+    path.write_text(json.dumps(metrics))  # (json writes NaN as NaN, which Python reads back)
+    assert reg.problem(1) == problem and reg.intact_versions() == []
+    with pytest.raises(RegistryError, match="damaged version"):
+        reg.promote(1, reason="try")
+
+
+def test_a_fifo_or_a_device_under_the_home_is_never_read(tmp_path):
+    """A record that is not a regular file would block (a FIFO) or never end (/dev/zero)."""
+    reg = Registry(tmp_path)
+    reg.publish(*real_model(1))
+    (reg.path(1) / "metrics.json").unlink()
+    os.mkfifo(reg.path(1) / "metrics.json")
+    (reg.root / "decisions").mkdir(exist_ok=True)
+    (reg.root / "decisions" / "v1.json").symlink_to("/dev/zero")
+    assert reg.problem(1) == "unreadable (ValueError)" and reg.status(1).startswith("damaged")
+    assert reg.decision_problem(1) == "decisions/v1.json is damaged"
+
+
+def test_a_damaged_lineage_makes_a_damaged_version(tmp_path):
+    reg = Registry(tmp_path)
+    reg.publish(*real_model(1))
+    (reg.path(1) / "lineage.json").write_text('{"dataset": {"classes": []}}')
+    assert reg.problem(1) == "lineage.json is not a version's lineage"

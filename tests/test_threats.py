@@ -5,6 +5,8 @@ cannot rewrite. Fast tests: no Prefect, no network."""
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -433,3 +435,30 @@ def test_the_temporary_servers_output_goes_to_a_log_file_not_the_terminal(monkey
     assert seen["start_new_session"] is True and seen["stderr"] == subprocess.STDOUT
     assert seen["stdout"].name == str(tmp_path / "digitflow-temporary-server.log")
     seen["stdout"].close()
+
+
+def test_a_spec_that_is_a_fifo_or_a_device_is_one_line_unread(tmp_path):
+    from storage.datasets import load_spec
+
+    fifo = tmp_path / "spec.toml"
+    os.mkfifo(fifo)
+    for path in (fifo, Path("/dev/zero")):
+        with pytest.raises(SpecError, match=r"not a dataset spec \(.* is not a regular file; a spec is a file of"):
+            load_spec(path)
+
+
+def test_a_spec_error_quotes_the_field_not_the_whole_spec():
+    with pytest.raises(SpecError) as e:
+        from_dict({**_spec(), "expect": [1, 2], "notes": {"secret": "hunter2"}}, "/x/s.json")
+    assert str(e.value) == "s.json: expect must be a table of splits, got [1, 2]"
+
+
+def test_the_api_token_variable_is_read_in_any_case_as_every_variable_is(tmp_path):
+    """A lower-case digitflow_api_token is read (as Settings reads every variable): never an open API."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "flows.cli", "api", "--home", str(tmp_path)], capture_output=True,
+                       text=True, timeout=120, env={**os.environ, "digitflow_api_token": "abc"},
+                       cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode == 1 and "token required" in r.stderr and "abc" not in r.stderr, r.stderr
