@@ -5,8 +5,10 @@ publish, predict, sweep); the others by purpose in ``cli_schedule`` (serve, depl
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
+import re
 import sys
 from typing import List, Optional
 
@@ -302,7 +304,9 @@ def main() -> None:
 
 def _flags_as_flags(command) -> None:
     """Show boolean flags as flags in --help (click 8.5 renders their type: ``--json <bool>``,
-    as if a value were needed)."""
+    as if a value were needed), and each command's help as flowing paragraphs."""
+    if command.help:  # a docstring's line breaks are not the terminal's: one paragraph, one flowing text
+        command.help = re.sub(r"(?<!\n)\n(?!\n)\s*", " ", inspect.cleandoc(command.help))
     for param in command.params:
         if getattr(param, "is_flag", False):
             param.metavar = " "
