@@ -5,9 +5,8 @@ from __future__ import annotations
 import os
 from typing import Optional, Sequence
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from storage import DigitflowError
 from storage.home import DEFAULT_HOME, Home  # noqa: F401 (DEFAULT_HOME re-exported)
 from storage.download import DEFAULT_TIMEOUT  # noqa: F401 (one source, re-exported)
 from storage.mnist import DEFAULT_MIRRORS
