@@ -25,7 +25,7 @@ from storage import DigitflowError
 from storage.config import IngestSettings, resolve_home
 from storage.catalog import dataset_and_model
 from storage.datasets import class_names
-from storage.settings import env_name, misspelt, settings
+from storage.settings import checked, env_name, misspelt, settings
 from storage.text import terminal
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -42,7 +42,7 @@ def ingest(home: Optional[str] = HOME, mirror: Optional[List[str]] = MIRRORS, da
     Writes <home>/data/<dataset>/<split>, repairing whatever is damaged."""
     with one_line_errors():
         dataset_and_model(dataset, None, allow_unpinned)  # a bad spec: one line per mistake, before any download
-        IngestSettings.checked(rows_per_shard=rows_per_shard, timeout=timeout, retries=retries, deadline=deadline)
+        checked(IngestSettings, rows_per_shard=rows_per_shard, timeout=timeout, retries=retries, deadline=deadline)
         home = start(home)
         from flows.ingest import ingest as ingest_flow
         with progress_display():
@@ -68,7 +68,7 @@ def run(home: Optional[str] = HOME, mirror: Optional[List[str]] = MIRRORS, datas
     with one_line_errors():
         spec, _ = dataset_and_model(dataset, model_name, allow_unpinned)  # invalid values fail before any work
         hyperparameters(preset, hp, spec)
-        IngestSettings.checked(rows_per_shard=rows_per_shard, timeout=timeout, retries=retries, deadline=deadline)
+        checked(IngestSettings, rows_per_shard=rows_per_shard, timeout=timeout, retries=retries, deadline=deadline)
         home = start(home)
         from flows.pipeline import retrain
         with progress_display():
@@ -240,7 +240,7 @@ def sweep(grid: List[str] = typer.Option(..., "--grid", help="name=v1,v2 (repeat
         spec, _ = dataset_and_model(dataset, model_name, allow_unpinned)
         for point in points:
             hyperparameters(preset, {**hp, **point}, spec)
-        IngestSettings.checked(rows_per_shard=rows_per_shard, timeout=timeout, retries=retries)
+        checked(IngestSettings, rows_per_shard=rows_per_shard, timeout=timeout, retries=retries)
         home = start(home)
         from flows.sweep import sweep as sweep_flow
         import logging

@@ -13,6 +13,7 @@ from storage.config import (DEFAULT_RETRIES, DEFAULT_ROWS_PER_SHARD, DEFAULT_TIM
                             resolve_mirrors)
 from storage.catalog import resolve as resolve_dataset
 from storage.datasets import check_pinned
+from storage.settings import checked as checked_settings
 from tasks.common import home_for_run
 from tasks.ingest import check_data, download, parse, verify, write_shards
 from tasks.refs import SplitFiles, SplitRef
@@ -48,7 +49,7 @@ def ingest(
     """
     spec = resolve_dataset(dataset)
     check_pinned(spec, allow_unpinned)
-    IngestSettings.checked(rows_per_shard=rows_per_shard, timeout=timeout, retries=retries, deadline=deadline)
+    checked_settings(IngestSettings, rows_per_shard=rows_per_shard, timeout=timeout, retries=retries, deadline=deadline)
     home = home_for_run(home)
     mirrors = resolve_mirrors(mirrors, default=spec.mirrors)
     raw_dir = home.address(home.raw_for(spec.key))

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from storage.home import DEFAULT_HOME, Home  # noqa: F401 (DEFAULT_HOME re-exported)
 from storage.download import DEFAULT_TIMEOUT  # noqa: F401 (one source, re-exported)
 from storage.mnist import DEFAULT_MIRRORS
-from storage.settings import checked, settings
+from storage.settings import settings
 
 def resolve_home(home: str | os.PathLike | None = None) -> Home:
     """``--home``, else ``$DIGITFLOW_HOME``, else ``~/.digitflow``; created and proven writable."""
@@ -28,7 +28,8 @@ def resolve_mirrors(mirrors: Sequence[str] | None = None, default: Sequence[str]
 class IngestSettings(BaseModel):
     """How ``ingest`` fetches and shards: every default and bound of these settings, written once.
     The ``ingest``/``run``/``sweep`` flags (help and defaults), the flows' parameters (the Run form
-    and Prefect's validation: ``flows.contract``) and ``checked`` all come from these fields."""
+    and Prefect's validation: ``flows.contract``) and the one-line error of a value outside its
+    bounds (``storage.settings.checked(IngestSettings, …)``) all come from these fields."""
 
     model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
 
@@ -39,11 +40,6 @@ class IngestSettings(BaseModel):
                                                       "4 s, 8 s, ...")
     deadline: Optional[float] = Field(None, ge=1.0, le=86_400.0, description="Seconds one mirror may take for one "
                                       "file (default: timeout + archive size at 50 kB/s)")
-
-    @classmethod
-    def checked(cls, **values) -> "IngestSettings":
-        """The settings, or a one-line DigitflowError naming the first flag outside its bounds."""
-        return checked(cls, **values)
 
 
 _DEFAULTS = IngestSettings()

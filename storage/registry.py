@@ -65,12 +65,12 @@ def read_json(path: Path):
     return _read_json(path, limit=RECORD_LIMIT)
 
 
-def _invalid(record: type, data: dict) -> bool:
+def _parsed(record: type, data: dict):
+    """``data`` as a ``record``, or None when it does not fit (pydantic's ValidationError)."""
     try:
-        record.model_validate(data)
-        return False
+        return record.model_validate(data)
     except ValueError:
-        return True
+        return None
 
 
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
@@ -199,29 +199,35 @@ class Registry:
     def problem(self, version: int) -> str | None:
         """Why version ``version`` cannot be used (None when it is intact): a file missing, or a
         record that does not read as its type."""
+        return self._checked(version)[2]
+
+    def _checked(self, version: int) -> tuple[ModelVersion | None, Metrics | None, str | None]:
+        """The version's metadata and metrics, each read and validated once; else why not."""
         folder = self.path(version)
         try:
             meta = read_json(folder / "metadata.json")
             if not isinstance(meta, dict) or not isinstance(meta.get("weights_sha256"), str):
-                return "metadata.json has no weights digest"
-            if _invalid(ModelVersion, meta) or meta["version"] != version:
-                return "metadata.json is not a version's record"
+                return None, None, "metadata.json has no weights digest"
+            record = _parsed(ModelVersion, meta)
+            if record is None or record.version != version:
+                return None, None, "metadata.json is not a version's record"
             metrics = read_json(folder / "metrics.json")
             if not isinstance(metrics, dict) or not isinstance(metrics.get("test_accuracy"), (int, float)):
-                return "metrics.json has no test accuracy"
-            if _invalid(Metrics, metrics):
-                return "metrics.json is not a version's metrics"
+                return None, None, "metrics.json has no test accuracy"
+            figures = _parsed(Metrics, metrics)
+            if figures is None:
+                return None, None, "metrics.json is not a version's metrics"
             self.lineage(version)  # a damaged one: the version's classes are unknown
         except RegistryError as e:
-            return str(e).removeprefix(f"v{version}/")
+            return None, None, str(e).removeprefix(f"v{version}/")
         except FileNotFoundError as e:
-            return f"{Path(e.filename).name} is missing"
+            return None, None, f"{Path(e.filename).name} is missing"
         except (OSError, ValueError, RecursionError) as e:
-            return f"unreadable ({type(e).__name__})"
+            return None, None, f"unreadable ({type(e).__name__})"
         for name in ("model.npz", "model.json"):
             if not (folder / name).is_file():
-                return f"{name} is missing"
-        return None
+                return None, None, f"{name} is missing"
+        return record, figures, None
 
     def intact_versions(self) -> list[int]:
         return [v for v in self.versions() if self.problem(v) is None]
@@ -279,18 +285,19 @@ class Registry:
             raise RegistryError(f"model {self.name!r} has no version {version} (has {self.versions() or 'none'})")
         return version
 
-    def _read(self, version: int, name: str) -> dict:
-        problem = self.problem(version)
+    def _intact(self, version: int) -> tuple[ModelVersion, Metrics]:
+        record, figures, problem = self._checked(version)
         if problem is not None:
             raise RegistryError(f"{self.path(version)}: damaged version ({problem})")
-        return read_json(self.path(version) / name)
+        return record, figures
 
     def metadata(self, version: int) -> ModelVersion:
         """Version ``version``'s record (RegistryError if it is damaged)."""
-        return ModelVersion.model_validate(self._read(version, "metadata.json"))
+        return self._intact(version)[0]
 
     def metrics(self, version: int) -> Metrics:
-        return Metrics.model_validate(self._read(version, "metrics.json"))
+        """Version ``version``'s metrics (RegistryError if it is damaged)."""
+        return self._intact(version)[1]
 
     def decision(self, version: int) -> Verdict | None:
         """The gate's verdict on ``version``; None if undecided or the record is damaged (see
