@@ -177,6 +177,7 @@ Name = Annotated[str, StringConstraints(pattern=f"^{NAME.pattern}$")]
 Bytes = Annotated[int, Field(gt=0, le=1 << 40)]
 Count = Annotated[int, Field(ge=0, le=1 << 32)]
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+Hex64 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 
 
 def _one_plain_line(text: str) -> str:
@@ -199,9 +200,9 @@ class FileSpec(_Spec):
     name: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$")]
     split: Name
     kind: Literal[KINDS]  # type: ignore[valid-type]
-    sha256: Optional[Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]] = None
+    sha256: Optional[Hex64] = None
     size: Optional[Bytes] = None
-    archive_sha256: Optional[Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]] = None
+    archive_sha256: Optional[Hex64] = None
     archive_size: Optional[Bytes] = None
     archive_md5: Optional[Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{32}$")]] = None
 
