@@ -127,6 +127,7 @@ def bounds(model: type[BaseModel], name: str) -> tuple[float | None, float | Non
 def flag_help(model: type[BaseModel], name: str) -> str:
     """A flag's help: the field's description and its bounds."""
     low, high = bounds(model, name)
+
     def number(v: float) -> str:
         return f"{int(v):,}" if float(v).is_integer() else f"{v:g}"
 
