@@ -111,6 +111,7 @@ def main() -> None:
                 subprocess.run([DIGITFLOW, "server", "status"], env=env, capture_output=True).returncode == 0)
         finally:
             subprocess.run([DIGITFLOW, "server", "stop"], env=env, capture_output=True)
+    import numpy  # noqa: F401  (loads the BLAS the commands use, so threadpoolctl can name its kernel)
     from threadpoolctl import threadpool_info
 
     figures["blas"] = [(i.get("internal_api"), i.get("architecture")) for i in threadpool_info()]

@@ -158,9 +158,26 @@ def start(home=None):
     where = f"home {terminal(str(resolved))} · " if resolved is not None else ""
     print(f"digitflow: {where}{server.describe()}", file=sys.stderr, flush=True)  # before Prefect's import
     server.use()
+    import_prefect()
     interrupt.detach_ephemeral_server()
     console.setup(resolved)  # Prefect's log to the dashboard and <home>/logs; one line per step on the terminal
     return str(resolved) if resolved is not None else None
+
+
+def import_prefect() -> None:
+    """Import Prefect (once per process) with the cyclic garbage collector paused, then freeze what
+    it made. The import builds ~100,000 tracked objects and no garbage; the collections it would
+    trigger, and those that would walk its objects again later, cost ~0.3 s of a command's start."""
+    import gc
+
+    if "prefect" in sys.modules:
+        return
+    gc.disable()
+    try:
+        import prefect  # noqa: F401
+    finally:
+        gc.enable()
+    gc.freeze()  # Prefect's modules, classes and settings live as long as the process: never scanned again
 
 
 def mirrors_param(mirror: list[str] | None, here: bool = True) -> list[str] | None:
