@@ -87,7 +87,8 @@ def show(ref: str = typer.Argument(..., help="VERSION or alias."), home: Optiona
     if info["decision"]:
         d = info["decision"]
         typer.echo(terminal(f"  gate: {d['status']} by {d['by']} at {d['at']}: {d['reason']}"))
-    typer.echo(terminal("  hyperparameters: " + ", ".join(f"{k}={v}" for k, v in meta.get("hyperparameters", {}).items())))
+    typer.echo(terminal("  hyperparameters: " + (", ".join(f"{k}={v}" for k, v in meta["hyperparameters"].items())
+                                                 if meta.get("hyperparameters") else "not recorded")))
     typer.echo("  lineage:")
     for k, val in meta.get("lineage", {}).items():
         typer.echo(terminal(f"    {k}: {val}"))

@@ -3,7 +3,6 @@ Prefect server (`digitflow server status|stop|logs`)."""
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Optional
 
@@ -139,9 +138,9 @@ def monitor(api: str = typer.Option("http://127.0.0.1:8000", "--api", help="Base
             return
         summary = monitor_flow(api_url=api, threshold=threshold, min_images=min_images)
     if json_out:
-        typer.echo(json.dumps(summary))
+        typer.echo(summary.model_dump_json())
         return
-    psi = ", ".join(f"{k} {v:.3f}" for k, v in summary["psi"].items() if v is not None) or "not compared"
-    typer.echo(terminal(f"{summary['model']} v{summary['version']}: {summary['window_images']} served images; "
-                        f"{'DRIFTED: ' + ', '.join(summary['drifted']) if summary['drifted'] else 'no drift'} "
+    psi = ", ".join(f"{k} {v:.3f}" for k, v in summary.psi.items() if v is not None) or "not compared"
+    typer.echo(terminal(f"{summary.model} v{summary.version}: {summary.window_images} served images; "
+                        f"{'DRIFTED: ' + ', '.join(summary.drifted) if summary.drifted else 'no drift'} "
                         f"(PSI {psi})"))

@@ -16,7 +16,7 @@ from storage.datasets import check_pinned
 from storage.settings import checked as checked_settings
 from tasks.common import home_for_run
 from tasks.ingest import check_data, download, parse, verify, write_shards
-from tasks.refs import SplitFiles, SplitRef
+from tasks.refs import Ingested, SplitFiles
 
 
 def ingest_run_name() -> str:
@@ -37,11 +37,11 @@ def ingest(
     deadline: Deadline = None,
     dataset: DatasetName = "mnist",
     allow_unpinned: bool = False,
-) -> dict[str, SplitRef]:
+) -> Ingested:
     """Make ``<home>/data/<dataset>/<split>`` hold verified, normalized Parquet shards, for every
     split of the dataset (MNIST: train and test).
 
-    Returns ``{split: manifest reference}`` (path, SHA-256, row count).
+    Returns a manifest reference (path, SHA-256, row count) per split.
 
     Args:
         dataset: A built-in dataset (mnist, fashion-mnist) or the path of a spec file (.toml/.json).
@@ -92,4 +92,4 @@ def ingest(
     manifests = {split: write_shards.submit(split, *pair(split), out_dir=home.address(home.split(split, spec.key)),
                                            rows_per_shard=rows_per_shard, image_shape=shape, n_classes=n_classes)
                  for split in spec.splits}
-    return {split: future.result() for split, future in manifests.items()}
+    return Ingested(splits=tuple(future.result() for future in manifests.values()))

@@ -25,6 +25,7 @@ from storage import DigitflowError
 from storage.drift import MIN_IMAGES, PSI_THRESHOLD, STATISTICS
 from storage.settings import settings
 from tasks.common import artifact_key
+from tasks.refs import DriftOutcome
 
 DRIFT_EVENT = "digitflow.drift.detected"
 MAX_ANSWER = 1 << 20   # bytes of /drift read at most
@@ -63,8 +64,6 @@ class DriftReport(_Strict):
 @task(task_run_name="read {api_url}/drift", retries=2, retry_delay_seconds=[2, 4])
 def read_drift(api_url: str) -> DriftReport:
     """GET /drift with the API's token (``$DIGITFLOW_API_TOKEN``, never a parameter), bounded."""
-    import os
-
     import requests
 
     token = settings().api_token
@@ -96,7 +95,7 @@ def judge(report: DriftReport, threshold: float, min_images: int) -> list[str]:
 
 @flow(name="monitor", flow_run_name="monitor", on_running=[announce_run])
 def monitor(api_url: ApiUrl = "http://127.0.0.1:8000", threshold: Threshold = PSI_THRESHOLD,
-            min_images: MinImages = MIN_IMAGES) -> dict:
+            min_images: MinImages = MIN_IMAGES) -> DriftOutcome:
     """Compare what a running API was asked with its served version's test split; emit
     `digitflow.drift.detected` when a statistic's PSI crosses the threshold.
 
@@ -118,15 +117,14 @@ def monitor(api_url: ApiUrl = "http://127.0.0.1:8000", threshold: Threshold = PS
     create_table_artifact(rows, key=artifact_key(name, "drift"),
                           description=f"{name} v{version}: {report.window_images} served images"
                                       + (f", drifted: {', '.join(drifted)}" if drifted else ""))
-    summary = {"model": name, "version": version, "window_images": report.window_images,
-               "compared": report.compared, "drifted": drifted,
-               "psi": {s: report.statistics[s].psi for s in STATISTICS if s in report.statistics}}
+    summary = DriftOutcome(model=name, version=version, window_images=report.window_images, compared=report.compared,
+                           drifted=drifted, psi={s: report.statistics[s].psi for s in STATISTICS if s in report.statistics})
     if drifted:
         log.warning("%s v%d: served inputs drifted (%s); event %s emitted", name, version,
                     ", ".join(f"{s} PSI {report.statistics[s].psi:.2f}" for s in drifted), DRIFT_EVENT)
         emit_event(event=DRIFT_EVENT, resource={"prefect.resource.id": f"digitflow.model.{name}",
                                                 "prefect.resource.name": name},
-                   payload={**summary, "threshold": threshold, "flow_run_id": str(flow_run.id)})
+                   payload={**summary.model_dump(), "threshold": threshold, "flow_run_id": str(flow_run.id)})
     elif report.window_images < min_images or not report.compared:
         log.info("%s v%d: %d served images%s; nothing judged", name, version, report.window_images,
                  "" if report.compared else " and no reference to compare with")

@@ -75,7 +75,7 @@ def retrain(
         raise DigitflowError("webhook_url is not a parameter any more (a URL in a flow run's parameters is shown to "
                              "every dashboard user): redeploy with --webhook secret:BLOCK or --webhook env:VARIABLE")
     spec, model_name = dataset_and_model(dataset, model_name, allow_unpinned)  # before any work
-    hp = hyperparameters(preset, overrides, spec).to_dict()
+    hp = hyperparameters(preset, overrides, spec)
     home = home_for_run(home)
     home.registry(model_name).check_dataset(spec.key)  # another dataset's registry: one line, nothing written
     update_run(tags=run_tags(preset, model_name, spec.name))
@@ -88,9 +88,9 @@ def retrain(
         # 2. Train on the train split; cached on (data, hyperparameters, seed, nn/ source).
         # (a copy: a subflow's result as a task input leaves the dashboard's Task Runs tab empty)
         training = dict(progress_key=artifact_key(model_name, "training"), description=f"preset {preset}")
-        model = train(data["train"].model_copy(), hp, home, **training)
+        model = train(data.train.model_copy(), hp, home, **training)
         if not still_trained(model):  # its folder was rewritten since the cached run: train again
-            model = train.with_options(refresh_cache=True)(data["train"].model_copy(), hp, home, **training)
+            model = train.with_options(refresh_cache=True)(data.train.model_copy(), hp, home, **training)
 
         # 3-5. Evaluate on the test split, publish an immutable version (identical weights: the
         # existing one), put it through the gate: the subflow `run`, `sweep` and `publish` share.
@@ -115,7 +115,7 @@ def train_only(home: str | None = None, dataset: DatasetName = "mnist", preset: 
         preset: Hyperparameter preset; the hyperparameters after it change single values of it.
     """
     spec = resolve_dataset(dataset)
-    hp = hyperparameters(preset, overrides, spec).to_dict()
+    hp = hyperparameters(preset, overrides, spec)
     home = home_for_run(home)
     update_run(tags=["digitflow", f"dataset:{spec.name}", f"preset:{preset}"])
     ref = manifest_ref(home.address(home.split("train", spec.key)))

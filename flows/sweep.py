@@ -26,7 +26,7 @@ from storage.catalog import dataset_and_model
 from tasks.common import home_for_run
 from tasks.prefect_compat import dask_cluster
 from tasks.model import artifact_key, evaluate, train, version_artifacts
-from tasks.refs import Outcome, SweepOutcome
+from tasks.refs import Outcome, SweepOutcome, SweepRow
 
 
 def describe_runner() -> str:
@@ -113,7 +113,7 @@ def sweep(
     base = overrides_dict(overrides)
     points = [overrides_dict(point) for point in grid]
     spec, model_name = dataset_and_model(dataset, model_name, allow_unpinned)
-    configs = [hyperparameters(preset, {**base, **point}, spec).to_dict() for point in points]
+    configs = [hyperparameters(preset, {**base, **point}, spec) for point in points]
     if not configs:
         raise DigitflowError("the grid is empty")
     home = home_for_run(home)
@@ -126,7 +126,7 @@ def sweep(
 
         # Fan out: one training task per grid point, in parallel on the Dask workers.
         # (copies: a subflow's result as a task input leaves the dashboard's Task Runs tab empty)
-        train_ref, test_ref = data["train"].model_copy(), data["test"].model_copy()
+        train_ref, test_ref = data.train.model_copy(), data.test.model_copy()
         trained = [train.submit(
             train_ref, hp, home, progress_key=artifact_key(model_name, f"sweep-{i}"), blas_threads=1,
             description=f"sweep point {i + 1}/{len(configs)} {json.dumps(point)}")
@@ -148,26 +148,26 @@ def sweep(
                                   floor=floor, webhook=webhook)
     if outcome.created:  # the report, metrics and folder on the sweep's own run
         version_artifacts(home, outcome.name, outcome.version)
-    rows = [{"grid point": json.dumps(r["point"]), "val_accuracy": round(r["val_accuracy"] or 0, 4),
-             "test_accuracy": round(r["metrics"].test_accuracy, 4), "train_seconds": r["model"].train_seconds,
-             "best": r is best} for r in results]
+    rows = [SweepRow(grid_point=json.dumps(r["point"]), val_accuracy=round(r["val_accuracy"] or 0, 4),
+                     test_accuracy=round(r["metrics"].test_accuracy, 4), train_seconds=r["model"].train_seconds,
+                     best=r is best) for r in results]
     report = _report(rows, outcome)
     folder = home.sweep(str(flow_run.id) if flow_run.id else "latest")
     write_bytes(folder / "report.md", report.encode())
-    write_json(folder / "results.json", {"rows": rows, "outcome": outcome.model_dump(mode="json")})
+    write_json(folder / "results.json", {"rows": [r.model_dump() for r in rows], "outcome": outcome.model_dump(mode="json")})
     remote.push_dir(home.address(folder), "results.json")  # a remote home: into the bucket, results last
-    create_table_artifact(rows, key=artifact_key(model_name, "sweep"), description="Sweep comparison")
+    create_table_artifact([r.model_dump() for r in rows], key=artifact_key(model_name, "sweep"), description="Sweep comparison")
     create_markdown_artifact(report, key=artifact_key(model_name, "sweep-report"), description="Sweep report")
     log.info("best %s: val %.4f, test %.4f → v%d %s", best["point"], best["val_accuracy"] or 0,
              best["metrics"].test_accuracy, outcome.version, outcome.status)
-    update_run(name=f"sweep-{len(configs)}-runs → v{outcome.version} {outcome.status}")
+    update_run(name=f"sweep-{len(configs)}-runs: v{outcome.version} {outcome.status}")  # (the run graph drops "→")
     return SweepOutcome(**dict(outcome), rows=rows, report=home.address(folder / "report.md"))
 
 
-def _report(rows: list[dict], outcome: Outcome) -> str:
+def _report(rows: list[SweepRow], outcome: Outcome) -> str:
     lines = ["# Sweep", "", "| grid point | val accuracy | test accuracy | train s | |", "|---|---|---|---|---|"]
-    lines += [f"| `{r['grid point']}` | {r['val_accuracy']:.4f} | {r['test_accuracy']:.4f} | {r['train_seconds']:.1f} | "
-              f"{'**best**' if r['best'] else ''} |" for r in rows]
+    lines += [f"| `{r.grid_point}` | {r.val_accuracy:.4f} | {r.test_accuracy:.4f} | {r.train_seconds:.1f} | "
+              f"{'**best**' if r.best else ''} |" for r in rows]
     verdict = (f"the gate {outcome.status} it: {outcome.reason}" if outcome.status != "unchanged"
                else f"it was {outcome.reason}")
     lines += ["", f"The best by validation accuracy was published as {outcome.name} v{outcome.version} "

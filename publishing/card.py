@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from nn.presets import Hyperparameters
 from storage.records import Verdict
 from storage.text import md
 
@@ -43,7 +44,8 @@ def decision_lines(decision: Verdict | None) -> list[str]:
     return lines
 
 
-def render(*, name: str, version: int, metrics: dict, lineage: dict, hyperparameters: dict, classes: list[str],
+def render(*, name: str, version: int, metrics: dict, lineage: dict, hyperparameters: Hyperparameters | None,
+           classes: list[str],
            checks: dict | None, decision: Verdict | None, floor: float | None = None) -> str:
     """model_card.md of one version."""
     def named(c: int) -> str:
@@ -93,7 +95,8 @@ def render(*, name: str, version: int, metrics: dict, lineage: dict, hyperparame
             "most confidently wrong images).",
             f"- Promotion needs test accuracy at or above the floor{f' ({floor:.2f})' if floor is not None else ''} "
             "and the champion's; it says nothing about classes the data lacks."]
-    out += ["", "## Hyperparameters", "", ", ".join(f"{md(k)} = {md(v)}" for k, v in hyperparameters.items()), ""]
+    out += ["", "## Hyperparameters", "", ", ".join(f"{md(k)} = {md(v)}" for k, v in hyperparameters.to_dict().items())
+            if hyperparameters else "Not recorded by the digitflow that trained it.", ""]
     out += ["## Lineage", "", "| what | value |", "|---|---|"]
     out += [f"| {md(k)} | {md(v)} |" for k, v in lineage.items() if k != "dataset"]
     return "\n".join(out) + "\n"

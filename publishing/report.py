@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from nn.presets import Hyperparameters
 from storage.text import md
 
 
@@ -62,7 +63,7 @@ def plot_confusion_matrix(cm: list[list[int]], path: Path, classes: list[str] | 
     plt.close(fig)
 
 
-def render_markdown(*, name: str, version: int, metrics: dict, hyperparameters: dict, lineage: dict,
+def render_markdown(*, name: str, version: int, metrics: dict, hyperparameters: Hyperparameters | None, lineage: dict,
                     champion: dict | None, classes: list[str] | None = None) -> str:
     """report.md: what was trained on what, how it did, and how it compares with the champion.
     ``classes`` names the classes (MNIST's are their digits: no names column). Text from the
@@ -83,8 +84,12 @@ def render_markdown(*, name: str, version: int, metrics: dict, hyperparameters: 
                   f"| test accuracy | {acc:.4f} | {champion['test_accuracy']:.4f} | {delta:+.4f} |",
                   f"| test loss | {metrics['test_loss']:.4f} | {champion['test_loss']:.4f} | "
                   f"{metrics['test_loss'] - champion['test_loss']:+.4f} |"]
-    lines += ["", "## Hyperparameters", "", "| name | value |", "|---|---|"]
-    lines += [f"| {md(k)} | {md(v)} |" for k, v in hyperparameters.items()]
+    lines += ["", "## Hyperparameters", ""]
+    if hyperparameters is None:
+        lines.append("Not recorded by the digitflow that trained it.")
+    else:
+        lines += ["| name | value |", "|---|---|"]
+        lines += [f"| {md(k)} | {md(v)} |" for k, v in hyperparameters.to_dict().items()]
     lines += ["", "## Per class (test)", "", "| class | precision | recall | F1 | support |", "|---|---|---|---|---|"]
     lines += [f"| {named(c['class'])} | {c['precision']:.4f} | {c['recall']:.4f} | {c['f1']:.4f} | {c['support']} |"
               for c in metrics["per_class"]]

@@ -10,13 +10,13 @@ import numpy as np
 from publishing import card, report
 from storage import drift
 from storage.atomic import write_json
-from storage.records import Lineage, Metrics
+from storage.records import Hyperparameters, Lineage, Metrics
 
 WEIGHTS = ("model.npz", "model.json")
 
 
 def write_version(folder: Path, version: int, *, name: str, net, weights: Path, metrics: Metrics,
-                  hyperparameters: dict, lineage: Lineage, champion: dict | None, checks: dict | None,
+                  hyperparameters: Hyperparameters | None, lineage: Lineage, champion: dict | None, checks: dict | None,
                   x_test: np.ndarray) -> dict:
     """Write everything version ``version`` of model ``name`` holds into ``folder``:
 
@@ -46,4 +46,4 @@ def write_version(folder: Path, version: int, *, name: str, net, weights: Path, 
         name=name, version=version, metrics=full, lineage=info, hyperparameters=hyperparameters,
         classes=classes or [str(i) for i in range(len(metrics.per_class))], checks=checks, decision=None))
     return {"created": lineage.created, "test_accuracy": metrics.test_accuracy,
-            "hyperparameters": hyperparameters, "lineage": info}
+            "hyperparameters": hyperparameters and hyperparameters.to_dict(), "lineage": info}

@@ -16,8 +16,10 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from typing_extensions import TypedDict
+
+from nn.presets import Hyperparameters
 
 ALIASES = ("latest", "champion")
 
@@ -118,12 +120,25 @@ class Evaluation(Record):
         return self
 
 
+class Epoch(TypedDict, total=False):
+    """One epoch of training, as ``nn.train.train_epochs`` records it (``val_*``: only when part of
+    the train split was held out for validation)."""
+
+    epoch: Count
+    lr: Optional[float]
+    train_loss: Optional[float]
+    train_accuracy: Optional[float]
+    val_loss: Optional[float]
+    val_accuracy: Optional[float]
+    seconds: Optional[float]
+
+
 class Metrics(Evaluation):
     """A published version's ``metrics.json``: its evaluation and how its training went."""
 
     model_config = ConfigDict(frozen=True, extra="ignore")
 
-    history: list[dict[str, Optional[float]]] = []  # one record per epoch (nn.train.train_epochs): numbers only
+    history: list[Epoch] = Field([], max_length=100_000)
     best_epoch: Optional[int] = None
     train_seconds: Finite = 0.0
 
@@ -174,5 +189,10 @@ class ModelVersion(Record):
     weights_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     created: Optional[str] = None
     test_accuracy: Optional[float] = None
-    hyperparameters: dict = {}
+    hyperparameters: Optional[Hyperparameters] = None  # (None: not recorded by the digitflow that trained it)
     lineage: Lineage = Lineage()
+
+    @field_validator("hyperparameters", mode="before")
+    @classmethod
+    def _unrecorded(cls, value):
+        return None if value == {} else value  # an older digitflow's "not recorded"; never the defaults

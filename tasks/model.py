@@ -24,13 +24,13 @@ from publishing.version import write_version
 from storage import DigitflowError, checks, remote
 from storage.atomic import read_json, sha256_file, staged_dir, write_json, writing
 from storage.home import Home
-from storage.registry import DEFAULT_NAME, DEFAULT_TOLERANCE, now
+from storage.registry import DEFAULT_NAME, DEFAULT_TOLERANCE, RECORD_LIMIT, now
 from storage.shards import image_shape, read_split
 from storage.text import md
 from tasks import progress
 from tasks.common import CACHED, artifact_key, code_version, content_key, verified_task
 from storage.records import DatasetLineage, Lineage, Metrics
-from tasks.refs import Answer, Decision, Evaluation, Published, SplitRef, TrainedModel
+from tasks.refs import Answer, Decision, Evaluation, Hyperparameters, Published, SplitRef, TrainedModel
 
 
 class TrainingDiverged(DigitflowError):
@@ -64,24 +64,24 @@ def load_rows(ref: SplitRef):
     return open_rows(split_folder(ref), ref.sha256)
 
 
-def training_id(train_ref: SplitRef, hyperparameters: dict) -> str:
+def training_id(train_ref: SplitRef, hyperparameters: Hyperparameters) -> str:
     """What identifies a training run: data, hyperparameters (with seed) and the nn/ source."""
-    material = json.dumps([train_ref.sha256, hyperparameters, code_version("nn")], sort_keys=True)
+    material = json.dumps([train_ref.sha256, hyperparameters.to_dict(), code_version("nn")], sort_keys=True)
     return hashlib.sha256(material.encode()).hexdigest()[:20]
 
 
-def training_dir(home: Home, train_ref: SplitRef, hyperparameters: dict) -> Path:
+def training_dir(home: Home, train_ref: SplitRef, hyperparameters: Hyperparameters) -> Path:
     return Home(home).trained / training_id(train_ref, hyperparameters)
 
 
 @verified_task(
     # Retrained unless the trained folder is there and hashes to the digest it recorded.
     intact=lambda a: training_is_intact(a["home"], a["train"], a["hyperparameters"]),
-    task_run_name="train {hyperparameters[hidden]}, {hyperparameters[epochs]} epochs",
+    task_run_name="train {hyperparameters.layers}, {hyperparameters.epochs} epochs",
     cache_key_fn=content_key(lambda p: (training_id(p["train"], p["hyperparameters"]), str(p["home"])), code=("nn",)),
     **CACHED,
 )
-def train(train: SplitRef, hyperparameters: dict, home: Home, progress_key: str,
+def train(train: SplitRef, hyperparameters: Hyperparameters, home: Home, progress_key: str,
           blas_threads: int | None = None, description: str = "") -> TrainedModel:
     """Train on the train split's shards; save model.npz/model.json; return a reference.
 
@@ -96,11 +96,11 @@ def train(train: SplitRef, hyperparameters: dict, home: Home, progress_key: str,
     return _train(train, hyperparameters, home, progress_key, description)
 
 
-def _train(train: SplitRef, hyperparameters: dict, home: Home, progress_key: str, description: str) -> TrainedModel:
+def _train(train: SplitRef, hp: Hyperparameters, home: Home, progress_key: str, description: str) -> TrainedModel:
     log = get_run_logger()
-    hp = nn.presets.Hyperparameters(**{**hyperparameters, "hidden": tuple(hyperparameters["hidden"])}).validate()
+    hp.validate()
     home = Home(home)
-    address = home.address(training_dir(home, train, hyperparameters))
+    address = home.address(training_dir(home, train, hp))
     if remote.is_url(address) and remote.committed(address, TRAINING_RECORD):
         # Trained before, on this or another machine: fetched and verified, not trained again.
         ref = trained_ref(address)
@@ -112,7 +112,7 @@ def _train(train: SplitRef, hyperparameters: dict, home: Home, progress_key: str
     log.info("training %s on %d images (%d held out for validation), seed %d", hp.hidden, len(y),
              round(len(y) * hp.val_fraction), hp.seed)
     architecture = "-".join(map(str, (x.shape[1], *hp.hidden, n_classes)))
-    out = training_dir(home, train, hyperparameters)
+    out = training_dir(home, train, hp)
     # A checkpoint after every epoch, beside the (not yet existing) model folder: a killed
     # training resumes where it stopped, bit for bit; removed once the model is complete.
     checkpoint_path = out.with_name(f".{out.name}.checkpoint.npz")
@@ -174,7 +174,7 @@ def _train(train: SplitRef, hyperparameters: dict, home: Home, progress_key: str
     log.info("trained in %.1f s%s; weights %s…", seconds, resumed, digest[:16])
     return TrainedModel(dir=address, weights_sha256=digest, history=history.epochs, best_epoch=history.best_epoch,
                         stopped_early=history.stopped_early, train_seconds=round(seconds, 2),
-                        hyperparameters=hp.to_dict(), train_manifest_sha256=train.sha256)
+                        hyperparameters=hp, train_manifest_sha256=train.sha256)
 
 
 def _resume_from(path: Path, training: str, log) -> nn.TrainState | None:
@@ -195,7 +195,7 @@ def _resume_from(path: Path, training: str, log) -> nn.TrainState | None:
 TRAINING_RECORD = "training.json"  # written last into a trained folder: its commit point
 
 
-def training_is_intact(home: Home, train_ref: SplitRef, hyperparameters: dict) -> bool:
+def training_is_intact(home: Home, train_ref: SplitRef, hyperparameters: Hyperparameters) -> bool:
     """The trained model is there and its arrays hash to the digest recorded when it was made
     (in a remote home: it is committed in the bucket; verified when fetched for use)."""
     d = training_dir(home, train_ref, hyperparameters)
@@ -217,17 +217,17 @@ def trained_ref(folder: str | Path) -> TrainedModel:
         folder = remote.pull_dir(address, TRAINING_RECORD)
     folder = Path(folder).expanduser().resolve()
     try:
-        info = read_json(folder / "training.json")
-        digest = info["weights_sha256"]
+        info = read_json(folder / "training.json", limit=RECORD_LIMIT)
+        ref = TrainedModel(dir=address or str(folder), weights_sha256=info["weights_sha256"],
+                           history=info.get("history", []), best_epoch=info.get("best_epoch"),
+                           stopped_early=info.get("stopped_early", False), train_seconds=info.get("train_seconds", 0.0),
+                           hyperparameters=info.get("hyperparameters") or None,
+                           train_manifest_sha256=info.get("train_manifest_sha256"))
     except FileNotFoundError:
         raise DigitflowError(f"{folder}: not a trained model folder (no training.json; `digitflow train` "
                              "prints one)") from None
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:  # (ValueError: a record that does not fit)
         raise DigitflowError(f"{folder / 'training.json'}: damaged ({type(e).__name__})") from None
-    ref = TrainedModel(dir=address or str(folder), weights_sha256=digest, history=info.get("history", []),
-                       best_epoch=info.get("best_epoch"), stopped_early=info.get("stopped_early", False),
-                       train_seconds=info.get("train_seconds", 0.0), hyperparameters=info.get("hyperparameters", {}),
-                       train_manifest_sha256=info.get("train_manifest_sha256"))
     load_verified(ref)
     return ref
 
@@ -296,13 +296,14 @@ def evaluate(model: TrainedModel, test: SplitRef) -> Evaluation:
     return metrics
 
 
-def lineage(train_ref: SplitRef, test_ref: SplitRef, hp: dict, dataset: DatasetLineage | None) -> Lineage:
+def lineage(train_ref: SplitRef, test_ref: SplitRef, hp: Hyperparameters | None,
+            dataset: DatasetLineage | None) -> Lineage:
     from prefect.runtime import flow_run
 
     return Lineage(
         train_manifest_sha256=train_ref.sha256, test_manifest_sha256=test_ref.sha256,
         git_commit=git_commit(), package_version=package_version(), nn_source_sha256=code_version("nn"),
-        python=platform.python_version(), numpy=np.__version__, seed=hp["seed"],
+        python=platform.python_version(), numpy=np.__version__, seed=hp.seed if hp else None,
         prefect_flow_run_id=str(flow_run.id) if flow_run.id else None, created=now(),
         dataset=dataset if dataset and dataset.name != "mnist" else None,  # MNIST's lineage stays as it was: digits
     )

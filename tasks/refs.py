@@ -6,9 +6,10 @@ Prefect stores them as JSON cache results and the flows, the CLI and the alerts 
 fields by name.
 
     download → RawFile → verify → VerifiedFile → parse → check (DataChecks) → shard → SplitRef
+    the ingest flow's result: Ingested (a SplitRef per split)
     train(SplitRef) → TrainedModel → evaluate → Evaluation
     publish(TrainedModel, Evaluation) → Published → gate → Decision
-    the flows' results: Outcome (publish), RunOutcome (retrain), SweepOutcome (sweep)
+    the flows' results: Outcome (publish), RunOutcome (retrain), SweepOutcome (sweep), DriftOutcome (monitor)
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict
 
-from storage.records import Answer, Evaluation, Verdict  # noqa: F401 (what the registry records; re-exported)
+from nn.presets import Hyperparameters
+from storage.records import Answer, Epoch, Evaluation, Verdict  # noqa: F401 (what the registry records; re-exported)
 
 
 class Ref(BaseModel):
@@ -77,16 +79,36 @@ class SplitRef(Ref):
     shards: int
 
 
+class Ingested(Ref):
+    """What the ingest flow made: one reference per split of the dataset, train and test among them."""
+
+    splits: tuple[SplitRef, ...]
+
+    def __getitem__(self, split: str) -> SplitRef:
+        for ref in self.splits:
+            if ref.split == split:
+                return ref
+        raise KeyError(split)
+
+    @property
+    def train(self) -> SplitRef:
+        return self["train"]
+
+    @property
+    def test(self) -> SplitRef:
+        return self["test"]
+
+
 class TrainedModel(Ref):
     """A trained model folder (model.npz, model.json, training.json) and its weights digest."""
 
     dir: str
     weights_sha256: str
-    history: list[dict] = []
+    history: list[Epoch] = []
     best_epoch: Optional[int] = None
     stopped_early: bool = False
     train_seconds: float = 0.0
-    hyperparameters: dict = {}
+    hyperparameters: Optional[Hyperparameters] = None  # (None: a folder trained by a digitflow that did not record them)
     train_manifest_sha256: Optional[str] = None
 
 
@@ -126,12 +148,35 @@ class RunOutcome(Outcome):
     """What ``retrain`` did: the outcome, and what it trained with."""
 
     preset: str
-    hyperparameters: dict
+    hyperparameters: Hyperparameters
     dataset: str
+
+
+class DriftOutcome(Ref):
+    """What ``monitor`` found: the served version, the images in the API's window, whether they
+    were compared with the version's reference, the statistics that drifted and each one's PSI
+    (None: not compared)."""
+
+    model: str
+    version: int
+    window_images: int
+    compared: bool
+    drifted: list[str]
+    psi: dict[str, Optional[float]]
+
+
+class SweepRow(Ref):
+    """One grid point of a sweep: what it set (as JSON text), how it scored, whether it won."""
+
+    grid_point: str
+    val_accuracy: float
+    test_accuracy: float
+    train_seconds: float
+    best: bool
 
 
 class SweepOutcome(Outcome):
     """What ``sweep`` did: the outcome of its best grid point, every point's row and its report."""
 
-    rows: list[dict]                 # one per grid point: "grid point", val/test accuracy, train_seconds, best
+    rows: list[SweepRow]
     report: str

@@ -253,6 +253,8 @@ def test_a_damaged_decision_is_never_taken_for_undecided(tmp_path):
     (lambda m: m.update(per_class=[{}, {}]), "metrics.json is not a version's metrics"),
     (lambda m: m.update(confusion_matrix=[[1, 0], [0, 1], [0, 0]]), "metrics.json is not a version's metrics"),
     (lambda m: m["per_class"][0].update(f1="a"), "metrics.json is not a version's metrics"),
+    (lambda m: m.update(history=[{"epoch": 1, "train_loss": "low"}]), "metrics.json is not a version's metrics"),
+    (lambda m: m.update(history=[{"epoch": -1}]), "metrics.json is not a version's metrics"),
 ])
 def test_metrics_that_do_not_fit_make_a_damaged_version(tmp_path, change, problem):
     """Every figure is finite and in range, the confusion matrix square with a row per class:
@@ -281,6 +283,25 @@ def test_a_fifo_or_a_device_under_the_home_is_never_read(tmp_path):
     (reg.root / "decisions" / "v1.json").symlink_to("/dev/zero")
     assert reg.problem(1) == "unreadable (ValueError)" and reg.status(1).startswith("damaged")
     assert reg.decision_problem(1) == "decisions/v1.json is damaged"
+
+
+def test_hyperparameters_are_typed_on_reading_and_none_when_not_recorded(tmp_path):
+    """metadata.json's hyperparameters read as nn.presets.Hyperparameters; an older digitflow's
+    empty record reads as "not recorded" (never as the defaults); a value of the wrong type makes
+    the version damaged."""
+    from nn.presets import Hyperparameters
+
+    reg = Registry(tmp_path)
+    reg.publish(*real_model(1))
+    path = reg.path(1) / "metadata.json"
+    record = json.loads(path.read_text())
+    path.chmod(0o644)
+    for hyperparameters, expected in [({"hidden": [64, 32], "epochs": 3, "from_a_newer_digitflow": 1},
+                                       Hyperparameters(hidden=(64, 32), epochs=3)), ({}, None)]:
+        path.write_text(json.dumps({**record, "hyperparameters": hyperparameters}))
+        assert reg.problem(1) is None and reg.metadata(1).hyperparameters == expected
+    path.write_text(json.dumps({**record, "hyperparameters": {"hidden": "wide"}}))
+    assert reg.problem(1) == "metadata.json is not a version's record" and reg.intact_versions() == []
 
 
 def test_a_damaged_lineage_makes_a_damaged_version(tmp_path):

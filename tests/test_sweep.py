@@ -45,7 +45,7 @@ def test_sweep_on_a_temporary_local_cluster(ingested, mnist_server, api_url):
     assert "task runner: DaskTaskRunner on a temporary LocalCluster at tcp://127.0.0.1:" in logs
     assert "with 2 workers" in logs
     result = json.loads([l for l in r.stdout.splitlines() if l.startswith("{")][-1])
-    assert [json.loads(row["grid point"]) for row in result["rows"]] == [{"hidden": [32]}, {"hidden": [64]}]
+    assert [json.loads(row["grid_point"]) for row in result["rows"]] == [{"hidden": [32]}, {"hidden": [64]}]
     assert sum(row["best"] for row in result["rows"]) == 1
     best = next(row for row in result["rows"] if row["best"])
     assert best["val_accuracy"] == max(row["val_accuracy"] for row in result["rows"])

@@ -233,6 +233,7 @@ def test_markdown_escaping_leaves_no_markup():
 
 
 def test_a_report_with_hostile_class_names_and_lineage_stays_one_table():
+    from nn.presets import Hyperparameters
     from publishing.report import render_markdown
 
     names = HOSTILE[:10]
@@ -240,7 +241,7 @@ def test_a_report_with_hostile_class_names_and_lineage_stays_one_table():
     metrics = {"test_accuracy": 0.5, "test_loss": 1.0, "macro_f1": 0.5, "inference_images_per_second": 1.0,
                "per_class": per_class, "history": [], "confusion_matrix": np.eye(10, dtype=int).tolist(),
                "most_confident_errors": []}
-    report = render_markdown(name="m", version=1, metrics=metrics, hyperparameters={"hidden": [8]},
+    report = render_markdown(name="m", version=1, metrics=metrics, hyperparameters=Hyperparameters(hidden=(8,)),
                              lineage={"dataset": {"classes": names, "source": "/x/`|\n# y.toml"}},
                              champion=None, classes=names)
     lines = report.splitlines()
@@ -462,3 +463,29 @@ def test_the_api_token_variable_is_read_in_any_case_as_every_variable_is(tmp_pat
                        text=True, timeout=120, env={**os.environ, "digitflow_api_token": "abc"},
                        cwd=Path(__file__).resolve().parents[1])
     assert r.returncode == 1 and "token required" in r.stderr and "abc" not in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("record, why", [
+    ({"hyperparameters": {"hidden": "wide"}}, "damaged (ValidationError)"),
+    ({"history": [{"epoch": "first"}]}, "damaged (ValidationError)"),
+    ({"history": "long"}, "damaged (ValidationError)"),
+    ([1, 2], "damaged (TypeError)"),
+])
+def test_a_trained_folder_whose_record_does_not_fit_is_refused_in_one_line(tmp_path, record, why):
+    """``digitflow evaluate/publish PATH``: training.json is typed where it enters (hyperparameters,
+    history), before its weights are loaded."""
+    from nn.presets import Hyperparameters, build
+    from storage import DigitflowError
+    from tasks.model import trained_ref
+
+    model = build(Hyperparameters(hidden=(4,)), n_in=4, n_out=2)
+    nn.save(model, tmp_path)
+    good = {"weights_sha256": nn.digest(model), "history": [{"epoch": 1, "train_loss": 0.5}],
+            "hyperparameters": {"hidden": [4]}}
+    write_json(tmp_path / "training.json", good)
+    ref = trained_ref(tmp_path)
+    assert ref.hyperparameters == Hyperparameters(hidden=(4,)) and ref.history[0]["train_loss"] == 0.5
+    write_json(tmp_path / "training.json", {**good, **record} if isinstance(record, dict) else record)
+    with pytest.raises(DigitflowError) as e:
+        trained_ref(tmp_path)
+    assert str(e.value) == f"{tmp_path / 'training.json'}: {why}"
