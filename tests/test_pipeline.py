@@ -29,10 +29,11 @@ def home(first_run):
     return first_run[0]
 
 
-def test_a_finished_flow_run_does_not_wait_for_its_heartbeat_thread():
+def test_a_finished_flow_run_does_not_wait_for_its_heartbeat_thread(monkeypatch):
     """tasks/prefect_compat.py: a flow run ends without joining its heartbeat thread (Prefect's sync engine
     would wait out the thread's current 1-second sleep, ~2 s of a warm `digitflow run`). The
-    thread still starts (it emits the run's first heartbeat) and is left to notice the stop flag."""
+    thread still starts (it emits the run's first heartbeat) and is left to notice the stop flag.
+    Its sleep is held here until the flow run has returned: a join would hold the run 2 s."""
     import threading
 
     from prefect import flow, flow_engine
@@ -46,14 +47,34 @@ def test_a_finished_flow_run_does_not_wait_for_its_heartbeat_thread():
                 if any(getattr(a, "__name__", "") == "heartbeat_loop" for a in getattr(t, "_args", ()))]
 
     earlier = set(heartbeat_threads())  # earlier flow runs' threads may still be winding down
+    waiting, release = threading.Event(), threading.Event()
+
+    class HeldSleep:  # flow_engine's ``time``: the new heartbeat thread's sleep waits for ``release``
+        def __getattr__(self, name):
+            return getattr(time, name)
+
+        def sleep(self, seconds):
+            if threading.current_thread() in set(heartbeat_threads()) - earlier:
+                waiting.set()
+                release.wait(10)
+            else:
+                time.sleep(seconds)
+
+    monkeypatch.setattr(flow_engine, "time", HeldSleep())
 
     @flow
     def quick():
-        return set(heartbeat_threads()) - earlier
+        assert waiting.wait(10), "no heartbeat thread reached its sleep"
+        return set(heartbeat_threads()) - earlier, time.monotonic()
 
-    own = quick()
-    assert len(own) == 1  # its heartbeat thread ran while it did
-    assert all(t.is_alive() for t in own), "the flow run joined its heartbeat thread on exit"
+    try:
+        own, body_done = quick()
+        tail = time.monotonic() - body_done  # Prefect's join waits up to 2 s for the held thread
+        assert len(own) == 1  # its heartbeat thread ran while it did
+        assert tail < 1.9 and all(t.is_alive() for t in own), f"the flow run joined its heartbeat thread ({tail:.2f} s)"
+    finally:
+        release.set()
+
 
 def test_first_run_publishes_v1(home, first_run):
     summary = first_run[1]
