@@ -197,7 +197,7 @@ def predict(images: List[str] = typer.Argument(..., help="PNG/JPEG/... files of 
 
     with one_line_errors():
         spec, model_name = dataset_and_model(dataset, model_name)
-        registry = resolve_home(home).registry(model_name)
+        registry = resolve_home(home, existing=True).registry(model_name)
         version = registry.resolve(model)
         net = registry.load_model(version)  # verified against the digest recorded at publish time
         classes = class_names(registry.classes(version))  # None for MNIST's digits

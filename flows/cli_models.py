@@ -19,7 +19,7 @@ JSON = typer.Option(False, "--json", help="Machine-readable output.")
 
 def _registry(home, name, dataset="mnist") -> Registry:
     """The registry of ``--model-name`` (default: the dataset's model, mnist-mlp for MNIST)."""
-    return resolve_home(home).registry(dataset_and_model(dataset, name)[1])
+    return resolve_home(home, existing=True).registry(dataset_and_model(dataset, name)[1])
 
 
 def listing(registry: Registry) -> list[dict]:

@@ -44,7 +44,7 @@ def api(host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind 
             raise DigitflowError(f"--log-level {log_level!r}: use info, warning or error")
         if token is None and environment().api_token is not None:  # (the variable's name in any case, as Settings reads it)
             token = environment().api_token.get_secret_value()
-        settings = checked(ApiSettings, home=str(resolve_home(home)), model_name=model_name, model=model, token=token,
+        settings = checked(ApiSettings, home=str(resolve_home(home, existing=True)), model_name=model_name, model=model, token=token,
                            max_body=max_body, max_pixels=max_pixels, max_images=max_images,
                            max_request_pixels=max_request_pixels, poll=float(poll))
         if not token and host not in ("127.0.0.1", "localhost", "::1") and not host.startswith("127."):

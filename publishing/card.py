@@ -40,6 +40,8 @@ def decision_lines(decision: Verdict | None) -> list[str]:
     for d in [decision, *reversed(decision.history)]:
         verb = "Promoted to champion" if d.promoted else "Rejected"
         lines.append(f"- {verb} by {md(d.by)} at {md(d.at)}: {md(d.reason)}")
+        if d.replaced_damaged is not None:
+            lines.append(f"- A damaged decision record was replaced; it read: {md(d.replaced_damaged)}")
     lines[0] = lines[0].replace("- ", "- **Now:** ", 1)
     return lines
 

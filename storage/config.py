@@ -12,9 +12,10 @@ from storage.download import DEFAULT_TIMEOUT  # noqa: F401 (one source, re-expor
 from storage.mnist import DEFAULT_MIRRORS
 from storage.settings import settings
 
-def resolve_home(home: str | os.PathLike | None = None) -> Home:
-    """``--home``, else ``$DIGITFLOW_HOME``, else ``~/.digitflow``; created and proven writable."""
-    return Home.resolve(home)
+def resolve_home(home: str | os.PathLike | None = None, existing: bool = False) -> Home:
+    """``--home``, else ``$DIGITFLOW_HOME``, else ``~/.digitflow``; created and proven writable
+    (``existing``: a local home must be there already)."""
+    return Home.resolve(home, existing)
 
 
 def resolve_mirrors(mirrors: Sequence[str] | None = None, default: Sequence[str] = DEFAULT_MIRRORS) -> list[str]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from storage import DigitflowError
 from storage.paths import inside
 from storage.settings import settings
 
@@ -33,9 +34,10 @@ class Home:
         self.store = store  # an object store (storage.objects) when the home is remote, else None
 
     @classmethod
-    def resolve(cls, home: str | os.PathLike | None = None) -> "Home":
+    def resolve(cls, home: str | os.PathLike | None = None, existing: bool = False) -> "Home":
         """``home``, else ``$DIGITFLOW_HOME``, else ``~/.digitflow``: created and proven writable
-        (for ``s3://…``: the bucket proven reachable, and a local working copy made)."""
+        (for ``s3://…``: the bucket proven reachable, and a local working copy made). ``existing``:
+        a local home that is not there is an error, never created (commands that only read it)."""
         from storage import objects
         from storage.atomic import ensure_writable_dir
 
@@ -46,6 +48,9 @@ class Home:
             store = objects.open_store(where)
             store.check()
             return cls(ensure_writable_dir(objects.local_path(store.url())), store)
+        if existing and not Path(where).expanduser().is_dir():
+            raise DigitflowError(f"no digitflow home at {Path(where).expanduser()} (nothing published there yet: "
+                                 "`digitflow run --home` makes one)")
         return cls(ensure_writable_dir(where))
 
     # A remote home crossing to another process (a Dask worker, maybe another machine) takes

@@ -50,6 +50,7 @@ class Verdict(Record):
     champion_before: Optional[int] = None
     approval: Optional[Answer] = None
     history: list["Verdict"] = []
+    replaced_damaged: Optional[str] = None  # the text of a damaged record this decision replaced (its start)
 
     @property
     def promoted(self) -> bool:

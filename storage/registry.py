@@ -32,7 +32,8 @@ from pathlib import Path
 from typing import Callable
 
 from storage import DigitflowError
-from storage.atomic import file_lock, read_json as _read_json, remove_leftovers, staged_dir, write_json, writing
+from storage.atomic import (file_lock, read_bounded, read_json as _read_json, remove_leftovers, staged_dir, write_json,
+                            writing)
 from storage.paths import PathError, inside
 from storage.records import ALIASES, Aliases, Answer, Lineage, Metrics, ModelVersion, Verdict
 
@@ -320,6 +321,15 @@ class Registry:
             return None, f"decisions/v{version}.json is the decision on v{verdict.version}"
         return verdict, None
 
+    def _damaged_decision(self, version: int, keep: int = 4096) -> str:
+        """The start of a damaged ``decisions/vN.json`` (it may hold a person's rejection): kept in
+        the decision that replaces it, never lost."""
+        try:
+            raw = read_bounded(self.root / "decisions" / f"v{version}.json", RECORD_LIMIT)
+        except (OSError, ValueError) as e:
+            return f"(unreadable: {type(e).__name__})"
+        return raw[:keep].decode("utf-8", errors="replace")
+
     def lineage(self, version: int) -> Lineage | None:
         """What ``version`` was trained from; None when it has no lineage.json. A damaged one is a
         RegistryError: its class names would be guessed, and a version is never served on a guess."""
@@ -441,11 +451,11 @@ class Registry:
     def _record_decision(self, version: int, *, promoted: bool, reason: str, by: str, accuracy: float | None,
                          champion_before: int | None, approval: Answer | None = None) -> Verdict:
         self.resolve(version)
-        previous = self.decision(version)
+        previous, problem = self._decision(version)
         history = [] if previous is None else [*previous.history, previous.model_copy(update={"history": []})]
         decision = Verdict(version=version, status="promoted" if promoted else "rejected", reason=reason, by=by,
                            at=now(), test_accuracy=accuracy, champion_before=champion_before, approval=approval,
-                           history=history)
+                           history=history, replaced_damaged=self._damaged_decision(version) if problem else None)
         write_json(self.root / "decisions" / f"v{version}.json", decision.model_dump(mode="json"))
         aliases = self.aliases()
         if promoted:

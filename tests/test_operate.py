@@ -193,3 +193,16 @@ def test_idx_input_that_is_not_images_is_named(tmp_path):
     (tmp_path / "labels.idx.gz").write_bytes(gz.compress((tmp_path / "labels.idx").read_bytes()))
     with pytest.raises(IDXError, match=r"labels.idx.gz: expected uint8 images"):
         read_idx_images(tmp_path / "labels.idx.gz")
+
+
+@pytest.mark.parametrize("command", [["models", "list"], ["models", "show", "champion"], ["api", "--port", "1"],
+                                     ["predict", "x.idx"]])
+def test_a_reading_command_never_creates_a_home_that_is_not_there(tmp_path, command):
+    """`models`, `predict` and `api` only read a home: one that does not exist is one line, and
+    nothing is created (no folder, no banner before the error)."""
+    missing = tmp_path / "no" / "home"
+    r = cli(*command, "--home", str(missing), check=False)
+    assert r.returncode == 1 and not (tmp_path / "no").exists(), r.stdout + r.stderr
+    assert (r.stdout + r.stderr).strip().splitlines() == [
+        f"digitflow: error: no digitflow home at {missing} (nothing published there yet: `digitflow run --home` "
+        "makes one)"]

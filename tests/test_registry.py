@@ -246,6 +246,13 @@ def test_a_damaged_decision_is_never_taken_for_undecided(tmp_path):
         reg.decide(2, tolerance=0.0, floor=0.9)
     assert reg.aliases().champion == 1 and reg.status(2) == "damaged: decisions/v2.json is damaged"
     assert reg.decision_problem(2) == "decisions/v2.json is damaged" and reg.decision_problem(1) is None
+    # A person may decide over it; what the damaged record said is kept in the new decision and its card.
+    from publishing.card import decision_lines
+
+    decision = reg.promote(2, reason="checked by hand", by="bob")
+    assert decision.promoted and reg.aliases().champion == 2 and reg.decision_problem(2) is None
+    assert "rejected by alice" in reg.decision(2).replaced_damaged
+    assert decision_lines(reg.decision(2))[1].startswith("- A damaged decision record was replaced; it read: {")
 
 
 @pytest.mark.parametrize("change, problem", [
