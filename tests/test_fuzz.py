@@ -327,6 +327,7 @@ def test_a_misspelt_variable_is_named_with_the_setting_it_is_near(monkeypatch, t
     monkeypatch.setenv("DIGITFLOW_SOMETHING_ELSE_ENTIRELY", "1")
     assert misspelt() == ["DIGITFLOW_HOMEE is not a digitflow variable (did you mean DIGITFLOW_HOME?); ignored",
                           "digitflow_api_tokn is not a digitflow variable (did you mean DIGITFLOW_API_TOKEN?); ignored"]
+    (tmp_path / "h").mkdir()
     r = subprocess.run([sys.executable, "-m", "flows.cli", "models", "list", "--home", str(tmp_path / "h")],
                        capture_output=True, text=True, timeout=120, cwd=REPO)
     assert r.returncode == 0 and r.stdout.strip() == "no versions of mnist-mlp yet"
