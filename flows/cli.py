@@ -43,7 +43,7 @@ def ingest(home: Optional[str] = HOME, mirror: Optional[List[str]] = MIRRORS, da
     with one_line_errors():
         dataset_and_model(dataset, None, allow_unpinned)  # a bad spec: one line per mistake, before any download
         checked(IngestSettings, rows_per_shard=rows_per_shard, timeout=timeout, retries=retries, deadline=deadline)
-        home = start(home)
+        home = start(home, runs="flows.ingest")
         from flows.ingest import ingest as ingest_flow
         with progress_display():
             refs = ingest_flow(home=home, mirrors=mirrors_param(mirror), rows_per_shard=rows_per_shard, timeout=timeout,
@@ -69,7 +69,7 @@ def run(home: Optional[str] = HOME, mirror: Optional[List[str]] = MIRRORS, datas
         spec, _ = dataset_and_model(dataset, model_name, allow_unpinned)  # invalid values fail before any work
         hyperparameters(preset, hp, spec)
         checked(IngestSettings, rows_per_shard=rows_per_shard, timeout=timeout, retries=retries, deadline=deadline)
-        home = start(home)
+        home = start(home, runs="flows.pipeline")
         from flows.pipeline import retrain
         with progress_display():
             summary = retrain(home=home, mirrors=mirrors_param(mirror), dataset=dataset, allow_unpinned=allow_unpinned,
@@ -100,7 +100,7 @@ def train(home: Optional[str] = HOME, dataset: str = DATASET, preset: str = PRES
     with one_line_errors():
         spec, _ = dataset_and_model(dataset, None)
         hyperparameters(preset, hp, spec)
-        home = start(home)
+        home = start(home, runs="flows.pipeline")
         from flows.pipeline import train_only
         _require_split(home, "train", spec.key)
         with progress_display():
@@ -141,7 +141,7 @@ def evaluate(model: str = typer.Option("champion", "--model", help="VERSION, ali
     """Evaluate a published version, or a trained model folder, on the dataset's test split."""
     with one_line_errors():
         spec, model_name = dataset_and_model(dataset, model_name)
-        home = start(home)
+        home = start(home, runs="flows.pipeline")
         from flows.pipeline import evaluate_model
         ref, label = _model_ref(model, home, model_name)
         _require_split(home, "test", spec.key)
@@ -171,7 +171,7 @@ def publish(folder: str = typer.Argument(..., help="A trained model folder, as `
     with one_line_errors():
         spec, model_name = dataset_and_model(dataset, model_name)
         ref = trained_ref(folder)
-        home = start(home)
+        home = start(home, runs="flows.pipeline")
         from flows.pipeline import publish_trained
         outcome = publish_trained(ref, home=home, dataset=dataset, model_name=model_name, tolerance=tolerance,
                                   floor=floor, webhook=webhook_param(webhook), approval=approval,
@@ -241,7 +241,7 @@ def sweep(grid: List[str] = typer.Option(..., "--grid", help="name=v1,v2 (repeat
         for point in points:
             hyperparameters(preset, {**hp, **point}, spec)
         checked(IngestSettings, rows_per_shard=rows_per_shard, timeout=timeout, retries=retries)
-        home = start(home)
+        home = start(home, runs="flows.sweep")
         from flows.sweep import sweep as sweep_flow
         import logging
 
