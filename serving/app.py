@@ -42,6 +42,7 @@ from storage.datasets import class_names
 from serving.images import ImageError, ImageTooLarge, gray_of, mnist_style, open_image
 from storage.home import Home
 from storage.registry import ALIASES, DEFAULT_NAME, Registry, RegistryError
+from storage.records import classes_of
 from storage.settings import env_name, settings as environment
 
 log = logging.getLogger("digitflow.api")
@@ -130,7 +131,7 @@ class Follower:
             metrics = self.registry.metrics(version)  # typed: a metrics.json that does not fit is refused
             recorded = self.registry.lineage(version)  # typed; a damaged one refuses the version
             lineage = recorded.record() if recorded else {}
-            classes = self.registry.classes(version)
+            classes = classes_of(recorded)
             outputs = net.dense_layers[-1].n_out
             if len(classes) != outputs:
                 raise DigitflowError(f"its {len(classes)} class names do not match the network's {outputs} outputs")

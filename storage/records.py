@@ -180,6 +180,13 @@ class Lineage(Record):
         return self.model_dump(mode="json", exclude={"dataset"} if self.dataset is None else None)
 
 
+def classes_of(lineage: Optional[Lineage]) -> list[str]:
+    """The names of a version's classes: its dataset's, else (MNIST's versions record none) the digits."""
+    if lineage is not None and lineage.dataset is not None and lineage.dataset.classes:
+        return list(lineage.dataset.classes)
+    return [str(d) for d in range(10)]
+
+
 class ModelVersion(Record):
     """A published version's ``metadata.json``: name, number, weights digest (what ``load_model``
     checks), creation time, test accuracy, hyperparameters and lineage (data digests, code

@@ -35,7 +35,7 @@ from storage import DigitflowError
 from storage.atomic import (file_lock, read_bounded, read_json as _read_json, remove_leftovers, staged_dir, write_json,
                             writing)
 from storage.paths import PathError, inside
-from storage.records import ALIASES, Aliases, Answer, Lineage, Metrics, ModelVersion, Verdict
+from storage.records import ALIASES, Aliases, Answer, Lineage, Metrics, ModelVersion, Verdict, classes_of
 
 log = logging.getLogger("digitflow.registry")
 
@@ -110,6 +110,7 @@ class Registry:
         self.store = getattr(home, "store", None)  # the bucket of a remote home
         self.key = f"models/{name}"
         self._remote: dict[str, str] = {}  # remote key (below self.key) -> ETag, as last read
+        self._seen: dict[int, tuple] = {}  # version -> (its files' stamps, what _checked found)
         if self.store is not None:
             self.sync()
 
@@ -202,8 +203,27 @@ class Registry:
         record that does not read as its type."""
         return self._checked(version)[2]
 
+    _RECORDS = ("metadata.json", "metrics.json", "lineage.json", "model.npz", "model.json")
+
     def _checked(self, version: int) -> tuple[ModelVersion | None, Metrics | None, str | None]:
-        """The version's metadata and metrics, each read and validated once; else why not."""
+        """The version's metadata and metrics, read and validated once while its files stay as
+        they were (inode, size and modification time of each: a file changed or replaced since
+        is read again); else why not. A listing asks each version's status, record and metrics."""
+        stamps = []
+        for name in self._RECORDS:
+            try:
+                st = os.stat(self.path(version) / name)
+                stamps.append((st.st_ino, st.st_size, st.st_mtime_ns))
+            except OSError:
+                stamps.append(None)
+        seen = self._seen.get(version)
+        if seen is not None and seen[0] == stamps:
+            return seen[1]
+        found = self._check(version)
+        self._seen[version] = (stamps, found)
+        return found
+
+    def _check(self, version: int) -> tuple[ModelVersion | None, Metrics | None, str | None]:
         folder = self.path(version)
         try:
             meta = read_json(folder / "metadata.json")
@@ -346,9 +366,7 @@ class Registry:
 
     def classes(self, version: int) -> list[str]:
         """The class names of a version (recorded from its dataset; MNIST's are the digits)."""
-        lineage = self.lineage(version)
-        dataset = lineage.dataset if lineage else None
-        return dataset.classes if dataset and dataset.classes else [str(d) for d in range(10)]
+        return classes_of(self.lineage(version))
 
     def dataset_of(self, version: int) -> str | None:
         """The key of the dataset a version was trained on (``Dataset.key``; MNIST's versions

@@ -104,8 +104,7 @@ def env_table() -> str:
             continue
         default = field.get_default(call_default_factory=True)
         shown = "unset" if default in (None, []) else f"`{default}`"
-        bounds = [f"{sign} {getattr(m, attr)}" for m in field.metadata
-                  for attr, sign in (("gt", ">"), ("ge", "≥"), ("lt", "<"), ("le", "≤")) if hasattr(m, attr)]
+        bounds = [f"{sign} {value}" for sign, value in limits(field)]
         rows.append(f"| `{PREFIX}{name.upper()}` | {shown}{' (' + ', '.join(bounds) + ')' if bounds else ''} | "
                     f"{field.description} |")
     return "\n".join(rows)
@@ -116,11 +115,17 @@ def env_table() -> str:
 M = TypeVar("M", bound=BaseModel)
 
 
+def limits(field) -> list[tuple[str, float]]:
+    """A pydantic field's declared bounds as (sign, value): ``[("≥", 1), ("≤", 10)]``."""
+    return [(sign, getattr(m, attr)) for m in field.metadata
+            for attr, sign in (("gt", ">"), ("ge", "≥"), ("lt", "<"), ("le", "≤")) if hasattr(m, attr)]
+
+
 def bounds(model: type[BaseModel], name: str) -> tuple[float | None, float | None]:
     """(low, high) of field ``name`` of ``model`` as declared (None: unbounded on that side)."""
-    meta = model.model_fields[name].metadata
-    low = next((getattr(m, a) for m in meta for a in ("ge", "gt") if hasattr(m, a)), None)
-    high = next((getattr(m, a) for m in meta for a in ("le", "lt") if hasattr(m, a)), None)
+    declared = limits(model.model_fields[name])
+    low = next((value for sign, value in declared if sign in (">", "≥")), None)
+    high = next((value for sign, value in declared if sign in ("<", "≤")), None)
     return low, high
 
 

@@ -311,6 +311,20 @@ def test_hyperparameters_are_typed_on_reading_and_none_when_not_recorded(tmp_pat
     assert reg.problem(1) == "metadata.json is not a version's record" and reg.intact_versions() == []
 
 
+def test_a_version_read_once_is_read_again_when_its_files_change(tmp_path):
+    """Listings ask each version's status, record and metrics: parsed once while the files stay
+    as they were, read again as soon as one is replaced or rewritten."""
+    reg = Registry(tmp_path)
+    reg.publish(*real_model(1))
+    assert reg.problem(1) is None and reg.metrics(1).test_accuracy == 0.98
+    path = reg.path(1) / "metrics.json"
+    path.chmod(0o644)
+    path.write_text(path.read_text().replace('"test_accuracy": 0.98', '"test_accuracy": 0.5'))
+    assert reg.problem(1) is None and reg.metrics(1).test_accuracy == 0.5  # rewritten: read again
+    path.write_text("{}")
+    assert reg.problem(1) == "metrics.json has no test accuracy"
+
+
 def test_a_damaged_lineage_makes_a_damaged_version(tmp_path):
     reg = Registry(tmp_path)
     reg.publish(*real_model(1))
