@@ -151,11 +151,9 @@ def start(url: str) -> None:
             _terminate(stale)
         print(f"digitflow: starting the local Prefect server (dashboard {ui_url()}); later commands reuse it "
               "— `digitflow server stop` stops it", file=sys.stderr, flush=True)
-        prefect = Path(sys.executable).with_name("prefect")
-        command = [str(prefect)] if prefect.exists() else [sys.executable, "-m", "prefect"]
         with open(folder / "server.log", "ab") as log:
-            proc = subprocess.Popen(
-                [*command, "server", "start", "--host", HOST, "--port", str(port())],
+            proc = subprocess.Popen(  # `prefect server start`, through main() below
+                [sys.executable, "-m", "flows.server", "server", "start", "--host", HOST, "--port", str(port())],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                 env={**os.environ, "PREFECT_UI_API_URL": url, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"})
         (folder / "server.pid").write_text(f"{proc.pid}\n")
@@ -218,3 +216,18 @@ def announce_run(flow, flow_run, state) -> None:
         return
     _announced.add(str(flow_run.id))
     print(f"dashboard: {ui_url()}/runs/flow-run/{flow_run.id}", file=sys.stderr, flush=True)
+
+
+def main() -> None:
+    """``python -m flows.server server start …``: Prefect's own CLI, in a process whose SQLite
+    writers wait for the lock instead of answering 503 (``tasks.prefect_compat``, entry 8)."""
+    from prefect.cli import app
+
+    from tasks.prefect_compat import immediate_sqlite_writes
+
+    immediate_sqlite_writes()
+    sys.exit(app())
+
+
+if __name__ == "__main__":
+    main()

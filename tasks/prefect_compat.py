@@ -23,6 +23,9 @@ behaviour stays (the function says so by returning False, and a test notices).
    0.25 s, not 2, 4 and 8 s: a SQLite server answers 503 whenever two writers meet (see the function).
 7. ``plain_form_fields``: a deployment's parameter schema is private to it until registered;
    its optional parameters are made plain inputs of the dashboard's Run form (see the function).
+8. ``immediate_sqlite_writes``: in the local server's own process (``python -m flows.server``),
+   the SQLite database's write transactions wait for the lock instead of failing with a 503 when
+   two writers meet (see the function).
 """
 
 from __future__ import annotations
@@ -159,6 +162,40 @@ def plain_form_fields(deployment, switches: dict[str, bool]) -> bool:
                 del prop["default"]
             del prop["anyOf"]
             prop.update(kept[0])
+    return True
+
+
+def immediate_sqlite_writes() -> bool:
+    """8. For the server's process only. Prefect's SQLite server begins its write transactions
+    DEFERRED: one that has read, when another writer commits first, cannot write (SQLITE_BUSY_SNAPSHOT
+    fails at once: ``busy_timeout`` does not apply) and the request is answered 503. A warm
+    ``digitflow run`` met it on most runs (the ``publish`` subflow created while the server
+    recorded the ingest's task runs: ~0.3 s of the client's back-off). The server's own comment
+    names the cure, the IMMEDIATE mode its ``with_for_update`` transactions use: a writer then
+    takes the write lock first, waiting for it up to the 60-s ``busy_timeout``. Reads outside
+    these transactions are unaffected (WAL: readers never wait)."""
+    import contextlib
+
+    try:
+        from prefect.server.database import configurations
+    except ImportError:
+        return False
+    sqlite = getattr(configurations, "AioSqliteConfiguration", None)
+    original = getattr(sqlite, "begin_transaction", None)
+    if original is None:
+        return False
+    if getattr(original, "_digitflow", False):
+        return True
+    if "with_for_update" not in inspect.signature(original).parameters:
+        return False
+
+    @contextlib.asynccontextmanager
+    async def begin_transaction(self, session, with_for_update: bool = False):
+        async with original(self, session, with_for_update=True) as transaction:
+            yield transaction
+
+    begin_transaction._digitflow = True
+    sqlite.begin_transaction = begin_transaction
     return True
 
 

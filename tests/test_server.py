@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -54,6 +55,7 @@ def _free_port() -> int:
 
 def test_the_first_command_starts_the_server_the_next_reuse_it(own_server, tmp_path, mnist_server):
     home = str(tmp_path / "home")
+    (tmp_path / "home").mkdir()
     t = time.monotonic()
     r = digitflow("models", "list", "--home", home)  # needs no Prefect: starts nothing, answers at once
     assert r.returncode == 0 and "no versions of mnist-mlp yet" in r.stdout and time.monotonic() - t < 5
@@ -71,6 +73,8 @@ def test_the_first_command_starts_the_server_the_next_reuse_it(own_server, tmp_p
     assert len(links) == 2 and all(link.startswith(f"dashboard: {server.ui_url()}/runs/flow-run/") for link in links)
     pid = server.running_pid()
     assert pid is not None and server.healthy()
+    # Prefect's own `server start`, in a process whose SQLite writers wait instead of answering 503.
+    assert Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[1:5] == [b"-m", b"flows.server", b"server", b"start"]
 
     # The next command reuses it: no start, and the run is there to see.
     r = digitflow("ingest", "--home", home, "--mirror", mnist_server)
@@ -96,3 +100,32 @@ def test_with_prefect_api_url_set_nothing_is_started(own_server, tmp_path, api_u
     r = digitflow("server", "status", env={"PREFECT_API_URL": api_url})
     assert r.returncode == 0 and "digitflow starts no server of its own" in r.stdout and "answering" in r.stdout
     assert server.running_pid() is None
+
+
+def test_the_local_servers_sqlite_writers_take_the_lock_first(tmp_path):
+    """tasks/prefect_compat.py entry 8 (applied by ``python -m flows.server``): every write
+    transaction of Prefect's SQLite configuration begins IMMEDIATE, so two writers meeting wait
+    for each other (busy_timeout) instead of one failing at once (a 503 to the client). In a
+    fresh process: Prefect's own modes first, then the patched ones."""
+    script = textwrap.dedent(f"""
+        import asyncio
+        from prefect.server.database.configurations import SQLITE_BEGIN_MODE, AioSqliteConfiguration
+        from tasks.prefect_compat import immediate_sqlite_writes
+
+        async def modes(path):
+            config = AioSqliteConfiguration(connection_url=f"sqlite+aiosqlite:///{{path}}")
+            engine = await config.engine()
+            seen = []
+            for with_for_update in (False, True):
+                async with config.begin_transaction(await config.session(engine), with_for_update=with_for_update):
+                    seen.append(SQLITE_BEGIN_MODE.get())
+            await engine.dispose()
+            return seen
+
+        before = asyncio.run(modes({str(tmp_path / "a.db")!r}))
+        applied = immediate_sqlite_writes() and immediate_sqlite_writes()
+        print(before, applied, asyncio.run(modes({str(tmp_path / "b.db")!r})))
+    """)
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                       cwd=Path(__file__).resolve().parents[1])
+    assert r.stdout.strip() == "['DEFERRED', 'IMMEDIATE'] True ['IMMEDIATE', 'IMMEDIATE']", r.stderr[-2000:]
