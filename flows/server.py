@@ -2,7 +2,8 @@
 
 Without ``PREFECT_API_URL``, a command that runs flows uses one ``prefect server start`` on
 ``127.0.0.1:4200`` (``DIGITFLOW_SERVER_PORT``), with Prefect's own home (``PREFECT_HOME``, default
-``~/.prefect``). The first command that needs it starts it in the background (its own session:
+``~/.prefect``), run as ``python -m flows.server server start …`` (Prefect's CLI, its SQLite
+writers waiting for the lock rather than answering 503: ``tasks.prefect_compat``, entry 8). The first command that needs it starts it in the background (its own session:
 a terminal's Ctrl-C does not reach it) and waits until ``/api/health`` answers; later commands,
 on this machine and at the same time, find it and reuse it. Starting is serialized by a lock
 file, so several commands at once start one server; a dead one is started again.
