@@ -6,7 +6,7 @@ import json
 import time
 from pathlib import Path
 
-from prefect import get_run_logger, task
+from prefect import get_run_logger
 from prefect.artifacts import create_table_artifact
 
 from storage import DigitflowError, checks, remote, shards
@@ -17,7 +17,7 @@ from storage.datasets import Dataset, DatasetFile
 from storage.text import md
 from tasks import progress
 from tasks.common import CACHED, artifact_key, content_key, verified_task
-from tasks.refs import DataChecks, RawFile, SplitFiles, SplitRef, VerifiedFile
+from tasks.refs import DataChecks, ParsedSplit, RawFile, SplitFiles, SplitRef, VerifiedFile
 
 
 def _retry_if_transient(task, task_run, state) -> bool:
@@ -113,14 +113,14 @@ def verify(ref: RawFile) -> VerifiedFile:
     **CACHED,
 )
 def parse(split: str, images: VerifiedFile, labels: VerifiedFile, image_shape: tuple[int, int] = (28, 28),
-          n_classes: int = 10) -> dict:
+          n_classes: int = 10) -> ParsedSplit:
     """Validate a verified images/labels pair: headers, shapes, counts, label range."""
     images_path, labels_path = remote.pull_file(images.path, images.sha256), remote.pull_file(labels.path, labels.sha256)
     rows = check_pair(read_header(images_path), read_header(labels_path), tuple(image_shape))
     check_label_range(read_idx(labels_path, labels.sha256), labels_path.name, n_classes)
     get_run_logger().info("%s: %d images of %d×%d with labels in 0..%d, valid", split, rows, *image_shape,
                           n_classes - 1)
-    return {"split": split, "rows": rows}
+    return ParsedSplit(split=split, rows=rows)
 
 
 def _sources(splits: list[SplitFiles]) -> dict:

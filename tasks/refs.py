@@ -5,7 +5,7 @@ it, so the next task can verify the content before it uses it. Each is a frozen 
 Prefect stores them as JSON cache results and the flows, the CLI and the alerts read their
 fields by name.
 
-    download → RawFile → verify → VerifiedFile → parse → check (DataChecks) → shard → SplitRef
+    download → RawFile → verify → VerifiedFile → parse (ParsedSplit) → check (DataChecks) → shard → SplitRef
     the ingest flow's result: Ingested (a SplitRef per split)
     train(SplitRef) → TrainedModel → evaluate → Evaluation
     publish(TrainedModel, Evaluation) → Published → gate → Decision
@@ -56,6 +56,14 @@ class SplitFiles(Ref):
     split: str
     images: VerifiedFile
     labels: VerifiedFile
+
+
+class ParsedSplit(Ref):
+    """A split whose images and labels files were validated together: headers, shapes, counts
+    that agree, labels in range."""
+
+    split: str
+    rows: int
 
 
 class DataChecks(Ref):
