@@ -259,13 +259,17 @@ def sweep(grid: List[str] = typer.Option(..., "--grid", help="name=v1,v2 (repeat
             tolerance=tolerance, floor=floor, rows_per_shard=rows_per_shard, timeout=timeout, retries=retries,
             webhook=webhook_param(webhook))
     if json_out:
-        typer.echo(result.model_dump_json())
+        typer.echo(result.model_dump_json(by_alias=True))
         return
-    for row in result.rows:
-        typer.echo(f"{row['grid point']:40s} val {row['val_accuracy']:.4f}  test {row['test_accuracy']:.4f}"
-                   + ("  ← best" if row["best"] else ""))
-    typer.echo(f"{result.name} v{result.version}: {result.status} — {result.reason}")
-    typer.echo(f"report: {result.report}")
+    typer.echo("\n".join(sweep_lines(result)))
+
+
+def sweep_lines(result) -> list[str]:
+    """What `digitflow sweep` prints without --json: a line per grid point, the outcome, the report."""
+    return [*(terminal(f"{row.grid_point:40s} val {row.val_accuracy:.4f}  test {row.test_accuracy:.4f}"
+                       + ("  ← best" if row.best else "")) for row in result.rows),
+            terminal(f"{result.name} v{result.version}: {result.status} — {result.reason}"),
+            terminal(f"report: {result.report}")]
 
 
 # ---- the other commands, by purpose -------------------------------------------------------

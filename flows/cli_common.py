@@ -178,13 +178,14 @@ def import_prefect(runs: str | None = None) -> None:
     import gc
     import importlib
 
-    fresh = "prefect" not in sys.modules
+    fresh, collecting = "prefect" not in sys.modules, gc.isenabled()
     gc.disable()
     try:
         for module in ("prefect", *PREFECT_AT_FIRST_RUN, *([runs] if runs else [])):
             importlib.import_module(module)
     finally:
-        gc.enable()
+        if collecting:
+            gc.enable()
     if fresh:
         gc.freeze()  # modules, classes and settings live as long as the process: never scanned again
 

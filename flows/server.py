@@ -153,9 +153,10 @@ def start(url: str) -> None:
         print(f"digitflow: starting the local Prefect server (dashboard {ui_url()}); later commands reuse it "
               "— `digitflow server stop` stops it", file=sys.stderr, flush=True)
         with open(folder / "server.log", "ab") as log:
-            proc = subprocess.Popen(  # `prefect server start`, through main() below
-                [sys.executable, "-m", "flows.server", "server", "start", "--host", HOST, "--port", str(port())],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            proc = subprocess.Popen(  # `prefect server start`, through main() below; -P and cwd: a folder
+                # the command ran in (a project's own flows/ or prefect/) is never on its import path
+                [sys.executable, "-P", "-m", "flows.server", "server", "start", "--host", HOST, "--port", str(port())],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=folder,
                 env={**os.environ, "PREFECT_UI_API_URL": url, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"})
         (folder / "server.pid").write_text(f"{proc.pid}\n")
         if not _wait(url, START_TIMEOUT, proc):

@@ -154,9 +154,9 @@ def sweep(
     report = _report(rows, outcome)
     folder = home.sweep(str(flow_run.id) if flow_run.id else "latest")
     write_bytes(folder / "report.md", report.encode())
-    write_json(folder / "results.json", {"rows": [r.model_dump() for r in rows], "outcome": outcome.model_dump(mode="json")})
+    write_json(folder / "results.json", {"rows": [r.model_dump(by_alias=True) for r in rows], "outcome": outcome.model_dump(mode="json")})
     remote.push_dir(home.address(folder), "results.json")  # a remote home: into the bucket, results last
-    create_table_artifact([r.model_dump() for r in rows], key=artifact_key(model_name, "sweep"), description="Sweep comparison")
+    create_table_artifact([r.model_dump(by_alias=True) for r in rows], key=artifact_key(model_name, "sweep"), description="Sweep comparison")
     create_markdown_artifact(report, key=artifact_key(model_name, "sweep-report"), description="Sweep report")
     log.info("best %s: val %.4f, test %.4f → v%d %s", best["point"], best["val_accuracy"] or 0,
              best["metrics"].test_accuracy, outcome.version, outcome.status)

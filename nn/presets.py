@@ -87,14 +87,9 @@ class Hyperparameters:
                              f"more than the {MAX_PARAMETERS:,} allowed")
         return self
 
-    @property
-    def layers(self) -> list[int]:
-        """The hidden layer sizes as a list, as the JSON records and the train task's name show them."""
-        return list(self.hidden)
-
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        d["hidden"] = self.layers
+        d["hidden"] = list(self.hidden)
         return d
 
 

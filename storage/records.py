@@ -16,7 +16,9 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+import dataclasses
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator, with_config
 from typing_extensions import TypedDict
 
 from nn.presets import Hyperparameters
@@ -121,6 +123,7 @@ class Evaluation(Record):
         return self
 
 
+@with_config(ConfigDict(extra="ignore"))  # (a key a newer digitflow records is dropped, not refused)
 class Epoch(TypedDict, total=False):
     """One epoch of training, as ``nn.train.train_epochs`` records it (``val_*``: only when part of
     the train split was held out for validation)."""
@@ -187,6 +190,19 @@ def classes_of(lineage: Optional[Lineage]) -> list[str]:
     return [str(d) for d in range(10)]
 
 
+def _as_recorded(value):
+    """Hyperparameters as a record holds them: an older digitflow's ``{}`` is "not recorded"
+    (never the defaults); a key a newer digitflow added is dropped, not refused."""
+    if isinstance(value, dict):
+        known = {f.name for f in dataclasses.fields(Hyperparameters)}
+        return {k: v for k, v in value.items() if k in known} or None
+    return value
+
+
+# The hyperparameters a version or a trained folder records (None: not recorded).
+RecordedHyperparameters = Annotated[Optional[Hyperparameters], BeforeValidator(_as_recorded)]
+
+
 class ModelVersion(Record):
     """A published version's ``metadata.json``: name, number, weights digest (what ``load_model``
     checks), creation time, test accuracy, hyperparameters and lineage (data digests, code
@@ -197,10 +213,5 @@ class ModelVersion(Record):
     weights_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     created: Optional[str] = None
     test_accuracy: Optional[float] = None
-    hyperparameters: Optional[Hyperparameters] = None  # (None: not recorded by the digitflow that trained it)
+    hyperparameters: RecordedHyperparameters = None
     lineage: Lineage = Lineage()
-
-    @field_validator("hyperparameters", mode="before")
-    @classmethod
-    def _unrecorded(cls, value):
-        return None if value == {} else value  # an older digitflow's "not recorded"; never the defaults

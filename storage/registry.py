@@ -27,13 +27,13 @@ import logging
 import os
 import re
 import shutil
+import stat
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
 from storage import DigitflowError
-from storage.atomic import (file_lock, read_bounded, read_json as _read_json, remove_leftovers, staged_dir, write_json,
-                            writing)
+from storage.atomic import file_lock, read_json as _read_json, remove_leftovers, staged_dir, write_json, writing
 from storage.paths import PathError, inside
 from storage.records import ALIASES, Aliases, Answer, Lineage, Metrics, ModelVersion, Verdict, classes_of
 
@@ -207,13 +207,14 @@ class Registry:
 
     def _checked(self, version: int) -> tuple[ModelVersion | None, Metrics | None, str | None]:
         """The version's metadata and metrics, read and validated once while its files stay as
-        they were (inode, size and modification time of each: a file changed or replaced since
-        is read again); else why not. A listing asks each version's status, record and metrics."""
+        they were (device, inode, size, modification and change time of each: a file written,
+        replaced or touched since is read again, its mtime put back or not); else why not. A
+        listing asks each version's status, record and metrics."""
         stamps = []
         for name in self._RECORDS:
             try:
                 st = os.stat(self.path(version) / name)
-                stamps.append((st.st_ino, st.st_size, st.st_mtime_ns))
+                stamps.append((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
             except OSError:
                 stamps.append(None)
         seen = self._seen.get(version)
@@ -344,11 +345,15 @@ class Registry:
     def _damaged_decision(self, version: int, keep: int = 4096) -> str:
         """The start of a damaged ``decisions/vN.json`` (it may hold a person's rejection): kept in
         the decision that replaces it, never lost."""
-        try:
-            raw = read_bounded(self.root / "decisions" / f"v{version}.json", RECORD_LIMIT)
-        except (OSError, ValueError) as e:
-            return f"(unreadable: {type(e).__name__})"
-        return raw[:keep].decode("utf-8", errors="replace")
+        path = self.root / "decisions" / f"v{version}.json"
+        try:  # never through a symbolic link (it could point at any file of this machine's)
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+        except OSError as e:
+            return f"(not read: {'a symbolic link' if os.path.islink(path) else type(e).__name__})"
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                return "(not read: not a regular file)"
+            return f.read(keep).decode("utf-8", errors="replace")
 
     def lineage(self, version: int) -> Lineage | None:
         """What ``version`` was trained from; None when it has no lineage.json. A damaged one is a

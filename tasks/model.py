@@ -70,6 +70,11 @@ def training_id(train_ref: SplitRef, hyperparameters: Hyperparameters) -> str:
     return hashlib.sha256(material.encode()).hexdigest()[:20]
 
 
+def train_run_name(hp: Hyperparameters) -> str:
+    """``train [512], 12 epochs``: the train task's run name in the dashboard and the terminal."""
+    return f"train {list(hp.hidden)}, {hp.epochs} epochs"
+
+
 def training_dir(home: Home, train_ref: SplitRef, hyperparameters: Hyperparameters) -> Path:
     return Home(home).trained / training_id(train_ref, hyperparameters)
 
@@ -77,7 +82,7 @@ def training_dir(home: Home, train_ref: SplitRef, hyperparameters: Hyperparamete
 @verified_task(
     # Retrained unless the trained folder is there and hashes to the digest it recorded.
     intact=lambda a: training_is_intact(a["home"], a["train"], a["hyperparameters"]),
-    task_run_name="train {hyperparameters.layers}, {hyperparameters.epochs} epochs",
+    task_run_name=lambda parameters: train_run_name(parameters["hyperparameters"]),
     cache_key_fn=content_key(lambda p: (training_id(p["train"], p["hyperparameters"]), str(p["home"])), code=("nn",)),
     **CACHED,
 )

@@ -19,8 +19,8 @@ behaviour stays (the function says so by returning False, and a test notices).
    sweep says in its log whether it made a temporary cluster or joined an existing one.
 5. ``refresh_settings``: Prefect reads its settings once, at import; the CLI points it at the
    local server after that (``flows.server``).
-6. ``quick_first_retries``: the client's first three waits after a 503 are ~0.06, 0.12 and
-   0.25 s, not 2, 4 and 8 s: a SQLite server answers 503 whenever two writers meet (see the function).
+6. ``quick_first_retries``: the client's first two waits after a 503 are ~0.25 and 0.5 s, not
+   2 and 4 s: a SQLite server answers 503 whenever two writers meet (see the function).
 7. ``plain_form_fields``: a deployment's parameter schema is private to it until registered;
    its optional parameters are made plain inputs of the dashboard's Run form (see the function).
 8. ``immediate_sqlite_writes``: in the local server's own process (``python -m flows.server``),
@@ -113,16 +113,16 @@ class _QuickFirstRetries:
         return getattr(self._module, name)
 
     def sleep(self, seconds, *args, **kwargs):
-        return self._module.sleep(seconds / 40 if seconds < 20 else seconds, *args, **kwargs)
+        return self._module.sleep(seconds / 8 if seconds < 6 else seconds, *args, **kwargs)
 
 
 def quick_first_retries() -> bool:
     """6. Prefect's client waits ~2, 4, 8, 16, 32 s before its retries of a 503. A SQLite server
     answers 503 whenever two writers meet (SQLITE_BUSY_SNAPSHOT fails at once: ``busy_timeout``
-    does not apply), which happens on most runs with subflows, each time a 2-s pause. The first
-    three waits become ~0.06, 0.12 and 0.25 s (the writer in the way commits within tens of
-    milliseconds), the later ones stay (~48 s of patience instead of ~62, for a server that is
-    really down). ``prefect.client.base`` uses its ``time.sleep`` and
+    does not apply), which happens on most runs with subflows, each time a 2-s pause (digitflow's
+    local server no longer answers these: entry 8; other SQLite servers still do). The first two
+    waits become ~0.25 and 0.5 s, the later ones stay (~57 s of patience instead of ~62, for a
+    server that is really down). ``prefect.client.base`` uses its ``time.sleep`` and
     ``anyio.sleep`` for nothing but these waits."""
     import time
 

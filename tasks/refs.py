@@ -16,10 +16,11 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from nn.presets import Hyperparameters
-from storage.records import Answer, Epoch, Evaluation, Verdict  # noqa: F401 (what the registry records; re-exported)
+from storage.records import (Answer, Epoch, Evaluation, RecordedHyperparameters,  # noqa: F401 (re-exported)
+                             Verdict)
 
 
 class Ref(BaseModel):
@@ -116,7 +117,7 @@ class TrainedModel(Ref):
     best_epoch: Optional[int] = None
     stopped_early: bool = False
     train_seconds: float = 0.0
-    hyperparameters: Optional[Hyperparameters] = None  # (None: a folder trained by a digitflow that did not record them)
+    hyperparameters: RecordedHyperparameters = None
     train_manifest_sha256: Optional[str] = None
 
 
@@ -174,9 +175,10 @@ class DriftOutcome(Ref):
 
 
 class SweepRow(Ref):
-    """One grid point of a sweep: what it set (as JSON text), how it scored, whether it won."""
+    """One grid point of a sweep: what it set (as JSON text), how it scored, whether it won.
+    Written as ``"grid point"`` (``by_alias``), as the table, results.json and --json always had it."""
 
-    grid_point: str
+    grid_point: str = Field(serialization_alias="grid point")
     val_accuracy: float
     test_accuracy: float
     train_seconds: float

@@ -253,6 +253,13 @@ def test_a_damaged_decision_is_never_taken_for_undecided(tmp_path):
     assert decision.promoted and reg.aliases().champion == 2 and reg.decision_problem(2) is None
     assert "rejected by alice" in reg.decision(2).replaced_damaged
     assert decision_lines(reg.decision(2))[1].startswith("- A damaged decision record was replaced; it read: {")
+    # A damaged record that is a symbolic link is never read through (it could point at any file).
+    secret = tmp_path / "credentials"
+    secret.write_text("aws_secret_access_key = hunter2")
+    reg.publish(*real_model(3, 0.99))
+    (reg.root / "decisions" / "v3.json").symlink_to(secret)
+    assert reg.promote(3, reason="by hand", by="bob").replaced_damaged == "(not read: a symbolic link)"
+    assert "hunter2" not in (reg.root / "decisions" / "v3.json").read_text()
 
 
 @pytest.mark.parametrize("change, problem", [
@@ -323,6 +330,15 @@ def test_a_version_read_once_is_read_again_when_its_files_change(tmp_path):
     assert reg.problem(1) is None and reg.metrics(1).test_accuracy == 0.5  # rewritten: read again
     path.write_text("{}")
     assert reg.problem(1) == "metrics.json has no test accuracy"
+    # Rewritten in place to the same size with its modification time put back: read again too.
+    good = metrics_json(0.98)
+    path.write_text(good)
+    assert reg.metrics(1).test_accuracy == 0.98
+    before = path.stat()
+    path.write_text(good.replace("0.98", "0.11", 1))
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert path.stat().st_size == before.st_size and path.stat().st_mtime_ns == before.st_mtime_ns
+    assert reg.metrics(1).test_accuracy == 0.11
 
 
 def test_a_damaged_lineage_makes_a_damaged_version(tmp_path):

@@ -74,7 +74,7 @@ def test_the_first_command_starts_the_server_the_next_reuse_it(own_server, tmp_p
     pid = server.running_pid()
     assert pid is not None and server.healthy()
     # Prefect's own `server start`, in a process whose SQLite writers wait instead of answering 503.
-    assert Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[1:5] == [b"-m", b"flows.server", b"server", b"start"]
+    assert Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[1:6] == [b"-P", b"-m", b"flows.server", b"server", b"start"]
 
     # The next command reuses it: no start, and the run is there to see.
     r = digitflow("ingest", "--home", home, "--mirror", mnist_server)

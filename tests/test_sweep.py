@@ -45,7 +45,7 @@ def test_sweep_on_a_temporary_local_cluster(ingested, mnist_server, api_url):
     assert "task runner: DaskTaskRunner on a temporary LocalCluster at tcp://127.0.0.1:" in logs
     assert "with 2 workers" in logs
     result = json.loads([l for l in r.stdout.splitlines() if l.startswith("{")][-1])
-    assert [json.loads(row["grid_point"]) for row in result["rows"]] == [{"hidden": [32]}, {"hidden": [64]}]
+    assert [json.loads(row["grid point"]) for row in result["rows"]] == [{"hidden": [32]}, {"hidden": [64]}]
     assert sum(row["best"] for row in result["rows"]) == 1
     best = next(row for row in result["rows"] if row["best"])
     assert best["val_accuracy"] == max(row["val_accuracy"] for row in result["rows"])
@@ -149,3 +149,19 @@ def test_sweep_rejects_bad_values_before_work(tmp_path, api_url):
     r = sweep_cli("--grid", "hidden=0,64", "--home", str(tmp_path / "h"), api_url=api_url)
     assert r.returncode == 1 and "hidden must be 1 to 16 integers in 1..16384, got [0]" in r.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "h").exists()
+
+
+def test_the_sweeps_terminal_summary_reads_its_typed_rows():
+    from flows.cli import sweep_lines
+    from tasks.refs import SweepOutcome, SweepRow
+
+    rows = [SweepRow(grid_point='{"hidden": [32]}', val_accuracy=0.91, test_accuracy=0.9, train_seconds=1.0, best=False),
+            SweepRow(grid_point='{"hidden": [64]}', val_accuracy=0.95, test_accuracy=0.94, train_seconds=2.0, best=True)]
+    result = SweepOutcome(name="mnist-mlp", version=3, created=True, path="/h/models/mnist-mlp/v3", test_accuracy=0.94,
+                          status="promoted", reason="test accuracy 0.9400 ≥ floor 0.9000", state="champion", rows=rows,
+                          report="/h/sweeps/x/report.md")
+    assert sweep_lines(result) == [
+        '{"hidden": [32]}                         val 0.9100  test 0.9000',
+        '{"hidden": [64]}                         val 0.9500  test 0.9400  ← best',
+        "mnist-mlp v3: promoted — test accuracy 0.9400 ≥ floor 0.9000", "report: /h/sweeps/x/report.md"]
+    assert json.loads(result.model_dump_json(by_alias=True))["rows"][1]["grid point"] == '{"hidden": [64]}'

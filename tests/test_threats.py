@@ -485,6 +485,13 @@ def test_a_trained_folder_whose_record_does_not_fit_is_refused_in_one_line(tmp_p
     write_json(tmp_path / "training.json", good)
     ref = trained_ref(tmp_path)
     assert ref.hyperparameters == Hyperparameters(hidden=(4,)) and ref.history[0]["train_loss"] == 0.5
+    # What a newer digitflow may add is dropped, not refused; an empty record is "not recorded".
+    write_json(tmp_path / "training.json", {**good, "history": [{"epoch": 1, "grad_norm": 0.1}],
+                                            "hyperparameters": {"hidden": [4], "a_newer_setting": 1}})
+    ref = trained_ref(tmp_path)
+    assert ref.history == [{"epoch": 1}] and ref.hyperparameters == Hyperparameters(hidden=(4,))
+    write_json(tmp_path / "training.json", {**good, "hyperparameters": {}})
+    assert trained_ref(tmp_path).hyperparameters is None
     write_json(tmp_path / "training.json", {**good, **record} if isinstance(record, dict) else record)
     with pytest.raises(DigitflowError) as e:
         trained_ref(tmp_path)
