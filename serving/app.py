@@ -135,9 +135,7 @@ class Follower:
             outputs = net.dense_layers[-1].n_out
             if len(classes) != outputs:
                 raise DigitflowError(f"its {len(classes)} class names do not match the network's {outputs} outputs")
-            summary = metrics.model_dump(mode="json", include={"test_accuracy", "test_loss", "macro_f1", "test_images",
-                                                               "train_seconds", "inference_images_per_second",
-                                                               "per_class"})
+            summary = metrics.model_dump(mode="json", include=set(SUMMARY))
         except (OSError, ValueError, KeyError, TypeError, RecursionError, DigitflowError) as e:
             self.refused[version] = str(e)
             self.metrics.refused.inc()
@@ -455,8 +453,15 @@ def image_pixels(files: list[tuple[str, bytes]], settings: ApiSettings) -> np.nd
 
 # ---- what the API says, as types (its OpenAPI schema at /openapi.json) ---------------------
 
+# The served version's figures /model shows: these fields of its metrics.json (storage.records.Metrics).
+SUMMARY = ("test_accuracy", "test_loss", "macro_f1", "test_images", "train_seconds", "inference_images_per_second",
+           "per_class")
+
+
 def _models():
-    from pydantic import BaseModel, ConfigDict
+    from pydantic import BaseModel, ConfigDict, create_model
+
+    from storage.records import Lineage, Metrics
 
     class Error(BaseModel):
         error: str
@@ -476,10 +481,13 @@ def _models():
         model: Identity
         predictions: list[Prediction]
 
+    MetricsSummary = create_model("MetricsSummary", __doc__="The served version's test figures (its metrics.json).",
+                                  **{name: (Metrics.model_fields[name].annotation, Metrics.model_fields[name]) for name in SUMMARY})
+
     class ModelInfo(Identity):
         alias: str
-        metrics: dict
-        lineage: dict
+        metrics: MetricsSummary
+        lineage: Lineage  # (as lineage.json holds it)
         refused: dict[str, str]
 
     class Health(BaseModel):

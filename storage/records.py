@@ -14,9 +14,8 @@ reads. Pydantic only; no Prefect.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Optional
-
 import dataclasses
+from typing import Annotated, Literal, Optional
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator, with_config
 from typing_extensions import TypedDict

@@ -122,6 +122,10 @@ def test_model_health_ready_metrics(published):
         assert model["version"] == 1 and model["alias"] == "champion"
         assert model["metrics"]["test_accuracy"] == metrics.test_accuracy and len(model["metrics"]["per_class"]) == 10
         assert model["lineage"]["seed"] == 0 and "train_manifest_sha256" in json.dumps(model["lineage"])
+        from serving.app import _models
+
+        info = _models()[3].model_validate(model)  # the answer is what the OpenAPI schema says: typed, bounded
+        assert info.metrics.test_accuracy == metrics.test_accuracy and info.lineage.seed == 0
         assert httpx.get(f"{url}/health").json() == {"status": "ok"}
         assert httpx.get(f"{url}/ready").json()["version"] == 1
         for _ in range(3):
