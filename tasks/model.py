@@ -226,7 +226,7 @@ def trained_ref(folder: str | Path) -> TrainedModel:
         ref = TrainedModel(dir=address or str(folder), weights_sha256=info["weights_sha256"],
                            history=info.get("history", []), best_epoch=info.get("best_epoch"),
                            stopped_early=info.get("stopped_early", False), train_seconds=info.get("train_seconds", 0.0),
-                           hyperparameters=info.get("hyperparameters") or None,
+                           hyperparameters=info.get("hyperparameters"),
                            train_manifest_sha256=info.get("train_manifest_sha256"))
     except FileNotFoundError:
         raise DigitflowError(f"{folder}: not a trained model folder (no training.json; `digitflow train` "
