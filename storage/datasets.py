@@ -33,8 +33,8 @@ from pathlib import Path
 from typing import Annotated, Literal, Optional
 
 from pydantic_core import PydanticCustomError
-from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationError, ValidationInfo,
-                      field_validator, model_validator)
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter, ValidationError,
+                      ValidationInfo, field_validator, model_validator)
 
 from storage import DigitflowError
 from storage.records import DatasetLineage
@@ -276,41 +276,9 @@ class DatasetSpec(_Spec):
 
     @model_validator(mode="after")
     def _consistent(self) -> "DatasetSpec":
-        """What no single field shows: files named twice, sizes that do not fit the image shape,
-        splits without both kinds, train and test missing, expectations of other splits."""
-        problems, seen = [], set()
-        rows, cols = self.image_shape
-        for i, f in enumerate(self.files):
-            label = f"files[{i}] ({_short(f.name)})"
-            if f.name.removesuffix(".gz") in seen:  # "x.gz" and "x" would land on the same raw file
-                problems.append(f"{label}: {_short(f.name)} is listed twice")
-            seen.add(f.name.removesuffix(".gz"))
-            item, header = (rows * cols, 16) if f.kind == "images" else (1, 8)
-            if f.size is not None and ((f.size - header) % item or f.size < header):
-                problems.append(f"{label}: size {f.size} is not a {f.kind} IDX file of "
-                                f"{f'{rows}×{cols}' if f.kind == 'images' else 'one byte'} per item "
-                                f"({header} + n × {item} bytes)")
-        splits = dict.fromkeys(f.split for f in self.files)
-        if not problems:
-            for split in splits:
-                for kind in KINDS:
-                    n = sum(1 for f in self.files if (f.split, f.kind) == (split, kind))
-                    if n != 1:
-                        problems.append(f"split {split!r} has {'no' if n == 0 else 'more than one'} {kind} file")
-            problems += [f"a {split!r} split is required" for split in ("train", "test") if split not in splits]
-        if not problems:
-            for split in splits:
-                sizes = {f.kind: f.size for f in self.files if f.split == split}
-                if sizes["images"] and sizes["labels"] and (sizes["images"] - 16) // (rows * cols) != sizes["labels"] - 8:
-                    problems.append(f"split {split!r}: the images file holds {(sizes['images'] - 16) // (rows * cols)} "
-                                    f"items, the labels file {sizes['labels'] - 8}")
-        for split, table in self.expect.items():
-            where = f"expect.{_short(split)[1:-1]}"
-            if split not in splits:
-                problems.append(f"{where}: the spec has no split {_short(split)}")
-            elif table.class_counts is not None and len(table.class_counts) != len(self.classes):
-                problems.append(f"{where}.class_counts must list one row count per class ({len(self.classes)}), "
-                                f"got {_short(table.class_counts)}")
+        """What no single field shows (``_cross_checks``)."""
+        problems = _cross_checks(self.image_shape, len(self.classes), list(enumerate(self.files)), self.expect,
+                                 every_file=True)
         if problems:
             raise ValueError("\n".join(problems))
         return self
@@ -323,6 +291,78 @@ class DatasetSpec(_Spec):
         return Dataset(name=self.name, files=tuple(f.file() for f in self.files), mirrors=tuple(self.mirrors),
                        image_shape=(self.image_shape[0], self.image_shape[1]), classes=tuple(self.classes),
                        source=source, notes=self.notes, floor=float(self.floor), expect=expect)
+
+
+def _cross_checks(shape: list[int] | None, n_classes: int | None, files: list[tuple[int, FileSpec]],
+                  expect: dict[str, ExpectSpec], every_file: bool) -> list[str]:
+    """What no single field shows: files named twice, sizes that do not fit the image shape,
+    splits without both kinds, train and test missing, expectations of other splits. Given the
+    parts of a spec that are valid (``shape``/``n_classes`` None when those fields are not; ``files``
+    the valid tables by index; ``every_file`` False when some are not), so that a spec with field
+    errors is told these mistakes in the same message."""
+    problems, seen = [], set()
+    for i, f in files:
+        label = f"files[{i}] ({_short(f.name)})"
+        if f.name.removesuffix(".gz") in seen:  # "x.gz" and "x" would land on the same raw file
+            problems.append(f"{label}: {_short(f.name)} is listed twice")
+        seen.add(f.name.removesuffix(".gz"))
+        if shape is None:
+            continue
+        rows, cols = shape
+        item, header = (rows * cols, 16) if f.kind == "images" else (1, 8)
+        if f.size is not None and ((f.size - header) % item or f.size < header):
+            problems.append(f"{label}: size {f.size} is not a {f.kind} IDX file of "
+                            f"{f'{rows}×{cols}' if f.kind == 'images' else 'one byte'} per item "
+                            f"({header} + n × {item} bytes)")
+    splits = dict.fromkeys(f.split for _, f in files)
+    if not problems and every_file:
+        for split in splits:
+            for kind in KINDS:
+                n = sum(1 for _, f in files if (f.split, f.kind) == (split, kind))
+                if n != 1:
+                    problems.append(f"split {split!r} has {'no' if n == 0 else 'more than one'} {kind} file")
+        problems += [f"a {split!r} split is required" for split in ("train", "test") if split not in splits]
+    if not problems and every_file and shape is not None:
+        rows, cols = shape
+        for split in splits:
+            sizes = {f.kind: f.size for _, f in files if f.split == split}
+            if sizes["images"] and sizes["labels"] and (sizes["images"] - 16) // (rows * cols) != sizes["labels"] - 8:
+                problems.append(f"split {split!r}: the images file holds {(sizes['images'] - 16) // (rows * cols)} "
+                                f"items, the labels file {sizes['labels'] - 8}")
+    for split, table in expect.items():
+        where = f"expect.{_short(split)[1:-1]}"
+        if every_file and split not in splits:
+            problems.append(f"{where}: the spec has no split {_short(split)}")
+        elif n_classes is not None and table.class_counts is not None and len(table.class_counts) != n_classes:
+            problems.append(f"{where}.class_counts must list one row count per class ({n_classes}), "
+                            f"got {_short(table.class_counts)}")
+    return problems
+
+
+def _valid_parts(data: dict) -> list[str]:
+    """``_cross_checks`` on the parts of a spec that validate on their own (its fields failed)."""
+    def valid(name: str):
+        field = DatasetSpec.model_fields[name]
+        try:
+            return TypeAdapter(Annotated[field.annotation, *field.metadata]).validate_python(data.get(name),
+                                                                                             strict=True)
+        except ValidationError:
+            return None
+
+    shape, classes = valid("image_shape"), valid("classes")
+    files, every_file = [], isinstance(data.get("files"), list) and 0 < len(data["files"]) <= MAX_FILES
+    for i, table in enumerate(data.get("files") if every_file else ()):
+        try:
+            files.append((i, FileSpec.model_validate(table, strict=True)))
+        except ValidationError:
+            every_file = False
+    expect = {}
+    for split, table in (data.get("expect") if isinstance(data.get("expect"), dict) else {}).items():
+        try:
+            expect[split] = ExpectSpec.model_validate(table, strict=True)
+        except ValidationError:
+            pass
+    return _cross_checks(shape, len(classes) if classes else None, files, expect, every_file)
 
 
 # What a field must be, said once per field in the words of the spec (pydantic's own message
@@ -396,7 +436,9 @@ def from_dict(data, source: str = "built-in") -> Dataset:
     try:
         spec = DatasetSpec.model_validate(data, context={"source": source})
     except ValidationError as e:
-        raise SpecError("\n".join(f"{where}: {line}" for line in _lines(e, data))) from None
+        lines = _lines(e, data)
+        lines += [line for line in _valid_parts(data) if line not in lines]  # (cross-field: at once)
+        raise SpecError("\n".join(f"{where}: {line}" for line in lines)) from None
     return spec.dataset(source)
 
 

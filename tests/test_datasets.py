@@ -256,6 +256,33 @@ def test_several_mistakes_are_each_one_line():
         "spec: files must list the IDX archives (1 to 64 [[files]] tables with name, split, kind and a checksum)"]
 
 
+def test_field_and_cross_field_mistakes_are_told_together():
+    """A spec with a field error still hears what its valid parts get wrong together: a fix
+    never uncovers a new list of mistakes the first message could have named."""
+    pinned = {"sha256": "0" * 64}
+    with pytest.raises(SpecError) as e:
+        from_dict({"name": "Bad Name", "image_shape": [4, 4], "classes": ["a", "b"], "files": [
+            {"name": "a.gz", "split": "train", "kind": "images", "size": 100, **pinned},
+            {"name": "a", "split": "train", "kind": "labels", "size": 18, **pinned},
+            {"name": "b", "split": "test", "kind": "labels", "size": "18", **pinned}],
+            "expect": {"train": {"class_counts": [1, 2, 3]}}})
+    assert str(e.value).splitlines() == [
+        "spec: name must be 1–64 lowercase letters, digits, '.', '_' or '-', got 'Bad Name'",
+        "spec: files[2] ('b'): size must be a positive number of bytes, got '18'",
+        "spec: files[0] ('a.gz'): size 100 is not a images IDX file of 4×4 per item (16 + n × 16 bytes)",
+        "spec: files[1] ('a'): 'a' is listed twice",
+        "spec: expect.train.class_counts must list one row count per class (2), got [1, 2, 3]"]
+    # What depends on every file (a split's kinds, train and test present) waits for the files to
+    # be valid: a file that failed may be the missing one.
+    with pytest.raises(SpecError) as e:
+        from_dict({"name": "ok", "image_shape": [4, 4], "classes": ["a", "b"], "floor": 2, "files": [
+            {"name": "a", "split": "train", "kind": "images", "size": 32, **pinned},
+            {"name": "b", "split": "train", "kind": "labels", "size": 10, **pinned}]})
+    assert str(e.value).splitlines() == [
+        "spec: floor must be a test accuracy in 0..1 (the gate never promotes below it), got 2",
+        "spec: a 'test' split is required"]
+
+
 @pytest.mark.slow  # `digitflow` processes running flows
 def test_a_checksum_that_does_not_match_is_refused_and_nothing_is_kept(tmp_path):
     folder = tmp_path / "mirror"
