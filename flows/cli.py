@@ -21,6 +21,7 @@ from flows.cli_common import (ALLOW_UNPINNED, APPROVAL, APPROVAL_WAIT, DATASET, 
                               MODEL_NAME, PRESET, RETRIES, ROWS, TIMEOUT, TOLERANCE, WEBHOOK, ApprovalMode, fail,
                               hp_options, mirrors_param, one_line_errors, quiet_expected_failures, start,
                               webhook_param)
+from flows.contract import Overrides, hyperparameters, overrides_dict, parse_grid
 from storage import DigitflowError
 from storage.config import IngestSettings, resolve_home
 from storage.catalog import dataset_and_model
@@ -61,10 +62,8 @@ def run(home: Optional[str] = HOME, mirror: Optional[List[str]] = MIRRORS, datas
         json_out: bool = typer.Option(False, "--json", help="Print the run summary as JSON."),
         webhook: Optional[str] = WEBHOOK, approval: ApprovalMode = APPROVAL, approval_timeout: float = APPROVAL_WAIT,
         rows_per_shard: int = ROWS, timeout: float = TIMEOUT, retries: int = RETRIES,
-        deadline: Optional[float] = DEADLINE, hp: dict = None) -> None:
+        deadline: Optional[float] = DEADLINE, hp: Overrides = None) -> None:
     """Run the whole pipeline: ingest → train → evaluate → publish → promotion gate."""
-    from flows.contract import hyperparameters
-
     with one_line_errors():
         spec, _ = dataset_and_model(dataset, model_name, allow_unpinned)  # invalid values fail before any work
         hyperparameters(preset, hp, spec)
@@ -73,7 +72,7 @@ def run(home: Optional[str] = HOME, mirror: Optional[List[str]] = MIRRORS, datas
         from flows.pipeline import retrain
         with progress_display():
             summary = retrain(home=home, mirrors=mirrors_param(mirror), dataset=dataset, allow_unpinned=allow_unpinned,
-                              preset=preset, model_name=model_name, **hp,
+                              preset=preset, model_name=model_name, **overrides_dict(hp),
                               tolerance=tolerance, floor=floor, rows_per_shard=rows_per_shard, timeout=timeout,
                               retries=retries, deadline=deadline, webhook=webhook_param(webhook), approval=approval,
                               approval_timeout=approval_timeout)
@@ -90,12 +89,11 @@ def run(home: Optional[str] = HOME, mirror: Optional[List[str]] = MIRRORS, datas
 
 @app.command()
 @hp_options
-def train(home: Optional[str] = HOME, dataset: str = DATASET, preset: str = PRESET, hp: dict = None) -> None:
+def train(home: Optional[str] = HOME, dataset: str = DATASET, preset: str = PRESET, hp: Overrides = None) -> None:
     """Train on the ingested shards (run `digitflow ingest` first).
 
     Prints the trained model's folder, which `digitflow evaluate --model PATH` and
     `digitflow publish PATH` accept."""
-    from flows.contract import hyperparameters
 
     with one_line_errors():
         spec, _ = dataset_and_model(dataset, None)
@@ -104,7 +102,7 @@ def train(home: Optional[str] = HOME, dataset: str = DATASET, preset: str = PRES
         from flows.pipeline import train_only
         _require_split(home, "train", spec.key)
         with progress_display():
-            result = train_only(home=home, dataset=dataset, preset=preset, **hp)
+            result = train_only(home=home, dataset=dataset, preset=preset, **overrides_dict(hp))
     last = result.history[-1]
     typer.echo(f"trained {result.dir} (weights {result.weights_sha256[:16]}…): "
                f"val accuracy {last.get('val_accuracy', float('nan')):.4f} after {len(result.history)} epochs")
@@ -229,17 +227,13 @@ def sweep(grid: List[str] = typer.Option(..., "--grid", help="name=v1,v2 (repeat
           workers: int = typer.Option(2, "--workers", min=1, help="Worker processes of the temporary LocalCluster."),
           tolerance: float = TOLERANCE, floor: Optional[float] = FLOOR,
           rows_per_shard: int = ROWS, timeout: float = TIMEOUT, retries: int = RETRIES,
-          webhook: Optional[str] = WEBHOOK, json_out: bool = typer.Option(False, "--json"), hp: dict = None) -> None:
+          webhook: Optional[str] = WEBHOOK, json_out: bool = typer.Option(False, "--json"), hp: Overrides = None) -> None:
     """Train a grid of hyperparameters in parallel on Dask; publish the best through the gate."""
-    from flows.contract import parse_grid
-
     with one_line_errors():
         points = parse_grid(list(grid) + list(extra or []))
-        from flows.contract import hyperparameters
-
         spec, _ = dataset_and_model(dataset, model_name, allow_unpinned)
         for point in points:
-            hyperparameters(preset, {**hp, **point}, spec)
+            hyperparameters(preset, {**overrides_dict(hp), **point}, spec)
         checked(IngestSettings, rows_per_shard=rows_per_shard, timeout=timeout, retries=retries)
         home = start(home, runs="flows.sweep")
         from flows.sweep import sweep as sweep_flow
@@ -255,7 +249,7 @@ def sweep(grid: List[str] = typer.Option(..., "--grid", help="name=v1,v2 (repeat
                                                     "dashboard_address": None})
         result = sweep_flow.with_options(task_runner=runner)(
             grid=points, home=home, mirrors=mirrors_param(mirror), dataset=dataset, allow_unpinned=allow_unpinned,
-            preset=preset, model_name=model_name, **hp,
+            preset=preset, model_name=model_name, **overrides_dict(hp),
             tolerance=tolerance, floor=floor, rows_per_shard=rows_per_shard, timeout=timeout, retries=retries,
             webhook=webhook_param(webhook))
     if json_out:

@@ -125,12 +125,13 @@ def one_line_errors():
 # ---- what several commands share -----------------------------------------------------------
 
 def hp_options(f):
-    """Add one flag per hyperparameter (each overrides the preset) to a command; the flags,
-    their syntax and help come from the contract (flows/contract.py), like the sweep grid."""
+    """Add one flag per hyperparameter (each overrides the preset) to a command, which receives
+    them as ``hp``, an ``Overrides``; the flags, their syntax and help come from the contract
+    (flows/contract.py), like the sweep grid."""
     import functools
     import inspect
 
-    from flows.contract import cli_options, parse_value
+    from flows.contract import cli_options, parse_overrides
 
     extra = cli_options()
     sig = inspect.signature(f)
@@ -142,8 +143,7 @@ def hp_options(f):
     @functools.wraps(f)
     def wrapper(**kwargs):
         with one_line_errors():
-            hp = {name: parse_value(name, text) for name, *_ in extra
-                  if (text := kwargs.pop(name)) is not None}
+            hp = parse_overrides({name: text for name, *_ in extra if (text := kwargs.pop(name)) is not None})
         return f(hp=hp, **kwargs)
 
     wrapper.__signature__ = sig.replace(parameters=params)

@@ -28,7 +28,7 @@ from typing import Annotated, Any, Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
 import nn
-from nn.presets import Hyperparameters, describe_bounds
+from nn.presets import Hyperparameters, check_value, describe_bounds
 from storage import DigitflowError
 from storage.config import DEFAULT_RETRIES, DEFAULT_ROWS_PER_SHARD, DEFAULT_TIMEOUT, IngestSettings  # noqa: F401
 from storage.registry import (APPROVAL_BOUNDS, APPROVAL_MODES, APPROVAL_TIMEOUT, DEFAULT_NAME, DEFAULT_TOLERANCE,  # noqa: F401
@@ -180,7 +180,23 @@ def parse_value(name: str, text: str):
             return text.lower() in ("true", "1", "yes")
         return base(text) if base in (int, float) else text
     except ValueError:
-        raise DigitflowError(f"cannot read {text!r} as {name} ({f.metadata['help']})") from None
+        what = ("integers written NxN…" if f.metadata["items"] else "true or false" if base is bool
+                else "an integer" if base is int else "a number")
+        bounds = describe_bounds(f.metadata)
+        raise DigitflowError(f"cannot read {text!r} as {name}: it takes {what}{' ' + bounds if bounds else ''}"
+                             f"{' or none' if type(None) in typing.get_args(kind) else ''}") from None
+
+
+def parse_overrides(texts: dict[str, str]) -> BaseModel:
+    """The hyperparameter flags' texts (name → text) as an ``Overrides``: each read and checked
+    against its bound here, in one line, before any work."""
+    fields = Hyperparameters.fields()
+    values = {name: parse_value(name, text) for name, text in texts.items()}
+    for name, value in values.items():
+        kind, f = fields[name]
+        if (why := check_value(name, kind, f.metadata, value)) is not None:
+            raise DigitflowError(why)
+    return Overrides(**values)
 
 
 def parse_grid(items: list[str]) -> list[dict]:

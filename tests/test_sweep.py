@@ -31,6 +31,19 @@ def test_parse_grid():
         parse_grid(["lr=fast"])
 
 
+def test_flags_become_typed_overrides_checked_at_once():
+    from flows.contract import Overrides, overrides_dict, parse_overrides
+
+    hp = parse_overrides({"hidden": "512x256", "lr": "0.05", "max_norm": "none"})
+    assert isinstance(hp, Overrides) and hp.hidden == [512, 256] and hp.lr == 0.05
+    assert overrides_dict(hp) == {"hidden": [512, 256], "lr": 0.05}  # none: the preset's
+    assert overrides_dict(parse_overrides({})) == {}
+    with pytest.raises(DigitflowError, match=r"^lr must be a number in \(0, 1e\+06\], got inf$"):
+        parse_overrides({"lr": "inf"})
+    with pytest.raises(DigitflowError, match="^cannot read 'yes please' as standardize: it takes true or false$"):
+        parse_overrides({"standardize": "yes please"})
+
+
 def sweep_cli(*args, api_url):
     return subprocess.run([sys.executable, "-m", "flows.cli", "sweep", *args, "--json"], cwd=REPO,
                           env={**os.environ, "PREFECT_API_URL": api_url}, capture_output=True, text=True, timeout=600)
