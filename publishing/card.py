@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from nn.presets import Hyperparameters
-from storage.records import Verdict
+from storage.records import NOT_RECORDED, Verdict
 from storage.text import md
 
 CARD = "model_card.md"
@@ -98,7 +98,7 @@ def render(*, name: str, version: int, metrics: dict, lineage: dict, hyperparame
             f"- Promotion needs test accuracy at or above the floor{f' ({floor:.2f})' if floor is not None else ''} "
             "and the champion's; it says nothing about classes the data lacks."]
     out += ["", "## Hyperparameters", "", ", ".join(f"{md(k)} = {md(v)}" for k, v in hyperparameters.to_dict().items())
-            if hyperparameters else "Not recorded by the digitflow that trained it.", ""]
+            if hyperparameters else NOT_RECORDED, ""]
     out += ["## Lineage", "", "| what | value |", "|---|---|"]
     out += [f"| {md(k)} | {md(v)} |" for k, v in lineage.items() if k != "dataset"]
     return "\n".join(out) + "\n"

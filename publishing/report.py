@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from nn.presets import Hyperparameters
+from storage.records import NOT_RECORDED
 from storage.text import md
 
 
@@ -86,7 +87,7 @@ def render_markdown(*, name: str, version: int, metrics: dict, hyperparameters: 
                   f"{metrics['test_loss'] - champion['test_loss']:+.4f} |"]
     lines += ["", "## Hyperparameters", ""]
     if hyperparameters is None:
-        lines.append("Not recorded by the digitflow that trained it.")
+        lines.append(NOT_RECORDED)
     else:
         lines += ["| name | value |", "|---|---|"]
         lines += [f"| {md(k)} | {md(v)} |" for k, v in hyperparameters.to_dict().items()]

@@ -145,14 +145,16 @@ def read_json(path: str | os.PathLike, limit: int | None = None):
     return json.loads(read_bounded(path, limit))
 
 
-def read_bounded(path: str | os.PathLike, limit: int) -> bytes:
-    """The bytes of regular file ``path``, at most ``limit`` of them (else ValueError, as for a
-    FIFO, a device or a folder, which are never read)."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+def read_bounded(path: str | os.PathLike, limit: int, *, head: bool = False, follow_symlinks: bool = True) -> bytes:
+    """The bytes of regular file ``path``, at most ``limit`` of them: a larger file is a ValueError
+    (``head``: its first ``limit`` bytes are returned), as is a FIFO, a device or a folder, which
+    are never read; with ``follow_symlinks=False`` a symbolic link is not opened (OSError)."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0) | (0 if follow_symlinks else os.O_NOFOLLOW)
+    fd = os.open(path, flags)
     with os.fdopen(fd, "rb") as f:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise ValueError(f"{Path(path).name} is not a regular file")
-        data = f.read(limit + 1)
+        data = f.read(limit + (not head))
     if len(data) > limit:
         raise ValueError(f"{Path(path).name} is larger than {limit:,} bytes")
     return data

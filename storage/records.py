@@ -198,8 +198,9 @@ def _as_recorded(value):
     return value
 
 
-# The hyperparameters a version or a trained folder records (None: not recorded).
+# The hyperparameters a version or a trained folder records (None: not recorded, said so).
 RecordedHyperparameters = Annotated[Optional[Hyperparameters], BeforeValidator(_as_recorded)]
+NOT_RECORDED = "Not recorded by the digitflow that trained it."
 
 
 class ModelVersion(Record):

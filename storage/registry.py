@@ -27,13 +27,13 @@ import logging
 import os
 import re
 import shutil
-import stat
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
 from storage import DigitflowError
-from storage.atomic import file_lock, read_json as _read_json, remove_leftovers, staged_dir, write_json, writing
+from storage.atomic import (file_lock, read_bounded, read_json as _read_json, remove_leftovers, staged_dir, write_json,
+                            writing)
 from storage.paths import PathError, inside
 from storage.records import ALIASES, Aliases, Answer, Lineage, Metrics, ModelVersion, Verdict, classes_of
 
@@ -347,13 +347,11 @@ class Registry:
         the decision that replaces it, never lost."""
         path = self.root / "decisions" / f"v{version}.json"
         try:  # never through a symbolic link (it could point at any file of this machine's)
-            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+            return read_bounded(path, keep, head=True, follow_symlinks=False).decode("utf-8", errors="replace")
+        except ValueError:
+            return "(not read: not a regular file)"
         except OSError as e:
             return f"(not read: {'a symbolic link' if os.path.islink(path) else type(e).__name__})"
-        with os.fdopen(fd, "rb") as f:
-            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-                return "(not read: not a regular file)"
-            return f.read(keep).decode("utf-8", errors="replace")
 
     def lineage(self, version: int) -> Lineage | None:
         """What ``version`` was trained from; None when it has no lineage.json. A damaged one is a

@@ -260,6 +260,10 @@ def test_a_damaged_decision_is_never_taken_for_undecided(tmp_path):
     (reg.root / "decisions" / "v3.json").symlink_to(secret)
     assert reg.promote(3, reason="by hand", by="bob").replaced_damaged == "(not read: a symbolic link)"
     assert "hunter2" not in (reg.root / "decisions" / "v3.json").read_text()
+    # A damaged record of any size: its first 4 KiB are kept, no more.
+    reg.publish(*real_model(4, 0.99))
+    (reg.root / "decisions" / "v4.json").write_text("{" + "x" * 100_000)
+    assert reg.promote(4, reason="by hand", by="bob").replaced_damaged == "{" + "x" * 4095
 
 
 @pytest.mark.parametrize("change, problem", [
