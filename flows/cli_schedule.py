@@ -9,6 +9,7 @@ import typer
 from flows.cli_common import (ALLOW_UNPINNED, APPROVAL, APPROVAL_TIMEOUT, APPROVAL_WAIT, DATASET, HOME, MIRRORS,
                               MODEL_NAME, PRESET, WEBHOOK, ApprovalMode, hp_options, mirrors_param, one_line_errors,
                               start, webhook_param)
+from flows.contract import Overrides, hyperparameters, overrides_dict
 from storage import DigitflowError
 from storage.config import resolve_home
 from storage.catalog import dataset_and_model
@@ -26,13 +27,11 @@ def check_cron(cron: str) -> None:
         raise DigitflowError(f"--cron {cron!r} is not a valid cron expression") from None
 
 
-def deployment_parameters(home, mirror, preset, model_name, hp, webhook, dataset="mnist",
+def deployment_parameters(home, mirror, preset, model_name, hp: Overrides | None, webhook, dataset="mnist",
                           allow_unpinned=False, here: bool = True, approval: str = "none",
                           approval_timeout: float = APPROVAL_TIMEOUT) -> dict:
     """The deployment's parameters (shown to every dashboard user: no secret goes in; ``here``:
     its runs are children of this process (``serve``), else of workers elsewhere (``deploy``))."""
-    from flows.contract import hyperparameters
-
     spec, model_name = dataset_and_model(dataset, model_name, allow_unpinned)
     hyperparameters(preset, hp, spec)  # invalid values fail now, not at 3 a.m.
     params = {"home": str(resolve_home(home)), "preset": preset, "model_name": model_name}
@@ -43,8 +42,7 @@ def deployment_parameters(home, mirror, preset, model_name, hp, webhook, dataset
     mirrors, webhook = mirrors_param(mirror, here), webhook_param(webhook, here)
     if mirrors:
         params["mirrors"] = mirrors
-    if hp:
-        params.update(hp)
+    params.update(overrides_dict(hp))  # (the flags given; the rest stay the preset's)
     if webhook:
         params["webhook"] = webhook
     if approval != "none":
@@ -58,7 +56,7 @@ def serve(cron: str = typer.Option("0 3 * * *", "--cron", help="Cron schedule of
           home: Optional[str] = HOME, mirror: Optional[List[str]] = MIRRORS, dataset: str = DATASET,
           allow_unpinned: bool = ALLOW_UNPINNED, preset: str = PRESET,
           model_name: Optional[str] = MODEL_NAME, webhook: Optional[str] = WEBHOOK, approval: ApprovalMode = APPROVAL,
-          approval_timeout: float = APPROVAL_WAIT, hp: dict = None) -> None:
+          approval_timeout: float = APPROVAL_WAIT, hp: Overrides = None) -> None:
     """Serve the pipeline as a Prefect deployment on a cron schedule (runs until stopped).
 
     Runs appear in the dashboard on schedule and can be started from the UI or with
@@ -96,7 +94,7 @@ def deploy(pool: str = typer.Option("digitflow", "--pool", help="Process work po
            approval_timeout: float = APPROVAL_WAIT,
            retrain_on_drift: bool = typer.Option(False, "--retrain-on-drift", help="Also create an automation that "
                                                  "runs this deployment when `digitflow monitor` reports drift."),
-           hp: dict = None) -> None:
+           hp: Overrides = None) -> None:
     """Register the pipeline for a process work pool, to run on workers anywhere.
 
     Runs execute on `prefect worker start --pool POOL` on any machine with digitflow installed

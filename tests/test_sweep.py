@@ -44,6 +44,15 @@ def test_flags_become_typed_overrides_checked_at_once():
         parse_overrides({"standardize": "yes please"})
 
 
+
+def test_a_deployment_holds_the_flags_given_and_no_others(tmp_path):
+    from flows.cli_schedule import deployment_parameters
+    from flows.contract import parse_overrides
+
+    params = deployment_parameters(str(tmp_path), None, "fast", None, parse_overrides({"epochs": "2"}), None)
+    assert params == {"home": str(tmp_path), "preset": "fast", "model_name": "mnist-mlp", "epochs": 2}
+
+
 def sweep_cli(*args, api_url):
     return subprocess.run([sys.executable, "-m", "flows.cli", "sweep", *args, "--json"], cwd=REPO,
                           env={**os.environ, "PREFECT_API_URL": api_url}, capture_output=True, text=True, timeout=600)
