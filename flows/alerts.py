@@ -20,8 +20,6 @@ import threading
 from datetime import datetime, timezone
 from urllib.parse import urlsplit
 
-import requests
-
 from storage import DigitflowError
 from storage.settings import settings
 from tasks.refs import Decision, Published  # noqa: F401 (types)
@@ -78,6 +76,8 @@ def notify(url: str | None, event: str, **details) -> bool:
     if urlsplit(url).scheme not in ("http", "https"):
         log.warning("could not deliver %s alert: the webhook must be an http(s) URL", event)
         return False
+    import requests  # (here: a run without a webhook never imports it)
+
     payload = {"source": "digitflow", "event": event, "at": datetime.now(timezone.utc).isoformat(), **details}
     outcome: list = []
 

@@ -74,12 +74,21 @@ def healthy(url: str | None = None, timeout: float = 1.0) -> bool:
 def answers(url: str, timeout: float = 5.0) -> bool:
     """Does anything answer HTTP at ``url``'s health endpoint? Any status counts (a server that
     wants a key, like Prefect Cloud, says 401): only a refused, unreachable or silent address does not."""
-    import requests
+    import http.client
+    import urllib.error
+    import urllib.request
 
-    try:
-        requests.get(f"{url.rstrip('/')}/health", timeout=timeout, allow_redirects=False).close()
+    class AsItIs(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *args, **kwargs):  # a redirect answers too: never followed
+            return None
+
+    try:  # (urllib, not requests: every command asks this, and urllib is already loaded)
+        urllib.request.build_opener(AsItIs).open(f"{url.rstrip('/')}/health", timeout=timeout).close()
         return True
-    except (requests.RequestException, ValueError):
+    except urllib.error.HTTPError as e:  # any status
+        e.close()
+        return True
+    except (OSError, ValueError, http.client.HTTPException):
         return False
 
 

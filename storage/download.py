@@ -26,16 +26,16 @@ import threading
 import time
 import zlib
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 from urllib.parse import urlparse, urlsplit, urlunsplit
 from urllib.request import url2pathname
-
-import requests
-import urllib3
 
 from storage import DigitflowError
 from storage.atomic import CHUNK, atomic_path, file_lock, read_json, remove_leftovers, sha256_file, write_json
 from storage.datasets import MAX_IDX_BYTES, DatasetFile
+
+if TYPE_CHECKING:  # (requests is imported where a download happens: a warm run never pays for it)
+    import requests
 
 DEFAULT_TIMEOUT = 30.0  # seconds of silence before a mirror counts as failed
 
@@ -138,6 +138,8 @@ def fetch_verified(
         if not mirrors:
             raise DownloadError(f"{spec.name}: no mirror configured (pass --mirror URL or set DIGITFLOW_MIRRORS)")
 
+        import requests
+
         session = session or requests.Session()
         failures: list[str] = []
         transient = False
@@ -206,6 +208,9 @@ class _Deadline:
 def _stream_into(spec, url, tmp: Path, timeout, deadline, progress, session) -> tuple[str, str, str, int]:
     """Download ``url`` into ``tmp`` (decompressed), verify it against the file's pin; return
     (archive SHA-256, archive MD5, decompressed SHA-256, decompressed size)."""
+    import requests
+    import urllib3
+
     archive_hash, idx_hash, archive_md5 = hashlib.sha256(), hashlib.sha256(), hashlib.md5(usedforsecurity=False)
     limit = spec.idx_size if spec.idx_size is not None else MAX_IDX_BYTES  # unpinned: still bounded
     inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)
@@ -284,6 +289,9 @@ def _stream_into(spec, url, tmp: Path, timeout, deadline, progress, session) -> 
 def _open(url: str, timeout: float, session: requests.Session
           ) -> tuple[Iterator[bytes], int | None, Callable[[], None]]:
     """(chunks, announced length or None, close) for ``url``; any failure is a _MirrorFailure."""
+    import requests
+    import urllib3
+
     try:
         parsed = urlparse(url)
     except ValueError as e:

@@ -129,3 +129,46 @@ def test_the_local_servers_sqlite_writers_take_the_lock_first(tmp_path):
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
                        cwd=Path(__file__).resolve().parents[1])
     assert r.stdout.strip() == "['DEFERRED', 'IMMEDIATE'] True ['IMMEDIATE', 'IMMEDIATE']", r.stderr[-2000:]
+
+
+def test_the_health_check_counts_any_answer_and_follows_nothing():
+    """``answers``: a status of any kind (a server that wants a key says 401) is an answer; a
+    redirect is one too and is never followed; a refused or silent address is not."""
+    import http.server
+    import socket
+    import threading
+
+    hits = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            hits.append(self.path)
+            status = 401 if self.path.startswith("/locked") else 302
+            self.send_response(status)
+            self.send_header("Location", "/elsewhere")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen()
+    try:
+        base = f"http://127.0.0.1:{httpd.server_address[1]}"
+        assert server.answers(base + "/locked/api") and server.answers(base + "/moved/api")
+        assert hits == ["/locked/api/health", "/moved/api/health"]  # the redirect was not followed
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            refused = s.getsockname()[1]
+        assert not server.answers(f"http://127.0.0.1:{refused}/api")
+        t = time.monotonic()
+        assert not server.answers(f"http://127.0.0.1:{silent.getsockname()[1]}/api", timeout=0.5)
+        assert time.monotonic() - t < 3
+        assert not server.answers("not a url")
+    finally:
+        httpd.shutdown()
+        silent.close()
