@@ -20,6 +20,7 @@ the flows' signatures.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import itertools
 import typing
@@ -75,8 +76,24 @@ Retries = _ingest("retries")
 Deadline = _ingest("deadline")  # None: from the file's size
 
 
+# An optional hyperparameter (max_norm, patience: None turns it off) is turned off across the flow
+# boundary by OFF, because there None (an empty Run form field) already means "the preset's
+# value"; OFF lies outside their bounds, so it means nothing else. The CLI reads "none" as OFF.
+OFF = 0
+
+
+def _optional(kind) -> bool:
+    return type(None) in typing.get_args(kind)
+
+
+def _help(kind, meta) -> str:
+    """A hyperparameter's help as nn/presets.py words it, an optional one's "(none: off)" made
+    "(0 or none: off)": the CLI takes either, the Run form and Prefect's CLI OFF."""
+    return meta["help"].replace("(none: off)", f"({OFF} or none: off)") if _optional(kind) else meta["help"]
+
+
 def _field_type(kind, meta) -> Any:
-    """The pydantic type of one hyperparameter, bounds included."""
+    """The pydantic type of one hyperparameter, bounds included (an optional one's admit OFF)."""
     if meta["items"]:
         low, high = meta["items"]
         return Annotated[list[Annotated[int, Field(ge=low, le=high)]], Field(min_length=1, max_length=meta["max_items"])]
@@ -87,7 +104,7 @@ def _field_type(kind, meta) -> Any:
         return bool
     bounds = {}
     if meta["low"] is not None:
-        bounds["gt" if meta["low_open"] else "ge"] = meta["low"]
+        bounds["ge" if _optional(kind) or not meta["low_open"] else "gt"] = OFF if _optional(kind) else meta["low"]
     if meta["high"] is not None:
         bounds["lt" if meta["high_open"] else "le"] = meta["high"]
     return Annotated[base, Field(strict=base is int, **bounds)] if bounds else base
@@ -103,7 +120,7 @@ def _overrides_model() -> type[BaseModel]:
         bounds = describe_bounds(f.metadata).capitalize()
         fields[name] = (Optional[_field_type(kind, f.metadata)],
                         Field(None, title=name, description=" ".join(
-                            part for part in (f.metadata["help"].rstrip(".") + ".", bounds + "." if bounds else "",
+                            part for part in (_help(kind, f.metadata).rstrip(".") + ".", bounds + "." if bounds else "",
                                               f"Preset 'default': {shown}.") if part)))
     return create_model("Overrides", __config__=ConfigDict(extra="forbid", frozen=True),
                         __doc__="Hyperparameters that override the preset; an empty field keeps the preset's value.",
@@ -152,11 +169,18 @@ def hyperparameters(preset: str, overrides: BaseModel | dict | None = None, data
     """The preset with overrides, validated against the bounds declared in nn.presets (the same
     bounds as the ``Overrides`` type) and, given the ``dataset`` spec, against the network its
     pixels and classes make: bad values fail here in one line, before any work."""
+    values, fields = overrides_dict(overrides), Hyperparameters.fields()
+    off = [name for name, value in values.items() if _is_off(fields[name][0], value)]
     try:
-        hp = nn.presets.get(preset, **overrides_dict(overrides))
+        hp = nn.presets.get(preset, **{name: value for name, value in values.items() if name not in off})
+        hp = dataclasses.replace(hp, **dict.fromkeys(off)).validate()  # (get() reads None as "the preset's")
         return hp if dataset is None else hp.validate(n_in=dataset.pixels, n_out=len(dataset.classes))
     except (ValueError, TypeError) as e:
         raise DigitflowError(str(e)) from None
+
+
+def _is_off(kind, value) -> bool:
+    return _optional(kind) and value == OFF and not isinstance(value, bool)
 
 
 # ---- text syntax: one parser for a --flag value and a grid axis value --------------------
@@ -172,8 +196,8 @@ def parse_value(name: str, text: str):
         if f.metadata["items"]:
             return [int(part) for part in text.replace(",", "x").split("x")]
         base = _base(kind)
-        if text.lower() == "none" and type(None) in typing.get_args(kind):
-            return None
+        if text.lower() == "none" and _optional(kind):
+            return OFF
         if base is bool:
             if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
                 raise ValueError
@@ -184,7 +208,7 @@ def parse_value(name: str, text: str):
                 else "an integer" if base is int else "a number")
         bounds = describe_bounds(f.metadata)
         raise DigitflowError(f"cannot read {text!r} as {name}: it takes {what}{' ' + bounds if bounds else ''}"
-                             f"{' or none' if type(None) in typing.get_args(kind) else ''}") from None
+                             f"{', or none: off' if _optional(kind) else ''}") from None
 
 
 def parse_overrides(texts: dict[str, str]) -> BaseModel:
@@ -194,7 +218,7 @@ def parse_overrides(texts: dict[str, str]) -> BaseModel:
     values = {name: parse_value(name, text) for name, text in texts.items()}
     for name, value in values.items():
         kind, f = fields[name]
-        if (why := check_value(name, kind, f.metadata, value)) is not None:
+        if (why := check_value(name, kind, f.metadata, None if _is_off(kind, value) else value)) is not None:
             raise DigitflowError(why)
     return Overrides(**values)
 
@@ -227,5 +251,5 @@ def cli_options() -> list[tuple[str, str, str, str]]:
         if type(None) in typing.get_args(kind):
             metavar += "|none"
         options.append((name, "--" + name.replace("_", "-"), metavar,
-                        meta["help"] + (f" {bounds[0].upper()}{bounds[1:]}." if bounds else "")))
+                        _help(kind, meta) + (f" {bounds[0].upper()}{bounds[1:]}." if bounds else "")))
     return options

@@ -154,7 +154,7 @@ def test_credentials_in_a_mirror_never_reach_the_logs_or_the_home(tmp_path, mnis
     (["--hidden", "100000000"], "hidden must be 1 to 16 integers in 1..16384, got [100000000]"),
     (["--hidden", "16384,16384"], "parameters, more than the 50,000,000 allowed"),
     (["--epochs", "2.5"], "cannot read '2.5' as epochs: it takes an integer in 1..10000"),
-    (["--patience", "soon"], "cannot read 'soon' as patience: it takes an integer in 1..10000 or none"),
+    (["--patience", "soon"], "cannot read 'soon' as patience: it takes an integer in 1..10000, or none: off"),
     (["--retries", "2000"], "--retries must be an integer in 0..10, got 2000"),
     (["--timeout", "0"], "--timeout must be a number in 0.1..3600.0, got 0.0"),
     (["--model-name", "../etc"], "invalid model name '../etc'"),

@@ -36,13 +36,42 @@ def test_flags_become_typed_overrides_checked_at_once():
 
     hp = parse_overrides({"hidden": "512x256", "lr": "0.05", "max_norm": "none"})
     assert isinstance(hp, Overrides) and hp.hidden == [512, 256] and hp.lr == 0.05
-    assert overrides_dict(hp) == {"hidden": [512, 256], "lr": 0.05}  # none: the preset's
+    assert overrides_dict(hp) == {"hidden": [512, 256], "lr": 0.05, "max_norm": 0}  # none: off (OFF)
     assert overrides_dict(parse_overrides({})) == {}
     with pytest.raises(DigitflowError, match=r"^lr must be a number in \(0, 1e\+06\], got inf$"):
         parse_overrides({"lr": "inf"})
     with pytest.raises(DigitflowError, match="^cannot read 'yes please' as standardize: it takes true or false$"):
         parse_overrides({"standardize": "yes please"})
 
+
+
+def test_an_optional_hyperparameter_is_turned_off_across_the_flow_boundary():
+    """None already means "the preset's value" in a flow's parameters (an empty Run form field),
+    so an optional hyperparameter (None: off in nn/) is turned off by OFF: `--preset best
+    --max-norm none` trains without max-norm, as its help says."""
+    from flows.contract import OFF, Overrides, _optional, hyperparameters, parse_grid, parse_overrides
+    from nn.presets import Hyperparameters
+
+    assert hyperparameters("best").max_norm == 3.5
+    assert hyperparameters("best", {"max_norm": None}).max_norm == 3.5  # empty: the preset's
+    assert hyperparameters("best", parse_overrides({"max_norm": "none"})).max_norm is None
+    assert hyperparameters("best", parse_overrides({"max_norm": "0"})).max_norm is None
+    assert hyperparameters("best", Overrides(max_norm=OFF)).max_norm is None  # the Run form, Prefect's CLI
+    assert hyperparameters("default", Overrides(patience=OFF, epochs=5)).patience is None
+    assert hyperparameters("default", Overrides(patience=4)).patience == 4
+    points = parse_grid(["max_norm=none,2"])
+    assert [hyperparameters("best", p).max_norm for p in points] == [None, 2.0]
+    # The same bits as the preset that has it off: the training id does not change.
+    assert hyperparameters("best", {"max_norm": OFF}).to_dict() == {**hyperparameters("best").to_dict(),
+                                                                     "max_norm": None}
+    for name, (kind, f) in Hyperparameters.fields().items():  # every one says so in its help
+        assert ("(none: off)" in f.metadata["help"]) == _optional(kind), name
+        if _optional(kind):
+            assert "(0 or none: off)" in Overrides.model_fields[name].description
+    with pytest.raises(ValueError):
+        Overrides(patience=-1)
+    with pytest.raises(DigitflowError, match="^epochs must be an integer in 1..10000, got 0$"):
+        parse_overrides({"epochs": "0"})  # OFF is only an optional one's
 
 
 def test_a_deployment_holds_the_flags_given_and_no_others(tmp_path):
