@@ -76,12 +76,15 @@ def answers(url: str, timeout: float = 5.0) -> bool:
     wants a key, like Prefect Cloud, says 401): only a refused, unreachable or silent address does not."""
     import http.client
     import urllib.error
+    import urllib.parse
     import urllib.request
 
     class AsItIs(urllib.request.HTTPRedirectHandler):
         def redirect_request(self, *args, **kwargs):  # a redirect answers too: never followed
             return None
 
+    if urllib.parse.urlsplit(url).scheme not in ("http", "https"):  # (urllib would open file:, ftp:, data:)
+        return False
     try:  # (urllib, not requests: every command asks this, and urllib is already loaded)
         urllib.request.build_opener(AsItIs).open(f"{url.rstrip('/')}/health", timeout=timeout).close()
         return True

@@ -169,6 +169,7 @@ def test_the_health_check_counts_any_answer_and_follows_nothing():
         assert not server.answers(f"http://127.0.0.1:{silent.getsockname()[1]}/api", timeout=0.5)
         assert time.monotonic() - t < 3
         assert not server.answers("not a url")
+        assert not server.answers("file:///etc") and not server.answers("data:,ok")  # http(s) only
     finally:
         httpd.shutdown()
         silent.close()
