@@ -170,7 +170,7 @@ def hyperparameters(preset: str, overrides: BaseModel | dict | None = None, data
     bounds as the ``Overrides`` type) and, given the ``dataset`` spec, against the network its
     pixels and classes make: bad values fail here in one line, before any work."""
     values, fields = overrides_dict(overrides), Hyperparameters.fields()
-    off = [name for name, value in values.items() if _is_off(fields[name][0], value)]
+    off = [name for name, value in values.items() if name in fields and _is_off(fields[name][0], value)]
     try:
         hp = nn.presets.get(preset, **{name: value for name, value in values.items() if name not in off})
         hp = dataclasses.replace(hp, **dict.fromkeys(off)).validate()  # (get() reads None as "the preset's")
