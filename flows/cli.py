@@ -105,7 +105,8 @@ def train(home: Optional[str] = HOME, dataset: str = DATASET, preset: str = PRES
             result = train_only(home=home, dataset=dataset, preset=preset, **overrides_dict(hp))
     last = result.history[-1]
     typer.echo(f"trained {result.dir} (weights {result.weights_sha256[:16]}…): "
-               f"val accuracy {last.get('val_accuracy', float('nan')):.4f} after {len(result.history)} epochs")
+               f"val accuracy {last.get('val_accuracy', float('nan')):.4f} after {len(result.history)} "
+               f"epoch{'s' if len(result.history) != 1 else ''}")
 
 
 def _require_split(home: str, split: str, dataset: str) -> None:

@@ -204,10 +204,10 @@ def parse_value(name: str, text: str):
             return text.lower() in ("true", "1", "yes")
         return base(text) if base in (int, float) else text
     except ValueError:
-        what = ("integers written NxN…" if f.metadata["items"] else "true or false" if base is bool
+        what = ("" if f.metadata["items"] else "true or false" if base is bool
                 else "an integer" if base is int else "a number")
-        bounds = describe_bounds(f.metadata)
-        raise DigitflowError(f"cannot read {text!r} as {name}: it takes {what}{' ' + bounds if bounds else ''}"
+        bounds = describe_bounds(f.metadata) + (" written NxN (e.g. 512x256)" if f.metadata["items"] else "")
+        raise DigitflowError(f"cannot read {text!r} as {name}: it takes {' '.join(p for p in (what, bounds) if p)}"
                              f"{', or none: off' if _optional(kind) else ''}") from None
 
 

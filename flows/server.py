@@ -73,25 +73,14 @@ def healthy(url: str | None = None, timeout: float = 1.0) -> bool:
 
 def answers(url: str, timeout: float = 5.0) -> bool:
     """Does anything answer HTTP at ``url``'s health endpoint? Any status counts (a server that
-    wants a key, like Prefect Cloud, says 401): only a refused, unreachable or silent address does not."""
-    import http.client
-    import urllib.error
-    import urllib.parse
-    import urllib.request
+    wants a key, like Prefect Cloud, says 401): only a refused, unreachable or silent address does not.
+    (requests, as Prefect's client does: user info in the URL sent as Basic auth, its CA settings.)"""
+    import requests
 
-    class AsItIs(urllib.request.HTTPRedirectHandler):
-        def redirect_request(self, *args, **kwargs):  # a redirect answers too: never followed
-            return None
-
-    if urllib.parse.urlsplit(url).scheme not in ("http", "https"):  # (urllib would open file:, ftp:, data:)
-        return False
-    try:  # (urllib, not requests: every command asks this, and urllib is already loaded)
-        urllib.request.build_opener(AsItIs).open(f"{url.rstrip('/')}/health", timeout=timeout).close()
+    try:
+        requests.get(f"{url.rstrip('/')}/health", timeout=timeout, allow_redirects=False).close()
         return True
-    except urllib.error.HTTPError as e:  # any status
-        e.close()
-        return True
-    except (OSError, ValueError, http.client.HTTPException):
+    except (requests.RequestException, ValueError):
         return False
 
 

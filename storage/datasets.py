@@ -311,7 +311,7 @@ def _cross_checks(shape: list[int] | None, n_classes: int | None, files: list[tu
         rows, cols = shape
         item, header = (rows * cols, 16) if f.kind == "images" else (1, 8)
         if f.size is not None and ((f.size - header) % item or f.size < header):
-            problems.append(f"{label}: size {f.size} is not a {f.kind} IDX file of "
+            problems.append(f"{label}: size {f.size} is not {'an' if f.kind == 'images' else 'a'} {f.kind} IDX file of "
                             f"{f'{rows}×{cols}' if f.kind == 'images' else 'one byte'} per item "
                             f"({header} + n × {item} bytes)")
     splits = dict.fromkeys(f.split for _, f in files)
@@ -339,9 +339,19 @@ def _cross_checks(shape: list[int] | None, n_classes: int | None, files: list[tu
     return problems
 
 
-def _valid_parts(data: dict) -> list[str]:
-    """``_cross_checks`` on the parts of a spec that validate on their own (its fields failed)."""
+def _valid_parts(data: dict, error: ValidationError) -> list[str]:
+    """``_cross_checks`` on the parts of a spec that no field error points at (its fields failed;
+    a model-level error alone means they were all checked already)."""
+    locs = [err["loc"] for err in error.errors() if err["loc"]]
+    if not locs:
+        return []
+    bad = {loc[0] for loc in locs}
+    bad_files = {loc[1] for loc in locs if loc[0] == "files" and len(loc) > 1}
+    bad_expect = {loc[1] for loc in locs if loc[0] == "expect" and len(loc) > 1}
+
     def valid(name: str):
+        if name in bad:
+            return None
         field = DatasetSpec.model_fields[name]
         try:
             return TypeAdapter(Annotated[field.annotation, *field.metadata]).validate_python(data.get(name),
@@ -351,13 +361,19 @@ def _valid_parts(data: dict) -> list[str]:
 
     shape, classes = valid("image_shape"), valid("classes")
     files, every_file = [], isinstance(data.get("files"), list) and 0 < len(data["files"]) <= MAX_FILES
+    every_file = every_file and not ("files" in bad and not bad_files)  # (the list itself was wrong)
     for i, table in enumerate(data.get("files") if every_file else ()):
+        if i in bad_files:
+            every_file = False
+            continue
         try:
             files.append((i, FileSpec.model_validate(table, strict=True)))
         except ValidationError:
             every_file = False
     expect = {}
     for split, table in (data.get("expect") if isinstance(data.get("expect"), dict) else {}).items():
+        if split in bad_expect:
+            continue
         try:
             expect[split] = ExpectSpec.model_validate(table, strict=True)
         except ValidationError:
@@ -437,7 +453,8 @@ def from_dict(data, source: str = "built-in") -> Dataset:
         spec = DatasetSpec.model_validate(data, context={"source": source})
     except ValidationError as e:
         lines = _lines(e, data)
-        lines += [line for line in _valid_parts(data) if line not in lines]  # (cross-field: at once)
+        said = set(lines)
+        lines += [line for line in _valid_parts(data, e) if line not in said]  # (cross-field: at once)
         raise SpecError("\n".join(f"{where}: {line}" for line in lines)) from None
     return spec.dataset(source)
 

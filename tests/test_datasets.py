@@ -220,7 +220,7 @@ def test_user_spec_16x16_three_classes_runs_the_whole_pipeline(tmp_path):
     (lambda d: d.pop("classes"), "classes must be a list of 2..1000 distinct names of 1..100 characters, one line each, got None"),
     (lambda d: d["files"].append(dict(d["files"][0])), "is listed twice"),
     (lambda d: d.update(image_shape=[16]), "image_shape must be [rows, columns]"),
-    (lambda d: d["files"][0].update(size=1000), "size 1000 is not a images IDX file of 16×16 per item"),
+    (lambda d: d["files"][0].update(size=1000), "size 1000 is not an images IDX file of 16×16 per item"),
     (lambda d: d["files"][0].update(sha256="abc"), "sha256 must be 64 lowercase hex digits, got 'abc'"),
     (lambda d: d.update(colour="red"), "unknown key 'colour'"),
     (lambda d: d["files"][1].update(checksum="x"), "files[1] ('train-labels.idx.gz'): unknown key 'checksum'"),
@@ -269,9 +269,15 @@ def test_field_and_cross_field_mistakes_are_told_together():
     assert str(e.value).splitlines() == [
         "spec: name must be 1–64 lowercase letters, digits, '.', '_' or '-', got 'Bad Name'",
         "spec: files[2] ('b'): size must be a positive number of bytes, got '18'",
-        "spec: files[0] ('a.gz'): size 100 is not a images IDX file of 4×4 per item (16 + n × 16 bytes)",
+        "spec: files[0] ('a.gz'): size 100 is not an images IDX file of 4×4 per item (16 + n × 16 bytes)",
         "spec: files[1] ('a'): 'a' is listed twice",
         "spec: expect.train.class_counts must list one row count per class (2), got [1, 2, 3]"]
+    # A field that failed one of its own rules is not taken as valid for the cross-field checks.
+    with pytest.raises(SpecError) as e:
+        from_dict({"name": "ok", "image_shape": [1024, 1024], "classes": ["a", "a"], "floor": 2, "files": [
+            {"name": "a", "split": "train", "kind": "images", "size": 1584, **pinned}],
+            "expect": {"train": {"class_counts": [1, 2, 3]}}})
+    assert not any("IDX file of" in line or "class_counts" in line for line in str(e.value).splitlines())
     # What depends on every file (a split's kinds, train and test present) waits for the files to
     # be valid: a file that failed may be the missing one.
     with pytest.raises(SpecError) as e:
