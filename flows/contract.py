@@ -86,6 +86,10 @@ def _optional(kind) -> bool:
     return type(None) in typing.get_args(kind)
 
 
+assert all(check_value(name, kind, f.metadata, OFF) is not None  # OFF is never a value of its own
+           for name, (kind, f) in Hyperparameters.fields().items() if _optional(kind))
+
+
 def _help(kind, meta) -> str:
     """A hyperparameter's help as nn/presets.py words it, an optional one's "(none: off)" made
     "(0 or none: off)": the CLI takes either, the Run form and Prefect's CLI OFF."""
@@ -219,7 +223,7 @@ def parse_overrides(texts: dict[str, str]) -> BaseModel:
     for name, value in values.items():
         kind, f = fields[name]
         if (why := check_value(name, kind, f.metadata, None if _is_off(kind, value) else value)) is not None:
-            raise DigitflowError(why)
+            raise DigitflowError(why.replace(", got ", f", or {OFF} or none (off), got ", 1) if _optional(kind) else why)
     return Overrides(**values)
 
 

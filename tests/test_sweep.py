@@ -70,6 +70,8 @@ def test_an_optional_hyperparameter_is_turned_off_across_the_flow_boundary():
             assert "(0 or none: off)" in Overrides.model_fields[name].description
     with pytest.raises(ValueError):
         Overrides(patience=-1)
+    with pytest.raises(DigitflowError, match=r"^patience must be an integer in 1..10000, or 0 or none \(off\), got -3$"):
+        parse_overrides({"patience": "-3"})
     with pytest.raises(DigitflowError, match=r"unknown hyperparameter\(s\) \['colour'\]"):
         hyperparameters("default", {"colour": OFF})  # one line, as before
     with pytest.raises(DigitflowError, match="^epochs must be an integer in 1..10000, got 0$"):
