@@ -27,7 +27,7 @@ from storage.config import IngestSettings, resolve_home
 from storage.catalog import dataset_and_model
 from storage.datasets import class_names
 from storage.settings import checked, env_name, misspelt, settings
-from storage.text import terminal
+from storage.text import count, terminal
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="digitflow: the MNIST retraining pipeline (Prefect 3 + a pure-NumPy network).")
@@ -105,8 +105,7 @@ def train(home: Optional[str] = HOME, dataset: str = DATASET, preset: str = PRES
             result = train_only(home=home, dataset=dataset, preset=preset, **overrides_dict(hp))
     last = result.history[-1]
     typer.echo(f"trained {result.dir} (weights {result.weights_sha256[:16]}…): "
-               f"val accuracy {last.get('val_accuracy', float('nan')):.4f} after {len(result.history)} "
-               f"epoch{'s' if len(result.history) != 1 else ''}")
+               f"val accuracy {last.get('val_accuracy', float('nan')):.4f} after {count(len(result.history), 'epoch')}")
 
 
 def _require_split(home: str, split: str, dataset: str) -> None:

@@ -103,8 +103,10 @@ class Steps(logging.Handler):
                 return
             self.say(task_name, "failed" if failed else "cached" if kind == "Cached" else "", failed)
         elif flow_name in self.subflows:
+            from storage.text import count
+
             tasks, cached = self.subflows.pop(flow_name)
-            detail = f"{tasks} step{'s' if tasks != 1 else ''}" + (f", {cached} cached" if cached else "")
+            detail = count(tasks, "step") + (f", {cached} cached" if cached else "")
             self.say(flow_name, "failed" if failed else detail, failed)
 
     def say(self, name: str, detail: str, failed: bool, mark: str = "[green]✓[/green]") -> None:

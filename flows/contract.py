@@ -62,12 +62,16 @@ def _base(kind) -> type:
     return args[0]
 
 
+def _optional(kind) -> bool:
+    return type(None) in typing.get_args(kind)
+
+
 def _ingest(name: str) -> Any:
     """The type of ingest setting ``name``: its field in ``IngestSettings``, bounds included."""
     field = IngestSettings.model_fields[name]
     base = _base(field.annotation)
     kind = Annotated[base, Field(strict=base is int), *field.metadata]
-    return Optional[kind] if type(None) in typing.get_args(field.annotation) else kind
+    return Optional[kind] if _optional(field.annotation) else kind
 
 
 RowsPerShard = _ingest("rows_per_shard")
@@ -80,10 +84,6 @@ Deadline = _ingest("deadline")  # None: from the file's size
 # boundary by OFF, because there None (an empty Run form field) already means "the preset's
 # value"; OFF lies outside their bounds, so it means nothing else. The CLI reads "none" as OFF.
 OFF = 0
-
-
-def _optional(kind) -> bool:
-    return type(None) in typing.get_args(kind)
 
 
 assert all(check_value(name, kind, f.metadata, OFF) is not None  # OFF is never a value of its own
@@ -252,7 +252,7 @@ def cli_options() -> list[tuple[str, str, str, str]]:
         bounds = describe_bounds(meta)
         metavar = ("N[xN...]" if meta["items"] else "|".join(meta["choices"]) if meta["choices"]
                    else "true|false" if base is bool else base.__name__.upper())
-        if type(None) in typing.get_args(kind):
+        if _optional(kind):
             metavar += "|none"
         options.append((name, "--" + name.replace("_", "-"), metavar,
                         _help(kind, meta) + (f" {bounds[0].upper()}{bounds[1:]}." if bounds else "")))

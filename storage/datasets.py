@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Annotated, Literal, Optional
 
 from pydantic_core import PydanticCustomError
-from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter, ValidationError,
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationError,
                       ValidationInfo, field_validator, model_validator)
 
 from storage import DigitflowError
@@ -349,17 +349,8 @@ def _valid_parts(data: dict, error: ValidationError) -> list[str]:
     bad_files = {loc[1] for loc in locs if loc[0] == "files" and len(loc) > 1}
     bad_expect = {loc[1] for loc in locs if loc[0] == "expect" and len(loc) > 1}
 
-    def valid(name: str):
-        if name in bad:
-            return None
-        field = DatasetSpec.model_fields[name]
-        try:
-            return TypeAdapter(Annotated[field.annotation, *field.metadata]).validate_python(data.get(name),
-                                                                                             strict=True)
-        except ValidationError:
-            return None
-
-    shape, classes = valid("image_shape"), valid("classes")
+    # (a field no error points at is as the model validated it)
+    shape, classes = (None if name in bad else data[name] for name in ("image_shape", "classes"))
     files, every_file = [], isinstance(data.get("files"), list) and 0 < len(data["files"]) <= MAX_FILES
     every_file = every_file and not ("files" in bad and not bad_files)  # (the list itself was wrong)
     for i, table in enumerate(data.get("files") if every_file else ()):

@@ -46,3 +46,8 @@ def terminal(text) -> str:
 
 def has_control(text: str) -> bool:
     return any(_is_control(ch) for ch in text)
+
+
+def count(n: int, noun: str) -> str:
+    """``1 epoch``, ``12 epochs``: a number and its noun, for messages and names."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"

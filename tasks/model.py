@@ -26,7 +26,7 @@ from storage.atomic import read_json, sha256_file, staged_dir, write_json, writi
 from storage.home import Home
 from storage.registry import DEFAULT_NAME, DEFAULT_TOLERANCE, RECORD_LIMIT, now
 from storage.shards import image_shape, read_split
-from storage.text import md
+from storage.text import count, md
 from tasks import progress
 from tasks.common import CACHED, artifact_key, code_version, content_key, verified_task
 from storage.records import DatasetLineage, Lineage, Metrics
@@ -72,7 +72,7 @@ def training_id(train_ref: SplitRef, hyperparameters: Hyperparameters) -> str:
 
 def train_run_name(hp: Hyperparameters) -> str:
     """``train [512], 12 epochs``: the train task's run name in the dashboard and the terminal."""
-    return f"train {list(hp.hidden)}, {hp.epochs} epoch{'s' if hp.epochs != 1 else ''}"
+    return f"train {list(hp.hidden)}, {count(hp.epochs, 'epoch')}"
 
 
 def training_dir(home: Home, train_ref: SplitRef, hyperparameters: Hyperparameters) -> Path:
@@ -125,7 +125,7 @@ def _train(train: SplitRef, hp: Hyperparameters, home: Home, progress_key: str, 
     resumed = f", resumed at epoch {resume.epoch + 1}" if resume else ""
     label = f"{description}: " if description else ""
     artifact = create_progress_artifact(100.0 * (resume.epoch if resume else 0) / hp.epochs, key=progress_key,
-                                        description=(f"Training {label}{architecture}, {hp.epochs} epoch{'s' if hp.epochs != 1 else ''}"
+                                        description=(f"Training {label}{architecture}, {count(hp.epochs, 'epoch')}"
                                                      f" (seed {hp.seed}, data {train.sha256[:12]}{resumed})"))
     if resume:
         log.info("resumed at epoch %d of %d from the checkpoint %s", resume.epoch + 1, hp.epochs, checkpoint_path)
