@@ -113,11 +113,24 @@ def keep_results_in(home) -> None:
 @functools.lru_cache(maxsize=None)
 def _results_block(url: str) -> ObjectResults:
     """The result storage block of ``url``, saved server-side once per process (Prefect only
-    accepts saved blocks; the block holds the URL, never a credential)."""
+    accepts saved blocks; the block holds the URL, never a credential).
+
+    Processes starting at once on a new server each find the block type (or schema) missing and
+    create it; all but one are told it exists (``ObjectAlreadyExists``). Saving again then reads
+    what the first one created, so the save is tried again a few times."""
     import hashlib
 
+    from prefect.exceptions import ObjectAlreadyExists
+
     block = ObjectResults(url=url)
-    block.save(f"digitflow-results-{hashlib.sha256(url.encode()).hexdigest()[:16]}", overwrite=True)
+    name = f"digitflow-results-{hashlib.sha256(url.encode()).hexdigest()[:16]}"
+    for _ in range(3):
+        try:
+            block.save(name, overwrite=True)
+            return block
+        except ObjectAlreadyExists:
+            pass  # another process created the type or schema in between: read it this time
+    block.save(name, overwrite=True)
     return block
 
 

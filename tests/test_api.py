@@ -322,29 +322,37 @@ def test_decoded_pixels_are_bounded_per_request_before_decoding(published):
         assert client.get("/health").status_code == 200
 
 
-def test_decoding_runs_off_the_event_loop(published, mnist_dir):
-    """Three bodies of 20 large images each (each under the limits) while /health is asked:
-    /health answers at once because images decode in threads, not on the event loop."""
-    big = png(digits(mnist_dir, 1)[0], size=1900)  # 3.6 M pixels, under --max-pixels
-    with api(published, "--max-request-pixels", "80000000") as url:
-        slow, health = [], []
+def test_decoding_runs_off_the_event_loop(published, mnist_dir, monkeypatch):
+    """While a request's large images decode, /health answers: the decode is held in its thread
+    until /health has answered (a timer lets it go after 20 s so a broken app cannot hang the test),
+    so a decode on the event loop would hold /health until the timer and fail. No wall-clock race."""
+    import serving.app as app_module
 
-        def post():
-            t = time.monotonic()
-            httpx.post(f"{url}/predict", files=[("image", (f"{i}.png", big, "image/png")) for i in range(4)],
-                       timeout=120)
-            slow.append(time.monotonic() - t)
+    entered, released = threading.Event(), threading.Event()
+    decode = app_module.decode_images
 
-        threads = [threading.Thread(target=post) for _ in range(3)]
-        [t.start() for t in threads]
-        time.sleep(0.3)
-        for _ in range(5):
-            t = time.monotonic()
-            assert httpx.get(f"{url}/health", timeout=30).status_code == 200
-            health.append(time.monotonic() - t)
-            time.sleep(0.1)
-        [t.join() for t in threads]
-    assert max(health) < 0.5 < max(slow), (health, slow)
+    def held(opened):
+        entered.set()
+        released.wait(60)
+        return decode(opened)
+
+    monkeypatch.setattr(app_module, "decode_images", held)
+    big = png(digits(mnist_dir, 1)[0], size=1900)  # 3.6 M pixels, under max_pixels
+    with app_client(published, max_request_pixels=80_000_000) as client:
+        answers = []
+        post = threading.Thread(target=lambda: answers.append(client.post(
+            "/predict", files=[("image", (f"{i}.png", big, "image/png")) for i in range(4)])))
+        post.start()
+        assert entered.wait(60), "the request never reached decoding"
+        timer = threading.Timer(20, released.set)
+        timer.start()
+        health = client.get("/health")
+        answered_while_decoding = not released.is_set()
+        released.set()
+        timer.cancel()
+        post.join(60)
+    assert health.status_code == 200 and answered_while_decoding
+    assert [a.status_code for a in answers] == [200] and len(answers[0].json()["predictions"]) == 4
 
 
 def test_a_version_with_damaged_files_is_refused_and_the_last_verified_keeps_serving(published, tmp_path):

@@ -608,3 +608,41 @@ def test_a_killed_writers_half_split_is_invisible_and_cleaned(team, tmp_path):
     assert "data/mnist/test/part-99999.parquet" not in keys
     assert client.get_object(Bucket=bucket, Key=f"{split}/manifest.json")["Body"].read() == manifest
     ok(run(work, e, "evaluate", "--home", home))
+
+
+def test_a_results_block_is_saved_when_another_process_created_its_type_meanwhile(prefect_harness, monkeypatch):
+    """Two processes' first run on a new server (two publishers at once) both find the results
+    block type missing and create it; the one told it already exists saves again (was an
+    ObjectAlreadyExists traceback). The race is replayed in order: this process reads "missing"
+    once, then creates against a server where the type exists."""
+    from prefect.client.orchestration import PrefectClient, SyncPrefectClient
+    from prefect.exceptions import ObjectNotFound
+
+    from tasks.common import ObjectResults, _results_block
+
+    _results_block("s3://bucket/created-by-the-other-process")  # the type and schema now exist
+    missed = []
+
+    def seen_missing_once(slug):  # what this process saw just before the other one created the type
+        if not missed:
+            missed.append(slug)
+            raise ObjectNotFound(http_exc=Exception("404"))
+
+    read_sync, read_async = SyncPrefectClient.read_block_type_by_slug, PrefectClient.read_block_type_by_slug
+
+    def sync_read(self, slug):
+        seen_missing_once(slug)
+        return read_sync(self, slug)
+
+    async def async_read(self, slug):
+        seen_missing_once(slug)
+        return await read_async(self, slug)
+
+    # Prefect saves a block through its sync or async client depending on the caller: both see it.
+    monkeypatch.setattr(SyncPrefectClient, "read_block_type_by_slug", sync_read)
+    monkeypatch.setattr(PrefectClient, "read_block_type_by_slug", async_read)
+    url = f"s3://bucket/{unique_prefix('results')}"
+    _results_block(url)
+    assert missed == [ObjectResults.get_block_type_slug()]
+    name = "digitflow-results-" + hashlib.sha256(url.encode()).hexdigest()[:16]
+    assert ObjectResults.load(name).url == url
