@@ -16,7 +16,7 @@ from storage import DigitflowError
 from storage.config import resolve_home
 from storage.catalog import dataset_and_model
 from storage.settings import checked, env_name, settings as environment
-from storage.text import terminal
+from storage.text import count, terminal
 
 
 def api(host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind (127.0.0.1: this machine only)."),
@@ -51,7 +51,7 @@ def api(host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind 
             typer.echo(f"digitflow api: warning: listening on {host} without a token: anyone who can reach this "
                        "machine can use the API (set DIGITFLOW_API_TOKEN)", err=True)
         typer.echo(f"digitflow api: {model_name} {model} from {settings.home} on http://{host}:{port}/ "
-                   f"({workers} worker{'s' if workers > 1 else ''}{', token required' if token else ''})", err=True)
+                   f"({count(workers, 'worker')}{', token required' if token else ''})", err=True)
         serve_api(settings, host=host, port=port, workers=workers, log_level=log_level)
 
 
