@@ -36,7 +36,7 @@ def api(host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind 
 
     POST /predict, GET /model /health /ready /metrics, and a drawing page at /; a promotion is
     picked up within --poll seconds, verified before the swap."""
-    from serving.app import serve as serve_api
+    from serving.app import check_listen, serve as serve_api
 
     with one_line_errors():
         _, model_name = dataset_and_model(dataset, model_name)
@@ -47,6 +47,7 @@ def api(host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind 
         settings = checked(ApiSettings, home=str(resolve_home(home, existing=True)), model_name=model_name, model=model, token=token,
                            max_body=max_body, max_pixels=max_pixels, max_images=max_images,
                            max_request_pixels=max_request_pixels, poll=float(poll))
+        check_listen(host, port)
         if not token and host not in ("127.0.0.1", "localhost", "::1") and not host.startswith("127."):
             typer.echo(f"digitflow api: warning: listening on {host} without a token: anyone who can reach this "
                        "machine can use the API (set DIGITFLOW_API_TOKEN)", err=True)

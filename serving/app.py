@@ -749,6 +749,24 @@ def app_from_env():
     return create_app(ApiSettings.model_validate_json(env.api_settings or "{}"))
 
 
+def check_listen(host: str, port: int) -> None:
+    """One line, before anything says the API is up, when ``host:port`` cannot be listened on (a
+    port in use, an address that is not this machine's, a privileged port): bound here as uvicorn
+    will bind it, then let go (else uvicorn's own error comes after "serving ...")."""
+    import socket
+
+    from storage.text import terminal
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except (OSError, UnicodeError) as e:
+            why = getattr(e, "strerror", None) or type(e).__name__
+            raise DigitflowError(f"cannot listen on {terminal(host[:200])} port {port}: {why}") from None
+
+
 def serve(settings: ApiSettings, host: str = "127.0.0.1", port: int = 8000, workers: int = 1,
           log_level: str = "info") -> None:
     """Run the API until interrupted. With more than one worker, each is a process of its own

@@ -403,6 +403,24 @@ def test_bearer_scheme_is_case_insensitive_and_redirects_never_echo_the_host(pub
         assert client.get("/favicon.ico").headers["content-type"] == "image/svg+xml"
 
 
+def test_a_port_in_use_or_an_address_not_here_is_one_line_before_serving_is_announced(published):
+    """Another server on the port (the README's mirror, say): one line, exit 1, and no "serving"
+    line before it (was uvicorn's "[Errno 98] ... address already in use" after it, exit 3)."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for host, why in (("127.0.0.1", "Address already in use"), ("192.0.2.1", "Cannot assign requested address"),
+                          ("no-such-host.invalid", "")):
+            r = subprocess.run([sys.executable, "-m", "flows.cli", "api", "--home", str(published), "--host", host,
+                                "--port", str(port)], cwd=REPO, capture_output=True, text=True, timeout=120)
+            assert r.returncode == 1 and r.stdout == "", r.stderr
+            assert r.stderr.startswith(f"digitflow: error: cannot listen on {host} port {port}: {why}"), r.stderr
+            assert len(r.stderr.splitlines()) == 1, r.stderr
+
+
 def test_listening_beyond_this_machine_without_a_token_warns(published):
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "api", "--home", str(published), "--host", "0.0.0.0",
