@@ -189,6 +189,10 @@ def test_serve_schedules_and_prefect_cli_triggers(server, mnist_server, tmp_path
         os.killpg(serve.pid, signal.SIGINT)
         serve.wait(30)
         log.close()
+    # Ctrl-C on a serve with no run in flight: one line, and no word of half-written work or reruns.
+    assert serve.returncode == 130
+    assert (tmp_path / "serve.log").read_text().rstrip().splitlines()[-1] == \
+        "digitflow: interrupted by Ctrl-C (SIGINT): digitflow serve stopped"
 
 
 def test_deploy_to_process_pool_and_worker_runs_it(server, mnist_server, tmp_path):
