@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import re
-import sys
 
 LOG_NAME = "digitflow.log"
 _STATE = re.compile(r"^Finished in state (\w+)")
@@ -73,7 +71,10 @@ class Steps(logging.Handler):
     """Turns Prefect's "Finished in state …" records into one line per step."""
 
     def __init__(self):
+        from tasks.common import TOLD_BY_THE_OUTCOME
+
         super().__init__(logging.INFO)
+        self.told_by_the_outcome = TOLD_BY_THE_OUTCOME
         self.subflows: dict[str, list[int]] = {}  # subflow run name → [tasks, cached]
 
     def emit(self, record: logging.LogRecord) -> None:
@@ -85,6 +86,8 @@ class Steps(logging.Handler):
         task_name = getattr(record, "task_run_name", None)
         if record.levelno == logging.WARNING and record.name.startswith(("prefect.flow_runs", "prefect.task_runs",
                                                                          "digitflow")):
+            if getattr(record, self.told_by_the_outcome, False):
+                return
             self.say(f"{task_name or flow_name or 'digitflow'}: {message}", "", False, mark="[yellow]![/yellow]")
             return
         if message.startswith("Beginning subflow run"):

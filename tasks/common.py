@@ -52,6 +52,9 @@ def content_key(fields: Callable[[dict], Any], *, code: tuple[str, ...] = ("stor
     return key
 
 
+# A log record attribute (``extra={TOLD_BY_THE_OUTCOME: True}``): the command's outcome line tells
+# the same (the gate's rejection, a warning in the dashboard), so the terminal shows it once, there.
+TOLD_BY_THE_OUTCOME = "digitflow_told_by_the_outcome"
 RESULTS_PREFIX = "prefect-results"  # below a remote home: Prefect's task results and cache records
 
 

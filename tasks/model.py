@@ -28,7 +28,7 @@ from storage.registry import DEFAULT_NAME, DEFAULT_TOLERANCE, RECORD_LIMIT, now
 from storage.shards import image_shape, read_split
 from storage.text import count, md
 from tasks import progress
-from tasks.common import CACHED, artifact_key, code_version, content_key, verified_task
+from tasks.common import CACHED, TOLD_BY_THE_OUTCOME, artifact_key, code_version, content_key, verified_task
 from storage.records import DatasetLineage, Lineage, Metrics
 from tasks.refs import Answer, Decision, Evaluation, Hyperparameters, Published, SplitRef, TrainedModel
 
@@ -114,7 +114,7 @@ def _train(train: SplitRef, hp: Hyperparameters, home: Home, progress_key: str, 
         return ref
     x, y, manifest = load_rows(train)  # row by row: the split is never in memory as float32
     n_classes, shape = len(manifest["class_counts"]), image_shape(manifest)
-    log.info("training %s on %d images (%d held out for validation), seed %d", hp.hidden, len(y),
+    log.info("training %s on %d images (%d held out for validation), seed %d", list(hp.hidden), len(y),
              round(len(y) * hp.val_fraction), hp.seed)
     architecture = "-".join(map(str, (x.shape[1], *hp.hidden, n_classes)))
     out = training_dir(home, train, hp)
@@ -309,9 +309,20 @@ def lineage(train_ref: SplitRef, test_ref: SplitRef, hp: Hyperparameters | None,
         train_manifest_sha256=train_ref.sha256, test_manifest_sha256=test_ref.sha256,
         git_commit=git_commit(), package_version=package_version(), nn_source_sha256=code_version("nn"),
         python=platform.python_version(), numpy=np.__version__, seed=hp.seed if hp else None,
-        prefect_flow_run_id=str(flow_run.id) if flow_run.id else None, created=now(),
+        prefect_flow_run_id=_root_run_id(flow_run), created=now(),
         dataset=dataset if dataset and dataset.name != "mnist" else None,  # MNIST's lineage stays as it was: digits
     )
+
+
+def _root_run_id(flow_run) -> str | None:
+    """The run the user started (``retrain``, whose dashboard link the CLI printed; ``publish``
+    when run alone), not the publish subflow inside it: two reads of the API, at publish only."""
+    if not flow_run.id:
+        return None
+    try:
+        return str(flow_run.root_flow_run_id)
+    except Exception:  # the API slow or gone this moment: the publishing run itself is still a true answer
+        return str(flow_run.id)
 
 
 def git_commit() -> str | None:
@@ -463,8 +474,8 @@ def gate(published: Published, home: Home, floor: float, tolerance: float = DEFA
         log.info("v%d was decided before: %s (%s); now %s", version, decision.status, decision.reason, state)
     else:
         promote = decision.promoted
-        (log.info if promote else log.warning)("v%d %s: %s", version,
-                                               "promoted to champion" if promote else "rejected", decision.reason)
+        (log.info if promote else log.warning)("v%d %s: %s", version, "promoted to champion" if promote else "rejected",
+                                               decision.reason, extra={TOLD_BY_THE_OUTCOME: True})
         if not promote:  # an event server-side automations can react to (`digitflow alerts install`)
             emit_event(event=REJECTED_EVENT, payload={"reason": decision.reason,
                                                       "test_accuracy": published.test_accuracy},

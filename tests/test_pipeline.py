@@ -95,7 +95,12 @@ def test_first_run_publishes_v1(home, first_run):
     manifest = home / "data" / "mnist" / "train" / "manifest.json"
     import hashlib
     assert lineage["train_manifest_sha256"] == hashlib.sha256(manifest.read_bytes()).hexdigest()
-    assert lineage["seed"] == 0 and lineage["numpy"] == np.__version__ and lineage["prefect_flow_run_id"]
+    assert lineage["seed"] == 0 and lineage["numpy"] == np.__version__
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:  # the run the user started (its link printed), not the publish subflow
+        run = client.read_flow_run(lineage["prefect_flow_run_id"])
+        assert client.read_flow(run.flow_id).name == "retrain" and run.parent_task_run_id is None
     report = (v1 / "report.md").read_text()
     assert "# mnist-mlp v1" in report and "no champion" in report and "| 9 |" in report
     assert (v1 / "learning_curves.png").read_bytes()[:4] == b"\x89PNG"
@@ -298,6 +303,8 @@ def test_cli_require_promotion_and_one_line_errors(published, mnist_server, api_
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 1
     assert out.strip().splitlines()[-1].startswith("digitflow: error: v") and "was not promoted" in out
+    assert "gate v" not in out  # the rejection is told once, by the outcome line (a warning in the dashboard)
+    assert out.count("is below the floor 0.9990") == 2  # the outcome line, and the error's reason
     proc = cli("run", "--home", str(published), "--lr", "-1", api_url=api_url)
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 1 and out.strip() == "digitflow: error: lr must be a number in (0, 1e+06], got -1.0"
@@ -338,7 +345,10 @@ def test_cli_train_output_can_be_evaluated_and_published(published, api_url):
     assert proc.returncode == 0, out
     outcome = json.loads([l for l in out.splitlines() if l.startswith("{")][-1])
     reg = Registry(published)
-    assert outcome["version"] == 2 and outcome["created"] and outcome["status"] in ("promoted", "rejected")
+    # The gate's rule (tolerance 0): promoted exactly when it is at least as accurate as v1, the champion.
+    at_least_as_good = metrics["test_accuracy"] >= reg.metrics(1).test_accuracy
+    assert outcome["version"] == 2 and outcome["created"]
+    assert outcome["status"] == ("promoted" if at_least_as_good else "rejected")
     assert reg.decision(2).status == outcome["status"]
     assert reg.metrics(2).test_accuracy == pytest.approx(metrics["test_accuracy"])
     # A tampered trained folder is refused before any work.
