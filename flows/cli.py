@@ -50,7 +50,7 @@ def ingest(home: Optional[str] = HOME, mirror: Optional[List[str]] = MIRRORS, da
             refs = ingest_flow(home=home, mirrors=mirrors_param(mirror), rows_per_shard=rows_per_shard, timeout=timeout,
                                retries=retries, deadline=deadline, dataset=dataset, allow_unpinned=allow_unpinned)
     for ref in refs.splits:
-        typer.echo(f"{ref.split}: {ref.rows} rows in {ref.shards} shards, manifest {ref.manifest} (sha256 {ref.sha256[:16]}…)")
+        typer.echo(f"{ref.split}: {ref.rows} rows in {count(ref.shards, 'shard')}, manifest {ref.manifest} (sha256 {ref.sha256[:16]}…)")
 
 
 @app.command()

@@ -121,7 +121,7 @@ def cli(*args, api_url=None, home=None):
 def test_cli_ingest_and_cached_rerun(tmp_path, mnist_server, api_url):
     r = cli("ingest", "--mirror", mnist_server, "--home", str(tmp_path), api_url=api_url)
     assert r.returncode == 0, r.stderr
-    assert "train: 60000 rows in 6 shards" in r.stdout and "test: 10000 rows in 1 shards" in r.stdout
+    assert "train: 60000 rows in 6 shards" in r.stdout and "test: 10000 rows in 1 shard," in r.stdout
     r = cli("ingest", "--mirror", mnist_server, "--home", str(tmp_path), api_url=api_url)
     assert r.returncode == 0, r.stderr
     states = newest_run_states(api_url, "ingest")
