@@ -9,7 +9,8 @@ on this machine and at the same time, find it and reuse it. Starting is serializ
 file, so several commands at once start one server; a dead one is started again.
 
     <PREFECT_HOME>/digitflow-server/server.pid   the server's process id
-    <PREFECT_HOME>/digitflow-server/server.log   its output (`digitflow server logs`)
+    <PREFECT_HOME>/digitflow-server/server.log   its output and digitflow's dated start/stop lines
+                                                 (`digitflow server logs`; over 8 MiB at a start: .log.1)
 
 With ``PREFECT_API_URL`` set, nothing here runs: that server is used as it is. With
 ``DIGITFLOW_EPHEMERAL=1``, Prefect's temporary per-process server is used (nothing is left
@@ -32,6 +33,7 @@ from storage.settings import settings
 
 HOST = "127.0.0.1"
 START_TIMEOUT = 120.0  # seconds for a first start (database migrations on a fresh PREFECT_HOME)
+LOG_LIMIT = 8 << 20  # bytes of server.log kept; at a start, a longer one becomes server.log.1
 
 
 def port() -> int:
@@ -151,9 +153,15 @@ def start(url: str) -> None:
             if _wait(url, 15.0):
                 return
             _terminate(stale)
+            _log(f"pid {stale} did not answer at {url} within 15 s: stopped")
         print(f"digitflow: starting the local Prefect server (dashboard {ui_url()}); later commands reuse it "
               "— `digitflow server stop` stops it", file=sys.stderr, flush=True)
-        with open(folder / "server.log", "ab") as log:
+        log_path = folder / "server.log"
+        if log_path.is_file() and log_path.stat().st_size > LOG_LIMIT:
+            os.replace(log_path, folder / "server.log.1")
+        _log(f"starting `prefect server start` on {url}")
+        started = time.monotonic()
+        with open(log_path, "ab") as log:
             proc = subprocess.Popen(  # `prefect server start`, through main() below; -P and cwd: a folder
                 # the command ran in (a project's own flows/ or prefect/) is never on its import path
                 [sys.executable, "-P", "-m", "flows.server", "server", "start", "--host", HOST, "--port", str(port())],
@@ -162,9 +170,22 @@ def start(url: str) -> None:
         (folder / "server.pid").write_text(f"{proc.pid}\n")
         if not _wait(url, START_TIMEOUT, proc):
             _terminate(proc.pid)
+            _log(f"pid {proc.pid} exited or did not answer within {START_TIMEOUT:.0f} s (its output above)")
             raise DigitflowError(f"the local Prefect server did not answer at {url} within {START_TIMEOUT:.0f} s "
                                  f"(its log: {folder / 'server.log'}); set PREFECT_API_URL to a running server, "
                                  "or DIGITFLOW_EPHEMERAL=1")
+        _log(f"pid {proc.pid} answering after {time.monotonic() - started:.1f} s")
+
+
+def _log(event: str) -> None:
+    """A dated line of digitflow's own in the server's log (what ``digitflow server logs`` shows
+    beside Prefect's output): when it was started, answered, replaced or stopped."""
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
+    try:
+        with open(state_dir() / "server.log", "a", encoding="utf-8") as log:
+            log.write(f"{stamp} UTC | digitflow | {event}\n")
+    except OSError:
+        pass  # a log line is never worth failing a command
 
 
 def _wait(url: str, seconds: float, proc: subprocess.Popen | None = None) -> bool:
@@ -203,6 +224,8 @@ def stop() -> bool:
     pid = running_pid()
     stopped = _terminate(pid) if pid is not None else False
     (state_dir() / "server.pid").unlink(missing_ok=True)
+    if stopped:
+        _log(f"pid {pid} stopped by `digitflow server stop`")
     return stopped
 
 

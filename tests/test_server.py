@@ -93,7 +93,13 @@ def test_the_first_command_starts_the_server_the_next_reuse_it(own_server, tmp_p
     assert not server.healthy() and digitflow("server", "status").returncode == 1
     r = digitflow("ingest", "--home", home, "--mirror", mnist_server)
     assert r.returncode == 0 and "starting the local Prefect server" in r.stderr and server.healthy()
-    assert f"Check out the dashboard at {server.ui_url()}" in digitflow("server", "logs", "-n", "200").stdout
+    logs = digitflow("server", "logs", "-n", "200").stdout
+    assert f"Check out the dashboard at {server.ui_url()}" in logs
+    # digitflow's own dated lines: each start, when it answered, the stop.
+    events = [line.split(" | digitflow | ")[1] for line in logs.splitlines() if " | digitflow | " in line]
+    assert [e.split(" on ")[0] if e.startswith("starting") else e.split(" after ")[0] for e in events] == [
+        "starting `prefect server start`", f"pid {pid} answering", f"pid {pid} stopped by `digitflow server stop`",
+        "starting `prefect server start`", f"pid {server.running_pid()} answering"], events
 
 
 def test_with_prefect_api_url_set_nothing_is_started(own_server, tmp_path, api_url):
