@@ -45,7 +45,8 @@ def _on_signal(signum, frame) -> None:
     _fired.set()
     flow_run_id = _current_flow_run_id()  # read here: the run context lives in this (main) thread
     line = (f"digitflow: interrupted by {NAMES[signum]}: {_command} stopped"
-            + ("" if flow_run_id is None else  # no run in flight here (a server, an idle serve): nothing to resume
+            + ("" if _command.split()[-1:] in (["api"], ["server"], ["serve"]) else  # a server: its runs, if any,
+               # are processes of their own; nothing of this one's was being written
                "; nothing half-written is visible, and a rerun resumes from the cached work"))
     hard_stop = threading.Timer(GRACE + 1.0, _exit, (code, line))
     hard_stop.daemon = True
