@@ -20,7 +20,7 @@ from storage.text import count, terminal
 
 
 def api(host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind (127.0.0.1: this machine only)."),
-        port: int = typer.Option(8000, "--port", min=0, max=65535, help="TCP port."),
+        port: int = typer.Option(8000, "--port", min=1, max=65535, help="TCP port."),
         model: str = option(ApiSettings, "model"),
         home: Optional[str] = HOME, dataset: str = DATASET, model_name: Optional[str] = MODEL_NAME,
         workers: int = typer.Option(1, "--workers", min=1, max=64, help="Worker processes."),
@@ -36,7 +36,7 @@ def api(host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind 
 
     POST /predict, GET /model /health /ready /metrics, and a drawing page at /; a promotion is
     picked up within --poll seconds, verified before the swap."""
-    from serving.app import check_listen, serve as serve_api
+    from serving.app import check_listen, is_loopback, serve as serve_api
 
     with one_line_errors():
         _, model_name = dataset_and_model(dataset, model_name)
@@ -47,11 +47,11 @@ def api(host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind 
         settings = checked(ApiSettings, home=str(resolve_home(home, existing=True)), model_name=model_name, model=model, token=token,
                            max_body=max_body, max_pixels=max_pixels, max_images=max_images,
                            max_request_pixels=max_request_pixels, poll=float(poll))
-        check_listen(host, port)
-        if not token and host not in ("127.0.0.1", "localhost", "::1") and not host.startswith("127."):
+        check_listen(host, port, workers)
+        if not token and not is_loopback(host):
             typer.echo(f"digitflow api: warning: listening on {host} without a token: anyone who can reach this "
                        "machine can use the API (set DIGITFLOW_API_TOKEN)", err=True)
-        typer.echo(f"digitflow api: {model_name} {model} from {settings.home} on http://{host}:{port}/ "
+        typer.echo(f"digitflow api: {model_name} {model} from {settings.home} on http://{f'[{host}]' if ':' in host else host}:{port}/ "
                    f"({count(workers, 'worker')}{', token required' if token else ''})", err=True)
         serve_api(settings, host=host, port=port, workers=workers, log_level=log_level)
 

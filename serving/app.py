@@ -749,22 +749,49 @@ def app_from_env():
     return create_app(ApiSettings.model_validate_json(env.api_settings or "{}"))
 
 
-def check_listen(host: str, port: int) -> None:
+def check_listen(host: str, port: int, workers: int = 1) -> None:
     """One line, before anything says the API is up, when ``host:port`` cannot be listened on (a
-    port in use, an address that is not this machine's, a privileged port): bound here as uvicorn
-    will bind it, then let go (else uvicorn's own error comes after "serving ...")."""
+    port in use, an address that is not this machine's, a name that does not resolve): bound here
+    as uvicorn will bind it, then let go (else uvicorn's own error comes after "serving ...").
+    One worker: asyncio's ``create_server`` binds every address the name resolves to (IPv6 ones
+    v6-only); more: uvicorn's supervisor binds one socket (``Config.bind_socket``)."""
     import socket
 
     from storage.text import terminal
 
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except (OSError, UnicodeError) as e:
-            why = getattr(e, "strerror", None) or type(e).__name__
-            raise DigitflowError(f"cannot listen on {terminal(host[:200])} port {port}: {why}") from None
+    sockets = []
+    try:
+        if workers > 1:
+            targets = [(socket.AF_INET6 if ":" in host else socket.AF_INET, (host, port))]
+        else:
+            targets = [(info[0], info[4]) for info in set(socket.getaddrinfo(
+                host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE))]
+        for family, address in targets:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6 and workers == 1:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+    except (OSError, UnicodeError, TypeError, ValueError) as e:  # (a NUL or a byte not UTF-8: TypeError)
+        why = getattr(e, "strerror", None) or type(e).__name__
+        raise DigitflowError(f"cannot listen on {terminal(host[:200])} port {port}: {why}") from None
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is this machine only: ``localhost`` or a loopback address (any spelling)."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False  # another name: whatever it resolves to, treated as reachable from elsewhere
+    return address.is_loopback or getattr(address, "ipv4_mapped", None) is not None and address.ipv4_mapped.is_loopback
 
 
 def serve(settings: ApiSettings, host: str = "127.0.0.1", port: int = 8000, workers: int = 1,

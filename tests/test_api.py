@@ -412,13 +412,28 @@ def test_a_port_in_use_or_an_address_not_here_is_one_line_before_serving_is_anno
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        for host, why in (("127.0.0.1", "Address already in use"), ("192.0.2.1", "Cannot assign requested address"),
-                          ("no-such-host.invalid", "")):
+        # ::ffff:127.0.0.1 binds as one socket (uvicorn's supervisor, 2 workers) but not v6-only
+        # (asyncio's create_server, 1 worker): each is checked as it will be bound.
+        for host, workers, why in (("127.0.0.1", 1, "Address already in use"), ("192.0.2.1", 1, "Cannot assign requested address"),
+                                   ("no-such-host.invalid", 1, ""), ("::ffff:127.0.0.1", 1, "Invalid argument"),
+                                   ("127.0.0.1", 2, "Address already in use"), ("ab\udcff", 1, "")):
             r = subprocess.run([sys.executable, "-m", "flows.cli", "api", "--home", str(published), "--host", host,
-                                "--port", str(port)], cwd=REPO, capture_output=True, text=True, timeout=120)
-            assert r.returncode == 1 and r.stdout == "", r.stderr
-            assert r.stderr.startswith(f"digitflow: error: cannot listen on {host} port {port}: {why}"), r.stderr
-            assert len(r.stderr.splitlines()) == 1, r.stderr
+                                "--port", str(port), "--workers", str(workers)], cwd=REPO, capture_output=True,
+                               timeout=120)
+            err = r.stderr.decode("utf-8", "replace")
+            assert r.returncode == 1 and r.stdout == b"", err
+            shown = host if host.isprintable() and host.isascii() else "ab"
+            assert err.startswith(f"digitflow: error: cannot listen on {shown}"), err
+            assert f" port {port}: {why}" in err and len(err.splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("host, loopback", [("127.0.0.1", True), ("127.8.9.1", True), ("::1", True), ("localhost", True),
+                                            ("::ffff:127.0.0.1", True), ("0:0:0:0:0:0:0:1", True), ("0.0.0.0", False),
+                                            ("::", False), ("127.evil.example", False), ("10.0.0.1", False), ("", False)])
+def test_only_a_loopback_address_counts_as_this_machine_only(host, loopback):
+    from serving.app import is_loopback
+
+    assert is_loopback(host) is loopback
 
 
 def test_listening_beyond_this_machine_without_a_token_warns(published):
