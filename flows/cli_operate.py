@@ -105,10 +105,12 @@ def server_logs(lines: int = typer.Option(40, "--lines", "-n", min=1, max=100_00
     import collections
 
     log = server.state_dir() / "server.log"
-    if not log.is_file():
-        typer.echo(f"no log yet ({log})")
+    fd = server.open_log(os.O_RDONLY) if log.exists() or log.is_symlink() else None
+    if fd is None:
+        typer.echo(f"no log yet ({log})" if not (log.exists() or log.is_symlink())
+                   else f"{log} is not a regular file: not read")
         return
-    with open(log, "rb") as f:
+    with os.fdopen(fd, "rb") as f:
         for line in collections.deque(f, maxlen=lines):
             typer.echo(terminal(line.decode("utf-8", "replace").rstrip("\n")))
 

@@ -152,21 +152,24 @@ def start(url: str) -> None:
         if stale is not None:  # alive but not answering: a server stuck or still starting
             if _wait(url, 15.0):
                 return
-            _terminate(stale)
-            _log(f"pid {stale} did not answer at {url} within 15 s: stopped")
+            _log(f"pid {stale} did not answer at {url} within 15 s: "
+                 + ("stopped" if _terminate(stale) else "already gone"))
         print(f"digitflow: starting the local Prefect server (dashboard {ui_url()}); later commands reuse it "
               "— `digitflow server stop` stops it", file=sys.stderr, flush=True)
-        log_path = folder / "server.log"
-        if log_path.is_file() and log_path.stat().st_size > LOG_LIMIT:
-            os.replace(log_path, folder / "server.log.1")
+        _rotate_log()
         _log(f"starting `prefect server start` on {url}")
         started = time.monotonic()
-        with open(log_path, "ab") as log:
+        log_fd = open_log()
+        try:
             proc = subprocess.Popen(  # `prefect server start`, through main() below; -P and cwd: a folder
                 # the command ran in (a project's own flows/ or prefect/) is never on its import path
                 [sys.executable, "-P", "-m", "flows.server", "server", "start", "--host", HOST, "--port", str(port())],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=folder,
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL if log_fd is None else log_fd,
+                stderr=subprocess.STDOUT, start_new_session=True, cwd=folder,
                 env={**os.environ, "PREFECT_UI_API_URL": url, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"})
+        finally:
+            if log_fd is not None:
+                os.close(log_fd)
         (folder / "server.pid").write_text(f"{proc.pid}\n")
         if not _wait(url, START_TIMEOUT, proc):
             _terminate(proc.pid)
@@ -177,15 +180,47 @@ def start(url: str) -> None:
         _log(f"pid {proc.pid} answering after {time.monotonic() - started:.1f} s")
 
 
+def _rotate_log() -> None:
+    """At a start: a ``server.log`` over ``LOG_LIMIT`` becomes ``server.log.1`` (the one before
+    is replaced); when that cannot be done, the log goes on growing and the server starts."""
+    log_path = state_dir() / "server.log"
+    try:
+        if log_path.is_file() and not log_path.is_symlink() and log_path.stat().st_size > LOG_LIMIT:
+            os.replace(log_path, log_path.with_name("server.log.1"))
+    except OSError:
+        pass
+
+
+def open_log(flags: int = os.O_WRONLY | os.O_APPEND | os.O_CREAT) -> int | None:
+    """``server.log`` opened (to append, by default), or None when it is not a regular file of its
+    own (a FIFO would block the command, a symlink would send the lines elsewhere or show another
+    file): never waits, never raises."""
+    try:
+        fd = os.open(state_dir() / "server.log", flags | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
+    except OSError:
+        return None
+    import stat
+
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        return None
+    os.set_blocking(fd, True)
+    return fd
+
+
 def _log(event: str) -> None:
     """A dated line of digitflow's own in the server's log (what ``digitflow server logs`` shows
     beside Prefect's output): when it was started, answered, replaced or stopped."""
+    fd = open_log()
+    if fd is None:
+        return  # a log line is never worth failing or holding a command
     stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
     try:
-        with open(state_dir() / "server.log", "a", encoding="utf-8") as log:
-            log.write(f"{stamp} UTC | digitflow | {event}\n")
+        os.write(fd, f"{stamp} UTC | digitflow | {event}\n".encode())
     except OSError:
-        pass  # a log line is never worth failing a command
+        pass
+    finally:
+        os.close(fd)
 
 
 def _wait(url: str, seconds: float, proc: subprocess.Popen | None = None) -> bool:

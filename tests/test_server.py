@@ -179,3 +179,40 @@ def test_the_health_check_counts_any_answer_and_follows_nothing():
     finally:
         httpd.shutdown()
         silent.close()
+
+
+def test_the_server_log_is_written_and_read_only_as_a_regular_file(tmp_path, monkeypatch):
+    """A FIFO, a directory or a symlink where server.log should be: digitflow's lines are dropped
+    at once (a FIFO never blocks a command, a symlink's target is never written), `server logs`
+    says so in one line; a log over the limit becomes server.log.1 at a start, and a rotation that
+    cannot be done leaves the log as it was."""
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path))
+    folder = server.state_dir()
+    folder.mkdir(parents=True)
+    log = folder / "server.log"
+
+    server._log("started")  # a regular file: created and appended to
+    assert log.read_text().endswith(" UTC | digitflow | started\n")
+    log.unlink()
+    target = tmp_path / "elsewhere"
+    target.write_text("kept\n")
+    log.symlink_to(target)
+    server._log("through the link")
+    assert target.read_text() == "kept\n"
+    r = digitflow("server", "logs")
+    assert r.returncode == 0 and r.stdout.strip() == f"{log} is not a regular file: not read", r.stdout
+    log.unlink()
+    os.mkfifo(log)
+    t = time.monotonic()
+    server._log("into a fifo nobody reads")
+    r = digitflow("server", "logs")
+    assert time.monotonic() - t < 30 and r.stdout.strip() == f"{log} is not a regular file: not read"
+    log.unlink()
+
+    log.write_bytes(b"x" * (server.LOG_LIMIT + 1))
+    (folder / "server.log.1").mkdir()  # the rotation cannot replace a folder: nothing changes
+    server._rotate_log()
+    assert log.stat().st_size == server.LOG_LIMIT + 1
+    (folder / "server.log.1").rmdir()
+    server._rotate_log()
+    assert not log.exists() and (folder / "server.log.1").stat().st_size == server.LOG_LIMIT + 1
