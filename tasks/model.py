@@ -314,15 +314,33 @@ def lineage(train_ref: SplitRef, test_ref: SplitRef, hp: Hyperparameters | None,
     )
 
 
+ROOT_RUN_WAIT = 5.0  # seconds the lineage waits for the API to name the root run (under the registry lock)
+
+
 def _root_run_id(flow_run) -> str | None:
     """The run the user started (``retrain``, whose dashboard link the CLI printed; ``publish``
-    when run alone), not the publish subflow inside it: two reads of the API, at publish only."""
+    when run alone), not the publish subflow inside it: two reads of the API, at publish only,
+    waited for at most ``ROOT_RUN_WAIT`` s (Prefect's client retries a silent API for minutes,
+    and this runs under the registry lock); else the publishing run's own id, still a true answer."""
+    import contextvars
+    import logging
+    import threading
+
     if not flow_run.id:
         return None
-    try:
-        return str(flow_run.root_flow_run_id)
-    except Exception:  # the API slow or gone this moment: the publishing run itself is still a true answer
-        return str(flow_run.id)
+    found: list[str] = []
+
+    def look() -> None:
+        try:
+            found.append(str(flow_run.root_flow_run_id))
+        except Exception as e:  # the API gone this moment
+            logging.getLogger(__name__).debug("root flow run not found: %s", e)
+
+    # The run's context goes with the lookup (prefect.runtime reads the current run from it).
+    lookup = threading.Thread(target=contextvars.copy_context().run, args=(look,), daemon=True)
+    lookup.start()
+    lookup.join(ROOT_RUN_WAIT)
+    return found[0] if found else str(flow_run.id)
 
 
 def git_commit() -> str | None:

@@ -434,3 +434,38 @@ def test_the_prefect_clients_first_retries_of_a_503_are_quick():
     assert response.status_code == 200 and len(hits) == 3
     first, second = hits[1] - hits[0], hits[2] - hits[1]
     assert 0.15 < first < 1.0 and 0.35 < second < 1.5, (first, second)
+
+
+def test_the_lineage_waits_for_the_root_run_a_bounded_time_and_falls_back_to_its_own(monkeypatch):
+    """The root run is looked up under the registry lock: an API that does not answer (Prefect's
+    client would retry it for minutes) or fails costs at most ROOT_RUN_WAIT, and the lineage then
+    names the publishing run itself."""
+    import threading
+
+    from tasks import model
+
+    monkeypatch.setattr(model, "ROOT_RUN_WAIT", 0.3)
+    never = threading.Event()
+
+    class Run:
+        id = "own-id"
+
+        def __init__(self, root):
+            self._root = root
+
+        @property
+        def root_flow_run_id(self):
+            return self._root()
+
+    def silent():
+        never.wait(30)
+        return "too-late"
+
+    def gone():
+        raise ConnectionError("the API is gone")
+
+    t = time.monotonic()
+    assert model._root_run_id(Run(silent)) == "own-id" and time.monotonic() - t < 2
+    assert model._root_run_id(Run(gone)) == "own-id"
+    assert model._root_run_id(Run(lambda: "root-id")) == "root-id"
+    never.set()
