@@ -16,11 +16,10 @@ from __future__ import annotations
 import logging
 import os
 import re
-import threading
 from datetime import datetime, timezone
 from urllib.parse import urlsplit
 
-from storage import DigitflowError
+from storage import DigitflowError, within
 from storage.settings import settings
 from tasks.refs import Decision, Published  # noqa: F401 (types)
 
@@ -79,21 +78,18 @@ def notify(url: str | None, event: str, **details) -> bool:
     import requests  # (here: a run without a webhook never imports it)
 
     payload = {"source": "digitflow", "event": event, "at": datetime.now(timezone.utc).isoformat(), **details}
-    outcome: list = []
 
-    def post() -> None:
+    def post() -> int | str:
         try:
             with requests.post(url, json=payload, timeout=(DEADLINE, DEADLINE), allow_redirects=False,
                                stream=True) as r:  # stream: the body is never read
-                outcome.append(r.status_code)
+                return r.status_code
         except requests.RequestException as e:
-            outcome.append(type(e).__name__)
+            return type(e).__name__
 
     # requests' timeouts are per socket read: a receiver trickling a byte at a time would hold
     # the run for as long as it likes. The POST runs on a daemon thread we stop waiting for.
-    thread = threading.Thread(target=post, name="digitflow-webhook", daemon=True)
-    thread.start()
-    thread.join(DEADLINE)
+    outcome = within(DEADLINE, post, "digitflow-webhook")
     status = outcome[0] if outcome else f"no answer within {DEADLINE:g} s"
     if isinstance(status, int) and 200 <= status < 300:
         return True

@@ -68,9 +68,9 @@ def _exit(code: int, line: str) -> None:
 def _shut_down(code: int, line: str, flow_run_id) -> None:
     crashed: list[str] = []
     if flow_run_id is not None:
-        waiter = threading.Thread(target=_record_crashed, args=(flow_run_id, crashed), daemon=True)
-        waiter.start()
-        waiter.join(GRACE - 1.0)
+        from storage import within
+
+        within(GRACE - 1.0, lambda: _record_crashed(flow_run_id, crashed), "digitflow-crashed")
     _stop_children()
     if crashed:
         line += f" (marked Crashed: {', '.join(crashed)})"

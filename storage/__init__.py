@@ -31,3 +31,19 @@ def code_digest(*packages: str) -> str:
             h.update(str(path.relative_to(root)).encode())
             h.update(path.read_bytes())
     return h.hexdigest()
+
+
+def within(seconds: float, call, name: str = "digitflow-bounded") -> list:
+    """``[call()]`` when it returns within ``seconds``, else ``[]``: for a call whose own timeouts
+    do not bound it (a receiver trickling a byte at a time, a client that retries a silent server
+    for minutes). It runs on a daemon thread nobody waits for afterwards, with the caller's context
+    variables (a Prefect run's context goes with it)."""
+    import contextvars
+    import threading
+
+    got: list = []
+    thread = threading.Thread(target=contextvars.copy_context().run, args=(lambda: got.append(call()),),
+                              name=name, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    return got[:1]

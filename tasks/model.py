@@ -21,7 +21,7 @@ import nn
 from nn.metrics import classification_report
 from publishing import card, report as report_files
 from publishing.version import write_version
-from storage import DigitflowError, checks, remote
+from storage import DigitflowError, checks, remote, within
 from storage.atomic import read_json, sha256_file, staged_dir, write_json, writing
 from storage.home import Home
 from storage.registry import DEFAULT_NAME, DEFAULT_TOLERANCE, RECORD_LIMIT, now
@@ -322,25 +322,20 @@ def _root_run_id(flow_run) -> str | None:
     when run alone), not the publish subflow inside it: two reads of the API, at publish only,
     waited for at most ``ROOT_RUN_WAIT`` s (Prefect's client retries a silent API for minutes,
     and this runs under the registry lock); else the publishing run's own id, still a true answer."""
-    import contextvars
     import logging
-    import threading
 
     if not flow_run.id:
         return None
-    found: list[str] = []
 
-    def look() -> None:
+    def look() -> str | None:
         try:
-            found.append(str(flow_run.root_flow_run_id))
+            return str(flow_run.root_flow_run_id)  # (prefect.runtime reads the run from the context)
         except Exception as e:  # the API gone this moment
             logging.getLogger(__name__).debug("root flow run not found: %s", e)
+            return None
 
-    # The run's context goes with the lookup (prefect.runtime reads the current run from it).
-    lookup = threading.Thread(target=contextvars.copy_context().run, args=(look,), daemon=True)
-    lookup.start()
-    lookup.join(ROOT_RUN_WAIT)
-    return found[0] if found else str(flow_run.id)
+    found = within(ROOT_RUN_WAIT, look, "digitflow-root-run")
+    return found[0] if found and found[0] else str(flow_run.id)
 
 
 def git_commit() -> str | None:
