@@ -105,10 +105,12 @@ def server_logs(lines: int = typer.Option(40, "--lines", "-n", min=1, max=100_00
     import collections
 
     log = server.state_dir() / "server.log"
-    fd = server.open_log(os.O_RDONLY) if log.exists() or log.is_symlink() else None
+    if not (log.exists() or log.is_symlink()):
+        typer.echo(f"no log yet ({log})")
+        return
+    fd = server.open_log(os.O_RDONLY)
     if fd is None:
-        typer.echo(f"no log yet ({log})" if not (log.exists() or log.is_symlink())
-                   else f"{log} is not a regular file: not read")
+        typer.echo(f"{log} is not a regular file: not read")
         return
     with os.fdopen(fd, "rb") as f:
         for line in collections.deque(f, maxlen=lines):

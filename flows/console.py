@@ -19,6 +19,8 @@ import contextlib
 import logging
 import re
 
+from storage.text import count
+
 LOG_NAME = "digitflow.log"
 _STATE = re.compile(r"^Finished in state (\w+)")
 
@@ -106,8 +108,6 @@ class Steps(logging.Handler):
                 return
             self.say(task_name, "failed" if failed else "cached" if kind == "Cached" else "", failed)
         elif flow_name in self.subflows:
-            from storage.text import count
-
             tasks, cached = self.subflows.pop(flow_name)
             detail = count(tasks, "step") + (f", {cached} cached" if cached else "")
             self.say(flow_name, "failed" if failed else detail, failed)

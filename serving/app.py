@@ -773,7 +773,7 @@ def check_listen(host: str, port: int, workers: int = 1) -> None:
             if family == socket.AF_INET6 and workers == 1:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             sock.bind(address)
-    except (OSError, UnicodeError, TypeError, ValueError) as e:  # (a NUL or a byte not UTF-8: TypeError)
+    except (OSError, UnicodeError, TypeError, ValueError) as e:  # (a name that cannot be encoded: the last three)
         why = getattr(e, "strerror", None) or type(e).__name__
         raise DigitflowError(f"cannot listen on {terminal(host[:200])} port {port}: {why}") from None
     finally:
